@@ -1,0 +1,275 @@
+"""The commit protocol over fsspec, shared by every file-like sink.
+
+A checkpoint is a directory ``<root>/<run>/<name>/``. Its files are written and flushed first;
+``manifest.json`` (files, sizes, sha256, step, lineage, format version) is written last and is
+the commit. A directory without a manifest is staging: never listed, never loaded, removed by
+``wmtp gc``. Deletion removes the manifest first, so a half-deleted checkpoint is never loadable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from wmtp_core.events import FileEntry, Manifest
+from wmtp_core.roles import Role
+
+MANIFEST = "manifest.json"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, torn, or does not match its manifest."""
+
+
+def check_run_name(name: str) -> str:
+    """Refuse run names that could climb out of the base path or confuse listing."""
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"run name {name!r} is not allowed: use letters, digits and '_.=+-' "
+            "(at most 128 characters, no '/', no '..', not starting with '.')"
+        )
+    return name
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step}"
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only stream that hashes and counts what passes through to ``target``."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        self.target = target
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        self.sha.update(view)
+        self.target.write(view)
+        self.size += len(view)
+        return len(view)
+
+
+def _fsync(f: Any) -> None:
+    """Flush ``f`` to durable storage when it is a local file; object stores commit on close."""
+    f.flush()
+    fileno = getattr(f, "fileno", None)
+    if fileno is None:
+        return
+    try:
+        os.fsync(fileno())
+    except (OSError, io.UnsupportedOperation, AttributeError, TypeError):
+        pass
+
+
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
+    sha = hashlib.sha256()
+    size = 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), size
+
+
+Writer = Callable[[BinaryIO], None]
+"""Writes one file's content into an open binary stream."""
+
+
+class CheckpointStore:
+    """Stage, commit, list, verify and delete checkpoints under ``root`` on ``fs``."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/") or "/"
+
+    @classmethod
+    def from_url(cls, url: str, **storage_options: Any) -> CheckpointStore:
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        return cls(fs, root)
+
+    @property
+    def protocol(self) -> str:
+        p = self.fs.protocol
+        return p[0] if isinstance(p, (tuple, list)) else p
+
+    def uri(self, path: str) -> str:
+        return path if self.protocol in ("file", "local") else f"{self.protocol}://{path}"
+
+    def run_dir(self, run: str) -> str:
+        return posixpath.join(self.root, check_run_name(run))
+
+    def path_of(self, run: str, name: str) -> str:
+        return posixpath.join(self.run_dir(run), name)
+
+    # --- writing -----------------------------------------------------------------------------
+    def write(
+        self,
+        run: str,
+        name: str,
+        files: Mapping[str, Writer],
+        *,
+        step: int,
+        role: Role,
+        lineage: str,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """Write ``files`` under ``<run>/<name>/``, then commit them with a manifest.
+
+        A staging directory left by an earlier crash at the same name is cleared first; a
+        committed checkpoint at that name is never overwritten.
+        """
+        path = self.path_of(run, name)
+        if self.fs.exists(posixpath.join(path, MANIFEST)):
+            raise CheckpointError(f"{self.uri(path)} is already committed; refusing to overwrite it")
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.makedirs(path, exist_ok=True)
+        entries = []
+        for fname, writer in files.items():
+            if fname == MANIFEST or "/" in fname or fname.startswith("."):
+                raise CheckpointError(f"file name {fname!r} is reserved or not allowed")
+            with self.fs.open(posixpath.join(path, fname), "wb") as f:
+                hw = HashingWriter(f)
+                writer(hw)
+                _fsync(f)
+            entries.append(FileEntry(path=fname, size=hw.size, sha256=hw.sha.hexdigest()))
+        manifest = Manifest(
+            run=run,
+            step=step,
+            role=role,
+            lineage=lineage,
+            files=entries,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+            meta=meta or {},
+        )
+        self._write_manifest(path, manifest)
+        return manifest
+
+    def _write_manifest(self, path: str, manifest: Manifest) -> None:
+        data = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode()
+        target = posixpath.join(path, MANIFEST)
+        if isinstance(self.fs, LocalFileSystem):
+            # Local disk: write aside, fsync, then rename, so a crash never leaves half a manifest.
+            tmp = posixpath.join(path, f".{MANIFEST}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            # Object stores make a single PUT visible atomically.
+            self.fs.pipe_file(target, data)
+
+    # --- reading -----------------------------------------------------------------------------
+    def read_manifest(self, path: str) -> Manifest:
+        try:
+            raw = self.fs.cat_file(posixpath.join(path, MANIFEST))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.uri(path)} has no {MANIFEST}: it was never committed") from None
+        try:
+            return Manifest.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.uri(path)}/{MANIFEST} is unreadable: {e}") from None
+
+    def list(self, run: str, role: Role | None = Role.RESUME) -> list[tuple[str, Manifest]]:
+        """Committed checkpoints of ``run`` as ``(path, manifest)``, oldest step first.
+
+        Staging directories and unreadable manifests are skipped (``wmtp gc`` reports them).
+        """
+        out = []
+        for path in self._step_dirs(run):
+            try:
+                m = self.read_manifest(path)
+            except CheckpointError:
+                continue
+            if role is None or m.role is role:
+                out.append((path, m))
+        return sorted(out, key=lambda pm: pm[1].step)
+
+    def staging(self, run: str) -> list[str]:
+        """Step directories of ``run`` without a readable manifest: leftovers of crashed saves."""
+        out = []
+        for path in self._step_dirs(run):
+            try:
+                self.read_manifest(path)
+            except CheckpointError:
+                out.append(path)
+        return out
+
+    def _step_dirs(self, run: str) -> Iterable[str]:
+        base = self.run_dir(run)
+        try:
+            entries = self.fs.ls(base, detail=True)
+        except FileNotFoundError:
+            return []
+        return [
+            e["name"].rstrip("/")
+            for e in entries
+            if e.get("type") == "directory" and _STEP_DIR.match(posixpath.basename(e["name"].rstrip("/")))
+        ]
+
+    def verify(self, path: str) -> Manifest:
+        """Check every file against the manifest's size and sha256; raise naming the first bad one."""
+        manifest = self.read_manifest(path)
+        for entry in manifest.files:
+            fpath = posixpath.join(path, entry.path)
+            try:
+                digest, size = sha256_of(self.fs, fpath)
+            except FileNotFoundError:
+                raise CheckpointError(f"{self.uri(fpath)} is missing") from None
+            if size != entry.size or digest != entry.sha256:
+                raise CheckpointError(
+                    f"{self.uri(fpath)} does not match the manifest "
+                    f"(size {size} vs {entry.size}, sha256 {digest[:12]}… vs {entry.sha256[:12]}…)"
+                )
+        return manifest
+
+    def read_verified(self, path: str) -> tuple[Manifest, dict[str, bytes]]:
+        """Read every file of a committed checkpoint, checking each against the manifest."""
+        manifest = self.read_manifest(path)
+        out = {}
+        for entry in manifest.files:
+            fpath = posixpath.join(path, entry.path)
+            try:
+                data = self.fs.cat_file(fpath)
+            except FileNotFoundError:
+                raise CheckpointError(f"{self.uri(fpath)} is missing") from None
+            digest = hashlib.sha256(data).hexdigest()
+            if len(data) != entry.size or digest != entry.sha256:
+                raise CheckpointError(
+                    f"{self.uri(fpath)} does not match the manifest "
+                    f"(size {len(data)} vs {entry.size}, sha256 {digest[:12]}… vs {entry.sha256[:12]}…)"
+                )
+            out[entry.path] = data
+        return manifest, out
+
+    # --- deleting ----------------------------------------------------------------------------
+    def delete(self, path: str) -> None:
+        """Uncommit (manifest first), then remove the files."""
+        try:
+            self.fs.rm_file(posixpath.join(path, MANIFEST))
+        except FileNotFoundError:
+            pass
+        self.fs.rm(path, recursive=True)

@@ -1,0 +1,77 @@
+"""From configuration to role bindings: explicit ``storage:`` or implied by paths and mlflow."""
+
+from __future__ import annotations
+
+import fsspec.core
+
+from wmtp_core.config import Settings
+from wmtp_core.roles import Bindings, BindingError, Catalog, PolicyBinding, Role, SinkBinding
+
+
+def protocol_of(url: str) -> str:
+    protocol, _ = fsspec.core.split_protocol(url)
+    return protocol or "file"
+
+
+def resume_base(settings: Settings) -> str:
+    st = settings.config.storage
+    if st is not None and st.resume is not None and st.resume.base_path:
+        return st.resume.base_path
+    return settings.config.paths.checkpoints.base_path
+
+
+def required_roles(settings: Settings) -> frozenset[Role]:
+    ck = settings.config.paths.checkpoints
+    roles = {Role.RESUME}
+    if ck.save_final:
+        roles.add(Role.FINAL)
+    return frozenset(roles)
+
+
+def bindings_for(settings: Settings, catalog: Catalog) -> Bindings:
+    """The run's bindings. Explicit ``storage.<role>`` wins; otherwise resume follows the base
+    path's protocol and final goes to the MLflow registry when ``mlflow`` is configured."""
+    cfg = settings.config
+    st = cfg.storage
+    src = settings.config_source
+    sinks: list[SinkBinding] = []
+    roles = required_roles(settings)
+    for role in (Role.RESUME, Role.FINAL):
+        explicit = getattr(st, role.value, None) if st is not None else None
+        if explicit is not None:
+            sinks.append(SinkBinding(role=role, sink=explicit.sink, options=explicit.options,
+                                     origin=f"{src}: storage.{role.value}.sink"))
+        elif role in roles:
+            sinks.append(_implied(role, settings, catalog))
+    if st is not None and st.policies is not None:
+        policies = [
+            PolicyBinding(role=p.role, policy=p.policy, options=p.options,
+                          origin=f"{src}: storage.policies[{i}]")
+            for i, p in enumerate(st.policies)
+        ]
+    else:
+        ck = cfg.paths.checkpoints
+        policies = [PolicyBinding(role=Role.RESUME, policy="keep_last",
+                                  options={"keep_last": ck.keep_last, "keep_every": ck.keep_every},
+                                  origin=f"{src}: paths.checkpoints.keep_last")]
+    return Bindings(sinks=sinks, policies=policies)
+
+
+def _implied(role: Role, settings: Settings, catalog: Catalog) -> SinkBinding:
+    src = settings.config_source
+    if role is Role.RESUME:
+        base = resume_base(settings)
+        protocol = protocol_of(base)
+        spec = catalog.sink_for_protocol(protocol)
+        if spec is None:
+            raise BindingError(
+                f"{src}: paths.checkpoints.base_path: {base!r} uses protocol {protocol!r}, which no "
+                f"installed sink serves; installed sinks: {catalog.describe_sinks()}. Install a "
+                "plugin for it or set storage.resume.sink"
+            )
+        return SinkBinding(role=role, sink=spec.name, origin=f"{src}: paths.checkpoints.base_path")
+    if settings.config.mlflow is not None:
+        return SinkBinding(role=role, sink="mlflow_registry", origin=f"{src}: mlflow (save_final: true)")
+    spec = catalog.sink_for_protocol(protocol_of(resume_base(settings)))
+    name = spec.name if spec is not None and Role.FINAL in spec.roles else "local"
+    return SinkBinding(role=role, sink=name, origin=f"{src}: paths.checkpoints.save_final (no mlflow)")

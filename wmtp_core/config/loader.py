@@ -1,0 +1,232 @@
+"""YAML to attrs, with errors that name the file, the key, the bad value and what is accepted."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from typing import Any, Mapping
+
+import attrs
+import fsspec
+import yaml
+
+SECRET_KEY = re.compile(r"(^key$|^auth|secret|password|passwd|token|credential|api_?key|access_?key|private|session)", re.I)
+URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a message fit for the user."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys: PyYAML silently keeps the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            first = seen[key].start_mark.line + 1
+            raise ConfigError(
+                f"{loader.name}: line {key_node.start_mark.line + 1}: key {key!r} appears twice in "
+                f"the same mapping (first on line {first}); YAML would silently keep only the last. "
+                "Keep one of them"
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(url: str) -> dict[str, Any]:
+    """Read one YAML mapping from any fsspec URL, refusing duplicate keys."""
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{url}: file not found") from None
+    return parse_yaml(text, name=url)
+
+
+def parse_yaml(text: str, name: str = "<string>") -> dict[str, Any]:
+    loader = _UniqueKeyLoader(text)
+    loader.name = name
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def key_of(field: attrs.Attribute) -> str:
+    return field.metadata.get("key", field.name)
+
+
+def structure(cls: type, data: Any, *, source: str, path: str = "") -> Any:
+    """Build ``cls`` (an attrs class) from plain YAML data, checking every key and value."""
+    where = f"{source}: {path or 'top level'}"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    attrs.resolve_types(cls)
+    fields = {key_of(f): f for f in attrs.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{source}: {_join(path, k)}: unknown key{hint} Accepted keys here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for key, f in fields.items():
+        if key in data:
+            kwargs[f.alias or f.name] = _value(f.type, data[key], source=source, path=_join(path, key))
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise _field_error(cls, e, data, source, path) from None
+    except TypeError as e:
+        missing = [key_of(f) for f in attrs.fields(cls) if f.default is attrs.NOTHING and key_of(f) not in data]
+        if missing:
+            raise ConfigError(f"{where}: required key {missing[0]!r} is missing") from None
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _field_error(cls: type, e: ValueError, data: Mapping, source: str, path: str) -> ConfigError:
+    # attrs validators run in field order; find the field whose value the message is about.
+    msg = str(e)
+    for f in attrs.fields(cls):
+        if f.validator is None:
+            continue
+        key = key_of(f)
+        value = data.get(key, f.default.factory() if isinstance(f.default, attrs.Factory) else f.default)
+        try:
+            f.validator(None, f, value)
+        except ValueError:
+            return ConfigError(f"{source}: {_join(path, key)}: {value!r} is not accepted; {msg}")
+    return ConfigError(f"{source}: {path or 'top level'}: {msg}")
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _value(tp: Any, value: Any, *, source: str, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _value(inner[0], value, source=source, path=path)
+        return value
+    if value is None:
+        raise ConfigError(f"{source}: {path}: null is not accepted; expected {_describe(tp)}")
+    if attrs.has(tp):
+        return structure(tp, value, source=source, path=path)
+    if origin is list:
+        if isinstance(value, str) and args and args[0] is str:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a list")
+        return [_value(args[0], v, source=source, path=f"{path}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a mapping")
+        if args and args[1] is str:
+            for k, v in value.items():
+                if not isinstance(v, str):
+                    raise ConfigError(f"{source}: {_join(path, k)}: {v!r} is not accepted; expected a string")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected true or false")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected an integer")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a string")
+        return value
+    return value
+
+
+def _describe(tp: Any) -> str:
+    if attrs.has(tp):
+        return "a mapping"
+    return _SCALARS.get(tp, str(tp))
+
+
+def unused_keys(obj: Any, data: Mapping[str, Any] | None, path: str = "") -> list[str]:
+    """Keys the user set that WMTP accepts for compatibility but does not act on."""
+    out = []
+    if not attrs.has(type(obj)) or not isinstance(data, Mapping):
+        return out
+    for f in attrs.fields(type(obj)):
+        key = key_of(f)
+        if key not in data:
+            continue
+        if f.metadata.get("unused"):
+            out.append(_join(path, key))
+        else:
+            out.extend(unused_keys(getattr(obj, f.name), data[key], _join(path, key)))
+    return out
+
+
+def to_plain(obj: Any) -> Any:
+    """attrs instance -> plain dict with the YAML key names."""
+    if attrs.has(type(obj)):
+        return {key_of(f): to_plain(getattr(obj, f.name)) for f in attrs.fields(type(obj))}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, with anything that looks like a secret redacted."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = _join(prefix, k)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = redact(key, v)
+    return out
+
+
+def redact(key: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+        return REDACTED
+    if isinstance(value, str):
+        return URL_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", value)
+    if isinstance(value, list):
+        return [redact(key, v) for v in value]
+    return value

@@ -1,0 +1,271 @@
+"""The configuration and recipe, as attrs classes with the keys the origin's users write.
+
+``config`` says where (paths, MLflow, devices, storage bindings); ``recipe`` says what (the
+algorithm, optimisation, data, loss, model). Every field's docstring is its documentation.
+Fields marked ``unused`` are accepted for compatibility and reported under ``--verbose``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+
+UNUSED = {"unused": True}
+
+
+def check(pred: Callable[[Any], bool], accepted: str):
+    """A validator whose error says what is accepted; the loader adds file, key and value."""
+
+    def validator(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not pred(value):
+            raise ValueError(accepted)
+
+    return validator
+
+
+def one_of(*values: Any):
+    return check(lambda v: v in values, "accepted: " + ", ".join(repr(v) for v in values))
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+positive_int = check(lambda v: _int(v) and v >= 1, "accepted: an integer >= 1")
+non_negative_int = check(lambda v: _int(v) and v >= 0, "accepted: an integer >= 0")
+positive = check(lambda v: _num(v) and v > 0, "accepted: a number > 0")
+non_negative = check(lambda v: _num(v) and v >= 0, "accepted: a number >= 0")
+fraction = check(lambda v: _num(v) and 0 <= v <= 1, "accepted: a number between 0 and 1")
+optional_positive_int = check(lambda v: v is None or (_int(v) and v >= 1),
+                              "accepted: an integer >= 1, or null for no limit")
+
+
+# ----------------------------------------------------------------------------- config
+@attrs.frozen
+class ModelPaths:
+    base: str | None = None
+    """A starting model to fine-tune from (a checkpoint or ``models:/`` URI); null trains from scratch."""
+    rm: str | None = None
+    """Reward model for critic-wmtp (a ``models:/`` or checkpoint URI); null: pseudo-rewards."""
+    ref: str | None = None
+    """Reference model for rho1-wmtp (``models:/NAME/VERSION``, ``models:/NAME/latest`` or a checkpoint URI)."""
+
+
+@attrs.frozen
+class Checkpoints:
+    base_path: str = attrs.field(
+        default="file://./checkpoints",
+        validator=check(lambda v: isinstance(v, str) and v.strip() != "",
+                        "accepted: an fsspec URL such as file://./checkpoints or s3://bucket/prefix"),
+    )
+    """Where resume state lives: ``<base_path>/<run>/step_<N>/``. The protocol picks the resume sink."""
+    save_interval: int = attrs.field(default=25, validator=non_negative_int)
+    """Save resume state every N steps (0: only at the end)."""
+    keep_last: int = attrs.field(default=2, validator=positive_int)
+    """Committed resume checkpoints kept per run; older ones are deleted after each commit."""
+    keep_every: int = attrs.field(default=0, validator=non_negative_int)
+    """Also keep every checkpoint whose step is a multiple of this, forever (0: none)."""
+    save_final: bool = True
+    """Store the final model through the final role's sink at the end of the run."""
+    async_: bool = attrs.field(default=False, metadata={"key": "async"})
+    """Stage the state in memory and write it in the background."""
+
+
+@attrs.frozen
+class Paths:
+    models: ModelPaths = attrs.field(factory=ModelPaths)
+    datasets: dict[str, str] = attrs.field(factory=dict)
+    """Named data sources: any fsspec URL to text or jsonl files; ``stdlib`` is built in."""
+    checkpoints: Checkpoints = attrs.field(factory=Checkpoints)
+
+
+@attrs.frozen
+class Mlflow:
+    experiment: str = "wmtp"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking store; the default is a sqlite file in the working directory."""
+    registry_uri: str | None = None
+    """Model registry; null: the tracking store."""
+
+
+@attrs.frozen
+class Devices:
+    compute_backend: str = attrs.field(default="cpu", validator=one_of("cpu", "cuda", "mps", "auto"))
+    mixed_precision: str = attrs.field(default="no", validator=one_of("no", "fp32", "bf16", "fp16"))
+    num_proc: int = attrs.field(default=1, validator=positive_int, metadata=UNUSED)
+    distributed: dict[str, Any] = attrs.field(factory=dict)
+    fsdp: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class RoleStorage:
+    sink: str
+    """Name of an installed sink (``wmtp plugins`` lists them)."""
+    base_path: str | None = None
+    """For file-like sinks: overrides ``paths.checkpoints.base_path``."""
+    options: dict[str, Any] = attrs.field(factory=dict)
+    """Passed to the sink (fsspec storage options for file-like sinks)."""
+
+
+@attrs.frozen
+class PolicyEntry:
+    policy: str
+    role: str = attrs.field(validator=one_of("resume", "final"))
+    options: dict[str, Any] = attrs.field(factory=dict)
+    """Passed to the policy (``keep_last``, ``keep_every`` for the built-in one)."""
+
+
+@attrs.frozen
+class Storage:
+    """Explicit role bindings. Without this section they follow from ``paths`` and ``mlflow``."""
+
+    resume: RoleStorage | None = None
+    final: RoleStorage | None = None
+    policies: list[PolicyEntry] | None = None
+    """Retention policies; null: ``keep_last`` from ``paths.checkpoints``. ``[]``: keep everything."""
+
+
+@attrs.frozen
+class Config:
+    project: str = "wmtp"
+    seed: int = attrs.field(default=42, validator=non_negative_int)
+    log_interval: int = attrs.field(default=10, validator=positive_int)
+    """Print and evaluate every N steps."""
+    paths: Paths = attrs.field(factory=Paths)
+    mlflow: Mlflow | None = attrs.field(factory=Mlflow)
+    """null: no MLflow tracking; the final model then needs a sink such as ``local``."""
+    launcher: dict[str, Any] = attrs.field(factory=dict, metadata=UNUSED)
+    devices: Devices = attrs.field(factory=Devices)
+    storage: Storage | None = None
+
+
+# ----------------------------------------------------------------------------- recipe
+@attrs.frozen
+class Run:
+    name: str | None = None
+    """Run name; null: ``<algo>-<timestamp>``. The folder under the base path."""
+    tags: list[str] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class EarlyStopping:
+    enabled: bool = False
+    patience: int = attrs.field(default=3, validator=positive_int)
+    """Evaluations without improvement before the run stops."""
+    min_delta: float = attrs.field(default=0.0, validator=non_negative)
+    monitor: str = attrs.field(default="eval_loss", validator=one_of("eval_loss", "loss", "value_loss"))
+    mode: str = attrs.field(default="min", validator=one_of("min", "max"))
+
+
+@attrs.frozen
+class Pretrain:
+    """critic-wmtp stage 1: train the value head before the main loop."""
+
+    enabled: bool = True
+    max_steps: int = attrs.field(default=20, validator=non_negative_int)
+    lr: float = attrs.field(default=1e-3, validator=positive)
+    early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
+
+
+@attrs.frozen
+class Train:
+    algo: str = attrs.field(default="baseline-mtp", validator=one_of("baseline-mtp", "rho1-wmtp", "critic-wmtp"))
+    full_finetune: bool = attrs.field(default=True, metadata=UNUSED)
+    num_epochs: int = attrs.field(default=1, validator=positive_int)
+    max_steps: int | None = attrs.field(default=100, validator=optional_positive_int)
+    """Stop after this many optimiser steps (null: run ``num_epochs`` epochs)."""
+    early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
+
+
+@attrs.frozen
+class Optim:
+    optimizer: str = attrs.field(default="adamw", validator=one_of("adamw"))
+    lr: float = attrs.field(default=3e-3, validator=positive)
+    weight_decay: float = attrs.field(default=0.01, validator=non_negative)
+    betas: list[float] = attrs.field(
+        factory=lambda: [0.9, 0.95],
+        validator=check(lambda v: len(v) == 2 and all(_num(b) and 0 <= b < 1 for b in v),
+                        "accepted: two numbers in [0, 1), e.g. [0.9, 0.95]"),
+    )
+    grad_clip: float = attrs.field(default=1.0, validator=non_negative)
+    """Max gradient norm (0: no clipping)."""
+    scheduler: str = attrs.field(default="cosine", validator=one_of("constant", "linear", "cosine"))
+    warmup_ratio: float = attrs.field(default=0.05, validator=fraction)
+
+
+@attrs.frozen
+class DataSplit:
+    sources: list[str] = attrs.field(factory=lambda: ["stdlib"])
+    """Names from ``paths.datasets``, or the built-in ``stdlib``."""
+    max_length: int = attrs.field(default=128, validator=check(lambda v: _int(v) and v >= 2,
+                                                               "accepted: an integer >= 2"))
+    batch_size: int = attrs.field(default=8, validator=positive_int)
+    pack_sequences: bool = True
+
+
+@attrs.frozen
+class Data:
+    train: DataSplit = attrs.field(factory=DataSplit)
+    eval: DataSplit | None = None
+    """Held-out data; null: the last 5% of the training windows."""
+
+
+@attrs.frozen
+class Loss:
+    weight_norm: str = attrs.field(default="softmax", validator=one_of("softmax", "none"), metadata=UNUSED)
+    lambda_: float = attrs.field(default=1.0, validator=positive, metadata={"key": "lambda"})
+    """Scale of the baseline-mtp loss."""
+    weight_temperature: float = attrs.field(default=1.0, validator=positive)
+    epsilon: float = attrs.field(default=1e-8, validator=non_negative)
+    max_weight: float | None = attrs.field(default=None)
+
+
+@attrs.frozen
+class Critic:
+    target: str = attrs.field(default="gae", validator=one_of("gae", "returns"), metadata=UNUSED)
+    token_spread: str = attrs.field(default="uniform", validator=one_of("uniform", "last"))
+    delta_mode: str = attrs.field(default="td", validator=one_of("td", "diff"), metadata=UNUSED)
+    normalize: bool = True
+    discount_lambda: float = attrs.field(default=0.95, validator=fraction)
+    gamma: float = attrs.field(default=0.99, validator=fraction)
+    gae_lambda: float = attrs.field(default=0.95, validator=fraction)
+    auxiliary_loss_coef: float = attrs.field(default=0.1, validator=non_negative)
+    value_lr: float = attrs.field(default=1e-3, validator=positive)
+    use_pseudo_rewards: bool = True
+
+
+@attrs.frozen
+class Rho1:
+    selection_mode: str = attrs.field(default="weighted", validator=one_of("weighted", "token_skip"))
+    skip_threshold_percentile: float = attrs.field(default=0.3, validator=fraction)
+    min_ce_diff: float = attrs.field(default=0.01, validator=non_negative)
+
+
+@attrs.frozen
+class ModelSection:
+    vocab_size: int = attrs.field(default=256, validator=check(lambda v: v == 256, "accepted: 256 (byte-level tokenizer)"))
+    d_model: int = attrs.field(default=128, validator=positive_int)
+    n_layers: int = attrs.field(default=2, validator=positive_int)
+    n_heads: int = attrs.field(default=4, validator=positive_int)
+    n_future: int = attrs.field(default=4, validator=positive_int)
+    max_seq_len: int = attrs.field(default=256, validator=positive_int)
+    dropout: float = attrs.field(default=0.0, validator=check(lambda v: _num(v) and 0 <= v < 1,
+                                                              "accepted: a number in [0, 1)"))
+
+
+@attrs.frozen
+class Recipe:
+    run: Run = attrs.field(factory=Run)
+    pretrain: Pretrain = attrs.field(factory=Pretrain)
+    train: Train = attrs.field(factory=Train)
+    optim: Optim = attrs.field(factory=Optim)
+    data: Data = attrs.field(factory=Data)
+    loss: Loss = attrs.field(factory=Loss)
+    critic: Critic = attrs.field(factory=Critic)
+    rho1: Rho1 = attrs.field(factory=Rho1)
+    model: ModelSection = attrs.field(factory=ModelSection)

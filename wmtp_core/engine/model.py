@@ -1,0 +1,115 @@
+"""A multi-token-prediction transformer (Gloeckle et al. 2024).
+
+A shared trunk of causal transformer blocks, ``n_future`` heads of one block each, and one
+shared unembedding. Head ``k`` (0-based) at position ``t`` predicts token ``t + k + 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"model.{attribute.name}: {value!r} is not accepted; use an integer >= 1")
+
+
+@attrs.frozen
+class ModelConfig:
+    """The architecture. The defaults train on a laptop CPU in seconds."""
+
+    vocab_size: int = attrs.field(default=256, validator=_positive)
+    """Byte-level: 256 token ids."""
+    d_model: int = attrs.field(default=128, validator=_positive)
+    n_layers: int = attrs.field(default=2, validator=_positive)
+    """Blocks in the shared trunk."""
+    n_heads: int = attrs.field(default=4, validator=_positive)
+    """Attention heads per block (``d_model`` must be divisible by it)."""
+    n_future: int = attrs.field(default=4, validator=_positive)
+    """Prediction heads: head k predicts token t+k+1."""
+    max_seq_len: int = attrs.field(default=256, validator=_positive)
+    dropout: float = attrs.field(default=0.0)
+
+    def __attrs_post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model: {self.d_model} is not divisible by model.n_heads {self.n_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout: {self.dropout!r} is not accepted; use 0 <= dropout < 1")
+
+
+class Block(nn.Module):
+    """Pre-norm causal self-attention and MLP."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(), nn.Linear(4 * cfg.d_model, cfg.d_model)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class MTPModel(nn.Module):
+    """``forward(ids [B, T]) -> logits [B, n_future, T, vocab]``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.trunk = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.heads = nn.ModuleList(Block(cfg) for _ in range(cfg.n_future))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def trunk_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens is longer than model.max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
+        for block in self.trunk:
+            x = block(x)
+        return x
+
+    def head_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-head final hidden states ``[B, n_future, T, d]``."""
+        return torch.stack([self.norm(head(h)) for head in self.heads], dim=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.head_hidden(self.trunk_hidden(ids)))
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameter count without allocating the model (built on the meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in MTPModel(cfg).parameters())

@@ -1,0 +1,109 @@
+"""The sink every file-like plugin builds on: the commit protocol plus torch serialisation.
+
+A plugin for another fsspec protocol registers ``FileSink`` (or a subclass) with its protocols;
+it inherits staging, manifests, sha256 verification, listing and safe deletion.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any, BinaryIO, Mapping
+
+import torch
+
+from wmtp_core.commit import CheckpointStore, step_dirname
+from wmtp_core.events import CheckpointEmitted, Manifest, Payload, Receipt, SinkContext
+from wmtp_core.roles import Role
+
+FINAL_DIR = "final"
+
+
+def torch_writer(obj: Any):
+    def write(stream: BinaryIO) -> None:
+        torch.save(obj, stream)
+
+    return write
+
+
+def json_writer(obj: Any):
+    def write(stream: BinaryIO) -> None:
+        stream.write(json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    return write
+
+
+def load_part(data: bytes) -> Any:
+    """Deserialise one verified part. Checkpoints are untrusted: no arbitrary pickle."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class FileSink:
+    """Stores checkpoints as files under ``<base_path>/<run>/`` through fsspec."""
+
+    name = "file"
+
+    def __init__(self, context: SinkContext, *, sink_name: str | None = None) -> None:
+        self.context = context
+        self.name = sink_name or type(self).name
+        self.store_ = CheckpointStore.from_url(context.base_path, **dict(context.options))
+        self.run = context.run.name
+
+    # -- the sink interface --------------------------------------------------------------
+    def location(self) -> str:
+        """Where this run's checkpoints live (no credentials)."""
+        return self.store_.uri(self.store_.run_dir(self.run))
+
+    def store(self, event: CheckpointEmitted, payload: Payload) -> Receipt:
+        t0 = time.perf_counter()
+        if event.role is Role.FINAL:
+            name = FINAL_DIR
+            files = {"model.pt": torch_writer(dict(payload.parts["model"]))}
+            files["model_config.json"] = json_writer(dict(payload.model_config))
+        else:
+            name = step_dirname(event.step)
+            files = {f"{part}.pt": torch_writer(obj) for part, obj in payload.parts.items()}
+        manifest = self.store_.write(
+            self.run,
+            name,
+            files,
+            step=event.step,
+            role=event.role,
+            lineage=event.run.lineage,
+            meta={"algo": event.run.algo, "metrics": dict(event.metrics),
+                  "resumed_from": event.run.resumed_from, "torch": torch.__version__},
+        )
+        path = self.store_.path_of(self.run, name)
+        return Receipt(
+            role=event.role,
+            sink=self.name,
+            run=self.run,
+            step=event.step,
+            uri=self.store_.uri(path),
+            nbytes=manifest.nbytes,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def committed(self) -> list[tuple[str, Manifest]]:
+        """This run's committed resume checkpoints as ``(uri, manifest)``, oldest first."""
+        return [(self.store_.uri(p), m) for p, m in self.store_.list(self.run)]
+
+    def delete(self, uri: str) -> None:
+        self.store_.delete(self._path(uri))
+
+    def load(self, uri: str) -> tuple[Manifest, dict[str, Any]]:
+        """Verify every file against the manifest, then deserialise the parts."""
+        manifest, blobs = self.store_.read_verified(self._path(uri))
+        parts = {
+            name.removesuffix(".pt"): load_part(data)
+            for name, data in blobs.items() if name.endswith(".pt")
+        }
+        return manifest, parts
+
+    def close(self) -> None:
+        pass
+
+    def _path(self, uri: str) -> str:
+        prefix = f"{self.store_.protocol}://"
+        return uri[len(prefix):] if uri.startswith(prefix) else uri

@@ -1,0 +1,104 @@
+"""Every hook WMTP calls, typed and documented.
+
+Plugins implement these with ``@wmtp_core.hookimpl``. WMTP always calls hooks with keyword
+arguments. Checkpoint bytes never travel through a hook: the router hands them to the one sink
+bound to the role, and the hooks below only describe what happened.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from wmtp_core.events import (
+        CheckpointEmitted,
+        Receipt,
+        RunEnded,
+        RunStarted,
+        StepEnded,
+    )
+    from wmtp_core.roles import PolicySpec, SinkSpec
+
+hookspec = pluggy.HookspecMarker("wmtp")
+hookimpl = pluggy.HookimplMarker("wmtp")
+
+
+@hookspec
+def wmtp_register_sinks(register: Callable[[SinkSpec], None]) -> None:
+    """Contribute checkpoint sinks.
+
+    Call ``register(SinkSpec(...))`` once per sink. The spec names the sink, the roles it can
+    serve and a factory that builds it for a run. Names must be unique across all plugins.
+
+    :param register: callback that validates and records one :class:`~wmtp_core.roles.SinkSpec`.
+    """
+
+
+@hookspec
+def wmtp_register_policies(register: Callable[[PolicySpec], None]) -> None:
+    """Contribute retention policies.
+
+    Call ``register(PolicySpec(...))`` once per policy. At most one policy may be bound to a role.
+
+    :param register: callback that validates and records one :class:`~wmtp_core.roles.PolicySpec`.
+    """
+
+
+@hookspec
+def wmtp_run_started(event: RunStarted) -> None:
+    """A run passed validation and is about to take its first step.
+
+    :param event: the run's identity, its flattened configuration and the role bindings.
+    """
+
+
+@hookspec
+def wmtp_step_ended(event: StepEnded) -> None:
+    """One optimisation step finished.
+
+    :param event: the step number and its metrics (loss, per-head CE, learning rate, ...).
+    """
+
+
+@hookspec
+def wmtp_resume_checkpoint_emitted(event: CheckpointEmitted) -> None:
+    """The engine emitted resume state; the router is about to hand it to the resume sink.
+
+    Observers see what is being stored (step, parts, estimated bytes), never the bytes.
+
+    :param event: the emitted checkpoint, with ``role`` equal to ``Role.RESUME``.
+    """
+
+
+@hookspec
+def wmtp_final_model_emitted(event: CheckpointEmitted) -> None:
+    """The engine emitted the final model; the router is about to hand it to the final sink.
+
+    :param event: the emitted model, with ``role`` equal to ``Role.FINAL``.
+    """
+
+
+@hookspec
+def wmtp_checkpoint_committed(receipt: Receipt) -> None:
+    """A sink committed a checkpoint: its manifest (or registry version) exists.
+
+    :param receipt: where it landed, how many bytes, how long the store took.
+    """
+
+
+@hookspec
+def wmtp_checkpoint_deleted(receipt: Receipt) -> None:
+    """A retention policy removed a committed checkpoint.
+
+    :param receipt: the receipt of the checkpoint that no longer exists.
+    """
+
+
+@hookspec
+def wmtp_run_ended(event: RunEnded) -> None:
+    """The run finished, stopped early or failed; every receipt is known.
+
+    :param event: the outcome, the final metrics and every receipt of the run.
+    """

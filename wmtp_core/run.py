@@ -1,0 +1,238 @@
+"""``python -m wmtp_core.run``: train, storing checkpoints only through role-bound sinks."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import sys
+import time
+import uuid
+from typing import Any
+
+import attrs
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from wmtp_core.commit import CheckpointError, check_run_name
+from wmtp_core.config import ConfigError, Settings, load_settings
+from wmtp_core.config.bindings import bindings_for, required_roles, resume_base
+from wmtp_core.engine.data import DataError
+from wmtp_core.events import RunEnded, RunInfo, RunStarted, SinkContext
+from wmtp_core.plugins import build_catalog, make_plugin_manager
+from wmtp_core.roles import BindingError, Role, validate
+from wmtp_core.router import Router
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_REGISTERED = 0, 1, 2, 3
+USER_ERRORS = (ConfigError, BindingError, CheckpointError, DataError)
+
+log = logging.getLogger("wmtp")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m wmtp_core.run", description=__doc__)
+    p.add_argument("--config", help="config YAML (where): paths, mlflow, devices, storage")
+    p.add_argument("--recipe", help="recipe YAML (what): run, train, optim, data, loss, model")
+    p.add_argument("--run-name", help="overrides recipe run.name")
+    p.add_argument("--tags", help="comma-separated tags, each NAME or NAME=VALUE")
+    p.add_argument("--resume", "--resume-checkpoint", dest="resume", metavar="latest|URI",
+                   help="continue from the newest committed checkpoint of the run, or from URI")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, show bindings and a storage estimate; write nothing")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def parse_tags(recipe_tags: list[str], cli: str | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in list(recipe_tags) + [t for t in (cli or "").split(",") if t.strip()]:
+        name, _, value = item.strip().partition("=")
+        if not name:
+            raise ConfigError(f"--tags: {item!r} is not accepted; use NAME or NAME=VALUE")
+        tags[name] = value or "true"
+    return tags
+
+
+def run_name_for(settings: Settings, cli: str | None) -> str:
+    name = cli or settings.recipe.run.name
+    if not name:
+        name = f"{settings.recipe.train.algo}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        return check_run_name(name)
+    except ValueError as e:
+        raise ConfigError(f"--run-name / run.name: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _main(args, out, err)
+    except USER_ERRORS as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+
+
+def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from wmtp_core import report
+    from wmtp_core.engine.model import count_parameters
+    from wmtp_core.engine.trainer import model_config
+
+    settings = load_settings(args.config, args.recipe)
+    if args.verbose:
+        for key in settings.unused:
+            err.print(f"[yellow]unused:[/] {key} is accepted for compatibility but has no effect here")
+    pm = make_plugin_manager()
+    catalog = build_catalog(pm)
+    bindings = bindings_for(settings, catalog)
+    required = required_roles(settings)
+    validate(bindings, catalog, required)
+    name = run_name_for(settings, args.run_name)
+    tags = parse_tags(settings.recipe.run.tags, args.tags)
+    try:
+        mcfg = model_config(settings)
+    except ValueError as e:
+        raise ConfigError(f"{settings.recipe_source}: {e}") from None
+
+    descriptions = {n: s.description for n, s in catalog.sinks.items()}
+    if args.dry_run or args.verbose:
+        out.print("\n".join(report.bindings_lines(bindings, descriptions)), highlight=False, soft_wrap=True)
+    if args.dry_run:
+        ck = settings.config.paths.checkpoints
+        steps = settings.recipe.train.max_steps or 0
+        est = report.estimate(count_parameters(mcfg), steps, ck.save_interval, ck.keep_last,
+                              ck.keep_every, ck.save_final)
+        out.print(report.estimate_table(est))
+        out.print(f"dry run: run {name!r} is valid; nothing was written.")
+        return EXIT_OK
+    return _train(settings, pm, catalog, bindings, required, name, tags, args, out, err)
+
+
+def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err) -> int:
+    from wmtp_core import report
+    from wmtp_core.engine.trainer import Trainer
+
+    cfg = settings.config
+    mlflow_settings = attrs.asdict(cfg.mlflow) if cfg.mlflow is not None else {}
+    run = RunInfo(name=name, algo=settings.recipe.train.algo, lineage=uuid.uuid4().hex,
+                  experiment=mlflow_settings.get("experiment", "wmtp"), tags=tags)
+
+    def context(role: Role, options: dict[str, Any]) -> SinkContext:
+        st = cfg.storage
+        base = resume_base(settings)
+        role_cfg = getattr(st, role.value, None) if st is not None else None
+        if role_cfg is not None and role_cfg.base_path:
+            base = role_cfg.base_path
+        return SinkContext(role=role, run=router.run, base_path=base, options=options,
+                           mlflow=mlflow_settings)
+
+    router = Router(pm, catalog, bindings, run, required=required, context=context,
+                    protected=lambda: protected)
+    protected: set[str] = set()
+    router.open()
+    resume_sink = router.sink(Role.RESUME)
+    parts = None
+    if args.resume:
+        uri, manifest, parts = _find_resume(resume_sink, args.resume, err)
+        protected.add(uri)
+        run = attrs.evolve(run, lineage=manifest.lineage, resumed_from=uri)
+        router.run = run
+        err.print(f"resuming {name!r} from {uri} (step {manifest.step})")
+    elif resume_sink.committed():
+        raise CheckpointError(
+            f"run {name!r} already has committed checkpoints at {resume_sink.location()}; "
+            "continue it with --resume latest, or choose another --run-name"
+        )
+
+    trainer = Trainer(settings, run, pm, router)
+    if parts is not None:
+        trainer.restore(parts)
+    pm.hook.wmtp_run_started(event=RunStarted(
+        run=run, params=settings.params(), start_step=trainer.step, mlflow=mlflow_settings,
+        bindings={b.role.value: b.sink for b in bindings.sinks},
+    ))
+    status, reason, code = "failed", "", EXIT_FAILED
+    outcome = None
+    t0 = time.perf_counter()
+    try:
+        outcome = _loop(trainer, err)
+        trainer.save_resume(outcome.metrics)
+        status, reason, code = outcome.status, outcome.reason, EXIT_OK
+        if outcome.status == "failed":
+            code = EXIT_FAILED
+        elif Role.FINAL in required:
+            try:
+                trainer.save_final(outcome.metrics)
+            except Exception as e:  # the resume state is committed: nothing is lost
+                status, code = "failed", EXIT_NOT_REGISTERED
+                reason = f"final model not stored ({type(e).__name__}: {e})"
+                log.debug("final store failed", exc_info=True)
+        router.wait()
+    except KeyboardInterrupt:
+        reason = "interrupted"
+        raise
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        try:
+            router.close()
+        finally:
+            pm.hook.wmtp_run_ended(event=RunEnded(
+                run=run, status=status, last_step=trainer.step, reason=reason,
+                metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
+            ))
+    elapsed = time.perf_counter() - t0
+    locations = {role: router.sink(role).location() for role in required}
+    out.print("\n".join(report.summary_lines(router.receipts, router.deleted, locations)),
+              highlight=False, soft_wrap=True)
+    if outcome and outcome.losses:
+        out.print(f"run {name!r}: {status} at step {trainer.step} in {elapsed:.1f} s; "
+                  f"loss {outcome.first_loss:.3f} -> {outcome.last_loss:.3f}"
+                  + (f"; {reason}" if reason else ""), highlight=False, soft_wrap=True)
+    if code == EXIT_NOT_REGISTERED:
+        last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
+        err.print(f"[bold red]error:[/] {reason}. The resume state of step {trainer.step} is "
+                  f"committed at {last.uri if last else '?'}; register it later with:\n"
+                  f"  wmtp register {last.uri if last else '<checkpoint URI>'}", highlight=False, soft_wrap=True)
+    return code
+
+
+def _find_resume(sink, spec: str, err: Console):
+    if spec != "latest":
+        manifest, parts = sink.load(spec)
+        return spec, manifest, parts
+    committed = sink.committed()
+    if not committed:
+        raise CheckpointError(f"--resume latest: no committed checkpoint under {sink.location()}")
+    for uri, _ in reversed(committed):
+        try:
+            manifest, parts = sink.load(uri)
+            return uri, manifest, parts
+        except CheckpointError as e:
+            err.print(f"[yellow]skipping[/] {uri}: {e}", highlight=False, soft_wrap=True)
+    raise CheckpointError(f"--resume latest: no checkpoint under {sink.location()} verifies")
+
+
+def _loop(trainer, err: Console):
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err,
+                  transient=False) as progress:
+        task = progress.add_task(trainer.run.name, total=trainer.total_steps,
+                                 completed=trainer.step, info="")
+
+        def on_step(step, metrics):
+            info = f"loss {metrics['loss']:.3f}"
+            if "eval_loss" in metrics:
+                info += f" eval {metrics['eval_loss']:.3f}"
+            progress.update(task, completed=step, info=info)
+
+        trainer.on_step = on_step
+        return trainer.train()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""MLflow tracking observer: params, per-step metrics and tags. Stores no checkpoint bytes.
+
+It owns the MLflow run of a WMTP run: started at ``wmtp_run_started``, ended at
+``wmtp_run_ended``; the registry sink logs the final model into that same run.
+"""
+
+from __future__ import annotations
+
+import time
+
+from wmtp_core import hookimpl
+from wmtp_plugins._mlflow import configure
+
+FLUSH_EVERY = 50
+MAX_PARAM = 6000
+
+
+class MlflowTracking:
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.client = None
+        self._buffer: list[Metric] = []
+
+    @hookimpl
+    def wmtp_run_started(self, event):
+        if not event.mlflow:
+            return  # no mlflow section: nothing to track into
+        import mlflow
+        from mlflow.entities import Param
+
+        configure(event.mlflow)
+        run = mlflow.start_run(run_name=event.run.name, tags={
+            "wmtp.run": event.run.name,
+            "wmtp.algo": event.run.algo,
+            "wmtp.lineage": event.run.lineage,
+            **{f"wmtp.binding.{role}": sink for role, sink in event.bindings.items()},
+            **dict(event.run.tags),
+        })
+        self.run_id = run.info.run_id
+        self.client = mlflow.MlflowClient()
+        params = [Param(k, str(v)[:MAX_PARAM]) for k, v in sorted(event.params.items())]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    @hookimpl
+    def wmtp_step_ended(self, event):
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, event.step) for k, v in event.metrics.items())
+        if len(self._buffer) >= FLUSH_EVERY * max(1, len(event.metrics)):
+            self._flush()
+
+    @hookimpl
+    def wmtp_checkpoint_committed(self, receipt):
+        if self.run_id is not None and receipt.role.value == "resume":
+            self.client.set_tag(self.run_id, "wmtp.latest_resume", receipt.uri)
+
+    @hookimpl
+    def wmtp_run_ended(self, event):
+        if self.run_id is None:
+            return
+        import mlflow
+
+        try:
+            self._flush()
+            self.client.set_tag(self.run_id, "wmtp.status", event.status)
+            if event.reason:
+                self.client.set_tag(self.run_id, "wmtp.reason", event.reason[:5000])
+        finally:
+            status = "FAILED" if event.status == "failed" else "FINISHED"
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                mlflow.end_run(status=status)
+            else:
+                self.client.set_terminated(self.run_id, status=status)
+            self.run_id = None
+
+    def _flush(self) -> None:
+        buf, self._buffer = self._buffer, []
+        for i in range(0, len(buf), 1000):
+            self.client.log_batch(self.run_id, metrics=buf[i:i + 1000])
+
+
+plugin = MlflowTracking()

@@ -1,0 +1,57 @@
+"""Retention: keep the last N committed resume checkpoints, and every M-th step forever.
+
+The policy only chooses; the router deletes, after the commit, off the training loop, and never
+touches the newest committed checkpoint, the one this run resumed from, or another run's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import attrs
+
+from wmtp_core import PolicySpec, Role, hookimpl
+from wmtp_core.events import Manifest
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{attribute.name}: {value!r} is not accepted; use an integer >= 1")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{attribute.name}: {value!r} is not accepted; use an integer >= 0 (0 = off)")
+
+
+@attrs.frozen
+class KeepLast:
+    keep_last: int = attrs.field(validator=_positive)
+    """How many of the newest committed checkpoints to keep."""
+    keep_every: int = attrs.field(default=0, validator=_non_negative)
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+
+    def select(self, committed: Iterable[Manifest]) -> list[int]:
+        """Steps to delete: all but the newest ``keep_last``, sparing ``keep_every`` milestones."""
+        steps = sorted({m.step for m in committed})
+        doomed = steps[: max(0, len(steps) - self.keep_last)]
+        if self.keep_every:
+            doomed = [s for s in doomed if s % self.keep_every]
+        return doomed
+
+
+def make_keep_last(options: dict) -> KeepLast:
+    unknown = set(options) - {"keep_last", "keep_every"}
+    if unknown:
+        raise ValueError(f"keep_last policy: unknown option(s) {sorted(unknown)}; accepted: keep_last, keep_every")
+    return KeepLast(keep_last=options.get("keep_last", 5), keep_every=options.get("keep_every", 0))
+
+
+@hookimpl
+def wmtp_register_policies(register):
+    register(PolicySpec(
+        name="keep_last",
+        roles={Role.RESUME},
+        factory=make_keep_last,
+        description="keep the newest N committed checkpoints (and optional keep_every milestones)",
+    ))
