@@ -115,6 +115,11 @@ class Router:
         if not self._opened:
             raise RuntimeError("Router.open() must be called before emit()")
         sink = self.sink(role)
+        if role is Role.FINAL and any(r.role is Role.FINAL for r in self.receipts):
+            raise BindingError(
+                f"the final model of run {self.run.name!r} is already stored "
+                f"({next(r.uri for r in self.receipts if r.role is Role.FINAL)}); it is stored once"
+            )
         event = CheckpointEmitted(
             run=self.run,
             role=role,

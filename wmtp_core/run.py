@@ -63,8 +63,11 @@ def run_name_for(settings: Settings, cli: str | None) -> str:
         raise ConfigError(f"--run-name / run.name: {e}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> int:
+    """Run from the command line. ``plugins``: extra plugin objects to register (for embedding
+    WMTP in a notebook or a test); installed plugins are always loaded from entry points."""
     args = parser().parse_args(argv)
+    args.plugins = plugins
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -86,6 +89,9 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         for key in settings.unused:
             err.print(f"[yellow]unused:[/] {key} is accepted for compatibility but has no effect here")
     pm = make_plugin_manager()
+    for plugin in getattr(args, "plugins", ()):
+        pm.register(plugin)
+    pm.check_pending()
     catalog = build_catalog(pm)
     bindings = bindings_for(settings, catalog)
     required = required_roles(settings)

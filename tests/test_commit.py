@@ -1,0 +1,106 @@
+"""The commit protocol on real files: manifest last, verification, staging, safe loading."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from wmtp_core import Role
+from wmtp_core.commit import CheckpointError, CheckpointStore, check_run_name
+from wmtp_core.filesink import load_part, torch_writer
+
+
+@pytest.fixture
+def store(tmp_path):
+    return CheckpointStore.from_url(f"file://{tmp_path}/base")
+
+
+def write(store, step, run="r", lineage="L", files=None):
+    files = files or {"model.pt": torch_writer({"w": torch.arange(10.0) * step})}
+    return store.write(run, f"step_{step}", files, step=step, role=Role.RESUME, lineage=lineage)
+
+
+def test_manifest_records_every_file_with_size_and_sha256(store):
+    m = write(store, 3)
+    path = store.path_of("r", "step_3")
+    on_disk = json.loads(open(os.path.join(path, "manifest.json")).read())
+    assert on_disk["step"] == 3 and on_disk["run"] == "r" and on_disk["format_version"] == 1
+    (entry,) = on_disk["files"]
+    assert entry["size"] == os.path.getsize(os.path.join(path, "model.pt"))
+    assert store.verify(path) == m
+
+
+def test_only_directories_with_a_manifest_are_checkpoints(store):
+    write(store, 1)
+    write(store, 2)
+    os.remove(os.path.join(store.path_of("r", "step_2"), "manifest.json"))
+    assert [m.step for _, m in store.list("r")] == [1]
+    assert store.staging("r") == [store.path_of("r", "step_2")]
+
+
+def test_a_crash_before_the_manifest_leaves_no_checkpoint(store):
+    def crash(stream):
+        stream.write(b"partial")
+        raise RuntimeError("killed mid-file")
+
+    write(store, 1)
+    with pytest.raises(RuntimeError):
+        store.write("r", "step_2", {"a.pt": torch_writer(1), "b.pt": crash}, step=2,
+                    role=Role.RESUME, lineage="L")
+    assert [m.step for _, m in store.list("r")] == [1]
+    # the next save of that step clears the leftover staging
+    write(store, 2)
+    assert [m.step for _, m in store.list("r")] == [1, 2]
+
+
+def test_a_flipped_byte_is_detected_and_named(store):
+    write(store, 5)
+    path = store.path_of("r", "step_5")
+    target = os.path.join(path, "model.pt")
+    data = bytearray(open(target, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(target, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.pt does not match the manifest"):
+        store.verify(path)
+    with pytest.raises(CheckpointError, match=r"model.pt does not match the manifest"):
+        store.read_verified(path)
+
+
+def test_committed_checkpoint_is_never_overwritten(store):
+    write(store, 1)
+    with pytest.raises(CheckpointError, match="already committed"):
+        write(store, 1)
+
+
+def test_delete_uncommits_first(store):
+    write(store, 1)
+    path = store.path_of("r", "step_1")
+    store.delete(path)
+    assert not os.path.exists(path)
+    assert store.list("r") == []
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/wmtp-pwned",))
+
+
+def test_a_crafted_pickle_does_not_run(tmp_path):
+    if os.path.exists("/tmp/wmtp-pwned"):
+        os.remove("/tmp/wmtp-pwned")
+    buf = io.BytesIO()
+    torch.save({"w": Exploit()}, buf)
+    with pytest.raises(pickle.UnpicklingError):
+        load_part(buf.getvalue())
+    assert not os.path.exists("/tmp/wmtp-pwned")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 200, "a..b"])
+def test_run_names_cannot_escape(name):
+    with pytest.raises(ValueError, match="not allowed"):
+        check_run_name(name)

@@ -1,0 +1,202 @@
+"""Property tests of the routing policy (hypothesis): the structure makes double storage impossible."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import MemorySink, run_info
+from wmtp_core import Payload, hookimpl, PolicySpec, Role, SinkContext, SinkSpec
+from wmtp_core.roles import BindingError, Bindings, Catalog, PolicyBinding, SinkBinding
+from wmtp_core.plugins import make_plugin_manager
+from wmtp_core.router import Router
+from wmtp_plugins.retention import make_keep_last
+
+NAMES = ["alpha", "beta", "gamma", "delta", "ghost"]
+ROLES = list(Role)
+
+role_sets = st.sets(st.sampled_from(ROLES), min_size=1).map(frozenset)
+plugin_sets = st.dictionaries(st.sampled_from(NAMES[:4]), role_sets, max_size=4)
+sink_bindings = st.lists(st.tuples(st.sampled_from(ROLES), st.sampled_from(NAMES)), max_size=3)
+policy_bindings = st.lists(st.tuples(st.sampled_from(ROLES), st.sampled_from(["keep_last", "nope"])),
+                           max_size=2)
+events = st.lists(st.tuples(st.sampled_from(ROLES), st.integers(0, 50)), max_size=12)
+
+
+def oracle_valid(plugins, sinks, policies, required) -> bool:
+    """An independent statement of contract 1."""
+    bound = [r for r, _ in sinks]
+    if len(bound) != len(set(bound)):
+        return False
+    if any(name not in plugins or role not in plugins[name] for role, name in sinks):
+        return False
+    if not set(required) <= set(bound):
+        return False
+    proles = [r for r, _ in policies]
+    if len(proles) != len(set(proles)):
+        return False
+    return all(name == "keep_last" and role is Role.RESUME and role in bound for role, name in policies)
+
+
+class World:
+    """Builds a catalog of recording sinks from a random plugin set."""
+
+    def __init__(self, plugins):
+        self.catalog = Catalog()
+        self.instances: dict[tuple[str, Role], MemorySink] = {}
+        for name, roles in plugins.items():
+            self.catalog.add_sink(SinkSpec(name=name, roles=roles, factory=self._factory(name)))
+        self.catalog.add_policy(PolicySpec(name="keep_last", roles={Role.RESUME},
+                                           factory=make_keep_last))
+
+    def _factory(self, name):
+        def build(context: SinkContext):
+            sink = MemorySink(context, name=name)
+            self.instances[(name, context.role)] = sink
+            return sink
+        return build
+
+
+def make_router(pm, world, sinks, policies, required, options=None):
+    bindings = Bindings(
+        sinks=[SinkBinding(role=r, sink=n) for r, n in sinks],
+        policies=[PolicyBinding(role=r, policy=n, options=options or {"keep_last": 3}) for r, n in policies],
+    )
+    run = run_info()
+    return Router(pm, world.catalog, bindings, run, required=frozenset(required),
+                  context=lambda role, opts: SinkContext(role=role, run=run, base_path="memory://"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(plugins=plugin_sets, sinks=sink_bindings, policies=policy_bindings, evs=events,
+       required=st.sets(st.sampled_from(ROLES)))
+def test_rejected_before_any_event_or_every_event_stored_once_by_its_bound_sink(
+        plugins, sinks, policies, evs, required):
+    """Either the configuration is rejected before any event, or each event is stored exactly
+    once, by exactly the sink bound to its role; unbound sinks receive nothing; resume events
+    never reach the final role's sink; the final model is stored at most once; observers see
+    every stored event."""
+    pm = make_plugin_manager(entry_points=False)
+    observer = Observer()
+    pm.register(observer, name="observer")
+    world = World(plugins)
+    valid = oracle_valid(plugins, sinks, policies, required)
+    try:
+        router = make_router(pm, world, sinks, policies, required)
+    except BindingError:
+        assert not valid, "a valid configuration was rejected"
+        assert not world.instances, "a sink was built for a rejected configuration"
+        return
+    assert valid, "an invalid configuration was accepted"
+    router.open()
+    bound = dict(sinks)
+    expected: dict[Role, list[int]] = {r: [] for r in ROLES}
+    finals = 0
+    for role, step in evs:
+        if role not in bound:
+            try:
+                router.emit(role, step=step, payload=Payload(parts={}))
+            except BindingError:
+                continue
+            raise AssertionError(f"an event for unbound role {role} was accepted")
+        if role is Role.FINAL and finals:
+            try:
+                router.emit(role, step=step, payload=Payload(parts={}))
+            except BindingError:
+                continue
+            raise AssertionError("the final model was stored twice")
+        if role is Role.RESUME and step in expected[Role.RESUME]:
+            continue  # a resume sink may refuse the same step twice; skip in this model
+        router.emit(role, step=step, payload=Payload(parts={}))
+        expected[role].append(step)
+        finals += role is Role.FINAL
+    router.close()
+    for (name, role), sink in world.instances.items():
+        assert bound.get(role) == name, "a sink was built for a role it is not bound to"
+        assert sink.stored == [(role, s) for s in expected[role]]
+        assert all(r is role for r, _ in sink.stored), "an event reached another role's sink"
+    bound_names = set(bound.values())
+    for name in plugins:
+        if name not in bound_names:
+            assert not any(n == name for n, _ in world.instances), f"unbound {name} was built"
+    assert sum(1 for r in router.receipts if r.role is Role.FINAL) <= 1
+    assert observer.emitted == [(r, s) for r, s in _order(router.receipts)]
+    assert observer.committed == [(r.role, r.step) for r in router.receipts]
+
+
+def _order(receipts):
+    return [(r.role, r.step) for r in receipts]
+
+
+class Observer:
+    def __init__(self):
+        self.emitted, self.committed = [], []
+
+    @hookimpl
+    def wmtp_resume_checkpoint_emitted(self, event):
+        self.emitted.append((event.role, event.step))
+
+    @hookimpl
+    def wmtp_final_model_emitted(self, event):
+        self.emitted.append((event.role, event.step))
+
+    @hookimpl
+    def wmtp_checkpoint_committed(self, receipt):
+        self.committed.append((receipt.role, receipt.step))
+
+
+@settings(max_examples=200, deadline=None)
+@given(keep=st.integers(1, 6), every=st.integers(0, 4), steps=st.lists(st.integers(1, 200),
+       min_size=1, max_size=25, unique=True))
+def test_keep_last_leaves_min_n_saves_and_never_deletes_the_newest(keep, every, steps):
+    """keep_last N leaves exactly min(N, saves) committed checkpoints (plus keep_every
+    milestones) and never deletes the newest."""
+    pm = make_plugin_manager(entry_points=False)
+    world = World({"alpha": frozenset({Role.RESUME})})
+    router = make_router(pm, world, [(Role.RESUME, "alpha")], [(Role.RESUME, "keep_last")], [Role.RESUME],
+                         options={"keep_last": keep, "keep_every": every})
+    router.open()
+    saved = []
+    for step in sorted(steps):
+        router.emit(Role.RESUME, step=step, payload=Payload(parts={}))
+        saved.append(step)
+        router.wait()
+        sink = world.instances[("alpha", Role.RESUME)]
+        left = {m.step for _, m in sink.committed()}
+        assert max(saved) in left, "the newest checkpoint was deleted"
+        milestones = {s for s in saved[:-keep]} if keep < len(saved) else set()
+        milestones = {s for s in milestones if every and s % every == 0}
+        assert left == set(saved[-keep:]) | milestones
+    router.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(keep=st.integers(1, 3), n=st.integers(1, 10), resumed_at=st.integers(0, 9))
+def test_retention_never_deletes_the_checkpoint_a_run_resumed_from_nor_another_lineage(keep, n, resumed_at):
+    """Protected checkpoints survive any number of later saves."""
+    pm = make_plugin_manager(entry_points=False)
+    world = World({"alpha": frozenset({Role.RESUME})})
+    bindings = Bindings(sinks=[SinkBinding(role=Role.RESUME, sink="alpha")],
+                        policies=[PolicyBinding(role=Role.RESUME, policy="keep_last", options={"keep_last": keep})])
+    foreign_run = run_info(lineage="OTHER")
+    run = run_info()
+    protected = set()
+    router = Router(pm, world.catalog, bindings, run, required=frozenset({Role.RESUME}),
+                    context=lambda role, opts: SinkContext(role=role, run=run, base_path="memory://"),
+                    protected=lambda: protected)
+    router.open()
+    sink = world.instances[("alpha", Role.RESUME)]
+    # another lineage's checkpoint under the same sink
+    router.run = foreign_run
+    router.emit(Role.RESUME, step=1000, payload=Payload(parts={}))
+    router.run = run
+    foreign = f"{sink.location()}/step_1000"
+    for step in range(n):
+        router.emit(Role.RESUME, step=step, payload=Payload(parts={}))
+        if step == min(resumed_at, n - 1):
+            protected.add(f"{sink.location()}/step_{step}")
+        router.wait()
+    router.close()
+    left = {u for u, _ in sink.committed()}
+    assert protected <= left
+    assert foreign in left
