@@ -211,3 +211,36 @@ def test_wmtp_run_ended(recorded):
     assert event.last_step == 6
     assert [(r.role, r.step) for r in event.receipts] == [
         (Role.RESUME, 2), (Role.RESUME, 4), (Role.RESUME, 6), (Role.FINAL, 6)]
+
+
+def test_wmtp_load_model(recorded):
+    """A plugin resolves its own URIs; committed checkpoints fall back to the core, verified."""
+    import torch
+
+    from wmtp_core import LoadedModel
+    from wmtp_core.engine.errors import TrainingError
+    from wmtp_core.engine.trainer import resolve_model
+
+    rec, tmp = recorded
+    final = tmp / "ckpt" / "hooks-run" / "final"
+    weights = torch.load(final / "model.pt", weights_only=True)
+    config = json.loads((final / "model_config.json").read_text())
+
+    class Zoo:
+        @hookimpl
+        def wmtp_load_model(self, uri, mlflow_config):
+            if uri.startswith("zoo:"):
+                return LoadedModel(weights=weights, model_config=config, source=uri)
+            return None
+
+    pm = make_plugin_manager()
+    pm.register(Zoo(), name="zoo")
+    from_zoo = resolve_model(pm, "zoo:tiny", {}, "paths.models.ref")
+    from_ckpt = resolve_model(pm, f"file://{final}", {}, "paths.models.ref")
+    from_step = resolve_model(pm, str(tmp / "ckpt" / "hooks-run" / "step_6"), {}, "paths.models.ref")
+    for model in (from_zoo, from_ckpt, from_step):
+        assert not any(p.requires_grad for p in model.parameters())
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, weights[k])
+    with pytest.raises(TrainingError, match="paths.models.ref: .*step_404.* could not be loaded"):
+        resolve_model(pm, str(tmp / "ckpt" / "hooks-run" / "step_404"), {}, "paths.models.ref")

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import MemorySink, run_info
-from wmtp_core import Payload, hookimpl, PolicySpec, Role, SinkContext, SinkSpec
+from wmtp_core import Manifest, Payload, hookimpl, PolicySpec, Role, SinkContext, SinkSpec
 from wmtp_core.roles import BindingError, Bindings, Catalog, PolicyBinding, SinkBinding
 from wmtp_core.plugins import make_plugin_manager
 from wmtp_core.router import Router
@@ -194,9 +194,33 @@ def test_retention_never_deletes_the_checkpoint_a_run_resumed_from_nor_another_l
     for step in range(n):
         router.emit(Role.RESUME, step=step, payload=Payload(parts={}))
         if step == min(resumed_at, n - 1):
-            protected.add(f"{sink.location()}/step_{step}")
+            protected.add((run.name, step))
         router.wait()
     router.close()
     left = {u for u, _ in sink.committed()}
-    assert protected <= left
+    assert {f"{sink.location()}/step_{s}" for _, s in protected} <= left
     assert foreign in left
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.integers(1, 400), interval=st.integers(0, 50), keep=st.integers(1, 8),
+       every=st.integers(0, 60))
+def test_dry_run_estimate_retains_exactly_what_keep_last_leaves(steps, interval, keep, every):
+    """The storage estimate's retained count equals what the policy really leaves after the
+    run's saves (every save_interval steps, plus the last step)."""
+    from wmtp_core.report import estimate
+    from wmtp_plugins.retention import KeepLast
+
+    saved = list(range(interval, steps + 1, interval)) if interval else []
+    if not saved or saved[-1] != steps:
+        saved.append(steps)
+    policy = KeepLast(keep_last=keep, keep_every=every)
+    left = set()
+    for s in saved:
+        left.add(s)
+        manifests = [Manifest(run="r", step=x, role=Role.RESUME, lineage="L", files=[], created_at="")
+                     for x in sorted(left)]
+        left -= set(policy.select(manifests))
+    e = estimate(10, steps, interval, keep, every, True)
+    assert e.saves == len(saved)
+    assert e.retained == len(left) * e.per_save

@@ -3,6 +3,7 @@
 from wmtp_core.events import (
     CheckpointEmitted,
     FileEntry,
+    LoadedModel,
     Manifest,
     Payload,
     Receipt,
@@ -21,6 +22,7 @@ __all__ = [
     "BindingError",
     "CheckpointEmitted",
     "FileEntry",
+    "LoadedModel",
     "Manifest",
     "Payload",
     "PolicySpec",

@@ -194,3 +194,14 @@ class Payload:
     """For the final role: a batch of token ids the model accepts (used to trace or sign it)."""
     model_config: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_map, hash=False)
     """For the final role: the architecture, enough to rebuild the module from the weights."""
+
+
+@attrs.frozen
+class LoadedModel:
+    """Weights and architecture loaded from a registry or a committed checkpoint."""
+
+    weights: Mapping[str, Any] = attrs.field(converter=_frozen_map, hash=False)
+    """A state dict of tensors, loadable into ``MTPModel(ModelConfig(**model_config))``."""
+    model_config: Mapping[str, Any] = attrs.field(converter=_frozen_map, hash=False)
+    source: str = ""
+    """The URI it came from, resolved (``models:/NAME/latest`` -> the version loaded)."""

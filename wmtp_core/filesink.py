@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Mapping
 
 import torch
 
-from wmtp_core.commit import CheckpointStore, step_dirname
+from wmtp_core.commit import CheckpointError, CheckpointStore, step_dirname
 from wmtp_core.events import CheckpointEmitted, Manifest, Payload, Receipt, SinkContext
 from wmtp_core.roles import Role
 
@@ -85,6 +85,15 @@ class FileSink:
             seconds=time.perf_counter() - t0,
         )
 
+    def stored_final(self, run) -> str | None:
+        """The URI of this run's committed final model, if there is one."""
+        path = self.store_.path_of(self.run, FINAL_DIR)
+        try:
+            self.store_.read_manifest(path)
+        except CheckpointError:
+            return None
+        return self.store_.uri(path)
+
     def committed(self) -> list[tuple[str, Manifest]]:
         """This run's committed resume checkpoints as ``(uri, manifest)``, oldest first."""
         return [(self.store_.uri(p), m) for p, m in self.store_.list(self.run)]
@@ -107,3 +116,30 @@ class FileSink:
     def _path(self, uri: str) -> str:
         prefix = f"{self.store_.protocol}://"
         return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+
+def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None):
+    """Weights and architecture from a committed checkpoint (resume ``step_N`` or ``final``),
+    verified against its manifest before anything is deserialised."""
+    import posixpath
+
+    import fsspec
+
+    from wmtp_core.events import LoadedModel
+
+    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    path = path.rstrip("/")
+    store = CheckpointStore(fs, posixpath.dirname(posixpath.dirname(path)))
+    manifest, blobs = store.read_verified(path)
+    if "model.pt" not in blobs:
+        raise CheckpointError(f"{uri} holds no model.pt")
+    if "model_config.json" in blobs:
+        config = json.loads(blobs["model_config.json"])
+    elif "trainer.pt" in blobs:
+        config = load_part(blobs["trainer.pt"]).get("model_config")
+    else:
+        config = None
+    if not config:
+        raise CheckpointError(f"{uri} does not record its model architecture")
+    return LoadedModel(weights=load_part(blobs["model.pt"]), model_config=config,
+                       source=store.uri(path))

@@ -7,13 +7,14 @@ bound to the role, and the hooks below only describe what happened.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import pluggy
 
 if TYPE_CHECKING:
     from wmtp_core.events import (
         CheckpointEmitted,
+        LoadedModel,
         Receipt,
         RunEnded,
         RunStarted,
@@ -43,6 +44,20 @@ def wmtp_register_policies(register: Callable[[PolicySpec], None]) -> None:
     Call ``register(PolicySpec(...))`` once per policy. At most one policy may be bound to a role.
 
     :param register: callback that validates and records one :class:`~wmtp_core.roles.PolicySpec`.
+    """
+
+
+@hookspec(firstresult=True)
+def wmtp_load_model(uri: str, mlflow_config: Mapping[str, Any]) -> LoadedModel | None:
+    """Load trained weights named by a URI (a reference or reward model, a model to register).
+
+    Implement it for the URIs your plugin understands and return ``None`` for the others.
+    Stops at the first non-None result. Committed checkpoint URIs are handled by the core when
+    no plugin answers.
+
+    :param uri: e.g. ``models:/wmtp_baseline-mtp/1`` or a committed checkpoint's URI.
+    :param mlflow_config: the ``mlflow`` config section, for plugins that read a registry.
+    :returns: the weights and the architecture, or ``None``.
     """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import attrs
@@ -38,18 +39,15 @@ class Estimate:
 
 def estimate(params: int, steps: int, save_interval: int, keep_last: int, keep_every: int,
              save_final: bool) -> Estimate:
-    saves = (steps // save_interval if save_interval else 0)
-    if not save_interval or steps % save_interval:
-        saves += 1  # the last step is always committed before the final model
+    regular = steps // save_interval if save_interval else 0
+    saves = regular + (1 if not save_interval or steps % save_interval else 0)  # + the last step
     per_save = 3 * 4 * params + TRAINER_STATE_BYTES
-    steps_saved = [s for s in range(save_interval, steps + 1, save_interval)] if save_interval else []
-    if not steps_saved or steps_saved[-1] != steps:
-        steps_saved.append(steps)
-    kept = set(steps_saved[-keep_last:])
-    if keep_every:
-        kept |= {s for s in steps_saved if s % keep_every == 0}
+    # the newest keep_last survive; of the older (all regular) saves, keep_every milestones do
+    older = max(0, saves - keep_last)
+    milestones = older // (keep_every // math.gcd(save_interval, keep_every)) if keep_every and save_interval else 0
+    kept = min(keep_last, saves) + milestones
     return Estimate(params=params, steps=steps, saves=saves, per_save=per_save,
-                    retained=len(kept) * per_save, final=4 * params if save_final else 0)
+                    retained=kept * per_save, final=4 * params if save_final else 0)
 
 
 def human(n: float) -> str:

@@ -30,6 +30,7 @@ class Router:
     """Dispatch emitted checkpoints to the sinks the configuration bound.
 
     :param required: roles this run will emit; each must be bound (checked at construction).
+    :param protected: ``(run, step)`` pairs retention must never delete (the resumed-from one).
     :param context: builds the :class:`SinkContext` for a role's sink.
     """
 
@@ -42,7 +43,7 @@ class Router:
         *,
         required: frozenset[Role],
         context: Callable[[Role, Mapping[str, Any]], SinkContext],
-        protected: Callable[[], set[str]] = set,
+        protected: Callable[[], set[tuple[str, int]]] = set,
     ) -> None:
         validate(bindings, catalog, required)
         self.pm = pm
@@ -142,6 +143,13 @@ class Router:
             self._pending.append(self._pruner.submit(self._prune, role))
         return receipt
 
+    def stored_final(self) -> str | None:
+        """Where this run's final model already is, if its sink can tell (a resumed run that
+        had finished must not store it twice)."""
+        sink = self._sinks.get(Role.FINAL)
+        find = getattr(sink, "stored_final", None)
+        return find(self.run) if find is not None else None
+
     def _resume_location(self) -> str | None:
         sink = self._sinks.get(Role.RESUME)
         return sink.location() if sink is not None else None
@@ -153,15 +161,12 @@ class Router:
         committed = [(u, m) for u, m in sink.committed() if m.lineage == self.run.lineage]
         if not committed:
             return
-        newest = max(committed, key=lambda um: um[1].step)[0]
-        keep = {newest} | set(self._protected())
-        chosen = policy.select([m for _, m in committed])
-        by_step = {m.step: u for u, m in committed}
-        for step in chosen:
-            uri = by_step.get(step)
-            if uri is None or uri in keep:
+        newest = max(m.step for _, m in committed)
+        keep = {(self.run.name, newest)} | set(self._protected())
+        chosen = set(policy.select([m for _, m in committed]))
+        for uri, m in committed:
+            if m.step not in chosen or (m.run, m.step) in keep:
                 continue
-            m = next(m for u, m in committed if u == uri)
             sink.delete(uri)
             receipt = Receipt(role=role, sink=self.bindings.sink_for(role).sink, run=m.run,
                               step=m.step, uri=uri, nbytes=m.nbytes, seconds=0.0)

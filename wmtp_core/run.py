@@ -18,13 +18,14 @@ from wmtp_core.commit import CheckpointError, check_run_name
 from wmtp_core.config import ConfigError, Settings, load_settings
 from wmtp_core.config.bindings import bindings_for, required_roles, resume_base
 from wmtp_core.engine.data import DataError
+from wmtp_core.engine.errors import TrainingError
 from wmtp_core.events import RunEnded, RunInfo, RunStarted, SinkContext
 from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.roles import BindingError, Role, validate
 from wmtp_core.router import Router
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_REGISTERED = 0, 1, 2, 3
-USER_ERRORS = (ConfigError, BindingError, CheckpointError, DataError)
+USER_ERRORS = (ConfigError, BindingError, CheckpointError, DataError, TrainingError)
 
 log = logging.getLogger("wmtp")
 
@@ -96,6 +97,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     bindings = bindings_for(settings, catalog)
     required = required_roles(settings)
     validate(bindings, catalog, required)
+    policies = build_policies(bindings, catalog)
     name = run_name_for(settings, args.run_name)
     tags = parse_tags(settings.recipe.run.tags, args.tags)
     try:
@@ -109,8 +111,10 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.dry_run:
         ck = settings.config.paths.checkpoints
         steps = settings.recipe.train.max_steps or 0
-        est = report.estimate(count_parameters(mcfg), steps, ck.save_interval, ck.keep_last,
-                              ck.keep_every, ck.save_final)
+        keeper = policies.get(Role.RESUME)
+        est = report.estimate(count_parameters(mcfg), steps, ck.save_interval,
+                              getattr(keeper, "keep_last", 10**9), getattr(keeper, "keep_every", 0),
+                              ck.save_final)
         out.print(report.estimate_table(est))
         out.print(f"dry run: run {name!r} is valid; nothing was written.")
         return EXIT_OK
@@ -137,13 +141,13 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
 
     router = Router(pm, catalog, bindings, run, required=required, context=context,
                     protected=lambda: protected)
-    protected: set[str] = set()
+    protected: set[tuple[str, int]] = set()
     router.open()
     resume_sink = router.sink(Role.RESUME)
     parts = None
     if args.resume:
         uri, manifest, parts = _find_resume(resume_sink, args.resume, err)
-        protected.add(uri)
+        protected.add((manifest.run, manifest.step))
         run = attrs.evolve(run, lineage=manifest.lineage, resumed_from=uri)
         router.run = run
         err.print(f"resuming {name!r} from {uri} (step {manifest.step})")
@@ -165,11 +169,16 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
     t0 = time.perf_counter()
     try:
         outcome = _loop(trainer, err)
-        trainer.save_resume(outcome.metrics)
         status, reason, code = outcome.status, outcome.reason, EXIT_OK
         if outcome.status == "failed":
-            code = EXIT_FAILED
-        elif Role.FINAL in required:
+            code = EXIT_FAILED  # a diverged state is never committed as "latest"
+        else:
+            trainer.save_resume(outcome.metrics)
+        stored = router.stored_final() if code == EXIT_OK and Role.FINAL in required else None
+        if stored:
+            err.print(f"the final model of {name!r} is already stored at {stored}; not storing it again",
+                      highlight=False)
+        elif code == EXIT_OK and Role.FINAL in required:
             try:
                 trainer.save_final(outcome.metrics)
             except Exception as e:  # the resume state is committed: nothing is lost
@@ -205,6 +214,17 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
                   f"committed at {last.uri if last else '?'}; register it later with:\n"
                   f"  wmtp register {last.uri if last else '<checkpoint URI>'}", highlight=False, soft_wrap=True)
     return code
+
+
+def build_policies(bindings, catalog) -> dict[Role, Any]:
+    """Build each bound policy now, so bad options fail before training (and in --dry-run)."""
+    out = {}
+    for p in bindings.policies:
+        try:
+            out[p.role] = catalog.policies[p.policy].factory(dict(p.options))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{p.origin}: policy {p.policy!r}: {e}") from None
+    return out
 
 
 def _find_resume(sink, spec: str, err: Console):

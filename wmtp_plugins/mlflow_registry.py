@@ -53,6 +53,7 @@ class MlflowRegistrySink:
                 model,
                 name="model",
                 input_example=example.numpy() if isinstance(example, torch.Tensor) else example,
+                signature=_signature(payload),
                 registered_model_name=name,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 metadata={"wmtp_run": event.run.name, "wmtp_step": event.step,
@@ -60,6 +61,8 @@ class MlflowRegistrySink:
                 await_registration_for=60,
             )
             version = info.registered_model_version
+            mlflow.MlflowClient().set_model_version_tag(name, str(version), "wmtp.lineage",
+                                                        event.run.lineage)
             nbytes = _artifact_bytes(mlflow.MlflowClient(), info.model_id)
         finally:
             if owns_run:
@@ -69,8 +72,38 @@ class MlflowRegistrySink:
                        seconds=time.perf_counter() - t0,
                        meta={"model_uri": info.model_uri})
 
+    def stored_final(self, run) -> str | None:
+        """A registered version already made from this run's lineage, if any."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        configure(self.settings)
+        name = self.model_name(run.algo)
+        try:
+            versions = MlflowClient().search_model_versions(f"name='{name}'")
+        except MlflowException:
+            return None
+        for v in versions:
+            if (v.tags or {}).get("wmtp.lineage") == run.lineage:
+                return f"models:/{name}/{v.version}"
+        return None
+
     def close(self) -> None:
         pass
+
+
+def _signature(payload):
+    """Token ids ``[batch, seq]`` in, logits ``[batch, n_future, seq, vocab]`` out; batch and
+    sequence length stay dynamic in the exported program."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    cfg = payload.model_config
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("int64"), (-1, -1), name="ids")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, cfg["n_future"], -1, cfg["vocab_size"]))]),
+    )
 
 
 def _artifact_bytes(client, model_id: str) -> int:
@@ -93,3 +126,27 @@ def wmtp_register_sinks(register):
         factory=MlflowRegistrySink,
         description="final weights as a registered MLflow model version (wmtp_{algo})",
     ))
+
+
+@hookimpl
+def wmtp_load_model(uri, mlflow_config):
+    """``models:/NAME/VERSION`` or ``models:/NAME/latest``: the weights of a registered model."""
+    if not uri.startswith("models:/"):
+        return None
+    import mlflow as mlf
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    from wmtp_core import LoadedModel
+
+    configure(mlflow_config or {})
+    try:
+        info = mlf.models.get_model_info(uri)
+        module = mlf.pytorch.load_model(uri)
+    except MlflowException as e:
+        raise LookupError(f"{uri}: {e.message}") from None
+    config = (info.metadata or {}).get("wmtp_model_config")
+    if not config:
+        raise LookupError(f"{uri} is not a WMTP model (its metadata has no wmtp_model_config)")
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return LoadedModel(weights=weights, model_config=config, source=uri)

@@ -29,6 +29,14 @@ class MlflowTracking:
         from mlflow.entities import Param
 
         configure(event.mlflow)
+        previous = self._previous_run(event.run) if event.run.resumed_from else None
+        if previous is not None:
+            # a resumed run continues its MLflow run: same params, metrics carry on
+            mlflow.start_run(run_id=previous)
+            mlflow.set_tag("wmtp.resumed_from", event.run.resumed_from)
+            self.run_id = previous
+            self.client = mlflow.MlflowClient()
+            return
         run = mlflow.start_run(run_name=event.run.name, tags={
             "wmtp.run": event.run.name,
             "wmtp.algo": event.run.algo,
@@ -77,6 +85,16 @@ class MlflowTracking:
             else:
                 self.client.set_terminated(self.run_id, status=status)
             self.run_id = None
+
+    @staticmethod
+    def _previous_run(run) -> str | None:
+        import mlflow
+
+        found = mlflow.search_runs(
+            filter_string=f"tags.`wmtp.lineage` = '{run.lineage}'", output_format="list",
+            order_by=["attributes.start_time ASC"], max_results=1,
+        )
+        return found[0].info.run_id if found else None
 
     def _flush(self) -> None:
         buf, self._buffer = self._buffer, []

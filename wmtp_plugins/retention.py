@@ -44,7 +44,9 @@ def make_keep_last(options: dict) -> KeepLast:
     unknown = set(options) - {"keep_last", "keep_every"}
     if unknown:
         raise ValueError(f"keep_last policy: unknown option(s) {sorted(unknown)}; accepted: keep_last, keep_every")
-    return KeepLast(keep_last=options.get("keep_last", 5), keep_every=options.get("keep_every", 0))
+    if "keep_last" not in options:
+        raise ValueError("keep_last policy: option 'keep_last' is required (an integer >= 1)")
+    return KeepLast(keep_last=options["keep_last"], keep_every=options.get("keep_every", 0))
 
 
 @hookimpl

@@ -42,6 +42,14 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 (PyYAML) reads `lr: 1e-3` as the string "1e-3"; recipes are full of such numbers, so
+# read exponent floats without a dot as YAML 1.2 does. (add_implicit_resolver copies the table:
+# yaml.SafeLoader itself is unchanged.)
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_yaml(url: str) -> dict[str, Any]:

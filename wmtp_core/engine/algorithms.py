@@ -2,6 +2,7 @@
 
 Per position t the loss is l_t = sum_k w_tk m_tk CE_tk / sum_k w_tk m_tk, averaged over the
 positions where some head has a target; ``m`` masks heads whose target lies past the end.
+Weights never carry gradient.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+ALGORITHMS = ("baseline-mtp", "rho1-wmtp", "critic-wmtp")
 
 
+# --------------------------------------------------------------------------- shared pieces
 def head_targets(ids: torch.Tensor, n_future: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets ``[B, K, T]`` (head k at t -> ids[t+k+1]) and the mask of those that exist."""
     b, t = ids.shape
@@ -29,17 +34,36 @@ def head_ce(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torc
     """Cross-entropy per head and position ``[B, K, T]`` (0 where masked), and the mask."""
     b, k, t, v = logits.shape
     targets, mask = head_targets(ids, k)
-    ce = F.cross_entropy(logits.reshape(-1, v), targets.reshape(-1), reduction="none").view(b, k, t)
+    ce = F.cross_entropy(logits.float().reshape(-1, v), targets.reshape(-1), reduction="none").view(b, k, t)
     return ce * mask, mask
 
 
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy ``[B, T]`` from head-0 logits ``[B, T, V]`` (0 at the last position)."""
+    b, t, v = logits.shape
+    ce = torch.zeros(b, t, device=ids.device)
+    if t > 1:
+        ce[:, :-1] = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), ids[:, 1:].reshape(-1),
+                                     reduction="none").view(b, t - 1)
+    return ce
+
+
 def weighted_loss(ce: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The WMTP loss for given weights ``[B, K, T]`` (weights carry no gradient)."""
+    """The WMTP loss for given weights ``[B, K, T]``."""
     wm = weights.detach() * mask
     denom = wm.sum(dim=1)
     valid = denom > 0
+    if not bool(valid.any()):
+        return (ce * 0.0).sum()
     per_pos = (wm * ce).sum(dim=1) / denom.clamp_min(1e-12)
     return per_pos[valid].mean()
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax over heads (dim 1) of ``scores / temperature``; masked heads get 0."""
+    x = (scores / temperature).masked_fill(~mask, float("-inf"))
+    w = torch.softmax(x, dim=1)
+    return torch.where(mask, w, torch.zeros_like(w))
 
 
 def head_metrics(ce: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -47,18 +71,39 @@ def head_metrics(ce: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     return {f"ce_head_{k}": float(v) for k, v in enumerate(per_head)}
 
 
-class BaselineMTP:
-    """baseline-mtp: every head weighs 1; the loss is scaled by ``loss.lambda``."""
+def weight_metrics(w: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    v = w[mask].float()
+    if v.numel() == 0:
+        return {}
+    return {"weight_mean": float(v.mean()), "weight_std": float(v.std()) if v.numel() > 1 else 0.0,
+            "weight_min": float(v.min()), "weight_max": float(v.max()),
+            "weight_zero_frac": float((v == 0).float().mean())}
 
-    name = "baseline-mtp"
 
-    def __init__(self, scale: float = 1.0) -> None:
-        self.scale = scale
+def shifted(x: torch.Tensor, n_future: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out[b, k, t] = x[b, t + k + offset]`` where that index exists, and its validity."""
+    b, t = x.shape
+    out = torch.zeros(b, n_future, t, dtype=x.dtype, device=x.device)
+    ok = torch.zeros(b, n_future, t, dtype=torch.bool, device=x.device)
+    for k in range(n_future):
+        s = k + offset
+        if s < t:
+            out[:, k, : t - s] = x[:, s:]
+            ok[:, k, : t - s] = True
+    return out, ok
 
-    def loss(self, model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        ce, mask = head_ce(model(ids), ids)
-        loss = self.scale * weighted_loss(ce, mask, torch.ones_like(ce))
-        return loss, head_metrics(ce.detach(), mask)
+
+class Algorithm:
+    """What the trainer asks of an objective. Extras (``param_groups``, ``state_dict``) are part
+    of the resume state."""
+
+    name = ""
+
+    def loss(self, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -66,5 +111,173 @@ class BaselineMTP:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
 
+    def to(self, device: torch.device) -> Algorithm:
+        return self
 
-ALGORITHMS = ("baseline-mtp", "rho1-wmtp", "critic-wmtp")
+
+# --------------------------------------------------------------------------- baseline
+class BaselineMTP(Algorithm):
+    """baseline-mtp: every head weighs 1; the loss is scaled by ``loss.lambda``."""
+
+    name = "baseline-mtp"
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def loss(self, model, ids):
+        ce, mask = head_ce(model(ids), ids)
+        loss = self.scale * weighted_loss(ce, mask, torch.ones_like(ce))
+        return loss, head_metrics(ce.detach(), mask)
+
+
+# --------------------------------------------------------------------------- rho-1
+class Rho1WMTP(Algorithm):
+    """rho1-wmtp: weight each head's token by how much the model's CE differs from a frozen
+    reference's CE on the same target token.
+
+    The reference is asked for next-token CE only: its prediction at position ``t + k`` has the
+    same target (token ``t + k + 1``) as head ``k`` at position ``t``.
+    """
+
+    name = "rho1-wmtp"
+
+    def __init__(self, reference: nn.Module, *, mode: str, min_ce_diff: float,
+                 skip_percentile: float, temperature: float) -> None:
+        self.reference = reference.eval().requires_grad_(False)
+        self.mode = mode
+        self.min_ce_diff = min_ce_diff
+        self.skip_percentile = skip_percentile
+        self.temperature = temperature
+
+    def to(self, device):
+        self.reference.to(device)
+        return self
+
+    def weights(self, ce: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ref0 = next_token_ce(self.reference.next_token_logits(ids), ids)
+            ref, ok = shifted(ref0, ce.shape[1], 0)
+            excess = (ce.detach() - ref).abs() * (mask & ok)
+            excess = torch.where(excess < self.min_ce_diff, torch.zeros_like(excess), excess)
+            if self.mode == "weighted":
+                return masked_softmax(excess, mask, self.temperature)
+            return self._skip(excess, mask)
+
+    def _skip(self, excess: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Drop each sample's lowest ``skip_threshold_percentile`` of excess values (rank-based,
+        so ties never drop more than that share)."""
+        w = mask.float()
+        flat_e, flat_m, flat_w = excess.flatten(1), mask.flatten(1), w.flatten(1)
+        for b in range(excess.shape[0]):
+            idx = flat_m[b].nonzero().squeeze(1)
+            n_drop = int(self.skip_percentile * idx.numel())
+            if n_drop:
+                order = torch.argsort(flat_e[b, idx], stable=True)
+                flat_w[b, idx[order[:n_drop]]] = 0.0
+        return flat_w.view_as(w)
+
+    def loss(self, model, ids):
+        ce, mask = head_ce(model(ids), ids)
+        w = self.weights(ce, mask, ids)
+        metrics = {**head_metrics(ce.detach(), mask), **weight_metrics(w, mask)}
+        return weighted_loss(ce, mask, w), metrics
+
+
+# --------------------------------------------------------------------------- critic
+class ValueHead(nn.Module):
+    """Linear d -> d/2, ReLU, Linear -> 1 on the trunk's hidden states."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, max(1, d_model // 2)), nn.ReLU(),
+                                 nn.Linear(max(1, d_model // 2), 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h).squeeze(-1)
+
+
+def gae_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation per sequence; returns = advantages + values ``[B, T]``."""
+    b, t = rewards.shape
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros(b, device=rewards.device)
+    for i in reversed(range(t)):
+        next_v = values[:, i + 1] if i + 1 < t else torch.zeros(b, device=rewards.device)
+        delta = rewards[:, i] + gamma * next_v - values[:, i]
+        running = delta + gamma * lam * running
+        adv[:, i] = running
+    return adv + values
+
+
+class CriticWMTP(Algorithm):
+    """critic-wmtp: a value head learns GAE returns of sequence rewards; head weights follow
+    δ_t = V_t − λ_d V_{t−1} at each head's target position.
+
+    Rewards: a sequence's reward is minus the mean next-token CE of the reward model
+    (``paths.models.rm``) on it, or, without one (pseudo-rewards), of the model being trained,
+    measured without gradient. ``critic.normalize`` standardises rewards over the batch;
+    ``critic.token_spread`` spreads each reward uniformly over the tokens or puts it on the last.
+    """
+
+    name = "critic-wmtp"
+
+    def __init__(self, d_model: int, critic: Any, temperature: float, reward_model: nn.Module | None = None):
+        self.cfg = critic
+        self.temperature = temperature
+        self.value_head = ValueHead(d_model)
+        self.reward_model = reward_model.eval().requires_grad_(False) if reward_model is not None else None
+        self.pretrained = False
+
+    def to(self, device):
+        self.value_head.to(device)
+        if self.reward_model is not None:
+            self.reward_model.to(device)
+        return self
+
+    def param_groups(self):
+        return [{"params": list(self.value_head.parameters()), "lr": self.cfg.value_lr}]
+
+    def state_dict(self):
+        return {"value_head": self.value_head.state_dict(), "pretrained": self.pretrained}
+
+    def load_state_dict(self, state):
+        self.value_head.load_state_dict(state["value_head"])
+        self.pretrained = bool(state["pretrained"])
+
+    def rewards(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        scorer = self.reward_model if self.reward_model is not None else model
+        with torch.no_grad():
+            ce = next_token_ce(scorer.next_token_logits(ids), ids)
+            seq = -ce[:, :-1].mean(dim=1) if ids.shape[1] > 1 else -ce.mean(dim=1)
+            if self.cfg.normalize and seq.numel() > 1:
+                seq = (seq - seq.mean()) / (seq.std() + 1e-6)
+            t = ids.shape[1]
+            r = torch.zeros(ids.shape[0], t, device=ids.device)
+            if self.cfg.token_spread == "last":
+                r[:, -1] = seq
+            else:
+                r[:] = (seq / t).unsqueeze(1)
+        return r
+
+    def value_loss(self, model: nn.Module, ids: torch.Tensor, h: torch.Tensor | None = None):
+        if h is None:
+            with torch.no_grad():
+                h = model.trunk_hidden(ids)
+        v = self.value_head(h)
+        returns = gae_returns(self.rewards(model, ids), v.detach(), self.cfg.gamma, self.cfg.gae_lambda)
+        return F.mse_loss(v, returns), v
+
+    def loss(self, model, ids):
+        h = model.trunk_hidden(ids)
+        ce, mask = head_ce(model.unembed(model.head_hidden(h)), ids)
+        vloss, v = self.value_loss(model, ids, h)
+        with torch.no_grad():
+            vd = v.detach()
+            prev = torch.cat([torch.zeros_like(vd[:, :1]), vd[:, :-1]], dim=1)
+            delta = vd - self.cfg.discount_lambda * prev
+            score, ok = shifted(delta, ce.shape[1], 1)
+            w = masked_softmax(score, mask & ok, self.temperature)
+        loss = weighted_loss(ce, mask, w) + self.cfg.auxiliary_loss_coef * vloss
+        metrics = {**head_metrics(ce.detach(), mask), **weight_metrics(w, mask),
+                   "value_loss": float(vloss.detach())}
+        return loss, metrics

@@ -108,6 +108,10 @@ class MTPModel(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.unembed(self.head_hidden(self.trunk_hidden(ids)))
 
+    def next_token_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Head 0 only ``[B, T, vocab]``: what a reference or reward model is asked for."""
+        return self.unembed(self.norm(self.heads[0](self.trunk_hidden(ids))))
+
 
 def count_parameters(cfg: ModelConfig) -> int:
     """Parameter count without allocating the model (built on the meta device)."""

@@ -12,16 +12,15 @@ import torch
 
 from wmtp_core.config import Settings
 from wmtp_core.engine import data as data_mod
-from wmtp_core.engine.algorithms import BaselineMTP, head_ce, weighted_loss
+from wmtp_core.commit import CheckpointError
+from wmtp_core.engine.algorithms import Algorithm, BaselineMTP, CriticWMTP, Rho1WMTP, head_ce, weighted_loss
+from wmtp_core.engine.errors import TrainingError
 from wmtp_core.engine.model import ModelConfig, MTPModel
 from wmtp_core.engine.optim import build_optimizer, build_scheduler
 from wmtp_core.engine.state import cpu_copy, restore_rng, rng_state, tensor_bytes
-from wmtp_core.events import Payload, RunInfo, StepEnded
+from wmtp_core.events import LoadedModel, Payload, RunInfo, StepEnded
+from wmtp_core.filesink import load_model_from_checkpoint
 from wmtp_core.roles import Role
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @attrs.define
@@ -40,6 +39,72 @@ def model_config(settings: Settings) -> ModelConfig:
     return ModelConfig(vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
                        n_heads=m.n_heads, n_future=m.n_future, max_seq_len=m.max_seq_len,
                        dropout=m.dropout)
+
+
+def choose_device(backend: str) -> torch.device:
+    """Honour ``devices.compute_backend`` or refuse it with the reason."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if backend == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if backend == "cuda" and not cuda:
+        raise TrainingError("devices.compute_backend: 'cuda' was asked for but this machine has no "
+                            "usable CUDA device (torch.cuda.is_available() is False); use cpu or auto")
+    if backend == "mps" and not mps:
+        raise TrainingError("devices.compute_backend: 'mps' was asked for but MPS is not available "
+                            "here; use cpu or auto")
+    return torch.device(backend)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Honour ``devices.mixed_precision`` or refuse it with the reason."""
+    if precision in ("no", "fp32"):
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise TrainingError("devices.mixed_precision: 'bf16' is not supported by this GPU; use fp16 or no")
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise TrainingError(f"devices.mixed_precision: 'fp16' needs a CUDA device (this run uses "
+                            f"{device.type}); use bf16 or no")
+    return torch.float16
+
+
+def resolve_model(pm: pluggy.PluginManager, uri: str, mlflow: Mapping[str, Any], key: str) -> MTPModel:
+    """Build a frozen model from a registry URI (plugins) or a committed checkpoint (core)."""
+    try:
+        loaded = pm.hook.wmtp_load_model(uri=uri, mlflow_config=dict(mlflow))
+        if loaded is None:
+            loaded = load_model_from_checkpoint(uri)
+    except (LookupError, CheckpointError, FileNotFoundError, ValueError) as e:
+        raise TrainingError(f"{key}: {uri!r} could not be loaded: {e}") from None
+    if not isinstance(loaded, LoadedModel):
+        raise TrainingError(f"{key}: {uri!r} did not resolve to a model")
+    model = MTPModel(ModelConfig(**dict(loaded.model_config)))
+    model.load_state_dict(dict(loaded.weights))
+    return model.eval().requires_grad_(False)
+
+
+def build_algorithm(settings: Settings, pm: pluggy.PluginManager, d_model: int) -> Algorithm:
+    recipe, cfg = settings.recipe, settings.config
+    algo = recipe.train.algo
+    mlflow = attrs.asdict(cfg.mlflow) if cfg.mlflow is not None else {}
+    if algo == "baseline-mtp":
+        return BaselineMTP(scale=recipe.loss.lambda_)
+    if algo == "rho1-wmtp":
+        ref = cfg.paths.models.ref
+        if not ref:
+            raise TrainingError(f"{settings.config_source}: paths.models.ref is required by rho1-wmtp: "
+                                "a models:/NAME/VERSION URI or a committed checkpoint URI")
+        return Rho1WMTP(resolve_model(pm, ref, mlflow, "paths.models.ref"),
+                        mode=recipe.rho1.selection_mode, min_ce_diff=recipe.rho1.min_ce_diff,
+                        skip_percentile=recipe.rho1.skip_threshold_percentile,
+                        temperature=recipe.loss.weight_temperature)
+    rm = cfg.paths.models.rm
+    if rm is None and not recipe.critic.use_pseudo_rewards:
+        raise TrainingError(f"{settings.config_source}: paths.models.rm is null and "
+                            "critic.use_pseudo_rewards is false: give a reward model or allow pseudo-rewards")
+    reward = resolve_model(pm, rm, mlflow, "paths.models.rm") if rm else None
+    return CriticWMTP(d_model, recipe.critic, recipe.loss.weight_temperature, reward)
 
 
 def load_documents(settings: Settings, sources: list[str]) -> list[bytes]:
@@ -73,15 +138,20 @@ class Trainer:
         self.last_saved = -1
         self.best: float | None = None
         self.bad_evals = 0
+        self.stopped_early = False
         self._setup()
 
     # -- setup -----------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg, recipe = self.settings.config, self.settings.recipe
         torch.manual_seed(cfg.seed)
-        self.device = torch.device("cpu")
+        self.device = choose_device(cfg.devices.compute_backend)
+        self.amp = autocast_dtype(cfg.devices.mixed_precision, self.device)
         self.model_cfg = model_config(self.settings)
         self.model = MTPModel(self.model_cfg).to(self.device)
+        self.algo = build_algorithm(self.settings, self.pm, self.model_cfg.d_model).to(self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp is torch.float16)
+        self.losses: list[float] = []
         split = recipe.data.train
         if split.max_length > self.model_cfg.max_seq_len:
             raise TrainingError(
@@ -99,12 +169,13 @@ class Trainer:
             eval_w = data_mod.windows(load_documents(self.settings, ev.sources), ev.max_length,
                                       ev.pack_sequences)
         self.stream = data_mod.BatchStream(train_w, split.batch_size, seed=cfg.seed)
-        self.eval_set = data_mod.eval_batches(eval_w, split.batch_size)
+        eval_bs = recipe.data.eval.batch_size if recipe.data.eval is not None else split.batch_size
+        self.eval_set = data_mod.eval_batches(eval_w, eval_bs)
         per_epoch = self.stream.batches_per_epoch * recipe.train.num_epochs
         self.total_steps = min(recipe.train.max_steps or per_epoch, per_epoch)
-        self.optimizer = build_optimizer(self.model.parameters(), recipe.optim)
+        groups = [{"params": list(self.model.parameters())}, *self.algo.param_groups()]
+        self.optimizer = build_optimizer(groups, recipe.optim)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
-        self.algo = BaselineMTP(scale=recipe.loss.lambda_)
 
     # -- resume state ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -113,10 +184,14 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "trainer": {
                 "step": self.step,
+                "model_config": attrs.asdict(self.model_cfg),
+                "losses": list(self.losses),
+                "scaler": self.scaler.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(),
                 "data": self.stream.state_dict(),
-                "early_stopping": {"best": self.best, "bad_evals": self.bad_evals},
+                "early_stopping": {"best": self.best, "bad_evals": self.bad_evals,
+                                   "stopped": self.stopped_early},
                 "algo": self.algo.state_dict(),
             },
         }
@@ -128,8 +203,12 @@ class Trainer:
         self.step = self.last_saved = int(t["step"])
         self.scheduler.load_state_dict(t["scheduler"])
         self.stream.load_state_dict(t["data"])
-        self.best, self.bad_evals = t["early_stopping"]["best"], int(t["early_stopping"]["bad_evals"])
+        es = t["early_stopping"]
+        self.best, self.bad_evals, self.stopped_early = es["best"], int(es["bad_evals"]), bool(es["stopped"])
         self.algo.load_state_dict(t["algo"])
+        self.losses = [float(x) for x in t["losses"]]
+        if t.get("scaler"):
+            self.scaler.load_state_dict(t["scaler"])
         restore_rng(t["rng"])
 
     # -- loop ------------------------------------------------------------------------------
@@ -138,14 +217,26 @@ class Trainer:
         ckpt = cfg.paths.checkpoints
         out = Outcome(last_step=self.step)
         self.model.train()
+        if self.step == 0 and isinstance(self.algo, CriticWMTP) and not self.algo.pretrained:
+            self.pretrain_critic()
+        if self.stopped_early:
+            # a run that stopped early stays stopped when resumed
+            out.status, out.reason = "stopped_early", "early stopping had already ended this run"
+            out.losses = list(self.losses)
+            out.last_step = self.step
+            return self._finish(out)
         while self.step < self.total_steps:
             batch = self.stream.next().to(self.device)
-            loss, metrics = self.algo.loss(self.model, batch)
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss, metrics = self.algo.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             if recipe.optim.grad_clip > 0:
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.optim.grad_clip))
-            self.optimizer.step()
+                self.scaler.unscale_(self.optimizer)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             self.step += 1
             value = float(loss.detach())
@@ -153,7 +244,7 @@ class Trainer:
                 out.status, out.reason = "failed", f"loss became {value} at step {self.step}"
                 break
             metrics.update(loss=value, lr=self.scheduler.get_last_lr()[0])
-            out.losses.append(value)
+            self.losses.append(value)
             if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
                 metrics["eval_loss"] = self.evaluate()
             self.pm.hook.wmtp_step_ended(event=StepEnded(run=self.run, step=self.step, metrics=metrics))
@@ -162,14 +253,45 @@ class Trainer:
             if ckpt.save_interval and self.step % ckpt.save_interval == 0:
                 self.save_resume(metrics)
             if "eval_loss" in metrics and self._should_stop(metrics):
+                self.stopped_early = True
                 out.status = "stopped_early"
                 out.reason = (f"early stopping: {recipe.train.early_stopping.monitor} did not improve "
-                              f"for {self.bad_evals} evaluations")
+                              f"by {recipe.train.early_stopping.min_delta} for {self.bad_evals} evaluations "
+                              f"(best {self.best:.4f}) at step {self.step}")
                 break
         out.last_step = self.step
+        out.losses = list(self.losses)
+        return self._finish(out)
+
+    def _finish(self, out: Outcome) -> Outcome:
         if out.losses:
             out.first_loss, out.last_loss = out.losses[0], out.losses[-1]
         return out
+
+    def pretrain_critic(self) -> None:
+        """critic-wmtp stage 1: fit the value head to GAE returns with the model frozen."""
+        pre = self.settings.recipe.pretrain
+        if pre.enabled and pre.max_steps:
+            opt = torch.optim.AdamW(self.algo.value_head.parameters(), lr=pre.lr, foreach=False)
+            best, bad = None, 0
+            for i in range(1, pre.max_steps + 1):
+                batch = self.stream.next().to(self.device)
+                vloss, _ = self.algo.value_loss(self.model, batch)
+                opt.zero_grad(set_to_none=True)
+                vloss.backward()
+                opt.step()
+                value = float(vloss.detach())
+                self.pm.hook.wmtp_step_ended(event=StepEnded(run=self.run, step=i,
+                                                             metrics={"pretrain_value_loss": value}))
+                es = pre.early_stopping
+                if es.enabled:
+                    if best is None or value < best - es.min_delta:
+                        best, bad = value, 0
+                    else:
+                        bad += 1
+                        if bad >= es.patience:
+                            break
+        self.algo.pretrained = True
 
     def evaluate(self) -> float:
         was = self.model.training
@@ -177,7 +299,8 @@ class Trainer:
         with torch.no_grad():
             losses = []
             for batch in self.eval_set:
-                ce, mask = head_ce(self.model(batch.to(self.device)), batch)
+                batch = batch.to(self.device)
+                ce, mask = head_ce(self.model(batch), batch)
                 losses.append(float(weighted_loss(ce, mask, torch.ones_like(ce))))
         self.model.train(was)
         return sum(losses) / max(1, len(losses))
@@ -210,7 +333,8 @@ class Trainer:
         module = MTPModel(self.model_cfg)
         module.load_state_dict(weights)
         module.eval()
-        example = self.eval_set[0][:1].cpu() if self.eval_set else torch.zeros(1, 8, dtype=torch.long)
+        # two rows, so the exported program keeps a dynamic batch dimension
+        example = self.eval_set[0][:2].cpu() if self.eval_set else torch.zeros(2, 8, dtype=torch.long)
         return Payload(parts={"model": weights}, model=module, example_input=example,
                        model_config=attrs.asdict(self.model_cfg))
 
