@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ WITH_STORAGE = {**ORIGIN_CONFIG, "storage": {
     "policies": [{"policy": "keep_last", "role": "resume", "options": {"keep_last": 2}}],
 }}
 BASES = [("config", ORIGIN_CONFIG), ("config", WITH_STORAGE), ("recipe", ORIGIN_RECIPE)]
-BAD_VALUES = [-3, 0, "x", "", [], {}, None, 1e9, True, 2.5, [1, "x"], {"k": 1}]
+BAD_VALUES = [-3, 0, "x", "", [], {}, None, 1e9, True, 2.5, [1, "x"], {"k": 1}, 10**12, 2**64, "../x"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz_"
 
 Path_ = tuple  # a path into the YAML data: str keys and int list indices
@@ -256,3 +257,89 @@ def test_a_broken_config_stops_the_cli_with_exit_2_before_anything_is_written(mu
         assert "error:" in err_text and "Traceback" not in err_text, (description, err_text)
         assert tree(folder) == before, description
         assert not (folder / "checkpoints").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(mutations())
+def test_a_dry_run_of_any_mutated_config_exits_0_or_2_and_writes_nothing(mutation):
+    """Invariant: whatever one mutation did, ``--dry-run`` validates without a traceback (exit 0,
+    or 2 with an error) and writes nothing, even where the file loads but cannot be bound."""
+    kind, data, description, _ = mutation
+    with tempfile.TemporaryDirectory() as d, contextlib.chdir(d):
+        folder = Path(d)
+        config, recipe = write_pair(folder, kind, data)
+        before = tree(folder)
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main(["--config", str(config), "--recipe", str(recipe), "--dry-run"])
+        assert code in (EXIT_OK, EXIT_USAGE), (description, err.getvalue())
+        assert (code == EXIT_USAGE) == ("error:" in err.getvalue()), (description, err.getvalue())
+        assert tree(folder) == before, description
+
+
+# Pieces of YAML that trip PyYAML: bad dates, bad explicit tags, complex keys, control characters,
+# merges, aliases, unbalanced brackets, tabs.
+FRAGMENTS = ["seed: ", "paths:\n  ", "checkpoints: ", "1", "1e-3", "2024-13-01", "2024-02-30 25:00:00",
+             "!!int x", "!!float y", "!!bool maybe", "!!binary *", "!!set {a}", "!!python/name:os.system",
+             "? [a, b]\n: 1", "? {a: 1}\n: 1", "\x00", "\x85", "\ufeff", "<<: {seed: 1}", "<<: *a",
+             "&a {b: 1}", "*a", "{", "}", "[", "]", "\t", "'", '"', "\n", "  ", ": ", "- ", "#", "%YAML 1.2\n---",
+             "---", "...", "null", "~", "yes", "0x1G", "0o9", "1_000", ".inf", "-.nan"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.text(max_size=40), st.lists(st.sampled_from(FRAGMENTS), max_size=8).map("".join)))
+def test_any_yaml_text_is_a_mapping_or_a_clear_error(text):
+    """Invariant: any file content, however malformed, either loads or raises ConfigError naming
+    the file; PyYAML's own exceptions (and Python's, from its constructors) never escape."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "config.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            load_settings(str(path), None)
+        except ConfigError as e:
+            assert str(e).startswith(f"{path}: "), str(e)
+
+
+def test_yaml_merge_keys_may_be_overridden_but_plain_duplicates_may_not(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\n  train: &split {sources: [stdlib], max_length: 64, batch_size: 8}\n"
+                    "  eval:\n    <<: *split\n    batch_size: 4\n")
+    ev = load_settings(None, str(path)).recipe.data.eval
+    assert (ev.max_length, ev.batch_size) == (64, 4)
+    path.write_text("data:\n  eval:\n    batch_size: 8\n    batch_size: 4\n")
+    with pytest.raises(ConfigError, match="line 4: key 'batch_size' appears twice"):
+        load_settings(None, str(path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("run: {name: 2024-13-01}\n", "line 1: '2024-13-01' cannot be read as timestamp"),
+    ("seed: !!int x\n", "line 1: 'x' cannot be read as int"),
+    ("? [a, b]\n: 1\n", "line 1: a list cannot be a key"),
+    ("seed: 1\x00\n", "not valid YAML: unacceptable character #x0000"),
+    ("seed: 18446744073709551616\n", "seed: 18446744073709551616 is not accepted; accepted: an integer from 0 to"),
+])
+def test_yaml_that_pyyaml_chokes_on_is_a_config_error_with_the_line(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(path), None)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+
+
+def test_a_config_that_is_not_a_text_file_is_a_config_error(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00seed")
+    for url, message in [(tmp_path, "cannot be read (IsADirectoryError"),
+                         (tmp_path / "bin.yaml", "not a UTF-8 text file"),
+                         ("nosuchprotocol://x.yaml", "cannot be read (ValueError: Protocol not known")]:
+        with pytest.raises(ConfigError, match=re.escape(f"{url}: {message}")):
+            load_settings(str(url), None)
+
+
+@pytest.mark.parametrize("model", ["{d_model: 1000000000, n_heads: 1}", "{n_layers: 1000000000000}",
+                                   "{max_seq_len: 100000000000000000000}"])
+def test_model_sizes_torch_cannot_build_are_rejected_before_the_dry_run(model, tmp_path, monkeypatch, capsys):
+    """Without an upper bound the dry run's parameter count overflowed (a traceback) or hung."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(f"model: {model}\n")
+    assert main(["--recipe", "recipe.yaml", "--dry-run"]) == EXIT_USAGE
+    assert "is not accepted; accepted: an integer from 1 to" in capsys.readouterr().err

@@ -87,25 +87,36 @@ def history(base: Path, run: str, step: int) -> list[float]:
     return torch.load(base / run / f"step_{step}" / "trainer.pt", weights_only=True)["losses"]
 
 
+def in_process(args, cwd, monkeypatch, capsys):
+    """The same entry point as the command line, in this process (saves the import time)."""
+    from wmtp_core.run import main
+
+    monkeypatch.chdir(cwd)
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_sigkill_and_resume_is_bit_exact(store, tmp_path, case):
+def test_sigkill_and_resume_is_bit_exact(store, tmp_path, case, monkeypatch, capsys):
     algo, mode, kill_step = CASES[case]
     base = tmp_path / "ckpt"
     (tmp_path / "c.yaml").write_text(CONFIG.format(base=base, store=store / "mlflow.db"))
     (tmp_path / "r.yaml").write_text(RECIPE.format(algo=algo, mode=mode))
     common = ["--config", "c.yaml", "--recipe", "r.yaml"]
 
-    full = run_cli([*common, "--run-name", "full"], cwd=tmp_path)
-    assert full.returncode == 0, full.stderr[-3000:]
+    code, _, err = in_process([*common, "--run-name", "full"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
 
     cut = kill_at(kill_step, [*common, "--run-name", "cut"], cwd=tmp_path)
     assert cut.returncode == -signal.SIGKILL, cut.stderr[-3000:]
     assert not (base / "cut" / "final").exists()
 
-    resumed = run_cli([*common, "--run-name", "cut", "--resume", "latest"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, _, err = in_process([*common, "--run-name", "cut", "--resume", "latest"], tmp_path,
+                              monkeypatch, capsys)
+    assert code == 0, err[-3000:]
     last_ckpt = (kill_step // 4) * 4
-    assert f"step_{last_ckpt}" in resumed.stderr, "did not resume from the newest committed checkpoint"
+    assert f"step_{last_ckpt}" in err, "did not resume from the newest committed checkpoint"
 
     a, b = final_weights(base, "full"), final_weights(base, "cut")
     assert a.keys() == b.keys()

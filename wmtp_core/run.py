@@ -104,6 +104,13 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         mcfg = model_config(settings)
     except ValueError as e:
         raise ConfigError(f"{settings.recipe_source}: {e}") from None
+    for split in ("train", "eval"):
+        data = getattr(settings.recipe.data, split)
+        if data is not None and data.max_length > mcfg.max_seq_len:
+            raise ConfigError(
+                f"{settings.recipe_source}: data.{split}.max_length: {data.max_length} is not accepted; "
+                f"it must be <= model.max_seq_len ({mcfg.max_seq_len})"
+            )
 
     descriptions = {n: s.description for n, s in catalog.sinks.items()}
     if args.dry_run or args.verbose:

@@ -6,6 +6,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Hashable
 from typing import Any, Mapping
 
 import attrs
@@ -24,12 +25,31 @@ class ConfigError(ValueError):
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses duplicate keys: PyYAML silently keeps the last one."""
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML lets Python's own errors escape for values such as `2024-13-01` or `!!int x`.
+        try:
+            return super().construct_object(node, deep=deep)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, KeyError, OverflowError) as e:
+            raise ConfigError(
+                f"{self.name}: line {node.start_mark.line + 1}: {node.value!r} cannot be read as "
+                f"{node.tag.rsplit(':', 1)[-1]} ({type(e).__name__}: {e})"
+            ) from None
+
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    loader.flatten_mapping(node)
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults` then `lr: 0.1`: an explicit key overrides a merged one
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            raise ConfigError(
+                f"{loader.name}: line {key_node.start_mark.line + 1}: a "
+                f"{'list' if isinstance(key, list) else 'mapping'} cannot be a key; keys are names "
+                "such as `seed` or `paths`"
+            )
         if key in seen:
             first = seen[key].start_mark.line + 1
             raise ConfigError(
@@ -38,6 +58,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
                 "Keep one of them"
             )
         seen[key] = key_node
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -59,11 +80,18 @@ def load_yaml(url: str) -> dict[str, Any]:
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{url}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{url}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except (OSError, ValueError, ImportError) as e:  # a folder, no permission, unknown protocol
+        raise ConfigError(f"{url}: cannot be read ({type(e).__name__}: {e})") from None
     return parse_yaml(text, name=url)
 
 
 def parse_yaml(text: str, name: str = "<string>") -> dict[str, Any]:
-    loader = _UniqueKeyLoader(text)
+    try:
+        loader = _UniqueKeyLoader(text)  # refuses control characters already
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: not valid YAML: {e}") from None
     loader.name = name
     try:
         data = loader.get_single_data()
@@ -177,6 +205,11 @@ def _value(tp: Any, value: Any, *, source: str, path: str) -> Any:
             raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a number")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(
+                f"{source}: {path}: {value!r} is not accepted; expected a string (YAML reads a bare "
+                "yes/no/on/off as a boolean: quote it, e.g. \"no\")"
+            )
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a string")
         return value

@@ -7,6 +7,7 @@ Fields marked ``unused`` are accepted for compatibility and reported under ``--v
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import attrs
@@ -24,12 +25,17 @@ def check(pred: Callable[[Any], bool], accepted: str):
     return validator
 
 
+def int_range(lo: int, hi: int):
+    """An integer in [lo, hi]: huge values would overflow torch (or build a model forever)."""
+    return check(lambda v: _int(v) and lo <= v <= hi, f"accepted: an integer from {lo} to {hi}")
+
+
 def one_of(*values: Any):
     return check(lambda v: v in values, "accepted: " + ", ".join(repr(v) for v in values))
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _int(v: Any) -> bool:
@@ -133,7 +139,7 @@ class Storage:
 @attrs.frozen
 class Config:
     project: str = "wmtp"
-    seed: int = attrs.field(default=42, validator=non_negative_int)
+    seed: int = attrs.field(default=42, validator=int_range(0, 2**63 - 1))
     log_interval: int = attrs.field(default=10, validator=positive_int)
     """Print and evaluate every N steps."""
     paths: Paths = attrs.field(factory=Paths)
@@ -222,7 +228,9 @@ class Loss:
     """Scale of the baseline-mtp loss."""
     weight_temperature: float = attrs.field(default=1.0, validator=positive)
     epsilon: float = attrs.field(default=1e-8, validator=non_negative)
-    max_weight: float | None = attrs.field(default=None)
+    max_weight: float | None = attrs.field(
+        default=None, validator=check(lambda v: v is None or (_num(v) and v > 0), "accepted: a number > 0, or null"))
+    """Cap on a single weight before normalisation (null: no cap)."""
 
 
 @attrs.frozen
@@ -249,11 +257,12 @@ class Rho1:
 @attrs.frozen
 class ModelSection:
     vocab_size: int = attrs.field(default=256, validator=check(lambda v: v == 256, "accepted: 256 (byte-level tokenizer)"))
-    d_model: int = attrs.field(default=128, validator=positive_int)
-    n_layers: int = attrs.field(default=2, validator=positive_int)
-    n_heads: int = attrs.field(default=4, validator=positive_int)
-    n_future: int = attrs.field(default=4, validator=positive_int)
-    max_seq_len: int = attrs.field(default=256, validator=positive_int)
+    # Upper bounds far above any real model, below sizes whose tensors torch cannot even describe.
+    d_model: int = attrs.field(default=128, validator=int_range(1, 65536))
+    n_layers: int = attrs.field(default=2, validator=int_range(1, 1024))
+    n_heads: int = attrs.field(default=4, validator=int_range(1, 1024))
+    n_future: int = attrs.field(default=4, validator=int_range(1, 256))
+    max_seq_len: int = attrs.field(default=256, validator=int_range(1, 2**20))
     dropout: float = attrs.field(default=0.0, validator=check(lambda v: _num(v) and 0 <= v < 1,
                                                               "accepted: a number in [0, 1)"))
 

@@ -48,22 +48,26 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return ce
 
 
-def weighted_loss(ce: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The WMTP loss for given weights ``[B, K, T]``."""
+def weighted_loss(ce: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+                  epsilon: float = 1e-12) -> torch.Tensor:
+    """The WMTP loss for given weights ``[B, K, T]``; ``epsilon`` guards the denominator."""
     wm = weights.detach() * mask
     denom = wm.sum(dim=1)
     valid = denom > 0
     if not bool(valid.any()):
         return (ce * 0.0).sum()
-    per_pos = (wm * ce).sum(dim=1) / denom.clamp_min(1e-12)
+    per_pos = (wm * ce).sum(dim=1) / denom.clamp_min(max(epsilon, 1e-12))
     return per_pos[valid].mean()
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax over heads (dim 1) of ``scores / temperature``; masked heads get 0."""
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, temperature: float,
+                   max_weight: float | None = None) -> torch.Tensor:
+    """Softmax over heads (dim 1) of ``scores / temperature``; masked heads get 0; each weight
+    is capped at ``max_weight`` (``loss.max_weight``) when given."""
     x = (scores / temperature).masked_fill(~mask, float("-inf"))
     w = torch.softmax(x, dim=1)
-    return torch.where(mask, w, torch.zeros_like(w))
+    w = torch.where(mask, w, torch.zeros_like(w))
+    return w.clamp(max=max_weight) if max_weight is not None else w
 
 
 def head_metrics(ce: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -142,8 +146,11 @@ class Rho1WMTP(Algorithm):
     name = "rho1-wmtp"
 
     def __init__(self, reference: nn.Module, *, mode: str, min_ce_diff: float,
-                 skip_percentile: float, temperature: float) -> None:
+                 skip_percentile: float, temperature: float, max_weight: float | None = None,
+                 epsilon: float = 1e-8) -> None:
         self.reference = reference.eval().requires_grad_(False)
+        self.max_weight = max_weight
+        self.epsilon = epsilon
         self.mode = mode
         self.min_ce_diff = min_ce_diff
         self.skip_percentile = skip_percentile
@@ -160,7 +167,7 @@ class Rho1WMTP(Algorithm):
             excess = (ce.detach() - ref).abs() * (mask & ok)
             excess = torch.where(excess < self.min_ce_diff, torch.zeros_like(excess), excess)
             if self.mode == "weighted":
-                return masked_softmax(excess, mask, self.temperature)
+                return masked_softmax(excess, mask, self.temperature, self.max_weight)
             return self._skip(excess, mask)
 
     def _skip(self, excess: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -180,7 +187,7 @@ class Rho1WMTP(Algorithm):
         ce, mask = head_ce(model(ids), ids)
         w = self.weights(ce, mask, ids)
         metrics = {**head_metrics(ce.detach(), mask), **weight_metrics(w, mask)}
-        return weighted_loss(ce, mask, w), metrics
+        return weighted_loss(ce, mask, w, self.epsilon), metrics
 
 
 # --------------------------------------------------------------------------- critic
@@ -221,9 +228,12 @@ class CriticWMTP(Algorithm):
 
     name = "critic-wmtp"
 
-    def __init__(self, d_model: int, critic: Any, temperature: float, reward_model: nn.Module | None = None):
+    def __init__(self, d_model: int, critic: Any, temperature: float, reward_model: nn.Module | None = None,
+                 max_weight: float | None = None, epsilon: float = 1e-8):
         self.cfg = critic
         self.temperature = temperature
+        self.max_weight = max_weight
+        self.epsilon = epsilon
         self.value_head = ValueHead(d_model)
         self.reward_model = reward_model.eval().requires_grad_(False) if reward_model is not None else None
         self.pretrained = False
@@ -276,8 +286,8 @@ class CriticWMTP(Algorithm):
             prev = torch.cat([torch.zeros_like(vd[:, :1]), vd[:, :-1]], dim=1)
             delta = vd - self.cfg.discount_lambda * prev
             score, ok = shifted(delta, ce.shape[1], 1)
-            w = masked_softmax(score, mask & ok, self.temperature)
-        loss = weighted_loss(ce, mask, w) + self.cfg.auxiliary_loss_coef * vloss
+            w = masked_softmax(score, mask & ok, self.temperature, self.max_weight)
+        loss = weighted_loss(ce, mask, w, self.epsilon) + self.cfg.auxiliary_loss_coef * vloss
         metrics = {**head_metrics(ce.detach(), mask), **weight_metrics(w, mask),
                    "value_loss": float(vloss.detach())}
         return loss, metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any, Callable, Mapping
 
@@ -98,13 +99,15 @@ def build_algorithm(settings: Settings, pm: pluggy.PluginManager, d_model: int) 
         return Rho1WMTP(resolve_model(pm, ref, mlflow, "paths.models.ref"),
                         mode=recipe.rho1.selection_mode, min_ce_diff=recipe.rho1.min_ce_diff,
                         skip_percentile=recipe.rho1.skip_threshold_percentile,
-                        temperature=recipe.loss.weight_temperature)
+                        temperature=recipe.loss.weight_temperature,
+                        max_weight=recipe.loss.max_weight, epsilon=recipe.loss.epsilon)
     rm = cfg.paths.models.rm
     if rm is None and not recipe.critic.use_pseudo_rewards:
         raise TrainingError(f"{settings.config_source}: paths.models.rm is null and "
                             "critic.use_pseudo_rewards is false: give a reward model or allow pseudo-rewards")
     reward = resolve_model(pm, rm, mlflow, "paths.models.rm") if rm else None
-    return CriticWMTP(d_model, recipe.critic, recipe.loss.weight_temperature, reward)
+    return CriticWMTP(d_model, recipe.critic, recipe.loss.weight_temperature, reward,
+                      max_weight=recipe.loss.max_weight, epsilon=recipe.loss.epsilon)
 
 
 def load_documents(settings: Settings, sources: list[str]) -> list[bytes]:
@@ -145,6 +148,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg, recipe = self.settings.config, self.settings.recipe
         torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
         self.device = choose_device(cfg.devices.compute_backend)
         self.amp = autocast_dtype(cfg.devices.mixed_precision, self.device)
         self.model_cfg = model_config(self.settings)
