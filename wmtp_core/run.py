@@ -19,6 +19,7 @@ from wmtp_core.config import ConfigError, Settings, load_settings
 from wmtp_core.config.bindings import bindings_for, required_roles, resume_base
 from wmtp_core.engine.data import DataError
 from wmtp_core.engine.errors import TrainingError
+from wmtp_core.engine.trainer import autocast_dtype, check_source, choose_device
 from wmtp_core.events import RunEnded, RunInfo, RunStarted, SinkContext
 from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.roles import BindingError, Role, validate
@@ -104,8 +105,13 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
         mcfg = model_config(settings)
     except ValueError as e:
         raise ConfigError(f"{settings.recipe_source}: {e}") from None
+    devices = settings.config.devices
+    autocast_dtype(devices.mixed_precision, choose_device(devices.compute_backend))
     for split in ("train", "eval"):
         data = getattr(settings.recipe.data, split)
+        if data is not None:
+            for source in data.sources:
+                check_source(settings, source, f"data.{split}.sources")
         if data is not None and data.max_length > mcfg.max_seq_len:
             raise ConfigError(
                 f"{settings.recipe_source}: data.{split}.max_length: {data.max_length} is not accepted; "

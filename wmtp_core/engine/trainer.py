@@ -110,20 +110,22 @@ def build_algorithm(settings: Settings, pm: pluggy.PluginManager, d_model: int) 
                       max_weight=recipe.loss.max_weight, epsilon=recipe.loss.epsilon)
 
 
+def check_source(settings: Settings, name: str, key: str = "data.train.sources") -> None:
+    datasets = settings.config.paths.datasets
+    if name not in datasets and name != data_mod.STDLIB:
+        raise TrainingError(
+            f"{key}: data source {name!r} is neither built in ({data_mod.STDLIB!r}) nor a key of "
+            f"paths.datasets (defined: {', '.join(sorted(datasets)) or 'none'})"
+        )
+
+
 def load_documents(settings: Settings, sources: list[str]) -> list[bytes]:
     docs: list[bytes] = []
     datasets = settings.config.paths.datasets
     for name in sources:
-        if name in datasets:
-            url = datasets[name]
-            docs += data_mod.stdlib_documents() if url == data_mod.STDLIB else data_mod.url_documents(url)
-        elif name == data_mod.STDLIB:
-            docs += data_mod.stdlib_documents()
-        else:
-            raise TrainingError(
-                f"data source {name!r} is neither built in ({data_mod.STDLIB!r}) nor a key of "
-                f"paths.datasets (defined: {', '.join(sorted(datasets)) or 'none'})"
-            )
+        check_source(settings, name)
+        url = datasets.get(name, data_mod.STDLIB)
+        docs += data_mod.stdlib_documents() if url == data_mod.STDLIB else data_mod.url_documents(url)
     return docs
 
 
@@ -254,10 +256,12 @@ class Trainer:
             self.pm.hook.wmtp_step_ended(event=StepEnded(run=self.run, step=self.step, metrics=metrics))
             self.on_step(self.step, metrics)
             out.metrics = metrics
-            if ckpt.save_interval and self.step % ckpt.save_interval == 0:
-                self.save_resume(metrics)
+            # decide before saving, so the saved state already holds this step's verdict
             if "eval_loss" in metrics and self._should_stop(metrics):
                 self.stopped_early = True
+            if ckpt.save_interval and self.step % ckpt.save_interval == 0:
+                self.save_resume(metrics)
+            if self.stopped_early:
                 out.status = "stopped_early"
                 out.reason = (f"early stopping: {recipe.train.early_stopping.monitor} did not improve "
                               f"by {recipe.train.early_stopping.min_delta} for {self.bad_evals} evaluations "

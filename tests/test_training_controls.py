@@ -1,0 +1,127 @@
+"""Training controls: early stopping, epochs, devices, mixed precision, data sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tree
+from wmtp_core.config.schema import Optim
+from wmtp_core.engine.optim import Schedule
+from wmtp_core.run import EXIT_USAGE, main
+
+MODEL = "model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32}\n"
+
+
+def setup(tmp: Path, recipe: str, config: str = "") -> list[str]:
+    (tmp / "c.yaml").write_text(
+        f"seed: 5\nlog_interval: 2\nmlflow: null\npaths:\n"
+        f"  checkpoints: {{base_path: 'file://{tmp}/ck', save_interval: 2, keep_last: 3}}\n{config}")
+    (tmp / "r.yaml").write_text(recipe + MODEL)
+    return ["--config", str(tmp / "c.yaml"), "--recipe", str(tmp / "r.yaml")]
+
+
+def losses(tmp: Path, run: str) -> list[float]:
+    steps = sorted((tmp / "ck" / run).glob("step_*"), key=lambda p: int(p.name[5:]))
+    return torch.load(steps[-1] / "trainer.pt", weights_only=True)["losses"]
+
+
+EARLY = """
+train:
+  max_steps: null
+  num_epochs: 3
+  early_stopping: {enabled: true, patience: 2, min_delta: 100.0, monitor: eval_loss, mode: min}
+data:
+  train: {sources: [stdlib], max_length: 32, batch_size: 4}
+"""
+
+
+def test_early_stopping_ends_the_whole_run_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = setup(tmp_path, EARLY)
+    assert main([*args, "--run-name", "es"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped_early at step 6" in out
+    assert "early stopping: eval_loss did not improve by 100.0 for 2 evaluations" in out
+    assert len(losses(tmp_path, "es")) == 6
+    assert (tmp_path / "ck" / "es" / "final" / "manifest.json").exists()
+
+    # resuming a run that stopped early does not train on, nor store its final model twice
+    assert main([*args, "--run-name", "es", "--resume", "latest"]) == 0
+    cap = capsys.readouterr()
+    assert "early stopping had already ended this run" in cap.out
+    assert "already stored" in cap.err
+    assert sorted(p.name for p in (tmp_path / "ck" / "es").iterdir()) == ["final", "step_2", "step_4", "step_6"]
+    assert len(losses(tmp_path, "es")) == 6
+
+
+def test_num_epochs_bounds_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": "x" * 40 + str(i) * 30}) for i in range(10)))
+    args = setup(tmp_path, "train: {max_steps: null, num_epochs: 2}\n"
+                 "data:\n  train: {sources: [tiny], max_length: 32, batch_size: 4, pack_sequences: false}\n",
+                 config=f"  datasets: {{tiny: 'file://{corpus}'}}\n")
+    assert main([*args, "--run-name", "ep"]) == 0
+    # 10 documents of 70 bytes -> 2 windows each; 5% held out -> 19 train windows -> 4 batches/epoch
+    assert len(losses(tmp_path, "ep")) == 8
+
+
+def test_jsonl_record_without_text_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    args = setup(tmp_path, "data:\n  train: {sources: [bad], max_length: 32, batch_size: 1}\n",
+                 config=f"  datasets: {{bad: 'file://{corpus}'}}\n")
+    assert main(args) == EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert "bad.jsonl line 2 is not a JSON object with a 'text' string field" in err
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").rglob("manifest.json"))
+
+
+def test_unknown_data_source_names_the_defined_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = setup(tmp_path, "data:\n  train: {sources: [wiki], max_length: 32}\n",
+                 config="  datasets: {books: 'file:///nowhere'}\n")
+    assert main([*args, "--dry-run"]) == EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert "data source 'wiki' is neither built in ('stdlib') nor a key of paths.datasets (defined: books)" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_is_refused_with_the_reason_on_a_machine_without_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = setup(tmp_path, "train: {max_steps: 2}\ndata:\n  train: {max_length: 32}\n",
+                 config="devices: {compute_backend: cuda}\n")
+    before = tree(tmp_path)
+    assert main(args) == EXIT_USAGE
+    assert "devices.compute_backend: 'cuda' was asked for but this machine has no usable CUDA device" in \
+        " ".join(capsys.readouterr().err.split())
+    assert tree(tmp_path) == before
+
+
+def test_fp16_on_cpu_is_refused_and_bf16_is_honoured(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = setup(tmp_path, "train: {max_steps: 2}\n"
+                 "data:\n  train: {sources: [stdlib], max_length: 32, batch_size: 2}\n",
+                 config="devices: {compute_backend: cpu, mixed_precision: fp16}\n")
+    assert main(args) == EXIT_USAGE
+    assert "'fp16' needs a CUDA device" in " ".join(capsys.readouterr().err.split())
+    args = setup(tmp_path, "train: {max_steps: 2}\n"
+                 "data:\n  train: {sources: [stdlib], max_length: 32, batch_size: 2}\n",
+                 config="devices: {compute_backend: auto, mixed_precision: bf16}\n")
+    assert main([*args, "--run-name", "bf"]) == 0
+    assert all(map(lambda x: x == x, losses(tmp_path, "bf")))
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_schedules_warm_up_then_decay_to_a_tenth(kind):
+    s = Schedule(kind, total_steps=100, warmup_ratio=0.1)
+    assert s(0) < s(5) < s(9) <= 1.0
+    assert s(10) == pytest.approx(1.0)
+    end = s(100)
+    assert end == pytest.approx(1.0 if kind == "constant" else 0.1)
+    assert Optim().scheduler == "cosine"
