@@ -53,7 +53,7 @@ CASES = {
     "unknown sink": (
         "storage:\n  resume: {sink: tape}\n",
         ["storage.resume.sink: sink 'tape' for role 'resume' is not installed",
-         "installed sinks: local (final, resume); mlflow_registry (final)"],
+         "installed sinks: local (final, resume); mlflow_registry (final); s3 (resume)"],
     ),
     "sink bound to a role it does not declare": (
         "storage:\n  resume: {sink: mlflow_registry}\n",

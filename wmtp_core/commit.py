@@ -145,10 +145,15 @@ class CheckpointStore:
         for fname, writer in files.items():
             if fname == MANIFEST or "/" in fname or fname.startswith("."):
                 raise CheckpointError(f"file name {fname!r} is reserved or not allowed")
-            with self.fs.open(posixpath.join(path, fname), "wb") as f:
+            fpath = posixpath.join(path, fname)
+            with self.fs.open(fpath, "wb") as f:
                 hw = HashingWriter(f)
                 writer(hw)
                 _fsync(f)
+            # Object-store writers have dropped buffered bytes silently before: check what landed.
+            landed = self.fs.size(fpath)
+            if landed != hw.size:
+                raise CheckpointError(f"{self.uri(fpath)}: wrote {hw.size} bytes but {landed} landed")
             entries.append(FileEntry(path=fname, size=hw.size, sha256=hw.sha.hexdigest()))
         manifest = Manifest(
             run=run,

@@ -1,0 +1,36 @@
+"""S3 sink: resume state as objects in any S3-compatible store, through s3fs.
+
+Endpoint and credentials follow the AWS conventions (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``) or come from
+``storage.resume.options`` (s3fs storage options such as ``endpoint_url``, ``key``,
+``secret``, ``profile``). They never reach logs, manifests or MLflow params. Large files go up
+as multipart uploads (s3fs streams parts of ``block_size`` bytes, 64 MiB by default here).
+"""
+
+from wmtp_core import Role, SinkSpec, hookimpl
+from wmtp_core.filesink import FileSink
+
+BLOCK_SIZE = 64 << 20
+
+
+class S3Sink(FileSink):
+    name = "s3"
+
+    def __init__(self, context, **kwargs):
+        options = dict(context.options)
+        options.setdefault("default_block_size", BLOCK_SIZE)
+        super().__init__(context.__class__(
+            role=context.role, run=context.run, base_path=context.base_path, options=options,
+            mlflow=context.mlflow,
+        ), **kwargs)
+
+
+@hookimpl
+def wmtp_register_sinks(register):
+    register(SinkSpec(
+        name="s3",
+        roles={Role.RESUME},
+        factory=S3Sink,
+        protocols=("s3", "s3a"),
+        description="objects in any S3-compatible store via s3fs (multipart for large files)",
+    ))
