@@ -122,3 +122,54 @@ def s3_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys += [o["Key"] for o in page.get("Contents", [])]
     return sorted(keys)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """An ``mlflow server`` process on loopback: sqlite backend, artifacts proxied to S3."""
+
+    def __init__(self, workdir: Path, artifacts: str, port: int | None = None):
+        self.workdir, self.artifacts = workdir, artifacts
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        import urllib.request
+
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        self.log = open(self.workdir / f"mlflow-server-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.workdir / 'server.db'}",
+             "--artifacts-destination", self.artifacts, "--workers", "1"],
+            cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.workdir / self.log.name).read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("mlflow server did not answer /health")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

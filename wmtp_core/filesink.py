@@ -87,7 +87,7 @@ class FileSink:
 
     def stored_final(self, run) -> str | None:
         """The URI of this run's committed final model, if there is one."""
-        path = self.store_.path_of(self.run, FINAL_DIR)
+        path = self.store_.path_of(run.name, FINAL_DIR)
         try:
             self.store_.read_manifest(path)
         except CheckpointError:

@@ -209,10 +209,13 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
         try:
             router.close()
         finally:
-            pm.hook.wmtp_run_ended(event=RunEnded(
-                run=run, status=status, last_step=trainer.step, reason=reason,
-                metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
-            ))
+            try:
+                pm.hook.wmtp_run_ended(event=RunEnded(
+                    run=run, status=status, last_step=trainer.step, reason=reason,
+                    metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
+                ))
+            except Exception as e:  # an observer's failure must not mask the run's outcome
+                log.warning("a plugin failed in wmtp_run_ended: %s: %s", type(e).__name__, e)
     elapsed = time.perf_counter() - t0
     locations = {role: router.sink(role).location() for role in required}
     out.print("\n".join(report.summary_lines(router.receipts, router.deleted, locations)),

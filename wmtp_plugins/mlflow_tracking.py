@@ -6,6 +6,7 @@ It owns the MLflow run of a WMTP run: started at ``wmtp_run_started``, ended at
 
 from __future__ import annotations
 
+import logging
 import time
 
 from wmtp_core import hookimpl
@@ -13,6 +14,8 @@ from wmtp_plugins._mlflow import configure
 
 FLUSH_EVERY = 50
 MAX_PARAM = 6000
+MAX_BUFFER = 200_000
+log = logging.getLogger("wmtp.tracking")
 
 
 class MlflowTracking:
@@ -59,12 +62,13 @@ class MlflowTracking:
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, event.step) for k, v in event.metrics.items())
         if len(self._buffer) >= FLUSH_EVERY * max(1, len(event.metrics)):
-            self._flush()
+            self._safely("log metrics", self._flush)
 
     @hookimpl
     def wmtp_checkpoint_committed(self, receipt):
         if self.run_id is not None and receipt.role.value == "resume":
-            self.client.set_tag(self.run_id, "wmtp.latest_resume", receipt.uri)
+            self._safely("tag the latest resume checkpoint",
+                         self.client.set_tag, self.run_id, "wmtp.latest_resume", receipt.uri)
 
     @hookimpl
     def wmtp_run_ended(self, event):
@@ -73,18 +77,21 @@ class MlflowTracking:
         import mlflow
 
         try:
-            self._flush()
-            self.client.set_tag(self.run_id, "wmtp.status", event.status)
+            self._safely("log metrics", self._flush)
+            self._safely("tag the run status", self.client.set_tag, self.run_id, "wmtp.status", event.status)
             if event.reason:
-                self.client.set_tag(self.run_id, "wmtp.reason", event.reason[:5000])
+                self._safely("tag the run", self.client.set_tag, self.run_id, "wmtp.reason", event.reason[:5000])
         finally:
             status = "FAILED" if event.status == "failed" else "FINISHED"
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self.run_id:
-                mlflow.end_run(status=status)
+                self._safely("end the MLflow run", mlflow.end_run, status=status)
             else:
-                self.client.set_terminated(self.run_id, status=status)
+                self._safely("end the MLflow run", self.client.set_terminated, self.run_id, status=status)
+            if self._buffer:
+                log.warning("tracking: %d metric values could not be logged to MLflow", len(self._buffer))
             self.run_id = None
+            self._buffer = []
 
     @staticmethod
     def _previous_run(run) -> str | None:
@@ -97,9 +104,21 @@ class MlflowTracking:
         return found[0].info.run_id if found else None
 
     def _flush(self) -> None:
-        buf, self._buffer = self._buffer, []
-        for i in range(0, len(buf), 1000):
-            self.client.log_batch(self.run_id, metrics=buf[i:i + 1000])
+        while self._buffer:
+            self.client.log_batch(self.run_id, metrics=self._buffer[:1000])
+            del self._buffer[:1000]
+
+    def _safely(self, what: str, fn, *args, **kwargs):
+        """Tracking is an observer: an unreachable server must not stop training or lose the
+        checkpoints, but it is never silent. Unlogged metrics stay buffered for the next try."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # MLflow and HTTP errors alike
+            if len(self._buffer) > MAX_BUFFER:
+                del self._buffer[: len(self._buffer) - MAX_BUFFER]
+            log.warning("tracking: could not %s in MLflow run %s: %s", what, self.run_id,
+                        str(e).splitlines()[0][:300])
+            return None
 
 
 plugin = MlflowTracking()
