@@ -1,0 +1,394 @@
+"""The sink contract: tests every sink must pass, shipped for plugin authors.
+
+Subclass :class:`SinkContract` in a pytest file of your own package and say how to build your
+sink; pytest then runs every ``test_*`` method below against it::
+
+    # tests/test_contract.py
+    from wmtp_core import Role
+    from wmtp_core.testing import SinkContract
+
+    import mypkg
+
+
+    class TestMySink(SinkContract):
+        sink_name = "mysink"                 # the name your SinkSpec registers
+        roles = (Role.RESUME, Role.FINAL)    # the roles your SinkSpec declares
+        plugin = mypkg                       # optional: checks the registered SinkSpec too
+
+        def make_sink(self, context):
+            return mypkg.MySink(context)
+
+        def base_path(self, tmp_path):       # optional; default: a folder under tmp_path
+            return f"file://{tmp_path}/store"
+
+The class name must start with ``Test`` so pytest collects it; ``SinkContract`` itself does not,
+so importing it collects nothing. Checks that do not apply to your sink are skipped with the
+reason (for example the resume checks, for a sink that serves only the final role).
+
+What is checked, for each role the sink declares:
+
+- ``store(event=, payload=)`` returns a :class:`wmtp_core.Receipt` with the role, step, run and
+  sink name of the event, and ``nbytes > 0``;
+- resume: ``committed()`` lists exactly the stored steps, oldest first (step 10 after step 6),
+  under the URIs the receipts gave, with manifests whose run, step, role and lineage match; a
+  final model stored in the same run is not listed;
+- resume: ``load(uri)`` returns the parts as stored (``torch.equal`` for every tensor);
+- resume, file-like sinks (a ``store_`` :class:`~wmtp_core.commit.CheckpointStore` attribute): a
+  flipped byte in a stored file makes ``load()`` raise
+  :class:`~wmtp_core.commit.CheckpointError` naming the file, and a step directory without a
+  manifest (staging) is never listed;
+- resume: ``delete(uri)`` removes the checkpoint from ``committed()``;
+- ``location()`` and the receipts contain no credential: no value of a storage option whose key
+  looks secret (key, secret, token, password);
+- final: a final payload (weights, module, example input, architecture) is stored, and
+  ``stored_final(run)``, if the sink has it, returns ``None`` before and the receipt's URI after;
+- through a :class:`wmtp_core.router.Router` whose catalog holds only this sink, ``store()`` is
+  called exactly once per emit, with keyword arguments.
+
+The tensors are small but real: a one-layer :class:`~wmtp_core.engine.model.MTPModel`, an AdamW
+state after one step, and trainer state with an RNG stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import attrs
+import pytest
+import torch
+
+from wmtp_core.commit import CheckpointError, CheckpointStore, step_dirname
+from wmtp_core.engine.model import ModelConfig, MTPModel
+from wmtp_core.engine.state import tensor_bytes
+from wmtp_core.events import CheckpointEmitted, Manifest, Payload, Receipt, RunInfo, SinkContext
+from wmtp_core.plugins import build_catalog, make_plugin_manager
+from wmtp_core.roles import Bindings, Catalog, Role, SinkBinding, SinkSpec
+from wmtp_core.router import Router
+
+TINY = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_future=2, max_seq_len=16)
+"""The architecture of every model the contract stores."""
+
+SECRET_KEY = re.compile(r"key|secret|token|password", re.IGNORECASE)
+"""Storage option names whose values are credentials and must never be shown."""
+
+__all__ = ["SECRET_KEY", "TINY", "SinkContract", "assert_same", "final_payload",
+           "resume_payload"]
+
+
+# -- payloads -------------------------------------------------------------------------------
+def tiny_model(seed: int) -> MTPModel:
+    """A :data:`TINY` model whose weights depend on ``seed`` (so two steps differ)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MTPModel(TINY)
+
+
+def resume_payload(step: int) -> Payload:
+    """The three parts the engine stores for the resume role, made real at ``step``."""
+    model = tiny_model(step)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for i, p in enumerate(model.parameters()):  # gradients without autograd: quick and fixed
+        p.grad = torch.full_like(p, 0.01 * (i + step))
+    optimizer.step()
+    trainer = {
+        "step": step,
+        "rng": {"torch": torch.random.get_rng_state()},
+        "data": {"epoch": 0, "index": 4 * step, "seed": 7},
+        "early_stopping": {"best": None, "bad_evals": 0},
+        "algo": {},
+    }
+    return Payload(parts={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "trainer": trainer})
+
+
+def final_payload(step: int) -> Payload:
+    """What the engine hands the final sink: the weights, the module, an input, the architecture."""
+    model = tiny_model(step).eval()
+    return Payload(parts={"model": model.state_dict()}, model=model,
+                   example_input=torch.arange(16).view(2, 8) % TINY.vocab_size,
+                   model_config=attrs.asdict(TINY))
+
+
+def payload_for(role: Role, step: int) -> Payload:
+    return final_payload(step) if role is Role.FINAL else resume_payload(step)
+
+
+def event_for(run: RunInfo, role: Role, step: int, payload: Payload) -> CheckpointEmitted:
+    """The event the router would emit for ``payload``."""
+    return CheckpointEmitted(run=run, role=role, step=step, parts=tuple(payload.parts),
+                             nbytes=tensor_bytes(payload.parts), metrics={"loss": 1.0 / step})
+
+
+def assert_same(expected: Any, actual: Any, where: str = "parts") -> None:
+    """Structural equality, ``torch.equal`` (and the same dtype) for tensors."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: expected a tensor, got {type(actual).__name__}"
+        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+        assert torch.equal(actual, expected), f"{where}: the tensor differs from what was stored"
+    elif isinstance(expected, Mapping):
+        assert isinstance(actual, Mapping), f"{where}: expected a mapping, got {type(actual).__name__}"
+        assert set(actual) == set(expected), (
+            f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}")
+        for k in expected:
+            assert_same(expected[k], actual[k], f"{where}[{k!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), (
+            f"{where}: expected a sequence of {len(expected)}, got {actual!r}")
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+            assert_same(e, a, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+# -- the contract ---------------------------------------------------------------------------
+class SinkContract:
+    """Subclass as ``class TestMySink(SinkContract)`` and override :meth:`make_sink`.
+
+    Override :meth:`base_path`, :meth:`storage_options` or :meth:`make_context` when your sink
+    needs a particular location, credentials or MLflow settings.
+    """
+
+    sink_name: str = ""
+    """The name the sink is registered under (``SinkSpec.name``); receipts must carry it."""
+    roles: tuple[Role, ...] = ()
+    """The roles the sink declares (``SinkSpec.roles``)."""
+    plugin: Any = None
+    """Optional: the plugin module or object; if set, its registered SinkSpec is checked too."""
+
+    # -- what a plugin author provides ---------------------------------------------------
+    def make_sink(self, context: SinkContext) -> Any:
+        """Build the sink under test, as its ``SinkSpec.factory`` would."""
+        raise NotImplementedError(f"{type(self).__name__} must override make_sink(self, context)")
+
+    def base_path(self, tmp_path: Path) -> str:
+        """The base URL the sink stores under. Each test uses its own run name below it."""
+        return f"file://{tmp_path}/sink"
+
+    def storage_options(self, tmp_path: Path) -> dict[str, Any]:
+        """``SinkContext.options``. The default plants a fake token, which fsspec filesystems
+        accept, so :meth:`test_location_has_no_credential` has a credential to look for."""
+        return {"token": "wmtp-contract-fake-token-5f1d"}
+
+    def make_context(self, tmp_path: Path, role: Role, run: RunInfo) -> SinkContext:
+        """The context the sink factory gets for ``role`` of ``run``."""
+        return SinkContext(role=role, run=run, base_path=self.base_path(tmp_path),
+                           options=self.storage_options(tmp_path))
+
+    # -- helpers -------------------------------------------------------------------------
+    def run_info(self) -> RunInfo:
+        """A run of its own per test, so a shared remote base path never mixes two tests."""
+        return RunInfo(name=f"contract-{uuid.uuid4().hex[:10]}", algo="baseline-mtp",
+                       lineage=uuid.uuid4().hex)
+
+    def declared(self) -> tuple[Role, ...]:
+        if not self.sink_name or not self.roles:
+            raise TypeError(f"{type(self).__name__} must set sink_name and roles, "
+                            "e.g. sink_name = 'mysink'; roles = (Role.RESUME,)")
+        return tuple(Role(r) for r in self.roles)
+
+    def require(self, role: Role) -> None:
+        if role not in self.declared():
+            pytest.skip(f"{self.sink_name} does not serve the {role.value} role")
+
+    @contextlib.contextmanager
+    def opened(self, tmp_path: Path, role: Role, run: RunInfo) -> Iterator[Any]:
+        """The sink for ``role`` of ``run``, closed afterwards as the router would."""
+        sink = self.make_sink(self.make_context(tmp_path, role, run))
+        try:
+            yield sink
+        finally:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
+    def store(self, sink: Any, run: RunInfo, role: Role, step: int) -> tuple[Payload, Receipt]:
+        payload = payload_for(role, step)
+        receipt = sink.store(event=event_for(run, role, step, payload), payload=payload)
+        return payload, receipt
+
+    def checkpoint_store(self, sink: Any) -> CheckpointStore:
+        """The sink's :class:`CheckpointStore`; skips the test for sinks that are not file-like."""
+        store = getattr(sink, "store_", None)
+        if not isinstance(store, CheckpointStore):
+            pytest.skip(f"{self.sink_name} has no store_ CheckpointStore: not a file-like sink, "
+                        "so its files cannot be reached to corrupt or stage")
+        return store
+
+    # -- the checks ----------------------------------------------------------------------
+    def test_plugin_registers_the_declared_roles(self):
+        """The plugin's SinkSpec has the name and roles this test class says."""
+        if self.plugin is None:
+            pytest.skip("set plugin = <your plugin module> to check its registered SinkSpec")
+        pm = make_plugin_manager(entry_points=False)
+        pm.register(self.plugin, name=f"contract-{self.sink_name}")
+        spec = build_catalog(pm).sinks.get(self.sink_name)
+        assert spec is not None, f"the plugin registers no sink named {self.sink_name!r}"
+        assert spec.roles == frozenset(self.declared()), (
+            f"the plugin declares {sorted(r.value for r in spec.roles)}, "
+            f"the test class {sorted(r.value for r in self.declared())}")
+
+    def test_store_returns_a_receipt(self, tmp_path: Path):
+        run = self.run_info()
+        for step, role in enumerate(self.declared(), start=3):
+            with self.opened(tmp_path, role, run) as sink:
+                _, receipt = self.store(sink, run, role, step)
+            assert isinstance(receipt, Receipt), f"store() returned {receipt!r}, not a wmtp_core.Receipt"
+            assert receipt.role is role, f"receipt.role is {receipt.role!r}, stored {role!r}"
+            assert receipt.step == step, f"receipt.step is {receipt.step}, stored {step}"
+            assert receipt.run == run.name, f"receipt.run is {receipt.run!r}, not {run.name!r}"
+            assert receipt.sink == self.sink_name, f"receipt.sink is {receipt.sink!r}, not {self.sink_name!r}"
+            assert isinstance(receipt.uri, str) and receipt.uri, f"receipt.uri is {receipt.uri!r}"
+            assert receipt.nbytes > 0, f"receipt.nbytes is {receipt.nbytes}"
+
+    def test_committed_lists_stored_steps_oldest_first(self, tmp_path: Path):
+        self.require(Role.RESUME)
+        run = self.run_info()
+        if Role.FINAL in self.declared():  # a final model in the same run is not a resume point
+            with self.opened(tmp_path, Role.FINAL, run) as final:
+                self.store(final, run, Role.FINAL, 10)
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            assert list(sink.committed()) == [], "committed() of a run that stored nothing"
+            uris = {step: self.store(sink, run, Role.RESUME, step)[1].uri for step in (2, 10, 6)}
+            committed = list(sink.committed())
+        steps = [m.step for _, m in committed]
+        assert steps == [2, 6, 10], f"committed() lists steps {steps}, expected [2, 6, 10]"
+        for uri, manifest in committed:
+            assert isinstance(manifest, Manifest), f"committed() gave {manifest!r}, not a Manifest"
+            assert uri == uris[manifest.step], (
+                f"committed() lists step {manifest.step} as {uri!r}, store() returned "
+                f"{uris[manifest.step]!r}; retention and --resume compare these strings")
+            assert (manifest.run, manifest.role, manifest.lineage) == (run.name, Role.RESUME, run.lineage), (
+                f"manifest of step {manifest.step}: run {manifest.run!r}, role {manifest.role!r}, "
+                f"lineage {manifest.lineage!r}")
+
+    def test_load_returns_what_was_stored(self, tmp_path: Path):
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            payload, receipt = self.store(sink, run, Role.RESUME, 4)
+            manifest, parts = sink.load(receipt.uri)
+        assert manifest.step == 4 and manifest.lineage == run.lineage, f"load() gave {manifest!r}"
+        assert_same(dict(payload.parts), dict(parts))
+
+    def test_load_refuses_a_flipped_byte(self, tmp_path: Path):
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            store = self.checkpoint_store(sink)
+            _, receipt = self.store(sink, run, Role.RESUME, 4)
+            (_, manifest), = sink.committed()
+            entry = max(manifest.files, key=lambda f: f.size)
+            path = posixpath.join(type(store.fs)._strip_protocol(receipt.uri), entry.path)
+            data = bytearray(store.fs.cat_file(path))
+            data[len(data) // 2] ^= 0xFF
+            store.fs.pipe_file(path, bytes(data))
+            with pytest.raises(CheckpointError) as err:
+                sink.load(receipt.uri)
+        assert entry.path in str(err.value), f"the error does not name {entry.path}: {err.value}"
+
+    def test_delete_removes_from_committed(self, tmp_path: Path):
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            old = self.store(sink, run, Role.RESUME, 2)[1].uri
+            new = self.store(sink, run, Role.RESUME, 4)[1].uri
+            sink.delete(old)
+            left = [uri for uri, _ in sink.committed()]
+            assert left == [new], f"after delete({old!r}) committed() lists {left}"
+            with pytest.raises(CheckpointError):
+                sink.load(old)
+
+    def test_staging_is_never_listed(self, tmp_path: Path):
+        """A step directory without a manifest (a crashed save) is invisible, and a later save
+        of the same step replaces it."""
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            store = self.checkpoint_store(sink)
+            self.store(sink, run, Role.RESUME, 2)
+            staging = store.path_of(run.name, step_dirname(8))
+            store.fs.makedirs(staging, exist_ok=True)
+            store.fs.pipe_file(posixpath.join(staging, "model.pt"), b"half a checkpoint")
+            steps = [m.step for _, m in sink.committed()]
+            assert steps == [2], f"with staging at step 8, committed() lists steps {steps}"
+            payload, receipt = self.store(sink, run, Role.RESUME, 8)
+            assert [m.step for _, m in sink.committed()] == [2, 8]
+            assert_same(dict(payload.parts), dict(sink.load(receipt.uri)[1]))
+
+    def test_location_has_no_credential(self, tmp_path: Path):
+        secrets = {k: str(v) for k, v in self.storage_options(tmp_path).items()
+                   if SECRET_KEY.search(k) and v not in (None, "")}
+        if not secrets:
+            pytest.skip("storage_options() holds no credential-looking option to look for")
+        run = self.run_info()
+        for step, role in enumerate(self.declared(), start=1):
+            with self.opened(tmp_path, role, run) as sink:
+                _, receipt = self.store(sink, run, role, step)
+                shown = {"location()": sink.location(), "receipt": repr(receipt)}
+            for what, text in shown.items():
+                assert isinstance(text, str) and text
+                for key, value in secrets.items():
+                    assert value not in text, f"{what} shows the value of storage option {key!r}: {text}"
+
+    def test_final_model_is_stored_once_and_found(self, tmp_path: Path):
+        self.require(Role.FINAL)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.FINAL, run) as sink:
+            find = getattr(sink, "stored_final", None)
+            if find is not None:
+                assert find(run) is None, "stored_final() names a model before any was stored"
+            _, receipt = self.store(sink, run, Role.FINAL, 6)
+            assert receipt.role is Role.FINAL and receipt.step == 6
+            store = getattr(sink, "store_", None)
+            if isinstance(store, CheckpointStore):  # file-like: the receipt names a committed directory
+                manifest = store.verify(type(store.fs)._strip_protocol(receipt.uri))
+                assert (manifest.role, manifest.step, manifest.run) == (Role.FINAL, 6, run.name)
+            if find is None:
+                pytest.skip(f"{self.sink_name} has no stored_final(run): a resumed run that had "
+                            "finished cannot tell that its final model is already stored")
+            assert find(run) == receipt.uri, f"stored_final() gives {find(run)!r}, stored at {receipt.uri!r}"
+
+    def test_router_calls_store_once_per_emit(self, tmp_path: Path):
+        run = self.run_info()
+        calls: list[dict[str, Any]] = []
+
+        class Counting:
+            """Forwards to the sink under test, counting store() calls."""
+
+            def __init__(self, sink: Any) -> None:
+                self.sink = sink
+
+            def store(self, *args, **kwargs):
+                assert not args, "the router calls store() with keyword arguments only"
+                calls.append(kwargs)
+                return self.sink.store(**kwargs)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.sink, name)
+
+        catalog = Catalog()
+        catalog.add_sink(SinkSpec(name=self.sink_name, roles=self.declared(),
+                                  factory=lambda context: Counting(self.make_sink(context))))
+        bindings = Bindings(sinks=[SinkBinding(role=r, sink=self.sink_name) for r in self.declared()])
+        router = Router(make_plugin_manager(entry_points=False), catalog, bindings, run,
+                        required=frozenset(self.declared()),
+                        context=lambda role, options: self.make_context(tmp_path, role, run))
+        router.open()
+        try:
+            emits = [(r, s) for r in self.declared() for s in ((2, 4) if r is Role.RESUME else (4,))]
+            for n, (role, step) in enumerate(emits, start=1):
+                payload = payload_for(role, step)
+                receipt = router.emit(role, step=step, payload=payload,
+                                      nbytes=tensor_bytes(payload.parts))
+                assert len(calls) == n, (
+                    f"after emit #{n} ({role.value}, step {step}): {len(calls)} store() calls")
+                assert set(calls[-1]) == {"event", "payload"}
+                assert calls[-1]["payload"] is payload
+                assert receipt.role is role and receipt.step == step
+        finally:
+            router.close()
