@@ -8,23 +8,34 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from typing import Any, BinaryIO, Mapping
 
 import torch
 
 from wmtp_core.commit import CheckpointError, CheckpointStore, step_dirname
+from wmtp_core.engine.state import tensor_bytes
 from wmtp_core.events import CheckpointEmitted, Manifest, Payload, Receipt, SinkContext
 from wmtp_core.roles import Role
 
 FINAL_DIR = "final"
 
 
-def torch_writer(obj: Any):
-    def write(stream: BinaryIO) -> None:
-        torch.save(obj, stream)
+class torch_writer:
+    """Serialise ``obj`` with torch.save: into a stream, or straight to a local path."""
 
-    return write
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self, stream: BinaryIO) -> None:
+        torch.save(self.obj, stream)
+
+    def save_to_path(self, path: str) -> None:
+        with open(path, "wb") as f:
+            torch.save(self.obj, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def json_writer(obj: Any):
@@ -34,9 +45,12 @@ def json_writer(obj: Any):
     return write
 
 
-def load_part(data: bytes) -> Any:
-    """Deserialise one verified part. Checkpoints are untrusted: no arbitrary pickle."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def load_part(source: str | bytes) -> Any:
+    """Deserialise one verified part: a local path (memory-mapped, copy-on-write) or bytes.
+    Checkpoints are untrusted: ``weights_only``, never arbitrary pickle."""
+    if isinstance(source, str):
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
 
 
 class FileSink:
@@ -63,7 +77,9 @@ class FileSink:
             files["model_config.json"] = json_writer(dict(payload.model_config))
         else:
             name = step_dirname(event.step)
-            files = {f"{part}.pt": torch_writer(obj) for part, obj in payload.parts.items()}
+            # largest first: each file is hashed while the next ones are written
+            order = sorted(payload.parts.items(), key=lambda kv: -tensor_bytes(kv[1]))
+            files = {f"{part}.pt": torch_writer(obj) for part, obj in order}
         manifest = self.store_.write(
             self.run,
             name,
@@ -103,11 +119,14 @@ class FileSink:
 
     def load(self, uri: str) -> tuple[Manifest, dict[str, Any]]:
         """Verify every file against the manifest, then deserialise the parts."""
-        manifest, blobs = self.store_.read_verified(self._path(uri))
-        parts = {
-            name.removesuffix(".pt"): load_part(data)
-            for name, data in blobs.items() if name.endswith(".pt")
-        }
+        manifest, pending = self.store_.verify_async(self._path(uri))
+        try:
+            # each part is deserialised as soon as its own bytes verified
+            parts = {name.removesuffix(".pt"): load_part(fut.result())
+                     for name, fut in pending.items() if name.endswith(".pt")}
+        finally:
+            for fut in pending.values():
+                fut.cancel()
         return manifest, parts
 
     def close(self) -> None:
