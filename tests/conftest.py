@@ -151,6 +151,7 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.workdir / 'server.db'}",
              "--artifacts-destination", self.artifacts, "--workers", "1"],
             cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ},
+            start_new_session=True,  # its own process group: the server forks workers
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -165,11 +166,21 @@ class MlflowServer:
         raise TimeoutError("mlflow server did not answer /health")
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+        import signal
+
+        if self.proc is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=20)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
             try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind
+            except ProcessLookupError:
+                pass
         self.log.close()

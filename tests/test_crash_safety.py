@@ -7,6 +7,7 @@ process SIGKILLs itself at that instant: a crash at an exact byte cannot be prod
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import signal
@@ -53,23 +54,28 @@ def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_after(n_calls: int, fn):
-    count = {"n": 0}
-
-    def wrapper(*args, **kwargs):
-        count["n"] += 1
-        if count["n"] >= n_calls:
-            die()
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
 def crash_child(base: str, point: str, n: int) -> None:
     store = commit_mod.CheckpointStore
     if point == "mid_file":
-        # the n-th chunk handed to the file: part of a file is on disk
-        commit_mod.HashingWriter.write = kill_after(n, commit_mod.HashingWriter.write)
+        # the n-th file is half on disk when the process dies
+        from wmtp_core import filesink
+
+        calls = {"n": 0}
+        real = filesink.torch_writer.save_to_path
+
+        def half_then_die(self, path):
+            calls["n"] += 1
+            if calls["n"] < n:
+                return real(self, path)
+            buf = io.BytesIO()
+            torch.save(self.obj, buf)
+            with open(path, "wb") as f:
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            die()
+
+        filesink.torch_writer.save_to_path = half_then_die
     elif point == "between_files":
         original = store.write
 
@@ -99,7 +105,7 @@ def crash_child(base: str, point: str, n: int) -> None:
     os._exit(0)
 
 
-POINTS = [("mid_file", 1), ("mid_file", 3), ("mid_file", 9), ("between_files", 1),
+POINTS = [("mid_file", 1), ("mid_file", 2), ("mid_file", 3), ("between_files", 1),
           ("between_files", 2), ("before_manifest", 0), ("manifest_rename", 0),
           ("during_retention", 0)]
 

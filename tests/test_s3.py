@@ -99,3 +99,42 @@ def test_resume_on_s3_final_in_mlflow_sigkill_and_resume_is_bit_exact(s3_server,
     secret = "wmtp-test-secret-do-not-log"
     for text in (full.stdout, full.stderr, resumed.stdout, resumed.stderr):
         assert secret not in text
+
+
+def test_credentials_from_storage_options_never_reach_logs_manifests_or_mlflow(s3_server, bucket, tmp_path):
+    """Credentials given in the config work, and a scan of everything the run wrote or printed
+    (console with --verbose, manifests, MLflow params and tags) finds none of them."""
+    import os
+
+    key_id, secret = "AKIAWMTPSCANME0001", "wmtp-scan-secret-0123456789abcdef"
+    (tmp_path / "c.yaml").write_text(f"""
+paths:
+  checkpoints: {{base_path: "s3://{bucket}/sec", save_interval: 3, keep_last: 2}}
+mlflow: {{experiment: sec, tracking_uri: "sqlite:///{tmp_path / 'mlflow.db'}"}}
+storage:
+  resume:
+    sink: s3
+    options: {{key: {key_id}, secret: {secret}, endpoint_url: "{s3_server}"}}
+""")
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("max_steps: 10", "max_steps: 6"))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
+    proc = subprocess.run([sys.executable, "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml",
+                           "--run-name", "sec", "--verbose"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scanned = [proc.stdout, proc.stderr]
+    fs = fsspec.filesystem("s3", key=key_id, secret=secret, endpoint_url=s3_server)
+    manifests = fs.glob(f"{bucket}/sec/sec/*/manifest.json")
+    assert len(manifests) == 2
+    scanned += [fs.cat_file(m).decode() for m in manifests]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sec").experiment_id])
+    assert run.data.params["config.storage.resume.options.secret"] == "***"
+    assert run.data.params["config.storage.resume.options.key"] == "***"
+    scanned += [repr(run.data.params), repr(run.data.tags)]
+    for text in scanned:
+        assert secret not in text and key_id not in text

@@ -72,8 +72,11 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
     args.plugins = plugins
     out = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # --verbose is about WMTP's own decisions; third-party debug logs (botocore's request
+    # headers among them) stay off so credentials never reach the console.
+    logging.getLogger("wmtp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("wmtp_core").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return _main(args, out, err)
     except USER_ERRORS as e:
@@ -187,16 +190,17 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
             code = EXIT_FAILED  # a diverged state is never committed as "latest"
         else:
             trainer.save_resume(outcome.metrics)
-        stored = router.stored_final() if code == EXIT_OK and Role.FINAL in required else None
-        if stored:
-            err.print(f"the final model of {name!r} is already stored at {stored}; not storing it again",
-                      highlight=False)
-        elif code == EXIT_OK and Role.FINAL in required:
+        if code == EXIT_OK and Role.FINAL in required:
             try:
-                trainer.save_final(outcome.metrics)
+                stored = router.stored_final()
+                if stored:
+                    err.print(f"the final model of {name!r} is already stored at {stored}; "
+                              "not storing it again", highlight=False)
+                else:
+                    trainer.save_final(outcome.metrics)
             except Exception as e:  # the resume state is committed: nothing is lost
                 status, code = "failed", EXIT_NOT_REGISTERED
-                reason = f"final model not stored ({type(e).__name__}: {e})"
+                reason = f"final model not stored ({type(e).__name__}: {str(e).splitlines()[0][:500]})"
                 log.debug("final store failed", exc_info=True)
         router.wait()
     except KeyboardInterrupt:

@@ -40,7 +40,13 @@ class MlflowRegistrySink:
         name = self.model_name(event.run.algo)
         owns_run = mlflow.active_run() is None
         if owns_run:
-            mlflow.start_run(run_name=event.run.name)
+            # registering later (wmtp register): log into the run's own MLflow run if it exists
+            found = mlflow.search_runs(filter_string=f"tags.`wmtp.lineage` = '{event.run.lineage}'",
+                                       output_format="list", max_results=1)
+            if found:
+                mlflow.start_run(run_id=found[0].info.run_id)
+            else:
+                mlflow.start_run(run_name=event.run.name, tags={"wmtp.lineage": event.run.lineage})
         try:
             if event.resume_location:
                 mlflow.set_tag("wmtp.resume_location", event.resume_location)
@@ -59,6 +65,8 @@ class MlflowRegistrySink:
                 metadata={"wmtp_run": event.run.name, "wmtp_step": event.step,
                           "wmtp_model_config": dict(payload.model_config)},
                 await_registration_for=60,
+                # MLflow's JSON serving check does not apply to a tensor-in export; skip its noise
+                validate_serving_input=False,
             )
             version = info.registered_model_version
             mlflow.MlflowClient().set_model_version_tag(name, str(version), "wmtp.lineage",
