@@ -14,6 +14,17 @@ from wmtp_core.plugins import make_plugin_manager
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_environment():
+    """MLflow's set_tracking_uri/set_registry_uri export MLFLOW_* variables; a test that runs
+    WMTP in-process must not leave them to the next test's subprocesses."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in saved]:
+        del os.environ[k]
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def pm():
     """A fresh plugin manager with WMTP's hookspecs and no installed plugins."""

@@ -29,6 +29,7 @@ def logits_of_mlflow_model(cwd: Path, uri: str, text: str, length: int) -> list:
     code = f"""
 import json, sys, numpy as np, mlflow, mlflow.pytorch, torch
 mlflow.set_tracking_uri("sqlite:///mlflow.db")
+mlflow.set_registry_uri("sqlite:///mlflow.db")
 model = mlflow.pytorch.load_model({uri!r})
 ids = torch.tensor([list({text!r}.encode()[:{length}])], dtype=torch.long)
 with torch.no_grad():

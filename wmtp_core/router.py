@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping
 
+import attrs
 import pluggy
 
 from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo, SinkContext
@@ -24,6 +25,52 @@ _EMIT_HOOK = {
     Role.RESUME: "wmtp_resume_checkpoint_emitted",
     Role.FINAL: "wmtp_final_model_emitted",
 }
+
+
+class SaveError(RuntimeError):
+    """A checkpoint save failed (in the background for asynchronous saves)."""
+
+
+class Stager:
+    """Copies a payload's tensors into buffers it keeps between saves: the one short pause of an
+    asynchronous save. Reusing the buffers avoids allocating (and faulting in) fresh memory each
+    time; it is safe because at most one save is in flight and it has finished before restaging.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}
+
+    def stage(self, payload: Payload) -> Payload:
+        import torch
+
+        def copy(obj: Any, key: str) -> Any:
+            if isinstance(obj, torch.Tensor):
+                buf = self._buffers.get(key)
+                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype or buf.device.type != "cpu":
+                    buf = torch.empty(obj.shape, dtype=obj.dtype, device="cpu",
+                                      pin_memory=obj.is_cuda and torch.cuda.is_available())
+                    self._buffers[key] = buf
+                buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+                return buf
+            if isinstance(obj, Mapping):
+                return {k: copy(v, f"{key}/{k}") for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(copy(v, f"{key}/{i}") for i, v in enumerate(obj))
+            return obj  # numbers and strings are immutable
+
+        parts = {name: copy(obj, name) for name, obj in payload.parts.items()}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return attrs.evolve(payload, parts=parts)
+
+
+@attrs.define
+class AsyncStats:
+    step: int
+    staged_s: float
+    """How long training paused to stage the state."""
+    waited_s: float
+    """How long it waited for the previous save still in flight."""
 
 
 class Router:
@@ -60,6 +107,10 @@ class Router:
         self._pending: list[cf.Future] = []
         self._lock = threading.Lock()
         self._opened = False
+        self._writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-async-save")
+        self._inflight: tuple[int, cf.Future] | None = None
+        self._stager = Stager()
+        self.async_stats: list[AsyncStats] = []
 
     # -- life cycle ------------------------------------------------------------------------
     def open(self) -> None:
@@ -81,10 +132,11 @@ class Router:
         return self.bindings.sink_for(role) is not None
 
     def close(self) -> None:
-        """Wait for background retention, surface its failures, close the sinks."""
+        """Wait for background saves and retention, surface their failures, close the sinks."""
         try:
             self.wait()
         finally:
+            self._writer.shutdown(wait=True)
             self._pruner.shutdown(wait=True)
             for sink in self._sinks.values():
                 close = getattr(sink, "close", None)
@@ -92,6 +144,8 @@ class Router:
                     close()
 
     def wait(self) -> None:
+        """Block until every save and prune started so far is done; raise the first failure."""
+        self._drain()
         pending, self._pending = self._pending, []
         errors = []
         for fut in pending:
@@ -111,8 +165,16 @@ class Router:
         payload: Payload,
         metrics: Mapping[str, float] | None = None,
         nbytes: int = 0,
-    ) -> Receipt:
-        """Store one checkpoint through the sink bound to ``role``, and only there."""
+        background: bool = False,
+    ) -> Receipt | cf.Future:
+        """Store one checkpoint through the sink bound to ``role``, and only there.
+
+        ``background``: stage the payload in memory and return at once with a future; the
+        write, the commit, the ``wmtp_checkpoint_committed`` hook and retention follow in a
+        background thread. At most one save is in flight: a second one first waits (the wait is
+        recorded in :attr:`async_stats`), and a failed save raises :class:`SaveError` at the
+        next emit or at :meth:`wait`.
+        """
         if not self._opened:
             raise RuntimeError("Router.open() must be called before emit()")
         sink = self.sink(role)
@@ -131,6 +193,34 @@ class Router:
             resume_location=self._resume_location() if role is Role.FINAL else None,
         )
         getattr(self.pm.hook, _EMIT_HOOK[role])(event=event)
+        if not background:
+            self._drain()  # a synchronous save never overtakes one in flight
+            return self._store(role, sink, event, payload)
+        t0 = time.perf_counter()
+        self._drain()
+        waited = time.perf_counter() - t0
+        staged = self._stager.stage(payload)
+        self.async_stats.append(AsyncStats(step=step, staged_s=time.perf_counter() - t0 - waited,
+                                           waited_s=waited))
+        if waited > 0.01:
+            log.info("async save of step %d waited %.2f s for the previous save", step, waited)
+        future = self._writer.submit(self._store, role, sink, event, staged)
+        self._inflight = (step, future)
+        return future
+
+    def _drain(self) -> None:
+        if self._inflight is None:
+            return
+        step, future = self._inflight
+        self._inflight = None
+        try:
+            future.result()
+        except Exception as e:
+            raise SaveError(f"the background save of step {step} failed, nothing of it was "
+                            f"committed: {type(e).__name__}: {e}") from e
+
+    def _store(self, role: Role, sink: Any, event: CheckpointEmitted, payload: Payload) -> Receipt:
+        step = event.step
         t0 = time.perf_counter()
         receipt = sink.store(event=event, payload=payload)
         if not isinstance(receipt, Receipt):

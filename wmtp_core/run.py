@@ -23,7 +23,7 @@ from wmtp_core.engine.trainer import autocast_dtype, check_source, choose_device
 from wmtp_core.events import RunEnded, RunInfo, RunStarted, SinkContext
 from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.roles import BindingError, Role, validate
-from wmtp_core.router import Router
+from wmtp_core.router import Router, SaveError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_REGISTERED = 0, 1, 2, 3
 USER_ERRORS = (ConfigError, BindingError, CheckpointError, DataError, TrainingError)
@@ -190,6 +190,7 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
             code = EXIT_FAILED  # a diverged state is never committed as "latest"
         else:
             trainer.save_resume(outcome.metrics)
+            router.wait()  # the last step's resume state is durable before the final model
         if code == EXIT_OK and Role.FINAL in required:
             try:
                 stored = router.stored_final()
@@ -203,6 +204,8 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
                 reason = f"final model not stored ({type(e).__name__}: {str(e).splitlines()[0][:500]})"
                 log.debug("final store failed", exc_info=True)
         router.wait()
+    except SaveError as e:
+        status, reason, code = "failed", str(e), EXIT_FAILED
     except KeyboardInterrupt:
         reason = "interrupted"
         raise
@@ -212,6 +215,8 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
     finally:
         try:
             router.close()
+        except SaveError as e:
+            status, reason, code = "failed", str(e), EXIT_FAILED
         finally:
             try:
                 pm.hook.wmtp_run_ended(event=RunEnded(
@@ -228,6 +233,13 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
         out.print(f"run {name!r}: {status} at step {trainer.step} in {elapsed:.1f} s; "
                   f"loss {outcome.first_loss:.3f} -> {outcome.last_loss:.3f}"
                   + (f"; {reason}" if reason else ""), highlight=False, soft_wrap=True)
+    if router.async_stats:
+        stats = router.async_stats
+        out.print(f"asynchronous saves: {len(stats)}; training paused {sum(s.staged_s for s in stats):.2f} s "
+                  f"to stage them and waited {sum(s.waited_s for s in stats):.2f} s for saves in flight",
+                  highlight=False)
+    if code == EXIT_FAILED and reason:
+        err.print(f"[bold red]error:[/] {reason}", highlight=False)
     if code == EXIT_NOT_REGISTERED:
         last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
         err.print(f"[bold red]error:[/] {reason}. The resume state of step {trainer.step} is "

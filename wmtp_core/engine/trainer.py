@@ -332,7 +332,8 @@ class Trainer:
             return None
         parts = self.state()
         receipt = self.router.emit(Role.RESUME, step=self.step, payload=Payload(parts=parts),
-                                   metrics=_scalars(metrics), nbytes=tensor_bytes(parts))
+                                   metrics=_scalars(metrics), nbytes=tensor_bytes(parts),
+                                   background=self.settings.config.paths.checkpoints.async_)
         self.last_saved = self.step
         return receipt
 
