@@ -199,12 +199,7 @@ class CheckpointStore:
         A staging directory left by an earlier crash at the same name is cleared first; a
         committed checkpoint at that name is never overwritten.
         """
-        path = self.path_of(run, name)
-        if self.fs.exists(posixpath.join(path, MANIFEST)):
-            raise CheckpointError(f"{self.uri(path)} is already committed; refusing to overwrite it")
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
-        self.fs.makedirs(path, exist_ok=True)
+        path = self.prepare(run, name)
         entries, hashing = [], {}
         local = isinstance(self.fs, LocalFileSystem)
         for fname, writer in files.items():
@@ -240,6 +235,45 @@ class CheckpointStore:
         )
         self._write_manifest(path, manifest)
         return manifest
+
+    def prepare(self, run: str, name: str) -> str:
+        """The staging directory for ``<run>/<name>``: a leftover of a crashed save there is
+        cleared; a committed checkpoint is never overwritten."""
+        path = self.path_of(run, name)
+        if self.fs.exists(posixpath.join(path, MANIFEST)):
+            raise CheckpointError(f"{self.uri(path)} is already committed; refusing to overwrite it")
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.makedirs(path, exist_ok=True)
+        return path
+
+    def commit_existing(self, run: str, name: str, *, step: int, role: Role, lineage: str,
+                        expected: Mapping[str, int] | None = None,
+                        meta: Mapping[str, Any] | None = None) -> Manifest:
+        """Commit files that other writers (every rank, through DCP) already put in the staging
+        directory: hash what landed, check it against ``expected`` minimum sizes, then write
+        the manifest."""
+        path = self.path_of(run, name)
+        self.fs.invalidate_cache(path)
+        names = sorted(posixpath.relpath(p, path) for p in self.fs.find(path) if not p.endswith(MANIFEST))
+        entries = []
+        hashing = {n: _HASHER.submit(self._hash, posixpath.join(path, n)) for n in names}
+        for n in names:
+            digest, size = hashing[n].result()
+            if expected and size < expected.get(n, 0):
+                raise CheckpointError(f"{self.uri(posixpath.join(path, n))}: {size} bytes landed, "
+                                      f"the checkpoint's metadata needs {expected[n]}")
+            entries.append(FileEntry(path=n, size=size, sha256=digest))
+        missing = set(expected or {}) - set(names)
+        if missing:
+            raise CheckpointError(f"{self.uri(path)}: shard files missing: {sorted(missing)}")
+        manifest = Manifest(run=run, step=step, role=role, lineage=lineage, files=entries,
+                            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {})
+        self._write_manifest(path, manifest)
+        return manifest
+
+    def _hash(self, path: str) -> tuple[str, int]:
+        return sha256_local(path) if isinstance(self.fs, LocalFileSystem) else sha256_of(self.fs, path)
 
     def _write_manifest(self, path: str, manifest: Manifest) -> None:
         data = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode()
@@ -308,6 +342,11 @@ class CheckpointStore:
             for e in entries
             if e.get("type") == "directory" and _STEP_DIR.match(posixpath.basename(e["name"].rstrip("/")))
         ]
+
+    def verify_entry(self, path: str, entry: FileEntry) -> None:
+        """Check one file of a checkpoint against its manifest entry."""
+        fpath = posixpath.join(path, entry.path)
+        verified_source(self.fs, fpath, entry, self.uri(fpath))
 
     def verify(self, path: str) -> Manifest:
         """Check every file against the manifest's size and sha256; raise naming the first bad one."""

@@ -194,6 +194,9 @@ class Payload:
     """For the final role: a batch of token ids the model accepts (used to trace or sign it)."""
     model_config: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_map, hash=False)
     """For the final role: the architecture, enough to rebuild the module from the weights."""
+    world: Any = attrs.field(default=None, hash=False, eq=False)
+    """Set when the state is sharded across ranks: every rank hands its shards to the sink
+    (``torch.distributed.checkpoint``) and the manifest is committed once, by rank 0."""
 
 
 @attrs.frozen

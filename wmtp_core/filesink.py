@@ -20,6 +20,7 @@ from wmtp_core.events import CheckpointEmitted, Manifest, Payload, Receipt, Sink
 from wmtp_core.roles import Role
 
 FINAL_DIR = "final"
+TRAINER_PART = "trainer_rank{rank}.pt"
 
 
 class torch_writer:
@@ -71,6 +72,8 @@ class FileSink:
 
     def store(self, event: CheckpointEmitted, payload: Payload) -> Receipt:
         t0 = time.perf_counter()
+        if payload.world is not None and event.role is Role.RESUME:
+            return self._store_sharded(event, payload, t0)
         if event.role is Role.FINAL:
             name = FINAL_DIR
             files = {"model.pt": torch_writer(dict(payload.parts["model"]))}
@@ -101,6 +104,50 @@ class FileSink:
             seconds=time.perf_counter() - t0,
         )
 
+    def _store_sharded(self, event: CheckpointEmitted, payload: Payload, t0: float) -> Receipt:
+        """Every rank writes its own shards through DCP's fsspec writer and its own trainer
+        state; once all are done, rank 0 hashes what landed and commits the manifest."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        world = payload.world
+        name = step_dirname(event.step)
+        path = self.store_.path_of(self.run, name)
+        failure = None
+        if world.is_main:
+            try:
+                self.store_.prepare(self.run, name)
+            except Exception as e:  # every rank must learn of it, or the others wait forever
+                failure = f"{type(e).__name__}: {e}"
+        failure = world.broadcast(failure)
+        if failure:
+            raise CheckpointError(failure)
+        writer = FsspecWriter(self.store_.uri(path), sync_files=True, **dict(self.context.options))
+        metadata = dcp.save({"model": payload.parts["model"], "optimizer": payload.parts["optimizer"]},
+                            storage_writer=writer)
+        with self.store_.fs.open(f"{path}/{TRAINER_PART.format(rank=world.rank)}", "wb") as f:
+            torch.save(payload.parts["trainer"], f)
+        world.barrier()
+        fields = None
+        if world.is_main:
+            expected: dict[str, int] = {}
+            for info in metadata.storage_data.values():
+                expected[info.relative_path] = max(expected.get(info.relative_path, 0), info.offset + info.length)
+            expected[".metadata"] = 1
+            manifest = self.store_.commit_existing(
+                self.run, name, step=event.step, role=event.role, lineage=event.run.lineage,
+                expected=expected,
+                meta={"algo": event.run.algo, "metrics": dict(event.metrics), "format": "dcp",
+                      "world_size": world.size, "resumed_from": event.run.resumed_from,
+                      "torch": torch.__version__})
+            fields = (manifest.nbytes, time.perf_counter() - t0)
+        fields = world.broadcast(fields)  # plain values: receipts hold read-only mappings
+        if fields is None:
+            raise CheckpointError(f"rank 0 could not commit {self.store_.uri(path)}")
+        return Receipt(role=event.role, sink=self.name, run=self.run, step=event.step,
+                       uri=self.store_.uri(path), nbytes=fields[0], seconds=fields[1],
+                       meta={"world_size": world.size})
+
     def stored_final(self, run) -> str | None:
         """The URI of this run's committed final model, if there is one."""
         path = self.store_.path_of(run.name, FINAL_DIR)
@@ -117,9 +164,17 @@ class FileSink:
     def delete(self, uri: str) -> None:
         self.store_.delete(self._path(uri))
 
-    def load(self, uri: str) -> tuple[Manifest, dict[str, Any]]:
-        """Verify every file against the manifest, then deserialise the parts."""
-        manifest, pending = self.store_.verify_async(self._path(uri))
+    def load(self, uri: str, world: Any = None) -> tuple[Manifest, dict[str, Any]]:
+        """Verify every file against the manifest, then deserialise the parts.
+
+        A sharded (DCP) checkpoint gives ``{"trainer": this rank's state, "dcp": a reader}``;
+        the engine loads the shards into whatever world it runs in.
+        """
+        path = self._path(uri)
+        manifest = self.store_.read_manifest(path)
+        if manifest.meta.get("format") == "dcp":
+            return manifest, self._load_sharded(path, manifest, world)
+        manifest, pending = self.store_.verify_async(path)
         try:
             # each part is deserialised as soon as its own bytes verified
             parts = {name.removesuffix(".pt"): load_part(fut.result())
@@ -128,6 +183,35 @@ class FileSink:
             for fut in pending.values():
                 fut.cancel()
         return manifest, parts
+
+    def _load_sharded(self, path: str, manifest: Manifest, world: Any) -> dict[str, Any]:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        rank = world.rank if world is not None else 0
+        size = world.size if world is not None else 1
+        # each rank verifies a share of the files; every rank learns of any failure
+        mine = [e for i, e in enumerate(manifest.files) if i % size == rank]
+        errors = []
+        for e in mine:
+            try:
+                self.store_.verify_entry(path, e)
+            except CheckpointError as err:
+                errors.append(str(err))
+        if world is not None and size > 1:
+            import torch.distributed as dist
+
+            gathered: list = [None] * size
+            dist.all_gather_object(gathered, errors)
+            errors = [m for ms in gathered for m in ms]
+        if errors:
+            raise CheckpointError(errors[0])
+        names = {e.path for e in manifest.files}
+        own = TRAINER_PART.format(rank=rank)
+        if own not in names or manifest.meta.get("world_size") != size:
+            own = TRAINER_PART.format(rank=0)  # another world size: rank 0's counters and data position
+        trainer = load_part(self.store_.fs.cat_file(f"{path}/{own}"))
+        trainer["same_world"] = manifest.meta.get("world_size") == size
+        return {"trainer": trainer, "dcp": FsspecReader(self.store_.uri(path), **dict(self.context.options))}
 
     def close(self) -> None:
         pass

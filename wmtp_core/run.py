@@ -141,9 +141,42 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
     from wmtp_core import report
     from wmtp_core.engine.trainer import Trainer
 
+    from wmtp_core.engine import distributed
+
     cfg = settings.config
+    world = distributed.setup(cfg.devices, choose_device(cfg.devices.compute_backend))
+    try:
+        return _train_in(world, settings, pm, catalog, bindings, required, name, tags, args, out, err)
+    finally:
+        world.close()
+
+
+OBSERVER_HOOKS = {"wmtp_run_started", "wmtp_step_ended", "wmtp_run_ended", "wmtp_checkpoint_committed",
+                  "wmtp_checkpoint_deleted", "wmtp_resume_checkpoint_emitted", "wmtp_final_model_emitted"}
+
+
+def _observers_off(pm) -> None:
+    """On ranks other than 0: observers (tracking, progress, reports) see the run once, on rank 0."""
+    for plugin in list(pm.get_plugins()):
+        if {h.name for h in pm.get_hookcallers(plugin) or []} & OBSERVER_HOOKS:
+            pm.unregister(plugin)
+
+
+def _train_in(world, settings, pm, catalog, bindings, required, name, tags, args, out, err) -> int:
+    from wmtp_core import report
+    from wmtp_core.engine.trainer import Trainer
+
+    cfg = settings.config
+    if world.size > 1 and not cfg.devices.fsdp.enabled:
+        raise TrainingError(f"{world.size} processes were launched but devices.fsdp.enabled is false: "
+                            "each rank would train its own copy; enable fsdp")
+    if not world.is_main:
+        out, err = Console(quiet=True), Console(stderr=True, quiet=True)
+        _observers_off(pm)
+        bindings = attrs.evolve(bindings, policies=())  # retention runs once, on rank 0
     mlflow_settings = attrs.asdict(cfg.mlflow) if cfg.mlflow is not None else {}
-    run = RunInfo(name=name, algo=settings.recipe.train.algo, lineage=uuid.uuid4().hex,
+    name, lineage = world.broadcast((name, uuid.uuid4().hex))
+    run = RunInfo(name=name, algo=settings.recipe.train.algo, lineage=lineage,
                   experiment=mlflow_settings.get("experiment", "wmtp"), tags=tags)
 
     def context(role: Role, options: dict[str, Any]) -> SinkContext:
@@ -160,22 +193,19 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
     protected: set[tuple[str, int]] = set()
     router.open()
     resume_sink = router.sink(Role.RESUME)
-    parts = None
-    if args.resume:
-        uri, manifest, parts = _find_resume(resume_sink, args.resume, err)
-        protected.add((manifest.run, manifest.step))
-        run = attrs.evolve(run, lineage=manifest.lineage, resumed_from=uri)
-        router.run = run
-        err.print(f"resuming {name!r} from {uri} (step {manifest.step})")
-    elif resume_sink.committed():
+    if not args.resume and resume_sink.committed():
         raise CheckpointError(
             f"run {name!r} already has committed checkpoints at {resume_sink.location()}; "
             "continue it with --resume latest, or choose another --run-name"
         )
-
     trainer = Trainer(settings, run, pm, router)
-    if parts is not None:
+    if args.resume:
+        uri, manifest, parts = _find_resume(resume_sink, args.resume, err, world)
+        protected.add((manifest.run, manifest.step))
+        run = attrs.evolve(run, lineage=manifest.lineage, resumed_from=uri)
+        router.run = trainer.run = run
         trainer.restore(parts)
+        err.print(f"resuming {name!r} from {uri} (step {manifest.step})")
     pm.hook.wmtp_run_started(event=RunStarted(
         run=run, params=settings.params(), start_step=trainer.step, mlflow=mlflow_settings,
         bindings={b.role.value: b.sink for b in bindings.sinks},
@@ -192,8 +222,19 @@ def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err
             trainer.save_resume(outcome.metrics)
             router.wait()  # the last step's resume state is durable before the final model
         if code == EXIT_OK and Role.FINAL in required:
+            # rank 0 asks the final sink; every rank then takes part in gathering the weights
+            stored = failure = None
+            if world.is_main:
+                try:
+                    stored = router.stored_final()
+                except Exception as e:
+                    failure = e
+            stored, failed = world.broadcast((stored, failure is not None))
             try:
-                stored = router.stored_final()
+                if failure is not None:
+                    raise failure
+                if failed:
+                    raise SaveError("rank 0 could not reach the final sink")
                 if stored:
                     err.print(f"the final model of {name!r} is already stored at {stored}; "
                               "not storing it again", highlight=False)
@@ -259,16 +300,21 @@ def build_policies(bindings, catalog) -> dict[Role, Any]:
     return out
 
 
-def _find_resume(sink, spec: str, err: Console):
+def _load(sink, uri: str, world):
+    # sharded checkpoints are verified by all ranks together; other sinks take the URI alone
+    return sink.load(uri, world=world) if world is not None and world.size > 1 else sink.load(uri)
+
+
+def _find_resume(sink, spec: str, err: Console, world=None):
     if spec != "latest":
-        manifest, parts = sink.load(spec)
+        manifest, parts = _load(sink, spec, world)
         return spec, manifest, parts
     committed = sink.committed()
     if not committed:
         raise CheckpointError(f"--resume latest: no committed checkpoint under {sink.location()}")
     for uri, _ in reversed(committed):
         try:
-            manifest, parts = sink.load(uri)
+            manifest, parts = _load(sink, uri, world)
             return uri, manifest, parts
         except CheckpointError as e:
             err.print(f"[yellow]skipping[/] {uri}: {e}", highlight=False, soft_wrap=True)

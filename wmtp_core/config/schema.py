@@ -99,13 +99,43 @@ class Mlflow:
     """Model registry; null: the tracking store."""
 
 
+def _lower(v: Any) -> Any:
+    return v.lower() if isinstance(v, str) else v
+
+
+@attrs.frozen
+class Distributed:
+    enabled: bool | None = None
+    """null: on when launched by torchrun with WORLD_SIZE > 1."""
+    backend: str | None = attrs.field(default=None, converter=_lower,
+                                      validator=check(lambda v: v in (None, "gloo", "nccl"),
+                                                      "accepted: gloo, nccl, or null (nccl on GPU, gloo on CPU)"))
+    timeout: int = attrs.field(default=1800, validator=positive_int)
+    """Seconds a collective may wait before the run fails."""
+
+
+@attrs.frozen
+class Fsdp:
+    enabled: bool = False
+    """Shard the trunk and heads with FSDP2 (``fully_shard``); resume state is then written by
+    every rank through ``torch.distributed.checkpoint`` (works on one process too)."""
+    sharding: str = attrs.field(default="full_shard", converter=_lower, validator=one_of("full_shard", "shard_grad_op"))
+    """full_shard: parameters resharded after forward; shard_grad_op: kept gathered until backward."""
+    auto_wrap: str = attrs.field(default="block", converter=_lower, validator=one_of("block", "none"))
+    """block: every transformer block is its own FSDP unit; none: the whole model is one."""
+    activation_ckpt: bool = False
+    """Recompute block activations in backward (less memory, more compute)."""
+    offload_params: bool = False
+    """Keep sharded parameters on the CPU (FSDP2 CPUOffloadPolicy)."""
+
+
 @attrs.frozen
 class Devices:
     compute_backend: str = attrs.field(default="cpu", validator=one_of("cpu", "cuda", "mps", "auto"))
     mixed_precision: str = attrs.field(default="no", validator=one_of("no", "fp32", "bf16", "fp16"))
     num_proc: int = attrs.field(default=1, validator=positive_int, metadata=UNUSED)
-    distributed: dict[str, Any] = attrs.field(factory=dict)
-    fsdp: dict[str, Any] = attrs.field(factory=dict)
+    distributed: Distributed = attrs.field(factory=Distributed)
+    fsdp: Fsdp = attrs.field(factory=Fsdp)
 
 
 @attrs.frozen

@@ -98,12 +98,22 @@ class MTPModel(nn.Module):
             raise ValueError(f"sequence of {t} tokens is longer than model.max_seq_len {self.cfg.max_seq_len}")
         x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
         for block in self.trunk:
-            x = block(x)
+            x = self._run(block, x)
         return x
+
+    activation_checkpointing = False
+    """Recompute block activations during backward instead of keeping them (devices.fsdp.activation_ckpt)."""
+
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def head_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Per-head final hidden states ``[B, n_future, T, d]``."""
-        return torch.stack([self.norm(head(h)) for head in self.heads], dim=1)
+        return torch.stack([self.norm(self._run(head, h)) for head in self.heads], dim=1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.unembed(self.head_hidden(self.trunk_hidden(ids)))

@@ -13,6 +13,7 @@ import torch
 
 from wmtp_core.config import Settings
 from wmtp_core.engine import data as data_mod
+from wmtp_core.engine import distributed
 from wmtp_core.commit import CheckpointError
 from wmtp_core.engine.algorithms import Algorithm, BaselineMTP, CriticWMTP, Rho1WMTP, head_ce, weighted_loss
 from wmtp_core.engine.errors import TrainingError
@@ -155,6 +156,18 @@ class Trainer:
         self.amp = autocast_dtype(cfg.devices.mixed_precision, self.device)
         self.model_cfg = model_config(self.settings)
         self.model = MTPModel(self.model_cfg).to(self.device)
+        devices = cfg.devices
+        self.world = distributed.setup(devices, self.device)
+        self.fsdp = devices.fsdp.enabled
+        if self.fsdp:
+            if recipe.train.algo == "critic-wmtp":
+                raise TrainingError("devices.fsdp.enabled: critic-wmtp is not supported under FSDP yet "
+                                    "(its value head lives outside the sharded model); disable fsdp")
+            if cfg.paths.checkpoints.async_:
+                raise TrainingError("paths.checkpoints.async: asynchronous saving of sharded (FSDP) "
+                                    "state is not supported yet; set async: false or disable fsdp")
+            self.model.activation_checkpointing = devices.fsdp.activation_ckpt
+            distributed.shard(self.model, devices.fsdp)
         self.algo = build_algorithm(self.settings, self.pm, self.model_cfg.d_model).to(self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp is torch.float16)
         self.losses: list[float] = []
@@ -174,7 +187,8 @@ class Trainer:
             train_w = windows
             eval_w = data_mod.windows(load_documents(self.settings, ev.sources), ev.max_length,
                                       ev.pack_sequences)
-        self.stream = data_mod.BatchStream(train_w, split.batch_size, seed=cfg.seed)
+        # the stream yields the global batch; each rank trains on its own rows of it
+        self.stream = data_mod.BatchStream(train_w, split.batch_size * self.world.size, seed=cfg.seed)
         eval_bs = recipe.data.eval.batch_size if recipe.data.eval is not None else split.batch_size
         self.eval_set = data_mod.eval_batches(eval_w, eval_bs)
         per_epoch = self.stream.batches_per_epoch * recipe.train.num_epochs
@@ -185,9 +199,10 @@ class Trainer:
 
     # -- resume state ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        weights = distributed.sharded_state(self.model, self.optimizer) if self.fsdp else {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "trainer": {
                 "step": self.step,
                 "model_config": attrs.asdict(self.model_cfg),
@@ -203,8 +218,14 @@ class Trainer:
         }
 
     def restore(self, parts: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(parts["model"])
-        self.optimizer.load_state_dict(parts["optimizer"])
+        if "dcp" in parts:  # sharded: resharded to this world, whatever size wrote it
+            distributed.load_sharded(self.model, self.optimizer, parts["dcp"])
+        elif self.fsdp:
+            raise TrainingError("this checkpoint was written without FSDP; resume it with "
+                                "devices.fsdp.enabled: false")
+        else:
+            self.model.load_state_dict(parts["model"])
+            self.optimizer.load_state_dict(parts["optimizer"])
         t = parts["trainer"]
         self.step = self.last_saved = int(t["step"])
         self.scheduler.load_state_dict(t["scheduler"])
@@ -215,7 +236,10 @@ class Trainer:
         self.losses = [float(x) for x in t["losses"]]
         if t.get("scaler"):
             self.scaler.load_state_dict(t["scaler"])
-        restore_rng(t["rng"])
+        if t.get("same_world", True):
+            restore_rng(t["rng"])
+        else:  # another world size: fresh, distinct streams per rank (same trajectory, not bit-exact)
+            torch.manual_seed(self.settings.config.seed + 1000 * self.step + self.world.rank)
 
     # -- loop ------------------------------------------------------------------------------
     def train(self) -> Outcome:
@@ -232,7 +256,7 @@ class Trainer:
             out.last_step = self.step
             return self._finish(out)
         while self.step < self.total_steps:
-            batch = self.stream.next().to(self.device)
+            batch = self._local(self.stream.next()).to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 loss, metrics = self.algo.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -245,7 +269,7 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            value = float(loss.detach())
+            value = self.world.mean(float(loss.detach()))
             if not math.isfinite(value):
                 out.status, out.reason = "failed", f"loss became {value} at step {self.step}"
                 break
@@ -331,14 +355,23 @@ class Trainer:
         if self.router is None or not self.router.bound(Role.RESUME) or self.last_saved == self.step:
             return None
         parts = self.state()
-        receipt = self.router.emit(Role.RESUME, step=self.step, payload=Payload(parts=parts),
+        payload = Payload(parts=parts, world=self.world if self.fsdp else None)
+        receipt = self.router.emit(Role.RESUME, step=self.step, payload=payload,
                                    metrics=_scalars(metrics), nbytes=tensor_bytes(parts),
                                    background=self.settings.config.paths.checkpoints.async_)
         self.last_saved = self.step
         return receipt
 
-    def final_payload(self) -> Payload:
-        weights = cpu_copy(self.model.state_dict())
+    def _local(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the global batch."""
+        return batch if self.world.size == 1 else batch[self.world.rank :: self.world.size]
+
+    def final_payload(self) -> Payload | None:
+        """The full weights for the final role; under FSDP a collective whose result only
+        rank 0 keeps (``None`` elsewhere)."""
+        weights = distributed.full_weights(self.model) if self.fsdp else cpu_copy(self.model.state_dict())
+        if not self.world.is_main:
+            return None
         module = MTPModel(self.model_cfg)
         module.load_state_dict(weights)
         module.eval()
@@ -348,7 +381,10 @@ class Trainer:
                        model_config=attrs.asdict(self.model_cfg))
 
     def save_final(self, metrics: Mapping[str, float]):
+        """Gathers the full weights (a collective under FSDP); rank 0 alone stores them."""
         payload = self.final_payload()
+        if payload is None:
+            return None
         return self.router.emit(Role.FINAL, step=self.step, payload=payload,
                                 metrics=_scalars(metrics), nbytes=tensor_bytes(payload.parts))
 

@@ -1,0 +1,169 @@
+"""Two CPU processes (torchrun, gloo) with FSDP2: sharded resume state through the same sinks,
+one manifest per checkpoint, the final model stored once, resume across world sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import s3_keys
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """
+train: {{max_steps: {steps}}}
+optim: {{lr: 0.01, scheduler: constant, warmup_ratio: 0.0}}
+data:
+  train: {{sources: [stdlib], max_length: 32, batch_size: 4}}
+model: {{d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32}}
+"""
+
+KILL_RANK1_MID_SAVE = """
+import os, signal, sys
+import torch.distributed as dist
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+from wmtp_core.run import main
+
+step = int(sys.argv[1])
+real = FsspecWriter.write_data
+calls = {"n": 0}
+
+def write_data(self, plan, planner):
+    calls["n"] += 1
+    # the save of step `step` is the (step // 2)-th save; rank 1 dies inside it
+    if calls["n"] == step // 2 and dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, plan, planner)
+
+FsspecWriter.write_data = write_data
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def config(base: str, extra: str = "") -> str:
+    return f"""
+seed: 6
+log_interval: 2
+paths:
+  checkpoints: {{base_path: "{base}", save_interval: 2, keep_last: 2}}
+devices:
+  fsdp: {{enabled: true}}
+{extra}
+"""
+
+
+def torchrun(n: int, args: list[str], cwd: Path, script: str | None = None, env=None):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    target = [str(cwd / "script.py")] if script else ["-m", "wmtp_core.run"]
+    if script:
+        (cwd / "script.py").write_text(script)
+    return subprocess.run([*launcher, *target, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def single(args, cwd):
+    return subprocess.run([sys.executable, "-m", "wmtp_core.run", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def losses(step_dir: Path, rank: int = 0) -> list[float]:
+    return torch.load(step_dir / f"trainer_rank{rank}.pt", weights_only=True)["losses"]
+
+
+def test_two_ranks_commit_sharded_checkpoints_with_one_manifest_and_register_the_final_once(tmp_path):
+    (tmp_path / "c.yaml").write_text(config(f"file://{tmp_path}/ck",
+                                            f"mlflow: {{experiment: d, tracking_uri: 'sqlite:///{tmp_path}/mlflow.db'}}"))
+    (tmp_path / "r.yaml").write_text(RECIPE.format(steps=6))
+    proc = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "two"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "ck" / "two"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step_4", "step_6"]
+    for step in ("step_4", "step_6"):
+        m = manifest(run_dir / step)
+        names = {f["path"] for f in m["files"]}
+        assert {".metadata", "trainer_rank0.pt", "trainer_rank1.pt"} <= names
+        assert len([n for n in names if n.endswith(".distcp")]) == 2, names
+        assert m["meta"]["world_size"] == 2 and m["meta"]["format"] == "dcp"
+        assert list((run_dir / step).glob("manifest*")) == [run_dir / step / "manifest.json"]
+    assert proc.stdout.count("Where this run's bytes went") == 1, "a rank other than 0 reported"
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                                 registry_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert [str(v.version) for v in client.search_model_versions("name='wmtp_baseline-mtp'")] == ["1"]
+    runs = client.search_runs([client.get_experiment_by_name("d").experiment_id])
+    assert len(runs) == 1, "the tracking observer logged from more than one rank"
+    assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 6
+
+
+def test_two_ranks_write_shards_to_s3(s3_server, bucket, tmp_path):
+    (tmp_path / "c.yaml").write_text(config(f"s3://{bucket}/dist", "mlflow: null\nstorage:\n  final: {sink: local, base_path: 'file://" + str(tmp_path) + "/final'}"))
+    (tmp_path / "r.yaml").write_text(RECIPE.format(steps=4))
+    proc = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "s3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    keys = s3_keys(s3_server, bucket, "dist/s3/")
+    for step in ("step_2", "step_4"):
+        mine = [k for k in keys if k.startswith(f"dist/s3/{step}/")]
+        assert f"dist/s3/{step}/manifest.json" in mine
+        assert sum(k.endswith(".distcp") for k in mine) == 2
+        assert f"dist/s3/{step}/.metadata" in mine
+    assert (tmp_path / "final" / "s3" / "final" / "manifest.json").exists()
+
+
+def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_is_bit_exact(tmp_path):
+    (tmp_path / "c.yaml").write_text(config(f"file://{tmp_path}/ck", "mlflow: null\nstorage:\n  final: {sink: local}"))
+    (tmp_path / "r.yaml").write_text(RECIPE.format(steps=6))
+    common = ["--config", "c.yaml", "--recipe", "r.yaml"]
+    full = torchrun(2, [*common, "--run-name", "full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-4000:]
+
+    cut = torchrun(2, ["4", *common, "--run-name", "cut"], tmp_path, script=KILL_RANK1_MID_SAVE)
+    assert cut.returncode != 0
+    step4 = tmp_path / "ck" / "cut" / "step_4"
+    assert not (step4 / "manifest.json").exists(), "a save killed on one rank was committed"
+
+    resumed = torchrun(2, [*common, "--run-name", "cut", "--resume", "latest"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "step_2 (step 2)" in resumed.stderr
+    a = torch.load(tmp_path / "ck" / "full" / "final" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "ck" / "cut" / "final" / "model.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "ck" / "full" / "step_6") == losses(tmp_path / "ck" / "cut" / "step_6")
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(tmp_path):
+    (tmp_path / "c.yaml").write_text(config(f"file://{tmp_path}/ck", "mlflow: null\nstorage:\n  final: {sink: local}"))
+    (tmp_path / "r4.yaml").write_text(RECIPE.format(steps=4))
+    (tmp_path / "r8.yaml").write_text(RECIPE.format(steps=8))
+    first = torchrun(2, ["--config", "c.yaml", "--recipe", "r4.yaml", "--run-name", "a"], tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    import shutil
+
+    shutil.rmtree(tmp_path / "ck" / "a" / "final")  # continue the run further
+    on_one = single(["--config", "c.yaml", "--recipe", "r8.yaml", "--run-name", "a", "--resume", "latest"], tmp_path)
+    assert on_one.returncode == 0, on_one.stderr[-4000:]
+    hist = losses(tmp_path / "ck" / "a" / "step_8")
+    assert len(hist) == 8
+    # the loss carries on from where the two ranks left it, not from an untrained model
+    assert abs(hist[4] - hist[3]) < 0.5 * abs(hist[0] - hist[3])
+    assert json.loads((tmp_path / "ck" / "a" / "step_8" / "manifest.json").read_text())["meta"]["world_size"] == 1
+
+    first = single(["--config", "c.yaml", "--recipe", "r4.yaml", "--run-name", "b"], tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    shutil.rmtree(tmp_path / "ck" / "b" / "final")
+    on_two = torchrun(2, ["--config", "c.yaml", "--recipe", "r8.yaml", "--run-name", "b", "--resume", "latest"], tmp_path)
+    assert on_two.returncode == 0, on_two.stderr[-4000:]
+    hist = losses(tmp_path / "ck" / "b" / "step_8")
+    assert len(hist) == 8 and abs(hist[4] - hist[3]) < 0.5 * abs(hist[0] - hist[3])

@@ -1,0 +1,131 @@
+"""Past one machine with the existing engine: torch.distributed, FSDP2, and
+``torch.distributed.checkpoint`` (DCP) for sharded resume state.
+
+One process is a world of one. Launched by ``torchrun``, every rank runs the same program;
+rank 0 alone talks to observers, the registry and retention.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from wmtp_core.engine.errors import TrainingError
+
+
+@attrs.frozen
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    initialised: bool = False
+    """True when this program created a process group (and must destroy it)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: float) -> float:
+        if not dist.is_initialized() or self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t[0]) / self.size
+
+    def close(self) -> None:
+        if self.initialised and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup(devices: Any, device: torch.device) -> World:
+    """Join the process group torchrun describes (or make a world of one for FSDP on one
+    process). ``devices.distributed.enabled: false`` under torchrun is refused: every rank
+    would train alone and write the same checkpoints."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = devices.distributed.enabled
+    if size > 1 and wanted is False:
+        raise TrainingError("devices.distributed.enabled is false but this program was launched with "
+                            f"WORLD_SIZE={size}; enable it (or leave it null) or launch one process")
+    if wanted and size == 1 and "RANK" not in os.environ:
+        raise TrainingError("devices.distributed.enabled is true but no launcher set RANK/WORLD_SIZE; "
+                            "launch with torchrun --nproc_per_node=N -m wmtp_core.run ...")
+    if size == 1 and not devices.fsdp.enabled:
+        return World()
+    if dist.is_initialized():
+        return World(rank=dist.get_rank(), size=dist.get_world_size(),
+                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    backend = devices.distributed.backend or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise TrainingError("devices.distributed.backend: 'nccl' needs CUDA devices; use gloo on CPU")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a world of one: any free loopback port
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group(backend=backend, timeout=dt.timedelta(seconds=devices.distributed.timeout))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, initialised=True)
+
+
+def shard(model: torch.nn.Module, fsdp: Any) -> torch.nn.Module:
+    """FSDP2: each transformer block (trunk and heads) its own unit when ``auto_wrap: block``,
+    then the root (embeddings, final norm, unembedding)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    kwargs = {"reshard_after_forward": fsdp.sharding == "full_shard",
+              "offload_policy": CPUOffloadPolicy() if fsdp.offload_params else OffloadPolicy()}
+    if fsdp.auto_wrap == "block":
+        for block in [*model.trunk, *model.heads]:
+            fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter names, as shards (DTensors) under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optimizer": osd}
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, reader: Any) -> None:
+    """Load a DCP checkpoint into this world's shards, whatever world size wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = sharded_state(model, optimizer)
+    dcp.load(state, storage_reader=reader)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) weights on CPU; a collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not dist.is_initialized():
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
