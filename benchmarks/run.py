@@ -19,12 +19,17 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import scale  # noqa: E402
 import storage  # noqa: E402
 
 SUITES = {
     "save": storage.bench_save,
     "restore": storage.bench_restore,
     "bytes": storage.bench_bytes,
+    "async": scale.bench_async,
+    "s3": scale.bench_s3,
+    "throughput": scale.bench_throughput,
+    "ranks": scale.bench_ranks,
 }
 
 

@@ -51,21 +51,32 @@ def run(args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_resume_on_s3_final_in_mlflow_sigkill_and_resume_is_bit_exact(s3_server, bucket, tmp_path):
+def in_process(args, monkeypatch, capsys, cwd):
+    from wmtp_core.run import main
+
+    monkeypatch.chdir(cwd)
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_resume_on_s3_final_in_mlflow_sigkill_and_resume_is_bit_exact(s3_server, bucket, tmp_path,
+                                                                        monkeypatch, capsys):
     (tmp_path / "c.yaml").write_text(config(bucket, tmp_path / "mlflow.db"))
     (tmp_path / "r.yaml").write_text(RECIPE)
     common = ["--config", "c.yaml", "--recipe", "r.yaml"]
 
-    full = run([*common, "--run-name", "full"], tmp_path)
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert "resume  -> s3: s3://" in full.stdout
+    code, full_out, full_err = in_process([*common, "--run-name", "full"], monkeypatch, capsys, tmp_path)
+    assert code == 0, full_err[-3000:]
+    assert "resume  -> s3: s3://" in full_out
 
     cut = subprocess.run([sys.executable, "-c", KILLER, "7", *common, "--run-name", "cut"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert cut.returncode == -signal.SIGKILL, cut.stderr[-3000:]
-    resumed = run([*common, "--run-name", "cut", "--resume", "latest"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"s3://{bucket}/runs/cut/step_6" in resumed.stderr
+    code, res_out, res_err = in_process([*common, "--run-name", "cut", "--resume", "latest"],
+                                        monkeypatch, capsys, tmp_path)
+    assert code == 0, res_err[-3000:]
+    assert f"s3://{bucket}/runs/cut/step_6" in res_err
 
     # only keep_last committed checkpoints remain (plus, for the resumed run, the one it
     # resumed from, which retention never deletes), and nothing else of the run is in the bucket
@@ -97,7 +108,7 @@ def test_resume_on_s3_final_in_mlflow_sigkill_and_resume_is_bit_exact(s3_server,
         tag = client.get_run(v.run_id).data.tags["wmtp.resume_location"]
         assert tag.startswith(f"s3://{bucket}/runs/")
     secret = "wmtp-test-secret-do-not-log"
-    for text in (full.stdout, full.stderr, resumed.stdout, resumed.stderr):
+    for text in (full_out, full_err, res_out, res_err, cut.stdout, cut.stderr):
         assert secret not in text
 
 

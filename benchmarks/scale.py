@@ -1,0 +1,217 @@
+"""Benchmarks past one process: async stall, S3 upload, training throughput, shards per rank.
+Each figure is a ratio against the plain alternative measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+from storage import _row, _scratch, fake_state
+from wmtp_core import Payload, Role, RunInfo, SinkContext
+from wmtp_core.plugins import build_catalog, make_plugin_manager
+from wmtp_core.roles import Bindings, SinkBinding
+from wmtp_core.router import Router
+
+RUN = RunInfo(name="bench", algo="baseline-mtp", lineage="bench")
+
+
+def _router(base: str, sink: str = "local", options=None) -> Router:
+    pm = make_plugin_manager()
+    r = Router(pm, build_catalog(pm), Bindings(sinks=[SinkBinding(role=Role.RESUME, sink=sink, options=options or {})]),
+               RUN, required=frozenset({Role.RESUME}),
+               context=lambda role, o: SinkContext(role=role, run=RUN, base_path=base, options=o))
+    r.open()
+    return r
+
+
+def bench_async(size_mb: int, repeat: int, workdir=None) -> list[dict]:
+    """Training-loop stall per save: asynchronous (staging only) vs a synchronous save."""
+    size_mb = max(size_mb, 512)
+    state = fake_state(size_mb)
+    root = _scratch(workdir)
+    sync, stall = [], []
+    try:
+        r = _router(f"file://{root}")
+        step = 0
+        for _ in range(repeat):
+            step += 1
+            t0 = time.perf_counter()
+            r.emit(Role.RESUME, step=step, payload=Payload(parts=state))
+            sync.append(time.perf_counter() - t0)
+            shutil.rmtree(root / "bench" / f"step_{step}")
+        for _ in range(repeat + 1):  # the first async save allocates the staging buffers
+            step += 1
+            t0 = time.perf_counter()
+            r.emit(Role.RESUME, step=step, payload=Payload(parts=state), background=True)
+            stall.append(time.perf_counter() - t0)
+            r.wait()  # "training" long enough for the save to finish before the next one
+            shutil.rmtree(root / "bench" / f"step_{step}")
+        r.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return [_row(f"async save {size_mb} MB: training stall vs synchronous save",
+                 statistics.median(stall[1:]), statistics.median(sync), 0.05)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
+    """S3 sink (serialise, hash, multipart, manifest) vs s3fs pipe of the same bytes, both to one
+    S3 server on loopback (moto's, in its own process so it does not share our GIL)."""
+    import boto3
+    import fsspec
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+                break
+            except Exception:
+                time.sleep(0.1)
+        state = fake_state(size_mb)
+        r = _router("s3://bench/wmtp", sink="s3", options={"endpoint_url": endpoint})
+        fs = fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True)
+        import io
+
+        blobs = {}
+        for part, obj in state.items():
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            blobs[part] = buf.getvalue()
+        ours, plain = [], []
+        for i in range(repeat):
+            t0 = time.perf_counter()
+            r.emit(Role.RESUME, step=i + 1, payload=Payload(parts=state))
+            ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for part, data in blobs.items():
+                fs.pipe(f"bench/plain/{i}/{part}.pt", data)
+            plain.append(time.perf_counter() - t0)
+        r.close()
+    finally:
+        server.terminate()
+        server.wait()
+    # throughput ratio: plain time / our time (>= 0.9 means at least 90% of s3fs's speed)
+    row = _row(f"S3 upload {size_mb} MB: S3 sink vs s3fs pipe (throughput)",
+               statistics.median(plain), statistics.median(ours), 0.9, lower_is_better=False)
+    row["wmtp"], row["plain"] = f"{statistics.median(ours):.3f} s", f"{statistics.median(plain):.3f} s"
+    return [row]
+
+
+TRAIN_RECIPE = """
+train: {{max_steps: {steps}}}
+data:
+  train: {{sources: [stdlib], max_length: 64, batch_size: 8}}
+model: {{d_model: {d}, n_layers: 2, n_heads: 4, n_future: 4, max_seq_len: 64}}
+"""
+
+
+def _train_time(tmp: Path, name: str, save_interval: int, asynchronous: bool, steps: int, d: int) -> float:
+    from wmtp_core import hookimpl
+    from wmtp_core.run import main
+
+    class Clock:
+        def __init__(self):
+            self.t = {}
+
+        @hookimpl
+        def wmtp_step_ended(self, event):
+            if "loss" in event.metrics:
+                self.t[event.step] = time.perf_counter()
+
+    (tmp / f"{name}.yaml").write_text(
+        f"mlflow: null\nlog_interval: 1000\npaths:\n  checkpoints: {{base_path: 'file://{tmp}/ck', "
+        f"save_interval: {save_interval}, keep_last: 2, save_final: false, async: {str(asynchronous).lower()}}}\n")
+    (tmp / "r.yaml").write_text(TRAIN_RECIPE.format(steps=steps, d=d))
+    clock = Clock()
+    assert main(["--config", str(tmp / f"{name}.yaml"), "--recipe", str(tmp / "r.yaml"), "--run-name", name],
+                plugins=(clock,)) == 0
+    return clock.t[steps] - clock.t[1]
+
+
+def bench_throughput(size_mb: int, repeat: int, workdir=None) -> list[dict]:
+    """Training throughput with an asynchronous save every 5 steps vs without saving."""
+    root = _scratch(workdir)
+    try:
+        steps, d = 41, 384
+        plain = statistics.median(_train_time(root, f"nosave{i}", 0, False, steps, d) for i in range(max(1, repeat // 2)))
+        ours = statistics.median(_train_time(root, f"async{i}", 5, True, steps, d) for i in range(max(1, repeat // 2)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    row = _row("training throughput: async save every 5 steps vs no saving", plain, ours, 0.95,
+               lower_is_better=False)
+    row["wmtp"], row["plain"] = f"{ours:.3f} s / 40 steps", f"{plain:.3f} s / 40 steps"
+    return [row]
+
+
+RANKS_SCRIPT = textwrap.dedent("""
+    import json, os, sys, time, torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from wmtp_core import Payload, Role, RunInfo, SinkContext
+    from wmtp_core.engine.distributed import World, sharded_state
+    from wmtp_core.events import CheckpointEmitted
+    from wmtp_plugins.local import LocalSink
+    dist.init_process_group("gloo")
+    world = World(rank=dist.get_rank(), size=dist.get_world_size())
+    size_mb = int(sys.argv[2])
+    n = int((size_mb * 2**20 / 4 / 3) ** 0.5)
+    model = torch.nn.Sequential(*[torch.nn.Linear(n, n, bias=False) for _ in range(1)])
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, n)).sum().backward(); opt.step()
+    run = RunInfo(name="ranks", algo="baseline-mtp", lineage="bench")
+    sink = LocalSink(SinkContext(role=Role.RESUME, run=run, base_path="file://" + sys.argv[1]))
+    times = []
+    for i in range(int(sys.argv[3])):
+        parts = {**sharded_state(model, opt), "trainer": {"step": i}}
+        dist.barrier(); t0 = time.perf_counter()
+        ev = CheckpointEmitted(run=run, role=Role.RESUME, step=i + 1, parts=tuple(parts), nbytes=0)
+        sink.store(ev, Payload(parts=parts, world=world))
+        dist.barrier(); times.append(time.perf_counter() - t0)
+    if world.is_main:
+        json.dump(times, open(os.path.join(sys.argv[1], "times.json"), "w"))
+    dist.destroy_process_group()
+""")
+
+
+def bench_ranks(size_mb: int, repeat: int, workdir=None) -> list[dict]:
+    """Two ranks writing their shards vs one rank writing the same total state (DCP, local)."""
+    root = _scratch(workdir)
+    script = root / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    out = {}
+    try:
+        for n in (1, 2):
+            d = root / f"w{n}"
+            d.mkdir()
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                            str(script), str(d), str(size_mb), str(repeat)], check=True,
+                           capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            out[n] = statistics.median(json.loads((d / "times.json").read_text()))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    row = _row(f"sharded save {size_mb} MB: 2 ranks vs 1 rank (speed-up)", out[1], out[2], 1.0,
+               lower_is_better=False)
+    row["wmtp"], row["plain"] = f"{out[2]:.3f} s (2 ranks)", f"{out[1]:.3f} s (1 rank)"
+    return [row]
