@@ -4,13 +4,14 @@ Endpoint and credentials follow the AWS conventions (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``) or come from
 ``storage.resume.options`` (s3fs storage options such as ``endpoint_url``, ``key``,
 ``secret``, ``profile``). They never reach logs, manifests or MLflow params. Large files go up
-as multipart uploads (s3fs streams parts of ``block_size`` bytes, 64 MiB by default here).
+as multipart uploads (s3fs streams parts of ``block_size`` bytes, 256 MiB by default here:
+fewer, larger parts upload faster).
 """
 
 from wmtp_core import Role, SinkSpec, hookimpl
 from wmtp_core.filesink import FileSink
 
-BLOCK_SIZE = 64 << 20
+BLOCK_SIZE = 256 << 20
 
 
 class S3Sink(FileSink):
