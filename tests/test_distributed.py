@@ -133,9 +133,15 @@ def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_i
     step4 = tmp_path / "ck" / "cut" / "step_4"
     assert not (step4 / "manifest.json").exists(), "a save killed on one rank was committed"
 
-    resumed = torchrun(2, [*common, "--run-name", "cut", "--resume", "latest"], tmp_path)
+    # resumed with asynchronous sharded saves: staged shards written in the background, on a
+    # checkpoint process group of their own, must give the very same run
+    (tmp_path / "ca.yaml").write_text((tmp_path / "c.yaml").read_text().replace(
+        "keep_last: 2}", "keep_last: 2, async: true}"))
+    resumed = torchrun(2, ["--config", "ca.yaml", "--recipe", "r.yaml", "--run-name", "cut",
+                           "--resume", "latest"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "step_2 (step 2)" in resumed.stderr
+    assert "asynchronous saves: 2" in resumed.stdout
     a = torch.load(tmp_path / "ck" / "full" / "final" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "ck" / "cut" / "final" / "model.pt", weights_only=True)
     for k in a:

@@ -124,7 +124,7 @@ class FileSink:
             raise CheckpointError(failure)
         writer = FsspecWriter(self.store_.uri(path), sync_files=True, **dict(self.context.options))
         metadata = dcp.save({"model": payload.parts["model"], "optimizer": payload.parts["optimizer"]},
-                            storage_writer=writer)
+                            storage_writer=writer, process_group=world.group)
         with self.store_.fs.open(f"{path}/{TRAINER_PART.format(rank=world.rank)}", "wb") as f:
             torch.save(payload.parts["trainer"], f)
         world.barrier()

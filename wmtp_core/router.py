@@ -43,7 +43,13 @@ class Stager:
     def stage(self, payload: Payload) -> Payload:
         import torch
 
+        from torch.distributed.tensor import DTensor
+
         def copy(obj: Any, key: str) -> Any:
+            if isinstance(obj, DTensor):  # a shard: stage the local part, keep the layout
+                local = copy(obj.to_local(), key)
+                return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
+                                          shape=obj.shape, stride=obj.stride())
             if isinstance(obj, torch.Tensor):
                 buf = self._buffers.get(key)
                 if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype or buf.device.type != "cpu":

@@ -25,6 +25,9 @@ class World:
     local_rank: int = 0
     initialised: bool = False
     """True when this program created a process group (and must destroy it)."""
+    group: Any = attrs.field(default=None, eq=False)
+    """A gloo group of its own for checkpoint collectives, so a save written in the background
+    never interleaves with the training loop's collectives on the default group."""
 
     @property
     def is_main(self) -> bool:
@@ -32,14 +35,14 @@ class World:
 
     def barrier(self) -> None:
         if dist.is_initialized():
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return obj
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def mean(self, value: float) -> float:
@@ -50,8 +53,10 @@ class World:
         return float(t[0]) / self.size
 
     def close(self) -> None:
+        global _GROUP
         if self.initialised and dist.is_initialized():
             dist.destroy_process_group()
+            _GROUP = None
 
 
 def setup(devices: Any, device: torch.device) -> World:
@@ -70,7 +75,7 @@ def setup(devices: Any, device: torch.device) -> World:
         return World()
     if dist.is_initialized():
         return World(rank=dist.get_rank(), size=dist.get_world_size(),
-                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), group=_checkpoint_group())
     backend = devices.distributed.backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise TrainingError("devices.distributed.backend: 'nccl' needs CUDA devices; use gloo on CPU")
@@ -87,7 +92,18 @@ def setup(devices: Any, device: torch.device) -> World:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local)
-    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, initialised=True)
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, initialised=True,
+                 group=_checkpoint_group())
+
+
+_GROUP: Any = None
+
+
+def _checkpoint_group() -> Any:
+    global _GROUP
+    if _GROUP is None:
+        _GROUP = dist.new_group(backend="gloo")  # every rank calls this, in the same order
+    return _GROUP
 
 
 def shard(model: torch.nn.Module, fsdp: Any) -> torch.nn.Module:

@@ -163,9 +163,6 @@ class Trainer:
             if recipe.train.algo == "critic-wmtp":
                 raise TrainingError("devices.fsdp.enabled: critic-wmtp is not supported under FSDP yet "
                                     "(its value head lives outside the sharded model); disable fsdp")
-            if cfg.paths.checkpoints.async_:
-                raise TrainingError("paths.checkpoints.async: asynchronous saving of sharded (FSDP) "
-                                    "state is not supported yet; set async: false or disable fsdp")
             self.model.activation_checkpointing = devices.fsdp.activation_ckpt
             distributed.shard(self.model, devices.fsdp)
         self.algo = build_algorithm(self.settings, self.pm, self.model_cfg.d_model).to(self.device)
