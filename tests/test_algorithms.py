@@ -79,8 +79,6 @@ def test_rho1_weighted_weights_are_a_distribution_over_heads_without_gradient(mo
 
 def test_rho1_compares_the_same_target_token(model, batch):
     """With the model as its own reference, head 0 has zero excess everywhere."""
-    algo = Rho1WMTP(copy.deepcopy(model), mode="weighted", min_ce_diff=0.0, skip_percentile=0.0,
-                    temperature=1.0)
     ce, mask = head_ce(model(batch), batch)
     ref0 = ce[:, 0]
     shifted_ref, ok = shifted(ref0, 3, 0)

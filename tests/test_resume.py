@@ -11,23 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import KILLER, run_cli
 
 pytestmark = pytest.mark.slow
 
-KILLER = """
-import os, signal, sys
-from wmtp_core import hookimpl
-from wmtp_core.run import main
-
-class Killer:
-    @hookimpl
-    def wmtp_step_ended(self, event):
-        if event.step == int(sys.argv[1]) and "loss" in event.metrics:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-sys.exit(main(sys.argv[2:], plugins=(Killer(),)))
-"""
 
 RECIPE = """
 run: {{tags: [resume-test]}}

@@ -10,23 +10,10 @@ import fsspec
 import pytest
 import torch
 
-from conftest import s3_keys
+from conftest import KILLER, s3_keys
 
 pytestmark = pytest.mark.slow
 
-KILLER = """
-import os, signal, sys
-from wmtp_core import hookimpl
-from wmtp_core.run import main
-
-class Killer:
-    @hookimpl
-    def wmtp_step_ended(self, event):
-        if event.step == int(sys.argv[1]) and "loss" in event.metrics:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-sys.exit(main(sys.argv[2:], plugins=(Killer(),)))
-"""
 
 RECIPE = """
 train: {max_steps: 10}
@@ -44,11 +31,6 @@ paths:
   checkpoints: {{base_path: "s3://{bucket}/runs", save_interval: 2, keep_last: 2}}
 mlflow: {{experiment: s3, tracking_uri: "sqlite:///{store}"}}
 """
-
-
-def run(args, cwd):
-    return subprocess.run([sys.executable, "-m", "wmtp_core.run", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
 
 
 def in_process(args, monkeypatch, capsys, cwd):

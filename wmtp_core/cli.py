@@ -26,6 +26,7 @@ from wmtp_core.config import ConfigError, load_settings
 from wmtp_core.config.bindings import bindings_for, resume_base
 from wmtp_core.engine.errors import TrainingError
 from wmtp_core.events import Manifest, Payload, RunInfo, SinkContext
+from wmtp_core.report import logged_model_bytes
 from wmtp_core.plugins import build_catalog, distributions, make_plugin_manager
 from wmtp_core.report import human
 from wmtp_core.roles import BindingError, Bindings, Role
@@ -565,7 +566,7 @@ def registered(mlflow_cfg, lineages: set[str], err: Console) -> list[dict[str, A
                       for v in client.search_model_versions(f"name='{model.name}'")
                       if (v.tags or {}).get("wmtp.lineage") in lineages]
         return [{"sink": "mlflow_registry", "uri": f"models:/{name}/{version}", "step": None,
-                 "bytes": _artifact_bytes(client, model_id)}
+                 "bytes": logged_model_bytes(client, model_id)}
                 for name, version, model_id in sorted(found)]
     except MlflowException as e:
         err.print(f"note: could not read the MLflow registry at {registry}: {e.message}")
@@ -579,15 +580,3 @@ def _model_id(version) -> str | None:
     return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
 
 
-def _artifact_bytes(client, model_id: str | None) -> int | None:
-    """Bytes a logged model occupies in the artifact store (as the registry sink counts them)."""
-    if not model_id:
-        return None
-    total, stack = 0, [None]
-    while stack:
-        for f in client.list_logged_model_artifacts(model_id, stack.pop()):
-            if f.is_dir:
-                stack.append(f.path)
-            else:
-                total += f.file_size or 0
-    return total

@@ -138,8 +138,6 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _train(settings, pm, catalog, bindings, required, name, tags, args, out, err) -> int:
-    from wmtp_core import report
-    from wmtp_core.engine.trainer import Trainer
 
     from wmtp_core.engine import distributed
 

@@ -12,6 +12,7 @@ import time
 import torch
 
 from wmtp_core import Receipt, Role, SinkSpec, hookimpl
+from wmtp_core.report import logged_model_bytes
 from wmtp_plugins._mlflow import configure
 
 
@@ -71,7 +72,7 @@ class MlflowRegistrySink:
             version = info.registered_model_version
             mlflow.MlflowClient().set_model_version_tag(name, str(version), "wmtp.lineage",
                                                         event.run.lineage)
-            nbytes = _artifact_bytes(mlflow.MlflowClient(), info.model_id)
+            nbytes = logged_model_bytes(mlflow.MlflowClient(), info.model_id) or 0
         finally:
             if owns_run:
                 mlflow.end_run()
@@ -112,18 +113,6 @@ def _signature(payload):
         inputs=Schema([TensorSpec(np.dtype("int64"), (-1, -1), name="ids")]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, cfg["n_future"], -1, cfg["vocab_size"]))]),
     )
-
-
-def _artifact_bytes(client, model_id: str) -> int:
-    """Bytes the logged model occupies in the artifact store."""
-    total, stack = 0, [None]
-    while stack:
-        for f in client.list_logged_model_artifacts(model_id, stack.pop()):
-            if f.is_dir:
-                stack.append(f.path)
-            else:
-                total += f.file_size or 0
-    return total
 
 
 @hookimpl

@@ -22,7 +22,7 @@ class MlflowTracking:
     def __init__(self) -> None:
         self.run_id: str | None = None
         self.client = None
-        self._buffer: list[Metric] = []
+        self._buffer: list = []  # mlflow.entities.Metric values not yet logged
 
     @hookimpl
     def wmtp_run_started(self, event):
