@@ -125,3 +125,20 @@ def test_schedules_warm_up_then_decay_to_a_tenth(kind):
     end = s(100)
     assert end == pytest.approx(1.0 if kind == "constant" else 0.1)
     assert Optim().scheduler == "cosine"
+
+
+def test_an_unreachable_tracking_server_at_start_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from conftest import free_port
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (tmp_path / "c.yaml").write_text(
+        f"mlflow: {{tracking_uri: 'http://127.0.0.1:{free_port()}'}}\n"
+        f"paths:\n  checkpoints: {{base_path: 'file://{tmp_path}/ck'}}\n")
+    (tmp_path / "r.yaml").write_text("train: {max_steps: 2}\ndata:\n  train: {max_length: 32, batch_size: 2}\n" + MODEL)
+    before = tree(tmp_path)
+    assert main(["--config", "c.yaml", "--recipe", "r.yaml"]) == EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert "a plugin failed as the run started, before any step" in err and "Connection refused" in err
+    assert "Traceback" not in err
+    assert tree(tmp_path) == before

@@ -186,9 +186,9 @@ def _train_in(world, settings, pm, catalog, bindings, required, name, tags, args
         return SinkContext(role=role, run=router.run, base_path=base, options=options,
                            mlflow=mlflow_settings)
 
+    protected: set[tuple[str, int]] = set()  # (run, step) retention must keep: the resumed-from one
     router = Router(pm, catalog, bindings, run, required=required, context=context,
                     protected=lambda: protected)
-    protected: set[tuple[str, int]] = set()
     router.open()
     resume_sink = router.sink(Role.RESUME)
     if not args.resume and resume_sink.committed():
@@ -204,10 +204,14 @@ def _train_in(world, settings, pm, catalog, bindings, required, name, tags, args
         router.run = trainer.run = run
         trainer.restore(parts)
         err.print(f"resuming {name!r} from {uri} (step {manifest.step})")
-    pm.hook.wmtp_run_started(event=RunStarted(
-        run=run, params=settings.params(), start_step=trainer.step, mlflow=mlflow_settings,
-        bindings={b.role.value: b.sink for b in bindings.sinks},
-    ))
+    try:
+        pm.hook.wmtp_run_started(event=RunStarted(
+            run=run, params=settings.params(), start_step=trainer.step, mlflow=mlflow_settings,
+            bindings={b.role.value: b.sink for b in bindings.sinks},
+        ))
+    except Exception as e:  # e.g. a tracking server that cannot be reached: nothing was trained yet
+        raise TrainingError(f"a plugin failed as the run started, before any step: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from None
     status, reason, code = "failed", "", EXIT_FAILED
     outcome = None
     t0 = time.perf_counter()
