@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import tree
-from wmtp_core.config.schema import Optim
 from wmtp_core.engine.optim import Schedule
 from wmtp_core.run import EXIT_USAGE, main
 
@@ -124,7 +123,6 @@ def test_schedules_warm_up_then_decay_to_a_tenth(kind):
     assert s(10) == pytest.approx(1.0)
     end = s(100)
     assert end == pytest.approx(1.0 if kind == "constant" else 0.1)
-    assert Optim().scheduler == "cosine"
 
 
 def test_an_unreachable_tracking_server_at_start_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch, capsys):

@@ -344,24 +344,19 @@ class CheckpointStore:
         ]
 
     def verify_entry(self, path: str, entry: FileEntry) -> None:
-        """Check one file of a checkpoint against its manifest entry."""
+        """Check one file of a checkpoint against its manifest entry (streamed, never held whole)."""
         fpath = posixpath.join(path, entry.path)
-        verified_source(self.fs, fpath, entry, self.uri(fpath))
+        try:
+            digest, size = self._hash(fpath)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.uri(fpath)} is missing") from None
+        _check(entry, digest, size, self.uri(fpath))
 
     def verify(self, path: str) -> Manifest:
         """Check every file against the manifest's size and sha256; raise naming the first bad one."""
         manifest = self.read_manifest(path)
         for entry in manifest.files:
-            fpath = posixpath.join(path, entry.path)
-            try:
-                digest, size = sha256_of(self.fs, fpath)
-            except FileNotFoundError:
-                raise CheckpointError(f"{self.uri(fpath)} is missing") from None
-            if size != entry.size or digest != entry.sha256:
-                raise CheckpointError(
-                    f"{self.uri(fpath)} does not match the manifest "
-                    f"(size {size} vs {entry.size}, sha256 {digest[:12]}… vs {entry.sha256[:12]}…)"
-                )
+            self.verify_entry(path, entry)
         return manifest
 
     def read_verified(self, path: str) -> tuple[Manifest, dict[str, bytes]]:

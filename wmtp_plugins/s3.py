@@ -8,6 +8,8 @@ as multipart uploads (s3fs streams parts of ``block_size`` bytes, 256 MiB by def
 fewer, larger parts upload faster).
 """
 
+import attrs
+
 from wmtp_core import Role, SinkSpec, hookimpl
 from wmtp_core.filesink import FileSink
 
@@ -18,12 +20,8 @@ class S3Sink(FileSink):
     name = "s3"
 
     def __init__(self, context, **kwargs):
-        options = dict(context.options)
-        options.setdefault("default_block_size", BLOCK_SIZE)
-        super().__init__(context.__class__(
-            role=context.role, run=context.run, base_path=context.base_path, options=options,
-            mlflow=context.mlflow,
-        ), **kwargs)
+        options = {"default_block_size": BLOCK_SIZE, **context.options}
+        super().__init__(attrs.evolve(context, options=options), **kwargs)
 
 
 @hookimpl
