@@ -25,6 +25,15 @@ def _isolate_mlflow_environment():
     os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _forget_remembered_secrets():
+    """Secret values are remembered for a process' lifetime; tests share one process."""
+    from wmtp_core import redact
+
+    yield
+    redact.forget()
+
+
 @pytest.fixture
 def pm():
     """A fresh plugin manager with WMTP's hookspecs and no installed plugins."""
@@ -53,7 +62,8 @@ class MemorySink:
         uri = f"{self.location()}/step_{event.step}"
         self.items[uri] = Manifest(
             run=event.run.name, step=event.step, role=event.role, lineage=event.run.lineage,
-            files=[FileEntry(path="x.pt", size=1, sha256="0" * 64)], created_at="now",
+            files=[FileEntry(path="x.pt", size=1, sha256="0" * 64)],
+            created_at="2026-01-01T00:00:00+00:00",
         )
         return Receipt(role=event.role, sink=self.name, run=event.run.name, step=event.step,
                        uri=uri, nbytes=1, seconds=0.0)

@@ -16,7 +16,7 @@ import torch
 from conftest import tree
 from wmtp_core import Role
 from wmtp_core.cli import main
-from wmtp_core.commit import CheckpointStore
+from wmtp_core.commit import STAGING_MARKER, CheckpointStore
 from wmtp_core.filesink import json_writer, torch_writer
 
 OLD = time.time() - 7200  # older than gc's default --min-age
@@ -32,8 +32,9 @@ def commit(store, run, step, lineage="L1", name=None, role=Role.RESUME):
 
 
 def stage(fs, path, age=None):
-    """Leave a staging directory as a crashed save does: files, no manifest."""
+    """Leave a staging directory as a crashed save does: WMTP's marker, files, no manifest."""
     fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(f"{path}/{STAGING_MARKER}", b"{}")
     fs.pipe_file(f"{path}/model.pt", b"x" * 100)
     fs.pipe_file(f"{path}/optimizer.pt", b"y" * 50)
     if age is not None:
@@ -88,7 +89,7 @@ def test_ls_json_of_a_run_matches_the_manifests(base, capsys):
     assert rows[1]["bytes"] == sum(f["size"] for f in manifest["files"])
     assert rows[1]["files"] == 2 and rows[1]["lineage"] == "L1" and rows[1]["run"] == "a"
     assert rows[1]["uri"] == str(base / "a" / "step_4")
-    assert rows[2]["bytes"] == 150 and rows[2]["files"] == 2 and rows[2]["role"] is None
+    assert rows[2]["bytes"] == 152 and rows[2]["files"] == 3 and rows[2]["role"] is None
 
 
 def test_verify_a_run_then_a_flipped_byte_is_named(base, capsys):
@@ -116,13 +117,13 @@ def test_gc_removes_only_old_staging_by_default_and_never_a_committed_checkpoint
     before = tree(base)
     code, out, _ = cli(capsys, "gc", base, "--dry-run", "--min-age", "0")
     assert code == 0 and tree(base) == before
-    assert "would remove 2 staging directories; would free 300 B (300 bytes)" in out
+    assert "would remove 2 staging directories; would free 304 B (304 bytes)" in out
 
     code, out, _ = cli(capsys, "gc", base)
     assert code == 0
-    assert f"removed {base}/a/step_6 (2 files, 150 B)" in out
+    assert f"removed {base}/a/step_6 (3 files, 152 B)" in out
     assert f"kept    {base}/a/step_8: newest file" in out
-    assert "freed 150 B (150 bytes)" in out
+    assert "freed 152 B (152 bytes)" in out
     assert tree(base) == {p for p in before if not p.startswith("a/step_6")}
 
     code, out, _ = cli(capsys, "gc", base / "a", "--min-age", "0")
@@ -138,7 +139,8 @@ def test_gc_keeps_a_directory_whose_manifest_does_not_parse(base, capsys):
     os.utime(manifest, (OLD, OLD))
     code, out, _ = cli(capsys, "gc", base / "a", "--min-age", "0")
     assert code == 0 and manifest.exists()
-    assert f"kept    {base}/a/step_2: its manifest.json cannot be read" in out
+    assert f"kept    {base}/a/step_2: its manifest.json cannot be believed" in out
+    assert "format_version 99 is not supported" in out
 
 
 def test_plugins_lists_sinks_roles_policies_and_hooks(capsys):
@@ -161,8 +163,8 @@ def test_report_counts_the_bytes_of_every_manifest(base, capsys):
     sizes = [sum(f["size"] for f in json.loads((base / "a" / s / "manifest.json").read_text())["files"])
              for s in ("step_2", "step_4")]
     assert report["resume"] == {"sink": "local", "committed": 2, "bytes": sum(sizes), "newest_step": 4}
-    assert report["staging"] == {"count": 2, "bytes": 300}
-    assert report["final"] == [] and report["total_bytes"] == sum(sizes) + 300
+    assert report["staging"] == {"count": 2, "bytes": 304}
+    assert report["final"] == [] and report["total_bytes"] == sum(sizes) + 304
 
     config = base.parent / "c.yaml"
     config.write_text(f'paths: {{checkpoints: {{base_path: "file://{base}"}}}}\nmlflow: null\n')
@@ -186,7 +188,7 @@ def test_report_counts_the_bytes_of_every_manifest(base, capsys):
     (["report", "{tmp}/ck"], "is not a run directory: it holds the runs a, b"),
     (["report", ".."], "not allowed"),
     (["gc", "{tmp}/ck", "--min-age", "-1"], "--min-age"),
-    (["checkpoints", "ls", "{tmp}/ck", "--storage-option", "secretvalue"], "KEY=VALUE"),
+    (["checkpoints", "ls", "{tmp}/ck", "--storage-option", "secretvalue"], "NAME=VALUE"),
     (["report", "a", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
 ])
 def test_bad_input_is_one_clear_error_with_exit_2(base, capsys, args, message):
@@ -227,7 +229,7 @@ def test_ls_and_gc_on_s3_use_object_times(s3_server, bucket, capsys, monkeypatch
     code, out, _ = cli(capsys, "gc", f"s3://{bucket}/runs/r")
     assert code == 0 and "kept" in out and "newest file" in out  # LastModified read: seconds old
     code, out, _ = cli(capsys, "gc", f"s3://{bucket}/runs/r", "--min-age", "0")
-    assert code == 0 and f"removed s3://{bucket}/runs/r/step_4 (2 files, 150 B)" in out
+    assert code == 0 and f"removed s3://{bucket}/runs/r/step_4 (3 files, 152 B)" in out
     assert cli(capsys, "checkpoints", "verify", f"s3://{bucket}/runs/r")[0] == 0
     code, out, _ = cli(capsys, "checkpoints", "ls", f"s3://{bucket}/runs/r", "--json")
     assert [r["name"] for r in json.loads(out)] == ["step_2"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 
 import pytest
 import torch
@@ -37,10 +36,32 @@ def test_manifest_records_every_file_with_size_and_sha256(store):
 
 def test_only_directories_with_a_manifest_are_checkpoints(store):
     write(store, 1)
-    write(store, 2)
-    os.remove(os.path.join(store.path_of("r", "step_2"), "manifest.json"))
+    staging = store.prepare("r", "step_2")  # a save that never reached its manifest
+    open(os.path.join(staging, "model.pt"), "wb").write(b"half")
+    write(store, 3)
+    os.remove(os.path.join(store.path_of("r", "step_3"), "manifest.json"))  # not WMTP's any more
     assert [m.step for _, m in store.list("r")] == [1]
-    assert store.staging("r") == [store.path_of("r", "step_2")]
+    assert store.staging("r") == [staging]
+    assert [(os.path.basename(i.path), i.state) for i in store.inspect("r")] == [
+        ("step_1", "committed"), ("step_2", "staging"), ("step_3", "foreign")]
+
+
+def test_a_committed_checkpoint_carries_no_staging_marker_and_delete_marks_before_uncommitting(store):
+    write(store, 1)
+    path = store.path_of("r", "step_1")
+    assert sorted(os.listdir(path)) == ["manifest.json", "model.pt"]
+    seen = []
+    real = store.fs.rm_file
+
+    def spy(p):  # the state the directory is in when the manifest goes
+        if p.endswith("manifest.json"):
+            seen.append(sorted(os.listdir(path)))
+        return real(p)
+
+    store.fs.rm_file = spy
+    store.delete(path)
+    assert seen == [[".wmtp-staging", "manifest.json", "model.pt"]]
+    assert not os.path.exists(path)
 
 
 def test_a_crash_before_the_manifest_leaves_no_checkpoint(store):
@@ -95,8 +116,10 @@ def test_a_crafted_pickle_does_not_run(tmp_path):
         os.remove("/tmp/wmtp-pwned")
     buf = io.BytesIO()
     torch.save({"w": Exploit()}, buf)
-    with pytest.raises(pickle.UnpicklingError):
-        load_part(buf.getvalue())
+    with pytest.raises(CheckpointError, match="refused by weights-only loading.*it names posix.system") as e:
+        load_part(buf.getvalue(), "step_2/model.pt")
+    assert str(e.value).startswith("step_2/model.pt was refused") and "\n" not in str(e.value)
+    assert "weights_only` set to `False`" not in str(e.value) and "safe_globals" not in str(e.value)
     assert not os.path.exists("/tmp/wmtp-pwned")
 
 

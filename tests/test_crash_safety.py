@@ -93,12 +93,11 @@ def crash_child(base: str, point: str, n: int) -> None:
         real = os.replace
         os.replace = lambda src, dst: die() if dst.endswith("manifest.json") else real(src, dst)
     elif point == "during_retention":
-        def delete(self, path):
-            try:
-                self.fs.rm_file(path + "/manifest.json")
-            except FileNotFoundError:
-                pass
-            die()
+        real_delete = store.delete
+
+        def delete(self, path):  # uncommitted (manifest gone), files not yet removed
+            self.fs.rm = lambda *args, **kwargs: die()
+            real_delete(self, path)
 
         store.delete = delete
     save(base, 3)
@@ -125,13 +124,18 @@ def test_a_save_killed_at_any_point_leaves_a_committed_checkpoint_that_verifies(
     for path in committed.values():
         store.verify(path)  # every committed checkpoint verifies
     if point == "during_retention":
-        # the new one committed; the old one being pruned is uncommitted (manifest first)
+        # the new one committed; the old one being pruned is uncommitted (manifest first) and
+        # left as WMTP's staging, which gc collects
         assert set(committed) == {2, 3}
+        assert store.staging("crashy") == [store.path_of("crashy", "step_1")]
     else:
         assert set(committed) == {1, 2}, "a committed checkpoint was lost or a torn one counts"
+    assert all(i.state in ("committed", "staging") for i in store.inspect("crashy"))
 
     sink = router_for(base).sink(Role.RESUME)
-    uri, manifest, parts = _find_resume(sink, "latest", Console(stderr=True))
+    parts = {}
+    uri, manifest = _find_resume(sink, "latest", Console(stderr=True),
+                                 restore=lambda p, uri: parts.update(p))
     assert manifest.step == max(committed)
     assert torch.equal(parts["model"]["w"], state(manifest.step)["model"]["w"])
 
@@ -153,7 +157,7 @@ def test_latest_falls_back_past_a_corrupt_checkpoint_and_says_which(tmp_path, ca
     open(target, "wb").write(bytes(data))
 
     sink = router_for(base).sink(Role.RESUME)
-    uri, manifest, _ = _find_resume(sink, "latest", Console(stderr=True, soft_wrap=True))
+    uri, manifest = _find_resume(sink, "latest", Console(stderr=True, soft_wrap=True))
     assert manifest.step == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "skipping" in err and "step_3" in err and "optimizer.pt does not match the manifest" in err

@@ -6,11 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import MemorySink, run_info
-from wmtp_core import Manifest, Payload, hookimpl, PolicySpec, Role, SinkContext, SinkSpec
+from wmtp_core import FileEntry, Manifest, Payload, hookimpl, PolicySpec, Role, SinkContext, SinkSpec
 from wmtp_core.roles import BindingError, Bindings, Catalog, PolicyBinding, SinkBinding
 from wmtp_core.plugins import make_plugin_manager
 from wmtp_core.router import Router
 from wmtp_plugins.retention import make_keep_last
+
+ENTRY = FileEntry(path="model.pt", size=1, sha256="0" * 64)
 
 NAMES = ["alpha", "beta", "gamma", "delta", "ghost"]
 ROLES = list(Role)
@@ -218,8 +220,8 @@ def test_dry_run_estimate_retains_exactly_what_keep_last_leaves(steps, interval,
     left = set()
     for s in saved:
         left.add(s)
-        manifests = [Manifest(run="r", step=x, role=Role.RESUME, lineage="L", files=[], created_at="")
-                     for x in sorted(left)]
+        manifests = [Manifest(run="r", step=x, role=Role.RESUME, lineage="L", files=[ENTRY],
+                              created_at="2026-01-01T00:00:00+00:00") for x in sorted(left)]
         left -= set(policy.select(manifests))
     e = estimate(10, steps, interval, keep, every, True)
     assert e.saves == len(saved)

@@ -21,8 +21,9 @@ from rich.text import Text
 
 # Nothing here imports torch at module level (wmtp_core.run, filesink and the engine do): listing
 # and cleaning checkpoints must start fast. ``register`` imports them when it needs them.
-from wmtp_core.commit import MANIFEST, CheckpointError, CheckpointStore, check_run_name
+from wmtp_core.commit import MANIFEST, STAGING_MARKER, CheckpointError, CheckpointStore, check_run_name
 from wmtp_core.config import ConfigError, load_settings
+from wmtp_core.console import consoles
 from wmtp_core.config.bindings import bindings_for, resume_base
 from wmtp_core.engine.errors import TrainingError
 from wmtp_core.events import Manifest, Payload, RunInfo, SinkContext
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    out = Console(soft_wrap=True, markup=False, highlight=False)
-    err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+    out, err = consoles()
     try:
         return args.func(args, out, err)
     except Exception as e:
@@ -117,7 +117,7 @@ def storage_options(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError("--storage-option expects KEY=VALUE")
+            raise ValueError("--storage-option expects NAME=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
         out[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
     return out
 
@@ -176,6 +176,9 @@ def _valid_run(name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- scanning
+STATES = ("committed", "unverifiable", "staging", "foreign")
+
+
 @attrs.frozen
 class Entry:
     """One checkpoint directory of a run, committed or not."""
@@ -185,7 +188,9 @@ class Entry:
     step: int | None
     role: str | None
     state: str
-    """``committed``; ``staging`` (no manifest); ``unreadable`` (a manifest that does not parse)."""
+    """``committed``; ``unverifiable`` (a manifest that cannot be believed: never resumed from,
+    never counted, never deleted); ``staging`` (WMTP's marker, no manifest: a save that did not
+    finish, which ``gc`` removes); ``foreign`` (neither: not written by WMTP, never touched)."""
     files: int
     bytes: int
     created_at: str | None
@@ -194,53 +199,46 @@ class Entry:
     path: str = attrs.field(repr=False)
     modified: float | None = None
     """Not committed only: the newest file's modification time (the age ``gc`` tests)."""
+    problem: str = ""
+    """Not committed only: why."""
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self, filter=lambda a, _: a.name != "path")
 
 
-def committed(store: CheckpointStore, run: str) -> list[Entry]:
-    """Committed checkpoints of ``run``: every ``step_N`` and ``final``, from their manifests."""
-    found = store.list(run, role=None)  # step_N only
+def scan(store: CheckpointStore, run: str) -> list[Entry]:
+    """Every ``step_N`` and ``final`` directory of ``run``, by step, with what it is."""
+    found = store.inspect(run)
     final = store.path_of(run, FINAL_DIR)
-    if (m := _manifest(store, final)) is not None:
-        found.append((final, m))
-    return [Entry(run=run, name=posixpath.basename(p), step=m.step, role=m.role.value,
-                  state="committed", files=len(m.files), bytes=m.nbytes, created_at=m.created_at,
-                  lineage=m.lineage, uri=store.uri(p), path=p) for p, m in found]
+    if store.fs.isdir(final):
+        found.append(store.inspect_dir(final))
+    entries = [_entry(store, run, i) for i in found]
+    # final after the step_N of its step; a final without a step last
+    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name == FINAL_DIR))
+
+
+def committed(store: CheckpointStore, run: str) -> list[Entry]:
+    """Committed checkpoints of ``run``: every ``step_N`` and ``final`` whose manifest holds."""
+    return [e for e in scan(store, run) if e.state == "committed"]
 
 
 def leftovers(store: CheckpointStore, run: str) -> list[Entry]:
-    """Checkpoint directories of ``run`` without a readable manifest, with their size and age."""
-    paths = store.staging(run)
-    final = store.path_of(run, FINAL_DIR)
-    if store.fs.isdir(final) and _manifest(store, final) is None:
-        paths.append(final)
-    out = []
-    for p in paths:
-        files, nbytes, newest = _contents(store.fs, p)
-        # staging() also returns directories whose manifest does not parse (a newer format, a
-        # damaged file): those may be committed, so they are told apart and never collected
-        state = "unreadable" if store.fs.exists(posixpath.join(p, MANIFEST)) else "staging"
-        name = posixpath.basename(p)
-        step = int(name.removeprefix("step_")) if name.startswith("step_") else None
-        out.append(Entry(run=run, name=name, step=step, role=None, state=state, files=files,
-                         bytes=nbytes, created_at=None, lineage=None, uri=store.uri(p), path=p,
-                         modified=newest))
-    return out
+    """Checkpoint directories of ``run`` that are not committed, with their size and age."""
+    return [e for e in scan(store, run) if e.state != "committed"]
 
 
-def _manifest(store: CheckpointStore, path: str) -> Manifest | None:
-    try:
-        return store.read_manifest(path)
-    except CheckpointError:
-        return None
-
-
-def scan(store: CheckpointStore, run: str) -> list[Entry]:
-    entries = committed(store, run) + leftovers(store, run)
-    # final after the step_N of its step; a staging final (no step) last
-    return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name == FINAL_DIR))
+def _entry(store: CheckpointStore, run: str, i) -> Entry:
+    name = posixpath.basename(i.path)
+    if i.state == "committed":
+        m = i.manifest
+        return Entry(run=run, name=name, step=m.step, role=m.role.value, state="committed",
+                     files=len(m.files), bytes=m.nbytes, created_at=m.created_at, lineage=m.lineage,
+                     uri=store.uri(i.path), path=i.path)
+    files, nbytes, newest = _contents(store.fs, i.path)
+    step = int(name.removeprefix("step_")) if name.startswith("step_") else None
+    return Entry(run=run, name=name, step=step, role=None, state=i.state, files=files, bytes=nbytes,
+                 created_at=None, lineage=None, uri=store.uri(i.path), path=i.path, modified=newest,
+                 problem=i.problem)
 
 
 def _contents(fs, path: str) -> tuple[int, int, float | None]:
@@ -330,6 +328,9 @@ def cmd_ls(args, out: Console, err: Console) -> int:
              (e.lineage or "-")[:8]] for e in entries]
     header = ["run", "name", "step", "role", "state", "files", "bytes", "created_at", "lineage"]
     out.print("\n".join(_columns([header, *rows])))
+    for e in entries:
+        if e.problem and e.state != "staging":
+            out.print(f"{e.state}: {e.uri}: {e.problem}")
     return EXIT_OK
 
 
@@ -346,8 +347,9 @@ def _columns(rows: list[list[str]]) -> list[str]:
 def cmd_verify(args, out: Console, err: Console) -> int:
     loc = locate(args.uri, storage_options(args.storage_option))
     store = loc.store
+    # every directory that claims to be a checkpoint (it has a manifest), believable or not
     paths = [loc.checkpoint] if loc.checkpoint else [
-        e.path for run in loc.runs for e in sorted(committed(store, run), key=lambda e: e.step)]
+        e.path for run in loc.runs for e in scan(store, run) if e.state in ("committed", "unverifiable")]
     if not paths:
         raise CheckpointError(f"{args.uri} holds no committed checkpoint to verify")
     failed = 0
@@ -372,9 +374,13 @@ def cmd_gc(args, out: Console, err: Console) -> int:
     verb = "would remove" if args.dry_run else "removed"
     for run in loc.runs:
         for e in leftovers(loc.store, run):
-            if e.state == "unreadable":
-                out.print(f"kept    {e.uri}: its {MANIFEST} cannot be read (damaged, or written by a "
-                          "newer WMTP); inspect it before deleting it by hand")
+            if e.state == "unverifiable":
+                out.print(f"kept    {e.uri}: its {MANIFEST} cannot be believed ({e.problem}); "
+                          "inspect it before deleting it by hand")
+                continue
+            if e.state == "foreign":
+                out.print(f"kept    {e.uri}: not ours (no {MANIFEST} and no {STAGING_MARKER}: "
+                          "WMTP did not write it)")
                 continue
             age = now - e.modified if e.modified is not None else None
             if args.min_age > 0 and (age is None or age < args.min_age):
@@ -383,7 +389,8 @@ def cmd_gc(args, out: Console, err: Console) -> int:
                 out.print(f"kept    {e.uri}: {seen}, under --min-age {args.min_age:g} s")
                 continue
             # the save may have committed since the listing: look again just before removing
-            if fs.exists(posixpath.join(e.path, MANIFEST)):
+            if fs.exists(posixpath.join(e.path, MANIFEST)) or \
+                    not fs.exists(posixpath.join(e.path, STAGING_MARKER)):
                 continue
             if not args.dry_run:
                 fs.rm(e.path, recursive=True)
@@ -456,16 +463,15 @@ def final_payload(uri: str, options: dict[str, Any]) -> Payload:
     """What ``Trainer.final_payload`` hands the final sink, rebuilt from verified weights."""
     import torch
 
-    from wmtp_core.engine.model import ModelConfig, MTPModel
+    from wmtp_core.engine.model import model_from_weights
     from wmtp_core.filesink import load_model_from_checkpoint
 
     loaded = load_model_from_checkpoint(uri, options)
-    try:
-        cfg = ModelConfig(**loaded.model_config)
-        module = MTPModel(cfg)
-        module.load_state_dict(dict(loaded.weights))
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{uri}: its weights do not fit the architecture it records ({e})") from None
+    try:  # the stored architecture and weights are untrusted: checked before anything is built
+        module = model_from_weights(dict(loaded.model_config), dict(loaded.weights), uri)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    cfg = module.cfg
     module.eval()
     # two rows, so the exported program keeps a dynamic batch dimension
     generator = torch.Generator().manual_seed(0)
@@ -501,7 +507,8 @@ def cmd_report(args, out: Console, err: Console) -> int:
     entries = scan(store, run)
     sink = _file_sink_name(store)
     resume = [e for e in entries if e.state == "committed" and e.role == Role.RESUME.value]
-    staging = [e for e in entries if e.state != "committed"]
+    staging = [e for e in entries if e.state == "staging"]
+    others = {state: [e for e in entries if e.state == state] for state in ("unverifiable", "foreign")}
     finals = [{"sink": sink, "uri": e.uri, "step": e.step, "bytes": e.bytes}
               for e in entries if e.state == "committed" and e.role == Role.FINAL.value]
     lineages = {e.lineage for e in entries if e.lineage}
@@ -513,10 +520,11 @@ def cmd_report(args, out: Console, err: Console) -> int:
         "resume": {"sink": sink, "committed": len(resume), "bytes": sum(e.bytes for e in resume),
                    "newest_step": max((e.step for e in resume), default=None)},
         "staging": {"count": len(staging), "bytes": sum(e.bytes for e in staging)},
+        **{state: {"count": len(es), "bytes": sum(e.bytes for e in es)} for state, es in others.items()},
         "final": finals,
     }
     report["total_bytes"] = (report["resume"]["bytes"] + report["staging"]["bytes"]
-                             + sum(f["bytes"] or 0 for f in finals))
+                             + report["unverifiable"]["bytes"] + sum(f["bytes"] or 0 for f in finals))
     if args.json:
         out.out(json.dumps(report, indent=2))
     else:
@@ -530,6 +538,9 @@ def _report_lines(r: dict[str, Any]) -> list[str]:
     rows = [["resume", res["sink"], f"{res['committed']} committed{newest}", human(res["bytes"])]]
     if stg["count"]:
         rows.append(["resume", res["sink"], f"{stg['count']} staging (wmtp gc removes)", human(stg["bytes"])])
+    if r["unverifiable"]["count"]:
+        rows.append(["resume", res["sink"], f"{r['unverifiable']['count']} unverifiable (kept; see "
+                     "wmtp checkpoints verify)", human(r["unverifiable"]["bytes"])])
     rows += [["final", f["sink"], f["uri"], "?" if f["bytes"] is None else human(f["bytes"])]
              for f in r["final"]]
     if not r["final"]:

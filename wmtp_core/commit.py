@@ -1,9 +1,13 @@
 """The commit protocol over fsspec, shared by every file-like sink.
 
-A checkpoint is a directory ``<root>/<run>/<name>/``. Its files are written and flushed first;
+A checkpoint is a directory ``<root>/<run>/<name>/``. A save first writes the staging marker
+``.wmtp-staging`` there (so that ``wmtp gc`` and a later save know WMTP wrote it), then the files;
 ``manifest.json`` (files, sizes, sha256, step, lineage, format version) is written last and is
-the commit. A directory without a manifest is staging: never listed, never loaded, removed by
-``wmtp gc``. Deletion removes the manifest first, so a half-deleted checkpoint is never loadable.
+the commit, after which the marker is removed. A directory without a manifest is staging (with
+the marker) or not WMTP's at all (without it): never listed, never loaded; ``wmtp gc`` removes
+only the former. A manifest is untrusted input: it is validated against the schema, the
+directory it lies in and the files beside it before anything believes it. Deletion removes the
+manifest first, so a half-deleted checkpoint is never loadable.
 """
 
 from __future__ import annotations
@@ -17,17 +21,25 @@ import mmap
 import os
 import posixpath
 import re
+import socket
 from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
+import attrs
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from wmtp_core.events import FileEntry, Manifest
+from wmtp_core.events import RUN_NAME, FileEntry, Manifest, ManifestError
 from wmtp_core.roles import Role
 
 MANIFEST = "manifest.json"
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}$")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+STAGING_MARKER = ".wmtp-staging"
+"""Written first into every directory a save creates; only directories carrying it (and no
+manifest) are ever cleared by WMTP."""
+_OWN_FILES = frozenset({STAGING_MARKER, f".{MANIFEST}.tmp"})
+"""WMTP's own bookkeeping files, never part of a checkpoint's contents."""
+MAX_MANIFEST_BYTES = 16 << 20
+_STEP_DIR = re.compile(r"step_(\d+)")
+FINAL_NAME = "final"
 CHUNK = 8 << 20
 _READERS = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-verify")
 
@@ -36,9 +48,28 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, torn, or does not match its manifest."""
 
 
+class UnverifiableError(CheckpointError):
+    """A directory whose manifest cannot be believed: not JSON, not the schema, at odds with the
+    directory it lies in or with the files beside it. Such a checkpoint is never "committed"."""
+
+
+@attrs.frozen
+class Inspected:
+    """What one checkpoint directory of a run is."""
+
+    path: str
+    state: str
+    """``committed``, ``unverifiable`` (a manifest that cannot be believed), ``staging`` (WMTP's
+    marker, no manifest: a save that did not finish) or ``foreign`` (neither: not written by
+    WMTP, never touched)."""
+    manifest: Manifest | None = None
+    problem: str = ""
+    """Why it is not committed."""
+
+
 def check_run_name(name: str) -> str:
     """Refuse run names that could climb out of the base path or confuse listing."""
-    if not isinstance(name, str) or not _RUN_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name:
         raise ValueError(
             f"run name {name!r} is not allowed: use letters, digits and '_.=+-' "
             "(at most 128 characters, no '/', no '..', not starting with '.')"
@@ -95,6 +126,17 @@ class HashingWriter(io.RawIOBase):
 
 
 _HASHER = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-sha256")
+
+
+def _fresh_pools() -> None:
+    """A forked child (a data-loader worker, a test that forks) inherits these executors without
+    their threads: give it its own, or its saves would wait forever for a hash."""
+    global _HASHER, _READERS
+    _HASHER = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-sha256")
+    _READERS = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-verify")
+
+
+os.register_at_fork(after_in_child=_fresh_pools)
 
 
 def sha256_local(path: str) -> tuple[str, int]:
@@ -237,15 +279,31 @@ class CheckpointStore:
         return manifest
 
     def prepare(self, run: str, name: str) -> str:
-        """The staging directory for ``<run>/<name>``: a leftover of a crashed save there is
-        cleared; a committed checkpoint is never overwritten."""
+        """The staging directory for ``<run>/<name>``, marked as WMTP's before anything else is
+        written. A leftover of a crashed WMTP save there is cleared; a committed checkpoint, or a
+        directory WMTP did not write, is never overwritten."""
         path = self.path_of(run, name)
+        self.fs.invalidate_cache(path)
         if self.fs.exists(posixpath.join(path, MANIFEST)):
             raise CheckpointError(f"{self.uri(path)} is already committed; refusing to overwrite it")
         if self.fs.exists(path):
+            if self._files(path) and not self.fs.exists(posixpath.join(path, STAGING_MARKER)):
+                raise CheckpointError(
+                    f"{self.uri(path)} exists and was not written by WMTP (it has no "
+                    f"{STAGING_MARKER} marker); refusing to overwrite it: move it away or use "
+                    "another base path or run name")
             self.fs.rm(path, recursive=True)
         self.fs.makedirs(path, exist_ok=True)
+        marker = json.dumps({"run": run, "name": name, "host": socket.gethostname(), "pid": os.getpid(),
+                             "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}).encode()
+        self.fs.pipe_file(posixpath.join(path, STAGING_MARKER), marker)
         return path
+
+    def _files(self, path: str) -> list[str]:
+        try:
+            return self.fs.find(path)
+        except FileNotFoundError:
+            return []
 
     def commit_existing(self, run: str, name: str, *, step: int, role: Role, lineage: str,
                         expected: Mapping[str, int] | None = None,
@@ -255,7 +313,8 @@ class CheckpointStore:
         the manifest."""
         path = self.path_of(run, name)
         self.fs.invalidate_cache(path)
-        names = sorted(posixpath.relpath(p, path) for p in self.fs.find(path) if not p.endswith(MANIFEST))
+        names = sorted(n for n in (posixpath.relpath(p, path) for p in self.fs.find(path))
+                       if n != MANIFEST and n not in _OWN_FILES)
         entries = []
         hashing = {n: _HASHER.submit(self._hash, posixpath.join(path, n)) for n in names}
         for n in names:
@@ -294,54 +353,144 @@ class CheckpointStore:
         else:
             # Object stores make a single PUT visible atomically.
             self.fs.pipe_file(target, data)
+        try:  # committed: the marker has done its work (a crash here leaves a harmless file)
+            self.fs.rm_file(posixpath.join(path, STAGING_MARKER))
+        except FileNotFoundError:
+            pass
 
     # --- reading -----------------------------------------------------------------------------
-    def read_manifest(self, path: str) -> Manifest:
+    def read_manifest(self, path: str, *, contents: list[dict[str, Any]] | None = None) -> Manifest:
+        """The manifest of the checkpoint at ``path``, validated before it is believed.
+
+        Raises :class:`CheckpointError` when there is none (never committed) and
+        :class:`UnverifiableError` naming the reason when it is not JSON, does not follow the
+        schema, says another step, role or run than the directory it lies in, or when the files
+        beside it are not exactly the ones it names (or are links leading elsewhere).
+        ``contents``: the directory's file listing (fsspec ``find(detail=True)`` values), when
+        the caller already has it.
+        """
+        where = self.uri(path)
         try:
             raw = self.fs.cat_file(posixpath.join(path, MANIFEST))
         except FileNotFoundError:
-            raise CheckpointError(f"{self.uri(path)} has no {MANIFEST}: it was never committed") from None
+            raise CheckpointError(f"{where} has no {MANIFEST}: it was never committed") from None
+        except IsADirectoryError:
+            raise UnverifiableError(f"{where}/{MANIFEST} is a directory, not a file") from None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise UnverifiableError(f"{where}/{MANIFEST} is {len(raw)} bytes; a manifest is at most "
+                                    f"{MAX_MANIFEST_BYTES}")
         try:
-            return Manifest.from_json(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{self.uri(path)}/{MANIFEST} is unreadable: {e}") from None
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise UnverifiableError(f"{where}/{MANIFEST} is not valid JSON ({str(e)[:200]})") from None
+        try:
+            manifest = Manifest.from_json(data)
+        except (ManifestError, RecursionError) as e:
+            raise UnverifiableError(f"{where}/{MANIFEST}: {e}") from None
+        self._check_location(path, manifest)
+        self._check_contents(path, manifest, contents)
+        return manifest
+
+    def _check_location(self, path: str, manifest: Manifest) -> None:
+        name = posixpath.basename(path)
+        run = posixpath.basename(posixpath.dirname(path))
+        where = f"{self.uri(path)}/{MANIFEST}"
+        if manifest.run != run:
+            raise UnverifiableError(f"{where} says run {manifest.run!r} but lies under run {run!r}")
+        step = _STEP_DIR.fullmatch(name)
+        if step and (manifest.step != int(step.group(1)) or manifest.role is not Role.RESUME):
+            raise UnverifiableError(f"{where} says {manifest.role.value} step {manifest.step} but "
+                                    f"the directory is {name} (resume step {int(step.group(1))})")
+        if name == FINAL_NAME and manifest.role is not Role.FINAL:
+            raise UnverifiableError(f"{where} says role {manifest.role.value!r} but the directory "
+                                    f"is {FINAL_NAME!r}")
+
+    def _check_contents(self, path: str, manifest: Manifest,
+                        contents: list[dict[str, Any]] | None) -> None:
+        """The directory holds exactly the files the manifest names: a dropped entry or an
+        extra file is not a checkpoint WMTP wrote. On local disk no file may be a link."""
+        if contents is None:
+            self.fs.invalidate_cache(path)
+            try:
+                contents = list(self.fs.find(path, detail=True).values())
+            except FileNotFoundError:
+                contents = []
+        prefix = path.rstrip("/") + "/"
+        found = {}
+        for info in contents:
+            rel = info["name"][len(prefix):] if info["name"].startswith(prefix) else info["name"]
+            if rel != MANIFEST and rel not in _OWN_FILES:
+                found[rel] = info
+        named = {f.path for f in manifest.files}
+        where = self.uri(path)
+        extra, missing = sorted(set(found) - named), sorted(named - set(found))
+        if missing:
+            raise CheckpointError(f"{where}/{missing[0]} is missing (named by the manifest)")
+        if extra:
+            raise UnverifiableError(f"{where} holds {extra[0]!r}, which its manifest does not name "
+                                    "(an entry was dropped, or something else wrote here)")
+        if isinstance(self.fs, LocalFileSystem):
+            root = os.path.realpath(path)
+            for rel, info in found.items():
+                full = posixpath.join(path, rel)
+                if info.get("islink") or os.path.islink(full) or \
+                        not os.path.realpath(full).startswith(root + os.sep):
+                    raise UnverifiableError(f"{where}/{rel} is a link; a checkpoint holds plain files only")
+
+    def inspect(self, run: str) -> list[Inspected]:
+        """Every ``step_N`` directory of ``run``, oldest step first, with what it is: committed
+        (a manifest that passed every check), unverifiable, staging or foreign."""
+        base = self.run_dir(run)
+        self.fs.invalidate_cache(base)
+        try:
+            listing = list(self.fs.find(base, detail=True, withdirs=True).values())
+        except FileNotFoundError:
+            return []
+        by_dir: dict[str, list[dict[str, Any]]] = {}
+        for info in listing:
+            rel = posixpath.relpath(info["name"].rstrip("/"), base)
+            top = rel.split("/", 1)[0]
+            if _STEP_DIR.fullmatch(top):
+                entries = by_dir.setdefault(top, [])
+                if "/" in rel and info.get("type") != "directory":
+                    entries.append(info)
+        out = []
+        for name in sorted(by_dir, key=lambda n: int(n[5:])):
+            out.append(self.inspect_dir(posixpath.join(base, name), by_dir[name]))
+        return out
+
+    def inspect_dir(self, path: str, contents: list[dict[str, Any]] | None = None) -> Inspected:
+        """What the checkpoint directory at ``path`` is (see :class:`Inspected`)."""
+        if contents is None:
+            self.fs.invalidate_cache(path)
+            try:
+                contents = [i for i in self.fs.find(path, detail=True).values()]
+            except FileNotFoundError:
+                contents = []
+        names = {posixpath.basename(i["name"]) for i in contents
+                 if posixpath.dirname(i["name"].rstrip("/")) == path.rstrip("/")}
+        if MANIFEST not in names:
+            if STAGING_MARKER in names:
+                return Inspected(path, "staging", problem="a save that did not finish (no manifest)")
+            return Inspected(path, "foreign", problem=f"no {MANIFEST} and no {STAGING_MARKER}: not "
+                             "written by WMTP")
+        try:
+            return Inspected(path, "committed", self.read_manifest(path, contents=contents))
+        except CheckpointError as e:
+            return Inspected(path, "unverifiable", problem=str(e))
 
     def list(self, run: str, role: Role | None = Role.RESUME) -> list[tuple[str, Manifest]]:
         """Committed checkpoints of ``run`` as ``(path, manifest)``, oldest step first.
 
-        Staging directories and unreadable manifests are skipped (``wmtp gc`` reports them).
+        Staging, foreign and unverifiable directories are never listed (``inspect`` tells them
+        apart), so retention never counts them and "latest" never names them.
         """
-        out = []
-        for path in self._step_dirs(run):
-            try:
-                m = self.read_manifest(path)
-            except CheckpointError:
-                continue
-            if role is None or m.role is role:
-                out.append((path, m))
-        return sorted(out, key=lambda pm: pm[1].step)
+        return [(i.path, i.manifest) for i in self.inspect(run)
+                if i.state == "committed" and (role is None or i.manifest.role is role)]
 
     def staging(self, run: str) -> list[str]:
-        """Step directories of ``run`` without a readable manifest: leftovers of crashed saves."""
-        out = []
-        for path in self._step_dirs(run):
-            try:
-                self.read_manifest(path)
-            except CheckpointError:
-                out.append(path)
-        return out
-
-    def _step_dirs(self, run: str) -> Iterable[str]:
-        base = self.run_dir(run)
-        try:
-            entries = self.fs.ls(base, detail=True)
-        except FileNotFoundError:
-            return []
-        return [
-            e["name"].rstrip("/")
-            for e in entries
-            if e.get("type") == "directory" and _STEP_DIR.match(posixpath.basename(e["name"].rstrip("/")))
-        ]
+        """Step directories of ``run`` that WMTP began and never committed."""
+        return [i.path for i in self.inspect(run) if i.state == "staging"]
 
     def verify_entry(self, path: str, entry: FileEntry) -> None:
         """Check one file of a checkpoint against its manifest entry (streamed, never held whole)."""
@@ -372,11 +521,13 @@ class CheckpointStore:
             out[name] = src
         return manifest, out
 
-    def verify_async(self, path: str) -> tuple[Manifest, dict[str, cf.Future]]:
+    def verify_async(self, path: str, manifest: Manifest | None = None
+                     ) -> tuple[Manifest, dict[str, cf.Future]]:
         """Verify every file in parallel, largest first. Each future yields the verified source
         (a local path or the bytes), so a caller can deserialise one file while the others are
-        still being checked; nothing is deserialised before its own check passed."""
-        manifest = self.read_manifest(path)
+        still being checked; nothing is deserialised before its own check passed. ``manifest``:
+        one the caller just read with :meth:`read_manifest` (validated)."""
+        manifest = manifest if manifest is not None else self.read_manifest(path)
         futures = {
             e.path: _READERS.submit(verified_source, self.fs, posixpath.join(path, e.path), e,
                                     self.uri(posixpath.join(path, e.path)))
@@ -386,7 +537,9 @@ class CheckpointStore:
 
     # --- deleting ----------------------------------------------------------------------------
     def delete(self, path: str) -> None:
-        """Uncommit (manifest first), then remove the files."""
+        """Mark the directory as WMTP's staging, uncommit it (manifest first), then remove the
+        files: a crash at any point leaves a checkpoint, or staging that ``wmtp gc`` removes."""
+        self.fs.pipe_file(posixpath.join(path, STAGING_MARKER), b'{"deleting": true}')
         try:
             self.fs.rm_file(posixpath.join(path, MANIFEST))
         except FileNotFoundError:

@@ -5,6 +5,9 @@ No class here holds checkpoint bytes: the bytes go from the router to the bound 
 
 from __future__ import annotations
 
+import datetime as dt
+import posixpath
+import re
 import types
 from typing import Any, Mapping
 
@@ -94,28 +97,131 @@ class CheckpointEmitted:
     """For the final model: where this run's resume state lives, as a reference."""
 
 
+class ManifestError(ValueError):
+    """A manifest that does not follow the schema: the checkpoint cannot be verified."""
+
+
+_LINEAGE = re.compile(r"[A-Za-z0-9_.=+-]{1,128}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MANIFEST_KEYS = frozenset({"format_version", "run", "step", "role", "lineage", "created_at", "files", "meta"})
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not _int(value) or value < 0:
+        raise ManifestError(f"{attribute.name}: {value!r} is not an integer >= 0")
+
+
+def _relative_path(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """A file of the checkpoint: a plain relative path inside its directory, nothing else."""
+    if not isinstance(value, str) or not value:
+        raise ManifestError(f"file path {value!r} is not a non-empty string")
+    parts = value.split("/")
+    if (value.startswith("/") or "\\" in value or any(p in ("", ".", "..") for p in parts)
+            or posixpath.normpath(value) != value or ":" in parts[0] or "\x00" in value
+            or posixpath.basename(value) == "manifest.json"):
+        raise ManifestError(f"file path {value!r} is not a relative path inside the checkpoint")
+
+
+def _sha256(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ManifestError(f"sha256 {value!r} is not 64 lowercase hex digits")
+
+
 @attrs.frozen
 class FileEntry:
     """One file of a committed checkpoint, as its manifest records it."""
 
-    path: str
-    """Relative to the checkpoint directory."""
-    size: int = attrs.field(validator=_non_negative)
-    sha256: str = attrs.field(validator=attrs.validators.matches_re(r"^[0-9a-f]{64}$"))
+    path: str = attrs.field(validator=_relative_path)
+    """Relative to the checkpoint directory; never absolute, never ``..``."""
+    size: int = attrs.field(validator=_count)
+    sha256: str = attrs.field(validator=_sha256)
+
+
+def _files(instance: Any, attribute: attrs.Attribute, value: tuple) -> None:
+    if not value:
+        raise ManifestError("files: a committed checkpoint lists at least one file")
+    if not all(isinstance(f, FileEntry) for f in value):
+        raise ManifestError("files: every entry must be a FileEntry")
+    seen = set()
+    for f in value:
+        if f.path in seen:
+            raise ManifestError(f"files: {f.path!r} is listed twice")
+        seen.add(f.path)
+
+
+def _lineage(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not _LINEAGE.fullmatch(value):
+        raise ManifestError(f"lineage {value!r} is not an id of letters, digits and '_.=+-'")
+
+
+def _timestamp(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    try:
+        dt.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ManifestError(f"created_at {value!r} is not an ISO 8601 timestamp") from None
+
+
+def _format_version(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not _int(value) or value != FORMAT_VERSION:
+        raise ManifestError(f"format_version {value!r} is not supported (this WMTP reads "
+                            f"{FORMAT_VERSION})")
+
+
+def _meta(instance: Any, attribute: attrs.Attribute, value: Mapping[str, Any]) -> None:
+    """The keys WMTP acts on are typed; others are a sink's own notes."""
+    fmt = value.get("format")
+    if fmt is not None and fmt != "dcp":
+        raise ManifestError(f"meta.format {fmt!r} is not known (accepted: 'dcp' or absent)")
+    if fmt == "dcp" and not (_int(value.get("world_size")) and value["world_size"] >= 1):
+        raise ManifestError(f"meta.world_size {value.get('world_size')!r} is not an integer >= 1")
+    for key in ("algo", "resumed_from", "torch"):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            raise ManifestError(f"meta.{key} {value[key]!r} is not a string")
+    metrics = value.get("metrics", {})
+    if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in metrics.items()):
+        raise ManifestError("meta.metrics is not a mapping of names to numbers")
+
+
+def _role(value: Any) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        raise ManifestError(f"role {value!r} is not one of {', '.join(r.value for r in Role)}") from None
+
+
+def _run_name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not RUN_NAME.fullmatch(value) or ".." in value:
+        raise ManifestError(f"run {value!r} is not a run name")
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")
+"""Letters, digits and ``_.=+-``, at most 128 characters, not starting with ``.``: a run name
+can never climb out of its base path or hide from listings."""
 
 
 @attrs.frozen
 class Manifest:
-    """The commit record: written last; a checkpoint without one does not exist."""
+    """The commit record: written last; a checkpoint without one does not exist.
 
-    run: str
-    step: int = attrs.field(validator=_non_negative)
-    role: Role = attrs.field(converter=Role)
-    lineage: str
-    files: tuple[FileEntry, ...] = attrs.field(converter=tuple)
-    created_at: str
-    format_version: int = FORMAT_VERSION
-    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_map, hash=False)
+    Every field is validated when a manifest is built, and :meth:`from_json` is strict (exact
+    types, no unknown keys): a manifest is untrusted input until it passes.
+    """
+
+    run: str = attrs.field(validator=_run_name)
+    step: int = attrs.field(validator=_count)
+    role: Role = attrs.field(converter=_role)
+    lineage: str = attrs.field(validator=_lineage)
+    files: tuple[FileEntry, ...] = attrs.field(converter=tuple, validator=_files)
+    created_at: str = attrs.field(validator=_timestamp)
+    format_version: int = attrs.field(default=FORMAT_VERSION, validator=_format_version)
+    meta: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_map, hash=False,
+                                          validator=_meta)
 
     @property
     def nbytes(self) -> int:
@@ -134,22 +240,34 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Manifest:
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"manifest format_version {version!r} is not supported (this WMTP reads {FORMAT_VERSION})"
-            )
-        return cls(
-            run=data["run"],
-            step=int(data["step"]),
-            role=data["role"],
-            lineage=data["lineage"],
-            files=[FileEntry(**f) for f in data["files"]],
-            created_at=data["created_at"],
-            format_version=version,
-            meta=data.get("meta", {}),
-        )
+    def from_json(cls, data: Any) -> Manifest:
+        """Parse and validate; raises :class:`ManifestError` naming the first problem."""
+        if not isinstance(data, Mapping):
+            raise ManifestError(f"the manifest is a {type(data).__name__}, not a JSON object")
+        missing = sorted(MANIFEST_KEYS - {"meta"} - set(data))
+        if missing:
+            raise ManifestError(f"required key {missing[0]!r} is missing")
+        unknown = sorted(set(data) - MANIFEST_KEYS)
+        if unknown:
+            raise ManifestError(f"unknown key {unknown[0]!r}")
+        _format_version(None, None, data["format_version"])
+        files = data["files"]
+        if not isinstance(files, list):
+            raise ManifestError(f"files is {files!r}, not a list")
+        entries = []
+        for i, f in enumerate(files):
+            if not isinstance(f, Mapping) or set(f) != {"path", "size", "sha256"}:
+                raise ManifestError(f"files[{i}] is not an object with exactly path, size and sha256")
+            entries.append(FileEntry(path=f["path"], size=f["size"], sha256=f["sha256"]))
+        meta = data.get("meta", {})
+        if not isinstance(meta, Mapping):
+            raise ManifestError(f"meta is {meta!r}, not an object")
+        try:
+            return cls(run=data["run"], step=data["step"], role=data["role"], lineage=data["lineage"],
+                       files=entries, created_at=data["created_at"],
+                       format_version=data["format_version"], meta=meta)
+        except TypeError as e:  # a value of a type no validator expects (a list as role...)
+            raise ManifestError(str(e)) from None
 
 
 @attrs.frozen

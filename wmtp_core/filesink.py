@@ -9,7 +9,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import posixpath
+import re
 import time
+import zipfile
 from typing import Any, BinaryIO, Mapping
 
 import torch
@@ -46,12 +50,104 @@ def json_writer(obj: Any):
     return write
 
 
-def load_part(source: str | bytes) -> Any:
+def load_part(source: str | bytes, where: str = "a checkpoint part") -> Any:
     """Deserialise one verified part: a local path (memory-mapped, copy-on-write) or bytes.
-    Checkpoints are untrusted: ``weights_only``, never arbitrary pickle."""
-    if isinstance(source, str):
-        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-    return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
+    Checkpoints are untrusted: ``weights_only``, never arbitrary pickle. A part that holds
+    anything else, or is not a torch file at all, is a :class:`CheckpointError` naming it."""
+    try:
+        if isinstance(source, str):
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where} was refused by weights-only loading: it holds objects "
+                              f"other than tensors and plain values ({_why(e)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{where} cannot be read as a torch file ({type(e).__name__}: "
+                              f"{_why(e)})") from None
+
+
+def _why(e: BaseException) -> str:
+    """The line of a (long, multi-line) torch loading error that says what was refused."""
+    text = str(e)
+    named = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"Unsupported global: ([\w.]+)", text)
+    if named:
+        return f"it names {named.group(1)}, which is not tensor data"
+    # never repeat torch's hints to retry without weights_only or to allow-list a global: that
+    # is exactly what would run the code
+    lines = [line.strip() for line in text.splitlines() if line.strip()
+             and "weights_only" not in line and "safe_globals" not in line]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads DCP's ``.metadata`` file, which torch writes with plain pickle, admitting only the
+    classes that describe a checkpoint: nothing in it can name a function to run."""
+
+    ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", name) for name in (
+            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+            "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    } | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"), ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
+
+
+def safe_dcp_reader(url: str, where: str, files: set[str] | None = None, **storage_options: Any):
+    """A ``torch.distributed.checkpoint`` reader for an untrusted checkpoint: its metadata is
+    read with an allow-list (and may point only at ``files``, the checkpoint's own), and every
+    non-tensor item must pass weights-only loading before DCP's planner (which loads such items
+    without ``weights_only``) sees it."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class WeightsOnlyPlanner:
+        def __init__(self, planner: Any) -> None:
+            self._planner = planner
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            data = value.getvalue() if isinstance(value, io.BytesIO) else value.read()
+            load_part(data, f"{where} ({read_item.storage_index.fqn})")  # refuses any pickle
+            self._planner.load_bytes(read_item, io.BytesIO(data))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._planner, name)
+
+    class SafeReader(FsspecReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+                    raise CheckpointError(f"{where}/.metadata was refused: it is not the metadata "
+                                          f"of a torch.distributed.checkpoint ({_why(e)})") from None
+            if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+                raise CheckpointError(f"{where}/.metadata holds a {type(metadata).__name__}, not "
+                                      "checkpoint metadata")
+            for info in metadata.storage_data.values():
+                name = getattr(info, "relative_path", None)
+                if files is not None and name not in files:
+                    raise CheckpointError(f"{where}/.metadata points at {name!r}, which is not a "
+                                          "file of this checkpoint")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            return super().read_data(plan, WeightsOnlyPlanner(planner))
+
+    return SafeReader(url, **storage_options)
 
 
 class FileSink:
@@ -161,6 +257,12 @@ class FileSink:
         """This run's committed resume checkpoints as ``(uri, manifest)``, oldest first."""
         return [(self.store_.uri(p), m) for p, m in self.store_.list(self.run)]
 
+    def unverifiable(self) -> list[tuple[str, int, str]]:
+        """This run's step directories whose manifest cannot be believed, as
+        ``(uri, step, reason)``: never resumed from, never counted by retention."""
+        return [(self.store_.uri(i.path), int(posixpath.basename(i.path)[5:]), i.problem)
+                for i in self.store_.inspect(self.run) if i.state == "unverifiable"]
+
     def delete(self, uri: str) -> None:
         self.store_.delete(self._path(uri))
 
@@ -172,12 +274,17 @@ class FileSink:
         """
         path = self._path(uri)
         manifest = self.store_.read_manifest(path)
+        if manifest.role is not Role.RESUME:
+            raise CheckpointError(
+                f"{self.store_.uri(path)} is the {manifest.role.value} model of run {manifest.run!r}: "
+                "it holds weights only, no optimizer or training state; resume from one of the "
+                "run's step_N checkpoints")
         if manifest.meta.get("format") == "dcp":
             return manifest, self._load_sharded(path, manifest, world)
-        manifest, pending = self.store_.verify_async(path)
+        manifest, pending = self.store_.verify_async(path, manifest)
         try:
             # each part is deserialised as soon as its own bytes verified
-            parts = {name.removesuffix(".pt"): load_part(fut.result())
+            parts = {name.removesuffix(".pt"): load_part(fut.result(), self.store_.uri(f"{path}/{name}"))
                      for name, fut in pending.items() if name.endswith(".pt")}
         finally:
             for fut in pending.values():
@@ -185,8 +292,6 @@ class FileSink:
         return manifest, parts
 
     def _load_sharded(self, path: str, manifest: Manifest, world: Any) -> dict[str, Any]:
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
         rank = world.rank if world is not None else 0
         size = world.size if world is not None else 1
         # each rank verifies a share of the files; every rank learns of any failure
@@ -209,9 +314,25 @@ class FileSink:
         own = TRAINER_PART.format(rank=rank)
         if own not in names or manifest.meta.get("world_size") != size:
             own = TRAINER_PART.format(rank=0)  # another world size: rank 0's counters and data position
-        trainer = load_part(self.store_.fs.cat_file(f"{path}/{own}"))
+        trainer = load_part(self.store_.fs.cat_file(f"{path}/{own}"), self.store_.uri(f"{path}/{own}"))
         trainer["same_world"] = manifest.meta.get("world_size") == size
-        return {"trainer": trainer, "dcp": FsspecReader(self.store_.uri(path), **dict(self.context.options))}
+        where = self.store_.uri(path)
+        reader = safe_dcp_reader(where, where, names, **dict(self.context.options))
+        self._check_objects(path, reader.read_metadata())  # refuse now, with a plain error
+        return {"trainer": trainer, "dcp": reader}
+
+    def _check_objects(self, path: str, metadata: Any) -> None:
+        """Every non-tensor item (optimizer settings, counters) must pass weights-only loading."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        byte_items = {fqn for fqn, md in metadata.state_dict_metadata.items()
+                      if isinstance(md, BytesStorageMetadata)}
+        for index, info in metadata.storage_data.items():
+            if index.fqn not in byte_items or getattr(info, "transform_descriptors", None):
+                continue  # transformed items are still checked as DCP reads them
+            with self.store_.fs.open(f"{path}/{info.relative_path}", "rb") as f:
+                f.seek(info.offset)
+                load_part(f.read(info.length), f"{self.store_.uri(path)} ({index.fqn})")
 
     def close(self) -> None:
         pass
@@ -224,8 +345,6 @@ class FileSink:
 def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None):
     """Weights and architecture from a committed checkpoint (resume ``step_N`` or ``final``),
     verified against its manifest before anything is deserialised."""
-    import posixpath
-
     import fsspec
 
     from wmtp_core.events import LoadedModel
@@ -236,13 +355,18 @@ def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | No
     manifest, blobs = store.read_verified(path)
     if "model.pt" not in blobs:
         raise CheckpointError(f"{uri} holds no model.pt")
+    config = None
     if "model_config.json" in blobs:
-        config = json.loads(blobs["model_config.json"])
+        try:
+            config = json.loads(blobs["model_config.json"])
+        except ValueError:
+            raise CheckpointError(f"{uri}/model_config.json is not valid JSON") from None
     elif "trainer.pt" in blobs:
-        config = load_part(blobs["trainer.pt"]).get("model_config")
-    else:
-        config = None
-    if not config:
+        trainer = load_part(blobs["trainer.pt"], f"{uri}/trainer.pt")
+        config = trainer.get("model_config") if isinstance(trainer, dict) else None
+    if not config or not isinstance(config, dict):
         raise CheckpointError(f"{uri} does not record its model architecture")
-    return LoadedModel(weights=load_part(blobs["model.pt"]), model_config=config,
-                       source=store.uri(path))
+    weights = load_part(blobs["model.pt"], f"{uri}/model.pt")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{uri}/model.pt is not a state dict of tensors")
+    return LoadedModel(weights=weights, model_config=config, source=store.uri(path))

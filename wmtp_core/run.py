@@ -12,9 +12,12 @@ from typing import Any
 
 import attrs
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from wmtp_core import redact
 from wmtp_core.commit import CheckpointError, check_run_name
+from wmtp_core.console import consoles, error_line
 from wmtp_core.config import ConfigError, Settings, load_settings
 from wmtp_core.config.bindings import bindings_for, required_roles, resume_base
 from wmtp_core.engine.data import DataError
@@ -56,13 +59,18 @@ def parse_tags(recipe_tags: list[str], cli: str | None) -> dict[str, str]:
 
 
 def run_name_for(settings: Settings, cli: str | None) -> str:
-    name = cli or settings.recipe.run.name
-    if not name:
+    """``--run-name``, else ``run.name``, else ``<algo>-<YYYYmmdd-HHMMSS>``. An empty name is
+    refused rather than silently replaced."""
+    name, where = (cli, "--run-name") if cli is not None else (settings.recipe.run.name, "run.name")
+    if name == "":
+        raise ConfigError(f"{where}: '' is not accepted; give a name, or leave run.name null (and "
+                          "--run-name out) for the default <algo>-<YYYYmmdd-HHMMSS>")
+    if name is None:
         name = f"{settings.recipe.train.algo}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     try:
         return check_run_name(name)
     except ValueError as e:
-        raise ConfigError(f"--run-name / run.name: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> int:
@@ -70,9 +78,7 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
     WMTP in a notebook or a test); installed plugins are always loaded from entry points."""
     args = parser().parse_args(argv)
     args.plugins = plugins
-    out = Console(soft_wrap=True)
-    err = Console(stderr=True, soft_wrap=True)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out, err = consoles()
     # --verbose is about WMTP's own decisions; third-party debug logs (botocore's request
     # headers among them) stay off so credentials never reach the console.
     logging.getLogger("wmtp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
     try:
         return _main(args, out, err)
     except USER_ERRORS as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(error_line(e))
         return EXIT_USAGE
 
 
@@ -92,7 +98,7 @@ def _main(args: argparse.Namespace, out: Console, err: Console) -> int:
     settings = load_settings(args.config, args.recipe)
     if args.verbose:
         for key in settings.unused:
-            err.print(f"[yellow]unused:[/] {key} is accepted for compatibility but has no effect here")
+            err.print(Text.assemble(("unused: ", "yellow"), f"{key} is accepted for compatibility but has no effect here"))
     pm = make_plugin_manager()
     for plugin in getattr(args, "plugins", ()):
         pm.register(plugin)
@@ -198,11 +204,10 @@ def _train_in(world, settings, pm, catalog, bindings, required, name, tags, args
         )
     trainer = Trainer(settings, run, pm, router)
     if args.resume:
-        uri, manifest, parts = _find_resume(resume_sink, args.resume, err, world)
+        uri, manifest = _find_resume(resume_sink, args.resume, err, world, restore=trainer.restore)
         protected.add((manifest.run, manifest.step))
-        run = attrs.evolve(run, lineage=manifest.lineage, resumed_from=uri)
+        run = attrs.evolve(run, lineage=manifest.lineage, resumed_from=redact.text(uri))
         router.run = trainer.run = run
-        trainer.restore(parts)
         err.print(f"resuming {name!r} from {uri} (step {manifest.step})")
     try:
         pm.hook.wmtp_run_started(event=RunStarted(
@@ -211,7 +216,7 @@ def _train_in(world, settings, pm, catalog, bindings, required, name, tags, args
         ))
     except Exception as e:  # e.g. a tracking server that cannot be reached: nothing was trained yet
         raise TrainingError(f"a plugin failed as the run started, before any step: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from None
+                            f"{type(e).__name__}: {redact.text((str(e).splitlines() or [''])[0][:500])}") from None
     status, reason, code = "failed", "", EXIT_FAILED
     outcome = None
     t0 = time.perf_counter()
@@ -244,7 +249,7 @@ def _train_in(world, settings, pm, catalog, bindings, required, name, tags, args
                     trainer.save_final(outcome.metrics)
             except Exception as e:  # the resume state is committed: nothing is lost
                 status, code = "failed", EXIT_NOT_REGISTERED
-                reason = f"final model not stored ({type(e).__name__}: {str(e).splitlines()[0][:500]})"
+                reason = f"final model not stored ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:500]})"
                 log.debug("final store failed", exc_info=True)
         router.wait()
     except SaveError as e:
@@ -263,7 +268,7 @@ def _train_in(world, settings, pm, catalog, bindings, required, name, tags, args
         finally:
             try:
                 pm.hook.wmtp_run_ended(event=RunEnded(
-                    run=run, status=status, last_step=trainer.step, reason=reason,
+                    run=run, status=status, last_step=trainer.step, reason=redact.text(reason),
                     metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
                 ))
             except Exception as e:  # an observer's failure must not mask the run's outcome
@@ -282,12 +287,12 @@ def _train_in(world, settings, pm, catalog, bindings, required, name, tags, args
                   f"to stage them and waited {sum(s.waited_s for s in stats):.2f} s for saves in flight",
                   highlight=False)
     if code == EXIT_FAILED and reason:
-        err.print(f"[bold red]error:[/] {reason}", highlight=False)
+        err.print(error_line(reason))
     if code == EXIT_NOT_REGISTERED:
         last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
-        err.print(f"[bold red]error:[/] {reason}. The resume state of step {trainer.step} is "
+        err.print(error_line(f"{reason}. The resume state of step {trainer.step} is "
                   f"committed at {last.uri if last else '?'}; register it later with:\n"
-                  f"  wmtp register {last.uri if last else '<checkpoint URI>'}", highlight=False, soft_wrap=True)
+                  f"  wmtp register {last.uri if last else '<checkpoint URI>'}"))
     return code
 
 
@@ -307,25 +312,36 @@ def _load(sink, uri: str, world):
     return sink.load(uri, world=world) if world is not None and world.size > 1 else sink.load(uri)
 
 
-def _find_resume(sink, spec: str, err: Console, world=None):
+def _find_resume(sink, spec: str, err: Console, world=None, restore=lambda parts, uri: None):
+    """Load and restore the checkpoint ``spec`` names; for ``latest``, the newest one that
+    verifies and restores, saying why each newer one was skipped (a directory whose manifest
+    cannot be believed included). ``restore(parts, uri)`` raises CheckpointError to refuse."""
     if spec != "latest":
         manifest, parts = _load(sink, spec, world)
-        return spec, manifest, parts
+        restore(parts, spec)
+        return spec, manifest
     committed = sink.committed()
     if not committed:
         raise CheckpointError(f"--resume latest: no committed checkpoint under {sink.location()}")
+    unverifiable = getattr(sink, "unverifiable", lambda: [])()
+    newest = committed[-1][1].step
+    for uri, step, reason in unverifiable:  # newer than anything committed: say why it is not used
+        if step > newest:
+            err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {reason}"))
     for uri, _ in reversed(committed):
         try:
             manifest, parts = _load(sink, uri, world)
-            return uri, manifest, parts
+            restore(parts, uri)
+            return uri, manifest
         except CheckpointError as e:
-            err.print(f"[yellow]skipping[/] {uri}: {e}", highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {e}"))
     raise CheckpointError(f"--resume latest: no checkpoint under {sink.location()} verifies")
 
 
 def _loop(trainer, err: Console):
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err,
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                  MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
+                  TimeElapsedColumn(), console=err,
                   transient=False) as progress:
         task = progress.add_task(trainer.run.name, total=trainer.total_steps,
                                  completed=trainer.step, info="")

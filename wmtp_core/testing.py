@@ -39,7 +39,7 @@ What is checked, for each role the sink declares:
   manifest (staging) is never listed;
 - resume: ``delete(uri)`` removes the checkpoint from ``committed()``;
 - ``location()`` and the receipts contain no credential: no value of a storage option whose key
-  looks secret (key, secret, token, password);
+  looks secret by :mod:`wmtp_core.redact`'s rule;
 - final: a final payload (weights, module, example input, architecture) is stored, and
   ``stored_final(run)``, if the sink has it, returns ``None`` before and the receipt's URI after;
 - through a :class:`wmtp_core.router.Router` whose catalog holds only this sink, ``store()`` is
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
-import re
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -62,6 +61,7 @@ import attrs
 import pytest
 import torch
 
+from wmtp_core import redact
 from wmtp_core.commit import CheckpointError, CheckpointStore, step_dirname
 from wmtp_core.engine.model import ModelConfig, MTPModel
 from wmtp_core.engine.state import tensor_bytes
@@ -73,10 +73,9 @@ from wmtp_core.router import Router
 TINY = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_future=2, max_seq_len=16)
 """The architecture of every model the contract stores."""
 
-SECRET_KEY = re.compile(r"key|secret|token|password", re.IGNORECASE)
 """Storage option names whose values are credentials and must never be shown."""
 
-__all__ = ["SECRET_KEY", "TINY", "SinkContract", "assert_same", "final_payload",
+__all__ = ["TINY", "SinkContract", "assert_same", "final_payload",
            "resume_payload"]
 
 
@@ -304,15 +303,14 @@ class SinkContract:
                 sink.load(old)
 
     def test_staging_is_never_listed(self, tmp_path: Path):
-        """A step directory without a manifest (a crashed save) is invisible, and a later save
-        of the same step replaces it."""
+        """A step directory WMTP began without committing (a crashed save) is invisible, and a
+        later save of the same step replaces it."""
         self.require(Role.RESUME)
         run = self.run_info()
         with self.opened(tmp_path, Role.RESUME, run) as sink:
             store = self.checkpoint_store(sink)
             self.store(sink, run, Role.RESUME, 2)
-            staging = store.path_of(run.name, step_dirname(8))
-            store.fs.makedirs(staging, exist_ok=True)
+            staging = store.prepare(run.name, step_dirname(8))  # marked as WMTP's, as a save does
             store.fs.pipe_file(posixpath.join(staging, "model.pt"), b"half a checkpoint")
             steps = [m.step for _, m in sink.committed()]
             assert steps == [2], f"with staging at step 8, committed() lists steps {steps}"
@@ -320,9 +318,24 @@ class SinkContract:
             assert [m.step for _, m in sink.committed()] == [2, 8]
             assert_same(dict(payload.parts), dict(sink.load(receipt.uri)[1]))
 
+    def test_a_directory_wmtp_did_not_write_is_never_listed_nor_overwritten(self, tmp_path: Path):
+        """Another tool's ``step_N`` directory (no manifest, no staging marker) is not a
+        checkpoint, and a save of that step refuses to replace it."""
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            store = self.checkpoint_store(sink)
+            foreign = posixpath.join(store.path_of(run.name, step_dirname(12)), "pytorch_model.bin")
+            store.fs.makedirs(posixpath.dirname(foreign), exist_ok=True)
+            store.fs.pipe_file(foreign, b"another tool's weights")
+            assert list(sink.committed()) == [], "a foreign directory is listed as committed"
+            with pytest.raises(CheckpointError, match="not written by WMTP"):
+                self.store(sink, run, Role.RESUME, 12)
+            assert store.fs.cat_file(foreign) == b"another tool's weights"
+
     def test_location_has_no_credential(self, tmp_path: Path):
         secrets = {k: str(v) for k, v in self.storage_options(tmp_path).items()
-                   if SECRET_KEY.search(k) and v not in (None, "")}
+                   if redact.is_secret_key(k) and v not in (None, "")}
         if not secrets:
             pytest.skip("storage_options() holds no credential-looking option to look for")
         run = self.run_info()

@@ -12,6 +12,10 @@ def configure(settings: Mapping[str, Any]) -> None:
     """Point MLflow at the configured tracking and registry stores and experiment."""
     import mlflow
 
+    from wmtp_core import redact
+
+    # MLflow logs through handlers of its own (not the root's): they get the redaction rule too
+    redact.install_logging_filter()
     # MLflow logs an INFO line per migration and run; keep the console for WMTP's own summary.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -127,23 +127,15 @@ def wmtp_register_sinks(register):
 
 @hookimpl
 def wmtp_load_model(uri, mlflow_config):
-    """``models:/NAME/VERSION`` or ``models:/NAME/latest``: the weights of a registered model."""
+    """``models:/NAME/VERSION`` or ``models:/NAME/latest``: the weights of a registered model,
+    read only in a format that cannot run code (:mod:`wmtp_plugins._safe_models`); any other
+    format is refused, from its ``MLmodel`` file and artifact listing, before a byte of it is read.
+    """
     if not uri.startswith("models:/"):
         return None
-    import mlflow as mlf
-    import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
-
     from wmtp_core import LoadedModel
+    from wmtp_plugins import _safe_models
 
     configure(mlflow_config or {})
-    try:
-        info = mlf.models.get_model_info(uri)
-        module = mlf.pytorch.load_model(uri)
-    except MlflowException as e:
-        raise LookupError(f"{uri}: {e.message}") from None
-    config = (info.metadata or {}).get("wmtp_model_config")
-    if not config:
-        raise LookupError(f"{uri} is not a WMTP model (its metadata has no wmtp_model_config)")
-    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    weights, config = _safe_models.load(uri)
     return LoadedModel(weights=weights, model_config=config, source=uri)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from wmtp_core import hookimpl
+from wmtp_core import hookimpl, redact
 from wmtp_plugins._mlflow import configure
 
 FLUSH_EVERY = 50
@@ -36,20 +36,20 @@ class MlflowTracking:
         if previous is not None:
             # a resumed run continues its MLflow run: same params, metrics carry on
             mlflow.start_run(run_id=previous)
-            mlflow.set_tag("wmtp.resumed_from", event.run.resumed_from)
+            mlflow.set_tag("wmtp.resumed_from", redact.text(event.run.resumed_from))
             self.run_id = previous
             self.client = mlflow.MlflowClient()
             return
-        run = mlflow.start_run(run_name=event.run.name, tags={
+        run = mlflow.start_run(run_name=event.run.name, tags=redact.mapping({
             "wmtp.run": event.run.name,
             "wmtp.algo": event.run.algo,
             "wmtp.lineage": event.run.lineage,
             **{f"wmtp.binding.{role}": sink for role, sink in event.bindings.items()},
             **dict(event.run.tags),
-        })
+        }))
         self.run_id = run.info.run_id
         self.client = mlflow.MlflowClient()
-        params = [Param(k, str(v)[:MAX_PARAM]) for k, v in sorted(event.params.items())]
+        params = [Param(k, str(v)[:MAX_PARAM]) for k, v in sorted(redact.mapping(event.params).items())]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
@@ -68,7 +68,7 @@ class MlflowTracking:
     def wmtp_checkpoint_committed(self, receipt):
         if self.run_id is not None and receipt.role.value == "resume":
             self._safely("tag the latest resume checkpoint",
-                         self.client.set_tag, self.run_id, "wmtp.latest_resume", receipt.uri)
+                         self.client.set_tag, self.run_id, "wmtp.latest_resume", redact.text(receipt.uri))
 
     @hookimpl
     def wmtp_run_ended(self, event):
@@ -80,7 +80,8 @@ class MlflowTracking:
             self._safely("log metrics", self._flush)
             self._safely("tag the run status", self.client.set_tag, self.run_id, "wmtp.status", event.status)
             if event.reason:
-                self._safely("tag the run", self.client.set_tag, self.run_id, "wmtp.reason", event.reason[:5000])
+                self._safely("tag the run", self.client.set_tag, self.run_id, "wmtp.reason",
+                             redact.text(event.reason)[:5000])
         finally:
             status = "FAILED" if event.status == "failed" else "FINISHED"
             active = mlflow.active_run()
@@ -117,7 +118,7 @@ class MlflowTracking:
             if len(self._buffer) > MAX_BUFFER:
                 del self._buffer[: len(self._buffer) - MAX_BUFFER]
             log.warning("tracking: could not %s in MLflow run %s: %s", what, self.run_id,
-                        str(e).splitlines()[0][:300])
+                        redact.text((str(e).splitlines() or [""])[0][:300]))
             return None
 
 

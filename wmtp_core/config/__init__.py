@@ -6,6 +6,8 @@ from typing import Any
 
 import attrs
 
+from wmtp_core import redact
+
 from wmtp_core.config.loader import (
     ConfigError,
     flatten,
@@ -37,6 +39,8 @@ def load_settings(config: str | None = None, recipe: str | None = None) -> Setti
     """Load and validate both files (any fsspec URL); a missing one means embedded defaults."""
     cdata = load_yaml(config) if config else {}
     rdata = load_yaml(recipe) if recipe else {}
+    # secret values are known before anything can quote them (an error about a bad value)
+    redact.remember(redact.secrets_in(cdata) + redact.secrets_in(rdata))
     csrc, rsrc = config or "<defaults>", recipe or "<defaults>"
     c = structure(Config, cdata, source=csrc)
     r = structure(Recipe, rdata, source=rsrc)

@@ -13,9 +13,8 @@ import attrs
 import fsspec
 import yaml
 
-SECRET_KEY = re.compile(r"(^key$|^auth|secret|password|passwd|token|credential|api_?key|access_?key|private|session)", re.I)
-URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
-REDACTED = "***"
+from wmtp_core import redact
+
 
 
 class ConfigError(ValueError):
@@ -73,11 +72,23 @@ _UniqueKeyLoader.add_implicit_resolver(
 )
 
 
+MAX_BYTES = 1 << 20
+"""A config or recipe file is at most 1 MiB: real ones are a few kilobytes."""
+MAX_VALUES = 100_000
+"""Values in a file once every alias is expanded. A few lines of YAML aliases can stand for
+billions of values (an "alias bomb"); such a file is refused before anything expands it."""
+MAX_DEPTH = 64
+"""Nesting depth of mappings and lists."""
+
+
 def load_yaml(url: str) -> dict[str, Any]:
     """Read one YAML mapping from any fsspec URL, refusing duplicate keys."""
     try:
         with fsspec.open(url, "rt", encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_BYTES + 1)
+        if len(text.encode("utf-8")) > MAX_BYTES:
+            raise ConfigError(f"{url}: larger than {MAX_BYTES} bytes; a config or recipe is a few "
+                              "kilobytes of YAML")
     except FileNotFoundError:
         raise ConfigError(f"{url}: file not found") from None
     except UnicodeDecodeError as e:
@@ -94,9 +105,15 @@ def parse_yaml(text: str, name: str = "<string>") -> dict[str, Any]:
         raise ConfigError(f"{name}: not valid YAML: {e}") from None
     loader.name = name
     try:
-        data = loader.get_single_data()
+        node = loader.get_single_node()
+        if node is not None:
+            _check_size(node, name)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{name}: nested too deeply; at most {MAX_DEPTH} levels of mappings "
+                          "and lists are accepted") from None
     finally:
         loader.dispose()
     if data is None:
@@ -104,6 +121,42 @@ def parse_yaml(text: str, name: str = "<string>") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _check_size(root: yaml.Node, name: str) -> None:
+    """Refuse a document that expands to more than MAX_VALUES values or nests deeper than
+    MAX_DEPTH, counting each alias as the whole subtree it stands for, without expanding it:
+    each node's expanded size is computed once (aliases make the document a graph)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{name}: line {node.start_mark.line + 1}: nested deeper than "
+                              f"{MAX_DEPTH} levels of mappings and lists; that is not accepted")
+        if key in active:
+            raise ConfigError(f"{name}: line {node.start_mark.line + 1}: an alias refers to a "
+                              "mapping or list that contains it; recursive YAML is not accepted")
+        total = 1
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            active.add(key)
+            children = ([n for pair in node.value for n in pair]
+                        if isinstance(node, yaml.MappingNode) else node.value)
+            for child in children:
+                total += size(child, depth + 1)
+                if total > MAX_VALUES:
+                    raise ConfigError(
+                        f"{name}: line {node.start_mark.line + 1}: expands to more than "
+                        f"{MAX_VALUES} values once its aliases (*name) are expanded; that is not "
+                        "accepted (a config is a few hundred values)")
+            active.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root, 0)
 
 
 def key_of(field: attrs.Attribute) -> str:
@@ -250,24 +303,15 @@ def to_plain(obj: Any) -> Any:
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, with anything that looks like a secret redacted."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, with every secret hidden (:mod:`wmtp_core.redact`):
+    a mapping under a secret key collapses into one ``***``."""
     out: dict[str, Any] = {}
     for k, v in data.items():
         key = _join(prefix, k)
-        if isinstance(v, Mapping) and v:
+        if redact.is_secret_key(k, key):
+            out[key] = None if v is None else redact.REDACTED
+        elif isinstance(v, Mapping) and v:
             out.update(flatten(v, key))
         else:
-            out[key] = redact(key, v)
+            out[key] = redact.value(str(k), v, key)
     return out
-
-
-def redact(key: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
-        return REDACTED
-    if isinstance(value, str):
-        return URL_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", value)
-    if isinstance(value, list):
-        return [redact(key, v) for v in value]
-    return value

@@ -123,6 +123,51 @@ class MTPModel(nn.Module):
         return self.unembed(self.norm(self.heads[0](self.trunk_hidden(ids))))
 
 
+LIMITS = {"vocab_size": (1, 1 << 20), "d_model": (1, 65536), "n_layers": (1, 1024),
+          "n_heads": (1, 1024), "n_future": (1, 256), "max_seq_len": (1, 1 << 20)}
+"""What an architecture read from a stored model may say (it is untrusted input)."""
+
+
+def model_from_weights(config: Any, weights: Any, source: str) -> MTPModel:
+    """Rebuild a model from a stored architecture and weights, both untrusted.
+
+    The architecture is checked key by key, the model is laid out on the meta device and every
+    weight's name and shape compared with it before any memory is allocated: a stored model
+    that lies about its size is refused, not built. Raises ``ValueError`` naming ``source``.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: its architecture is not a mapping")
+    known = {f.name for f in attrs.fields(ModelConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{source}: its architecture has an unknown key {unknown[0]!r} "
+                         f"(known: {', '.join(sorted(known))})")
+    for key, (lo, hi) in LIMITS.items():
+        v = config.get(key)
+        if key in config and not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            raise ValueError(f"{source}: its architecture says {key}={v!r}; accepted: an integer "
+                             f"from {lo} to {hi}")
+    if "dropout" in config and not isinstance(config["dropout"], (int, float)):
+        raise ValueError(f"{source}: its architecture says dropout={config['dropout']!r}")
+    try:
+        cfg = ModelConfig(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: its architecture is not accepted ({e})") from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MTPModel(cfg).state_dict().items()}
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{source}: its weights are not a mapping of names to tensors")
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        k = diff[0]
+        raise ValueError(f"{source}: its weights do not fit the architecture it records "
+                         f"({k}: {got.get(k, 'missing')} vs {expected.get(k, 'not in the model')})")
+    model = MTPModel(cfg)
+    model.load_state_dict(weights)
+    return model
+
+
 def count_parameters(cfg: ModelConfig) -> int:
     """Parameter count without allocating the model (built on the meta device)."""
     with torch.device("meta"):

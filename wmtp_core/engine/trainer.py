@@ -16,7 +16,7 @@ from wmtp_core.engine import distributed
 from wmtp_core.commit import CheckpointError
 from wmtp_core.engine.algorithms import Algorithm, BaselineMTP, CriticWMTP, Rho1WMTP, head_ce, weighted_loss
 from wmtp_core.engine.errors import TrainingError
-from wmtp_core.engine.model import ModelConfig, MTPModel
+from wmtp_core.engine.model import ModelConfig, MTPModel, model_from_weights
 from wmtp_core.engine.optim import build_optimizer, build_scheduler
 from wmtp_core.engine.state import cpu_copy, restore_rng, rng_state, tensor_bytes
 from wmtp_core.events import LoadedModel, Payload, RunInfo, StepEnded
@@ -76,12 +76,12 @@ def resolve_model(pm: pluggy.PluginManager, uri: str, mlflow: Mapping[str, Any],
         loaded = pm.hook.wmtp_load_model(uri=uri, mlflow_config=dict(mlflow))
         if loaded is None:
             loaded = load_model_from_checkpoint(uri)
+        if not isinstance(loaded, LoadedModel):
+            raise TrainingError(f"{key}: {uri!r} did not resolve to a model")
+        model = model_from_weights(dict(loaded.model_config), dict(loaded.weights), uri)
     except (LookupError, CheckpointError, FileNotFoundError, ValueError) as e:
-        raise TrainingError(f"{key}: {uri!r} could not be loaded: {e}") from None
-    if not isinstance(loaded, LoadedModel):
-        raise TrainingError(f"{key}: {uri!r} did not resolve to a model")
-    model = MTPModel(ModelConfig(**dict(loaded.model_config)))
-    model.load_state_dict(dict(loaded.weights))
+        message = str(e) if uri in str(e) else f"{uri!r} could not be loaded: {e}"
+        raise TrainingError(f"{key}: {message}") from None
     return model.eval().requires_grad_(False)
 
 
@@ -213,7 +213,26 @@ class Trainer:
             },
         }
 
-    def restore(self, parts: Mapping[str, Any]) -> None:
+    def restore(self, parts: Mapping[str, Any], source: str = "the checkpoint") -> None:
+        """Put this run back where ``parts`` say. Parts that do not have the shape this WMTP
+        writes (a crafted or foreign file) are a :class:`CheckpointError` naming ``source``."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            self._restore(parts)
+        except (CheckpointError, TrainingError, data_mod.DataError):
+            raise
+        except CheckpointException as e:  # a BaseException: it would escape every handler
+            failures = [exc for exc, _ in e.failures.values()]
+            first = next((f for f in failures if isinstance(f, CheckpointError)), failures[0] if failures else e)
+            detail = (str(first).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(f"{source} could not be loaded ({detail})") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            detail = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(f"{source} does not hold resume state this run can continue "
+                                  f"from ({type(e).__name__}: {detail})") from None
+
+    def _restore(self, parts: Mapping[str, Any]) -> None:
         if "dcp" in parts:  # sharded: resharded to this world, whatever size wrote it
             distributed.load_sharded(self.model, self.optimizer, parts["dcp"])
         elif self.fsdp:

@@ -1,0 +1,53 @@
+"""Tiny configurations and recipes for tests: Python dicts, merged and written out as YAML."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TINY_RECIPE: dict[str, Any] = {
+    "run": {"name": "tiny"},
+    "train": {"algo": "baseline-mtp", "max_steps": 4},
+    "optim": {"lr": 0.003, "scheduler": "constant", "warmup_ratio": 0.0},
+    "data": {"train": {"sources": ["stdlib"], "max_length": 32, "batch_size": 4}},
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_future": 2, "max_seq_len": 32},
+    "pretrain": {"max_steps": 2},
+}
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``; a ``None`` in ``over`` replaces the value."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def tiny_config(tmp: Path, **over: Any) -> dict[str, Any]:
+    """Checkpoints under ``tmp/ck`` every 2 steps, MLflow in ``tmp/mlflow.db``."""
+    base = {
+        "seed": 7,
+        "log_interval": 2,
+        "paths": {"checkpoints": {"base_path": f"file://{tmp}/ck", "save_interval": 2, "keep_last": 2}},
+        "mlflow": {"experiment": "tests", "tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
+    }
+    return merge(base, over)
+
+
+def write(path: Path, data: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def files(tmp: Path, config: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,
+          name: str = "") -> list[str]:
+    """``--config C --recipe R`` arguments for a tiny run, both files written under ``tmp``."""
+    c = write(tmp / f"config{name}.yaml", config if config is not None else tiny_config(tmp))
+    r = write(tmp / f"recipe{name}.yaml", merge(TINY_RECIPE, recipe or {}))
+    return ["--config", c, "--recipe", r]

@@ -1,0 +1,212 @@
+"""Reading a registered model without running any of its code.
+
+A model in a registry is untrusted input: MLflow's ``pytorch`` flavor in pickle format, its
+``python_function`` models (cloudpickle) and even ``torch.export.load`` of a ``.pt2`` archive can
+execute code while loading. So WMTP never calls MLflow's loaders. It reads the model's
+``MLmodel`` file (YAML, parsed safely) and its artifact listing, decides the format from them
+before a single byte of weights is downloaded, and then reads weights only in a format that
+cannot execute code:
+
+- **WMTP's own export** (``wmtp-pt2``): the ``pytorch`` flavor as ``data/model.pt2``, carrying
+  ``wmtp_model_config`` in its metadata. Only the archive's weight records are read: raw tensor
+  bytes described by JSON, and any pickled record with ``torch.load(weights_only=True)``. The
+  program graph, constants and sample inputs (which ``torch.export.load`` would unpickle) are
+  never opened.
+- **safetensors**: a ``model.safetensors`` (at the model's root or under ``data/``) carrying
+  ``wmtp_model_config`` in its metadata, read with ``safetensors``.
+
+Everything else is refused with one line naming the URI, the format found and the formats
+accepted. (The ``transformers`` flavor with safetensors weights joins this list once WMTP trains
+Hugging Face models.)
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import sys
+import tempfile
+import zipfile
+from typing import Any
+
+ACCEPTED = ("WMTP's own export (MLflow pytorch flavor saved as pt2 with wmtp_model_config "
+            "metadata, weights read without unpickling) or safetensors weights "
+            "(model.safetensors with wmtp_model_config metadata)")
+_PT2_WEIGHTS_CONFIG = re.compile(r"[^/]+/data/weights/[^/]+_weights_config\.json")
+_PT2_RECORD = re.compile(r"weight_\d+")
+PICKLE_FILES = (".pth", ".pkl", ".pickle", ".bin", ".pt", ".joblib", ".cloudpickle")
+
+
+class UnsafeModelError(LookupError):
+    """A registered model whose format could run code when loaded, or that WMTP cannot read."""
+
+
+def listing(uri: str) -> dict[str, int]:
+    """Every artifact path of the model at ``uri`` with its size; nothing is downloaded."""
+    import mlflow
+
+    out: dict[str, int] = {}
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{uri}/{prefix}".rstrip("/")):
+            path = f.path if not prefix or f.path.startswith(prefix) else posixpath.join(prefix, f.path)
+            if f.is_dir:
+                stack.append(path)
+            else:
+                out[path] = f.file_size or 0
+    return out
+
+
+RUNS_CODE = "loading it can run code"
+NOT_WMTP = "WMTP cannot rebuild a model from it"
+
+
+def classify(uri: str, flavors: dict[str, Any], metadata: dict[str, Any] | None,
+             files: dict[str, int]) -> tuple[str, str, str]:
+    """``(kind, what was found, why it is refused)``; ``kind`` is ``wmtp-pt2``,
+    ``safetensors`` or ``refused``. Only the MLmodel file and the artifact listing are used."""
+    names = sorted(flavors)
+    has_config = bool((metadata or {}).get("wmtp_model_config"))
+    if "pytorch" in flavors:
+        data = str((flavors["pytorch"] or {}).get("model_data") or "data")
+        pickled = [p for p in files if p.startswith(f"{data}/") and p.endswith(PICKLE_FILES)]
+        if pickled:
+            return "refused", f"an MLflow pytorch model in pickle format ({pickled[0]})", RUNS_CODE
+        if f"{data}/model.pt2" in files:
+            if not has_config:
+                return "refused", "a pt2 export without wmtp_model_config metadata", NOT_WMTP
+            return "wmtp-pt2", f"WMTP's pt2 export ({data}/model.pt2)", ""
+    safetensors = [p for p in ("model.safetensors", "data/model.safetensors") if p in files]
+    if safetensors and has_config:
+        return "safetensors", f"safetensors weights ({safetensors[0]})", ""
+    if "transformers" in flavors:
+        return "refused", "an MLflow transformers model", ("Hugging Face reference models are not "
+                                                           "supported by this WMTP version yet")
+    pyfunc = flavors.get("python_function") or {}
+    if pyfunc.get("cloudpickle_version") or any(p.endswith(("python_model.pkl", ".cloudpickle")) for p in files):
+        return "refused", "an MLflow python_function model (cloudpickle)", RUNS_CODE
+    if any(p.endswith(PICKLE_FILES) for p in files):
+        pickled = next(p for p in sorted(files) if p.endswith(PICKLE_FILES))
+        return "refused", f"an MLflow model with flavors {', '.join(names) or 'none'} ({pickled})", RUNS_CODE
+    return "refused", f"an MLflow model with flavors {', '.join(names) or 'none'}", NOT_WMTP
+
+
+def load(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(weights, model_config)`` of the registered model at ``uri``, or
+    :class:`UnsafeModelError` before any weight byte is read."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    try:
+        model = Model.load(uri)  # the MLmodel file only (yaml.safe_load)
+        files = listing(uri)
+    except MlflowException as e:
+        raise LookupError(f"{uri}: {e.message}") from None
+    kind, found, why = classify(uri, model.flavors or {}, model.metadata, files)
+    if kind == "refused":
+        raise UnsafeModelError(f"{uri} is {found}: {why}, so none of it was read. Accepted: {ACCEPTED}")
+    config = dict(model.metadata["wmtp_model_config"])
+    path = f"{model.flavors['pytorch'].get('model_data') or 'data'}/model.pt2" if kind == "wmtp-pt2" \
+        else next(p for p in ("model.safetensors", "data/model.safetensors") if p in files)
+    with tempfile.TemporaryDirectory(prefix="wmtp-model-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=tmp)
+        except MlflowException as e:
+            raise LookupError(f"{uri}: {e.message}") from None
+        weights = pt2_weights(local, uri) if kind == "wmtp-pt2" else safetensors_weights(local, uri)
+    return weights, config
+
+
+def safetensors_weights(path: str, uri: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UnsafeModelError(f"{uri}: its safetensors file cannot be read ({e})") from None
+
+
+def pt2_weights(path: str, uri: str) -> dict[str, Any]:
+    """The weights of a ``torch.export`` archive, read without unpickling anything but
+    weights-only records: the JSON weight table says each tensor's dtype, shape, strides and
+    record; raw records become tensors directly."""
+    import torch
+    from torch._export.serde.schema import ScalarType
+    from torch._export.serde.serialize import deserialize_scalar_type
+
+    def refuse(why: str) -> UnsafeModelError:
+        return UnsafeModelError(f"{uri}: its pt2 archive {why}; refused")
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise refuse("is not a zip archive") from None
+    with archive:
+        names = set(archive.namelist())
+        configs = [n for n in names if _PT2_WEIGHTS_CONFIG.fullmatch(n)]
+        if len(configs) != 1:
+            raise refuse(f"holds {len(configs)} weight tables, expected exactly one")
+        root = configs[0].split("/", 1)[0]
+        byteorder = f"{root}/byteorder"
+        if byteorder in names and archive.read(byteorder).decode("ascii", "replace").strip() != sys.byteorder:
+            raise refuse(f"was written on a {archive.read(byteorder)!r}-endian machine")
+        try:
+            table = json.loads(archive.read(configs[0]))["config"]
+        except (ValueError, KeyError, TypeError):
+            raise refuse("has an unreadable weight table") from None
+        if not isinstance(table, dict):
+            raise refuse("has an unreadable weight table")
+        records: dict[str, Any] = {}
+        weights: dict[str, Any] = {}
+        for fqn, meta in table.items():
+            try:
+                record = meta["path_name"]
+                if not isinstance(record, str) or not _PT2_RECORD.fullmatch(record):
+                    raise refuse(f"names a weight record {record!r}")
+                full = f"{root}/data/weights/{record}"
+                if full not in names:
+                    raise refuse(f"lacks the record {record}")
+                if meta.get("use_pickle") is not False:  # a pickled tensor: weights-only, or nothing
+                    from wmtp_core.filesink import load_part
+
+                    try:
+                        tensor = load_part(archive.read(full), f"{uri} ({fqn})")
+                    except Exception as e:  # CheckpointError: refused by weights-only loading
+                        raise refuse(f"holds a weight that is not plain tensor data ({e})") from None
+                    if not isinstance(tensor, torch.Tensor):
+                        raise refuse(f"holds a {type(tensor).__name__} as weight {fqn!r}")
+                    weights[fqn] = tensor
+                    continue
+                tm = meta["tensor_meta"]
+                dtype = deserialize_scalar_type(ScalarType(tm["dtype"]))
+                sizes = [int(s["as_int"]) for s in tm["sizes"]]
+                strides = [int(s["as_int"]) for s in tm["strides"]]
+                offset = int(tm["storage_offset"]["as_int"])
+            except UnsafeModelError:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise refuse(f"describes weight {fqn!r} in a form WMTP does not read ({e!r})") from None
+            if record not in records:
+                info = archive.getinfo(full)
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise refuse(f"stores {record} compressed; torch.export writes raw records")
+                raw = bytearray(archive.read(full))
+                element = torch.empty((), dtype=dtype).element_size()
+                if len(raw) % element:
+                    raise refuse(f"has a record {record} that is not a whole number of {dtype} values")
+                records[record] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            flat = records[record]
+            if flat.dtype != dtype:
+                raise refuse(f"reads record {record} as two dtypes")
+            if any(s < 0 for s in sizes) or any(st < 0 for st in strides) or offset < 0 \
+                    or len(sizes) != len(strides):
+                raise refuse(f"describes weight {fqn!r} with a negative shape or stride")
+            extent = offset + sum((s - 1) * st for s, st in zip(sizes, strides)) + 1 if all(sizes) else 0
+            if extent > flat.numel():
+                raise refuse(f"describes weight {fqn!r} past the end of its record {record}")
+            weights[fqn] = torch.as_strided(flat, sizes, strides, offset).clone()
+    return weights
