@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from wmtp_core import Manifest, Receipt, Role, RunInfo
-from wmtp_core.events import FileEntry
+from wmtp_core.manifest import FileEntry
 from wmtp_core.plugins import make_plugin_manager
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +47,12 @@ def run_info(name="run", lineage="L1", algo="baseline-mtp"):
 class MemorySink:
     """A sink that keeps committed checkpoints in memory and records every store call."""
 
-    def __init__(self, context, name="memory"):
+    def __init__(self, context, name="memory", items=None):
         self.context = context
         self.name = name
         self.stored: list[tuple[Role, int]] = []
-        self.items: dict[str, Manifest] = {}
+        self.items: dict[str, Manifest] = {} if items is None else items
+        """Committed checkpoints by URI; share one dict between sinks to share a store."""
         self.deleted: list[str] = []
 
     def location(self):
@@ -62,11 +63,10 @@ class MemorySink:
         uri = f"{self.location()}/step_{event.step}"
         self.items[uri] = Manifest(
             run=event.run.name, step=event.step, role=event.role, lineage=event.run.lineage,
-            files=[FileEntry(path="x.pt", size=1, sha256="0" * 64)],
+            files=[FileEntry(path="x.pt", size=1, digest="0" * 64)],
             created_at="2026-01-01T00:00:00+00:00",
         )
-        return Receipt(role=event.role, sink=self.name, run=event.run.name, step=event.step,
-                       uri=uri, nbytes=1, seconds=0.0)
+        return Receipt(role=event.role, run=event.run.name, step=event.step, uri=uri, nbytes=1)
 
     def committed(self):
         return sorted(self.items.items(), key=lambda um: um[1].step)

@@ -11,8 +11,9 @@ import torch
 
 from wmtp_core import Payload, Role, RunInfo, SinkContext, SinkSpec, hookimpl
 from wmtp_core.plugins import build_catalog, make_plugin_manager
-from wmtp_core.roles import Bindings, PolicyBinding, SinkBinding
-from wmtp_core.router import Router, SaveError
+from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
+from wmtp_core.errors import SaveError
+from wmtp_core.router import Router
 from wmtp_core.run import EXIT_FAILED, main
 from wmtp_plugins.local import LocalSink
 
@@ -44,12 +45,10 @@ def router(base, sink="local", keep_last=10):
     pm = make_plugin_manager()
     pm.register(FlakyPlugin(), name="flaky-plugin")
     r = Router(pm, build_catalog(pm), Bindings(
-        sinks=[SinkBinding(role=Role.RESUME, sink=sink)],
+        sinks=[SinkBinding(role=Role.RESUME, sink=sink, base_path=f"file://{base}")],
         policies=[PolicyBinding(role=Role.RESUME, policy="keep_last", options={"keep_last": keep_last})]),
-        RUN, required=frozenset({Role.RESUME}),
-        context=lambda role, o: SinkContext(role=role, run=RUN, base_path=f"file://{base}"))
-    r.open()
-    return r
+        RUN, required=frozenset({Role.RESUME}))
+    return r.open()
 
 
 def test_a_save_that_changes_the_parameters_right_after_staging_stores_the_staged_values(tmp_path):
@@ -60,7 +59,7 @@ def test_a_save_that_changes_the_parameters_right_after_staging_stores_the_stage
     w.add_(1.0)  # the next optimiser step, while the save is still being written
     state["trainer"]["history"].append(3.0)
     r.wait()
-    _, parts = r.sink(Role.RESUME).load(r.receipts[0].uri)
+    parts = r.sink(Role.RESUME).load(r.receipts[0].uri).parts
     assert torch.equal(parts["model"]["w"], torch.arange(1_000_000, dtype=torch.float32))
     assert parts["trainer"]["history"] == [1.0, 2.0]
     r.close()

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from wmtp_core import Role
+from wmtp_core import ConfigError, Role
 from wmtp_core.commit import CheckpointError, CheckpointStore, check_run_name
 from wmtp_core.filesink import load_part, torch_writer
 
@@ -24,14 +24,42 @@ def write(store, step, run="r", lineage="L", files=None):
     return store.write(run, f"step_{step}", files, step=step, role=Role.RESUME, lineage=lineage)
 
 
-def test_manifest_records_every_file_with_size_and_sha256(store):
+def test_manifest_records_every_file_with_size_and_its_blake3(store):
+    import blake3
+
     m = write(store, 3)
     path = store.path_of("r", "step_3")
     on_disk = json.loads(open(os.path.join(path, "manifest.json")).read())
-    assert on_disk["step"] == 3 and on_disk["run"] == "r" and on_disk["format_version"] == 1
+    assert on_disk["step"] == 3 and on_disk["run"] == "r" and on_disk["format_version"] == 2
+    assert on_disk["hash"] == "blake3"
     (entry,) = on_disk["files"]
-    assert entry["size"] == os.path.getsize(os.path.join(path, "model.pt"))
+    data = open(os.path.join(path, "model.pt"), "rb").read()
+    assert entry == {"path": "model.pt", "size": len(data), "digest": blake3.blake3(data).hexdigest()}
     assert store.verify(path) == m
+
+
+def test_a_manifest_of_format_1_with_sha256_keeps_verifying(store):
+    """Checkpoints committed before the move to BLAKE3 name sha256 digests: still verified."""
+    import hashlib
+
+    write(store, 3)
+    path = store.path_of("r", "step_3")
+    target = os.path.join(path, "model.pt")
+    data = open(target, "rb").read()
+    manifest_path = os.path.join(path, "manifest.json")
+    v2 = json.loads(open(manifest_path).read())
+    v1 = {k: v for k, v in v2.items() if k != "hash"} | {
+        "format_version": 1,
+        "files": [{"path": "model.pt", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]}
+    open(manifest_path, "w").write(json.dumps(v1))
+    m = store.verify(path)
+    assert m.format_version == 1 and m.files[0].algorithm == "sha256"
+    assert store.read_verified(path)[1]["model.pt"] == data
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 1
+    open(target, "wb").write(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"model.pt does not match the manifest \(.*sha256"):
+        store.verify(path)
 
 
 def test_only_directories_with_a_manifest_are_checkpoints(store):
@@ -125,5 +153,5 @@ def test_a_crafted_pickle_does_not_run(tmp_path):
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 200, "a..b"])
 def test_run_names_cannot_escape(name):
-    with pytest.raises(ValueError, match="not allowed"):
+    with pytest.raises(ConfigError, match="not allowed"):
         check_run_name(name)

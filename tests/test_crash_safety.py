@@ -19,9 +19,9 @@ from rich.console import Console
 from wmtp_core import Payload, Role, RunInfo, SinkContext
 from wmtp_core import commit as commit_mod
 from wmtp_core.plugins import build_catalog, make_plugin_manager
-from wmtp_core.roles import Bindings, PolicyBinding, SinkBinding
+from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
 from wmtp_core.router import Router
-from wmtp_core.run import _find_resume
+from wmtp_core.session import find_resume as _find_resume
 
 RUN = RunInfo(name="crashy", algo="baseline-mtp", lineage="L")
 
@@ -35,13 +35,10 @@ def state(step: int) -> dict:
 
 def router_for(base: str) -> Router:
     pm = make_plugin_manager()
-    bindings = Bindings(sinks=[SinkBinding(role=Role.RESUME, sink="local")],
+    bindings = Bindings(sinks=[SinkBinding(role=Role.RESUME, sink="local", base_path=base)],
                         policies=[PolicyBinding(role=Role.RESUME, policy="keep_last",
                                                 options={"keep_last": 2})])
-    router = Router(pm, build_catalog(pm), bindings, RUN, required=frozenset({Role.RESUME}),
-                    context=lambda role, opts: SinkContext(role=role, run=RUN, base_path=base))
-    router.open()
-    return router
+    return Router(pm, build_catalog(pm), bindings, RUN, required=frozenset({Role.RESUME})).open()
 
 
 def save(base: str, step: int) -> None:
@@ -135,7 +132,7 @@ def test_a_save_killed_at_any_point_leaves_a_committed_checkpoint_that_verifies(
     sink = router_for(base).sink(Role.RESUME)
     parts = {}
     uri, manifest = _find_resume(sink, "latest", Console(stderr=True),
-                                 restore=lambda p, uri: parts.update(p))
+                                 restore=lambda loaded, uri: parts.update(loaded.parts))
     assert manifest.step == max(committed)
     assert torch.equal(parts["model"]["w"], state(manifest.step)["model"]["w"])
 

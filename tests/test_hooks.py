@@ -9,7 +9,7 @@ import pytest
 
 from wmtp_core import PolicySpec, Role, SinkSpec, hookimpl
 from wmtp_core.plugins import build_catalog, make_plugin_manager
-from wmtp_core.roles import BindingError
+from wmtp_core.errors import BindingError
 from wmtp_core.run import main
 
 TINY_RECIPE = """
@@ -217,9 +217,9 @@ def test_wmtp_load_model(recorded):
     """A plugin resolves its own URIs; committed checkpoints fall back to the core, verified."""
     import torch
 
-    from wmtp_core import LoadedModel
-    from wmtp_core.engine.errors import TrainingError
+    from wmtp_core import LoadedModel, ModelLoadError
     from wmtp_core.engine.trainer import resolve_model
+    from wmtp_core.session import model_loader
 
     rec, tmp = recorded
     final = tmp / "ckpt" / "hooks-run" / "final"
@@ -235,12 +235,14 @@ def test_wmtp_load_model(recorded):
 
     pm = make_plugin_manager()
     pm.register(Zoo(), name="zoo")
-    from_zoo = resolve_model(pm, "zoo:tiny", {}, "paths.models.ref")
-    from_ckpt = resolve_model(pm, f"file://{final}", {}, "paths.models.ref")
-    from_step = resolve_model(pm, str(tmp / "ckpt" / "hooks-run" / "step_6"), {}, "paths.models.ref")
+    load = model_loader(pm, {})
+    from_zoo = resolve_model(load, "zoo:tiny", "paths.models.ref")
+    # no plugin claims a path: the core's own implementation (trylast) reads the checkpoint
+    from_ckpt = resolve_model(load, f"file://{final}", "paths.models.ref")
+    from_step = resolve_model(load, str(tmp / "ckpt" / "hooks-run" / "step_6"), "paths.models.ref")
     for model in (from_zoo, from_ckpt, from_step):
         assert not any(p.requires_grad for p in model.parameters())
         for k, v in model.state_dict().items():
             assert torch.equal(v, weights[k])
-    with pytest.raises(TrainingError, match="paths.models.ref: .*step_404 has no manifest.json"):
-        resolve_model(pm, str(tmp / "ckpt" / "hooks-run" / "step_404"), {}, "paths.models.ref")
+    with pytest.raises(ModelLoadError, match="paths.models.ref: .*step_404 has no manifest.json"):
+        resolve_model(load, str(tmp / "ckpt" / "hooks-run" / "step_404"), "paths.models.ref")

@@ -19,7 +19,8 @@ from conftest import tree
 from wmtp_core import Role
 from wmtp_core.cli import main as cli_main
 from wmtp_core.commit import CheckpointError, CheckpointStore
-from wmtp_core.events import Manifest, ManifestError
+from wmtp_core.errors import ManifestError
+from wmtp_core.manifest import Manifest
 from wmtp_core.filesink import torch_writer
 
 OLD = time.time() - 7200
@@ -51,7 +52,8 @@ def _truncated(m):
 BROKEN = {
     "not JSON": (_not_json, "is not valid JSON"),
     "truncated": (_truncated, "is not valid JSON"),
-    "format_version 2": (lambda m: {**m, "format_version": 2}, "format_version 2 is not supported"),
+    "format_version 3": (lambda m: {**m, "format_version": 3}, "format_version 3 is not supported"),
+    "format_version 1 with a blake3 entry": (lambda m: {**m, "format_version": 1}, "unknown key 'hash'"),
     "size -1": (lambda m: {**m, "files": [{**m["files"][0], "size": -1}, *m["files"][1:]]},
                 "size: -1 is not an integer >= 0"),
     "files null": (lambda m: {**m, "files": None}, "files is None, not a list"),
@@ -100,7 +102,7 @@ def test_a_broken_manifest_is_unverifiable_everywhere(base, capsys, case):
 
     from wmtp_core.filesink import FileSink
     from wmtp_core.events import RunInfo, SinkContext
-    from wmtp_core.run import _find_resume
+    from wmtp_core.session import find_resume as _find_resume
 
     sink = FileSink(SinkContext(role=Role.RESUME, run=RunInfo(name="a", algo="baseline-mtp", lineage="L1"),
                                 base_path=f"file://{base}"))
@@ -162,8 +164,9 @@ def mutations(draw, original: dict):
             ("step", 5), ("step", 7), ("step", 600), ("step", -6), ("step", "6"), ("step", 6.0),
             ("step", True), ("step", 6), ("run", "b"), ("run", "../a"), ("run", ""), ("run", "a\n"),
             ("run", "a"), ("role", "final"), ("role", "RESUME"), ("role", "resume"), ("role", ""),
-            ("format_version", 0), ("format_version", 2), ("format_version", "1"), ("format_version", 1.0),
-            ("format_version", True), ("format_version", 1), ("lineage", None), ("lineage", ""),
+            ("format_version", 0), ("format_version", 1), ("format_version", 3), ("format_version", "2"),
+            ("format_version", 2.0), ("format_version", True), ("format_version", 2), ("hash", "sha256"),
+            ("hash", "md5"), ("hash", None), ("hash", "blake3"), ("lineage", None), ("lineage", ""),
             ("lineage", 7), ("lineage", ["L1"]), ("lineage", "L1/../x"), ("lineage", "L1"),
             ("created_at", "yesterday"), ("created_at", None), ("created_at", 3), ("meta", None),
             ("meta", []), ("meta", {"format": "zip"}), ("meta", {"format": "dcp"}),
@@ -175,15 +178,15 @@ def mutations(draw, original: dict):
         m[draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in m))] = draw(json_values)
     elif kind == "file":
         i = draw(st.integers(0, len(m["files"]) - 1))
-        key = draw(st.sampled_from(["path", "size", "sha256", "extra", "drop-key"]))
+        key = draw(st.sampled_from(["path", "size", "digest", "extra", "drop-key"]))
         entry = m["files"][i]
         if key == "path":
             entry["path"] = draw(paths)
         elif key == "size":
             entry["size"] = draw(st.one_of(st.integers(-2, entry["size"] + 2), json_values))
-        elif key == "sha256":
-            entry["sha256"] = draw(st.one_of(
-                st.just(entry["sha256"].upper()), st.just(m["files"][1 - i]["sha256"]),
+        elif key == "digest":
+            entry["digest"] = draw(st.one_of(
+                st.just(entry["digest"].upper()), st.just(m["files"][1 - i]["digest"]),
                 st.text(alphabet="0123456789abcdef", min_size=63, max_size=65), json_values))
         elif key == "extra":
             entry["extra"] = 1
@@ -317,9 +320,9 @@ def test_a_sharded_checkpoint_s_metadata_and_objects_never_run_code(tmp_path):
         return store.uri(path)
 
     good = sharded(2, {"w": torch.arange(4.0), "lr": 0.5})
-    _, parts = sink.load(good)
+    loaded = sink.load(good)
     state = {"w": torch.zeros(4), "lr": 0.0}
-    dcp.load(state, storage_reader=parts["dcp"], no_dist=True)
+    dcp.load(state, storage_reader=loaded.shards, no_dist=True)
     assert torch.equal(state["w"], torch.arange(4.0)) and state["lr"] == 0.5
 
     bad_meta = sharded(4, {"w": torch.arange(4.0)}, metadata=pickle.dumps(Exploit(str(marker))))

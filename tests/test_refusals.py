@@ -89,7 +89,7 @@ def test_a_huge_config_file_is_refused_without_reading_it_all(tmp_path, capsys):
 # ----------------------------------------------------------------------------- names
 @pytest.mark.parametrize("name", ["abc\n", "abc\n\n", "\nabc", "a\tb", "a/../b", "a b"])
 def test_a_run_name_must_match_in_full(name):
-    with pytest.raises(ValueError, match="not allowed"):
+    with pytest.raises(ConfigError, match="not allowed"):
         check_run_name(name)
 
 
@@ -153,13 +153,13 @@ def trained(tmp_path_factory):
 
 def replace_part(step_dir: Path, name: str, data: bytes) -> None:
     """What an attacker with write access does: swap a file and rewrite the manifest to match."""
-    import hashlib
+    from wmtp_core.manifest import digest_bytes
 
     (step_dir / name).write_bytes(data)
     manifest = json.loads((step_dir / "manifest.json").read_text())
     for f in manifest["files"]:
         if f["path"] == name:
-            f["size"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+            f["size"], f["digest"] = len(data), digest_bytes(data, manifest["hash"])
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -3,7 +3,7 @@ through its entry point only: nothing in WMTP names it."""
 
 from __future__ import annotations
 
-import hashlib
+import blake3
 import io
 import json
 import os
@@ -107,7 +107,8 @@ def test_final_model_is_exported_as_one_committed_tar(tarball_run):
     assert (manifest["role"], manifest["step"], manifest["run"]) == ("final", 4, "tar-run")
     (entry,) = manifest["files"]
     data = (export / "model.tar").read_bytes()
-    assert entry == {"path": "model.tar", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert manifest["hash"] == "blake3"
+    assert entry == {"path": "model.tar", "size": len(data), "digest": blake3.blake3(data).hexdigest()}
 
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert sorted(tar.getnames()) == ["model.pt", "model_config.json"]

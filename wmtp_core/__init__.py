@@ -1,38 +1,87 @@
-"""WMTP: multi-token-prediction training whose checkpoints go through role-bound plugins."""
+"""WMTP: multi-token-prediction training whose checkpoints go through role-bound plugins.
 
+What a plugin needs is importable from here: the hook marker, roles, the specs plugins register,
+the events, receipts and payloads that travel through hooks, the sink interface, the file-sink
+toolkit (``FileSink`` over ``CheckpointStore``) and the error family.
+"""
+
+from wmtp_core.catalog import PolicySpec, SinkSpec
+from wmtp_core.commit import CheckpointStore
+from wmtp_core.errors import (
+    BindingError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    DeviceError,
+    ModelLoadError,
+    SaveError,
+    TrainingError,
+    UnverifiableError,
+    UsageError,
+    WmtpError,
+)
 from wmtp_core.events import (
     CheckpointEmitted,
-    FileEntry,
     LoadedModel,
-    Manifest,
     Payload,
     Receipt,
     RunEnded,
     RunInfo,
     RunStarted,
+    RunStatus,
     SinkContext,
     StepEnded,
 )
 from wmtp_core.hookspecs import hookimpl
-from wmtp_core.roles import BindingError, PolicySpec, Role, SinkSpec
+from wmtp_core.manifest import FileEntry, Manifest
+from wmtp_core.roles import Role
+from wmtp_core.sinks import Holding, LoadedCheckpoint, ResumableSink, Sink
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``FileSink`` loads torch: imported on first use, so ``import wmtp_core`` (and the
+    ``wmtp`` command) stays light."""
+    if name == "FileSink":
+        from wmtp_core.filesink import FileSink
+
+        return FileSink
+    raise AttributeError(f"module 'wmtp_core' has no attribute {name!r}")
+
 
 __all__ = [
     "BindingError",
     "CheckpointEmitted",
+    "CheckpointError",
+    "CheckpointStore",
+    "ConfigError",
+    "DataError",
+    "DeviceError",
     "FileEntry",
+    "FileSink",
+    "Holding",
+    "LoadedCheckpoint",
     "LoadedModel",
     "Manifest",
+    "ModelLoadError",
     "Payload",
     "PolicySpec",
     "Receipt",
+    "ResumableSink",
     "Role",
     "RunEnded",
     "RunInfo",
     "RunStarted",
+    "RunStatus",
+    "SaveError",
+    "Sink",
     "SinkContext",
     "SinkSpec",
     "StepEnded",
+    "TrainingError",
+    "UnverifiableError",
+    "UsageError",
+    "WmtpError",
     "hookimpl",
 ]

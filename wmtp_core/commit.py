@@ -2,7 +2,7 @@
 
 A checkpoint is a directory ``<root>/<run>/<name>/``. A save first writes the staging marker
 ``.wmtp-staging`` there (so that ``wmtp gc`` and a later save know WMTP wrote it), then the files;
-``manifest.json`` (files, sizes, sha256, step, lineage, format version) is written last and is
+``manifest.json`` (files, sizes, digests, step, lineage, format version) is written last and is
 the commit, after which the marker is removed. A directory without a manifest is staging (with
 the marker) or not WMTP's at all (without it): never listed, never loaded; ``wmtp gc`` removes
 only the former. A manifest is untrusted input: it is validated against the schema, the
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
-import hashlib
+import enum
 import io
 import json
-import mmap
 import os
 import posixpath
 import re
@@ -28,7 +27,8 @@ import attrs
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from wmtp_core.events import RUN_NAME, FileEntry, Manifest, ManifestError
+from wmtp_core.errors import CheckpointError, ConfigError, ManifestError, UnverifiableError
+from wmtp_core.manifest import HASH, RUN_NAME, FileEntry, Manifest, digest_bytes, digest_file, new_hasher
 from wmtp_core.roles import Role
 
 MANIFEST = "manifest.json"
@@ -44,13 +44,20 @@ CHUNK = 8 << 20
 _READERS = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-verify")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, torn, or does not match its manifest."""
+class CheckpointState(str, enum.Enum):
+    """What a checkpoint directory is."""
 
+    COMMITTED = "committed"
+    """A manifest that passed every check: listed, resumed from, counted by retention."""
+    UNVERIFIABLE = "unverifiable"
+    """A manifest that cannot be believed: never resumed from, counted or deleted."""
+    STAGING = "staging"
+    """WMTP's marker and no manifest: a save that did not finish; ``wmtp gc`` removes it."""
+    FOREIGN = "foreign"
+    """Neither marker nor manifest: not written by WMTP, never touched."""
 
-class UnverifiableError(CheckpointError):
-    """A directory whose manifest cannot be believed: not JSON, not the schema, at odds with the
-    directory it lies in or with the files beside it. Such a checkpoint is never "committed"."""
+    def __str__(self) -> str:
+        return self.value
 
 
 @attrs.frozen
@@ -58,10 +65,7 @@ class Inspected:
     """What one checkpoint directory of a run is."""
 
     path: str
-    state: str
-    """``committed``, ``unverifiable`` (a manifest that cannot be believed), ``staging`` (WMTP's
-    marker, no manifest: a save that did not finish) or ``foreign`` (neither: not written by
-    WMTP, never touched)."""
+    state: CheckpointState = attrs.field(converter=CheckpointState)
     manifest: Manifest | None = None
     problem: str = ""
     """Why it is not committed."""
@@ -70,7 +74,7 @@ class Inspected:
 def check_run_name(name: str) -> str:
     """Refuse run names that could climb out of the base path or confuse listing."""
     if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name:
-        raise ValueError(
+        raise ConfigError(
             f"run name {name!r} is not allowed: use letters, digits and '_.=+-' "
             "(at most 128 characters, no '/', no '..', not starting with '.')"
         )
@@ -90,9 +94,9 @@ class HashingWriter(io.RawIOBase):
 
     SLICE = 8 << 20
 
-    def __init__(self, target: BinaryIO) -> None:
+    def __init__(self, target: BinaryIO, algorithm: str = HASH) -> None:
         self.target = target
-        self.sha = hashlib.sha256()
+        self.sha = new_hasher(algorithm)
         self.size = 0
         self._hashing: cf.Future | None = None
 
@@ -125,35 +129,25 @@ class HashingWriter(io.RawIOBase):
         return self.sha.hexdigest()
 
 
-_HASHER = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-sha256")
+_HASHER = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-hash")
 
 
 def _fresh_pools() -> None:
     """A forked child (a data-loader worker, a test that forks) inherits these executors without
     their threads: give it its own, or its saves would wait forever for a hash."""
     global _HASHER, _READERS
-    _HASHER = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-sha256")
+    _HASHER = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-hash")
     _READERS = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-verify")
 
 
 os.register_at_fork(after_in_child=_fresh_pools)
 
 
-def sha256_local(path: str) -> tuple[str, int]:
-    """sha256 and size of a local file, hashed straight from the page cache (no copy)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return hashlib.sha256(b"").hexdigest(), 0
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return hashlib.sha256(m).hexdigest(), size
-
-
 def _check(entry: FileEntry, digest: str, size: int, uri: str) -> None:
-    if size != entry.size or digest != entry.sha256:
+    if size != entry.size or digest != entry.digest:
         raise CheckpointError(
             f"{uri} does not match the manifest "
-            f"(size {size} vs {entry.size}, sha256 {digest[:12]}… vs {entry.sha256[:12]}…)"
+            f"(size {size} vs {entry.size}, {entry.algorithm} {digest[:12]}… vs {entry.digest[:12]}…)"
         )
 
 
@@ -162,13 +156,13 @@ def verified_source(fs: fsspec.AbstractFileSystem, path: str, entry: FileEntry, 
     it), elsewhere its bytes (read once, hashed, returned only if they match)."""
     try:
         if isinstance(fs, LocalFileSystem):
-            digest, size = sha256_local(path)
+            digest, size = digest_file(path, entry.algorithm)
             _check(entry, digest, size, uri)
             return path
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{uri} is missing") from None
-    _check(entry, hashlib.sha256(data).hexdigest(), len(data), uri)
+    _check(entry, digest_bytes(data, entry.algorithm), len(data), uri)
     return data
 
 
@@ -184,8 +178,9 @@ def _fsync(f: Any) -> None:
         pass
 
 
-def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, int]:
-    sha = hashlib.sha256()
+def digest_of(fs: fsspec.AbstractFileSystem, path: str, algorithm: str = HASH) -> tuple[str, int]:
+    """Digest and size of a file on any filesystem, streamed in 8 MiB chunks."""
+    sha = new_hasher(algorithm)
     size = 0
     with fs.open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -252,7 +247,7 @@ class CheckpointStore:
                 # Local disk: the serialiser writes the file itself (its fast path); the bytes that
                 # landed are hashed from the page cache while the next file is being written.
                 writer.save_to_path(fpath)
-                hashing[fname] = _HASHER.submit(sha256_local, fpath)
+                hashing[fname] = _HASHER.submit(digest_file, fpath, HASH)
                 continue
             with self.fs.open(fpath, "wb") as f:
                 hw = HashingWriter(f)
@@ -265,7 +260,7 @@ class CheckpointStore:
             hashing[fname] = hw
         for fname, h in hashing.items():
             digest, size = h.result() if isinstance(h, cf.Future) else (h.hexdigest(), h.size)
-            entries.append(FileEntry(path=fname, size=size, sha256=digest))
+            entries.append(FileEntry(path=fname, size=size, digest=digest, algorithm=HASH))
         manifest = Manifest(
             run=run,
             step=step,
@@ -322,7 +317,7 @@ class CheckpointStore:
             if expected and size < expected.get(n, 0):
                 raise CheckpointError(f"{self.uri(posixpath.join(path, n))}: {size} bytes landed, "
                                       f"the checkpoint's metadata needs {expected[n]}")
-            entries.append(FileEntry(path=n, size=size, sha256=digest))
+            entries.append(FileEntry(path=n, size=size, digest=digest, algorithm=HASH))
         missing = set(expected or {}) - set(names)
         if missing:
             raise CheckpointError(f"{self.uri(path)}: shard files missing: {sorted(missing)}")
@@ -331,8 +326,9 @@ class CheckpointStore:
         self._write_manifest(path, manifest)
         return manifest
 
-    def _hash(self, path: str) -> tuple[str, int]:
-        return sha256_local(path) if isinstance(self.fs, LocalFileSystem) else sha256_of(self.fs, path)
+    def _hash(self, path: str, algorithm: str = HASH) -> tuple[str, int]:
+        return digest_file(path, algorithm) if isinstance(self.fs, LocalFileSystem) \
+            else digest_of(self.fs, path, algorithm)
 
     def _write_manifest(self, path: str, manifest: Manifest) -> None:
         data = json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode()
@@ -471,13 +467,13 @@ class CheckpointStore:
                  if posixpath.dirname(i["name"].rstrip("/")) == path.rstrip("/")}
         if MANIFEST not in names:
             if STAGING_MARKER in names:
-                return Inspected(path, "staging", problem="a save that did not finish (no manifest)")
-            return Inspected(path, "foreign", problem=f"no {MANIFEST} and no {STAGING_MARKER}: not "
+                return Inspected(path, CheckpointState.STAGING, problem="a save that did not finish (no manifest)")
+            return Inspected(path, CheckpointState.FOREIGN, problem=f"no {MANIFEST} and no {STAGING_MARKER}: not "
                              "written by WMTP")
         try:
-            return Inspected(path, "committed", self.read_manifest(path, contents=contents))
+            return Inspected(path, CheckpointState.COMMITTED, self.read_manifest(path, contents=contents))
         except CheckpointError as e:
-            return Inspected(path, "unverifiable", problem=str(e))
+            return Inspected(path, CheckpointState.UNVERIFIABLE, problem=str(e))
 
     def list(self, run: str, role: Role | None = Role.RESUME) -> list[tuple[str, Manifest]]:
         """Committed checkpoints of ``run`` as ``(path, manifest)``, oldest step first.
@@ -486,23 +482,23 @@ class CheckpointStore:
         apart), so retention never counts them and "latest" never names them.
         """
         return [(i.path, i.manifest) for i in self.inspect(run)
-                if i.state == "committed" and (role is None or i.manifest.role is role)]
+                if i.state is CheckpointState.COMMITTED and (role is None or i.manifest.role is role)]
 
     def staging(self, run: str) -> list[str]:
         """Step directories of ``run`` that WMTP began and never committed."""
-        return [i.path for i in self.inspect(run) if i.state == "staging"]
+        return [i.path for i in self.inspect(run) if i.state is CheckpointState.STAGING]
 
     def verify_entry(self, path: str, entry: FileEntry) -> None:
         """Check one file of a checkpoint against its manifest entry (streamed, never held whole)."""
         fpath = posixpath.join(path, entry.path)
         try:
-            digest, size = self._hash(fpath)
+            digest, size = self._hash(fpath, entry.algorithm)
         except FileNotFoundError:
             raise CheckpointError(f"{self.uri(fpath)} is missing") from None
         _check(entry, digest, size, self.uri(fpath))
 
     def verify(self, path: str) -> Manifest:
-        """Check every file against the manifest's size and sha256; raise naming the first bad one."""
+        """Check every file against the manifest's size and digest; raise naming the first bad one."""
         manifest = self.read_manifest(path)
         for entry in manifest.files:
             self.verify_entry(path, entry)

@@ -1,7 +1,8 @@
 """The sink every file-like plugin builds on: the commit protocol plus torch serialisation.
 
 A plugin for another fsspec protocol registers ``FileSink`` (or a subclass) with its protocols;
-it inherits staging, manifests, sha256 verification, listing and safe deletion.
+it inherits staging, validated manifests, verified loading, listing and safe deletion. Its
+:class:`~wmtp_core.commit.CheckpointStore` is the public ``checkpoints`` attribute.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ import os
 import pickle
 import posixpath
 import re
-import time
 import zipfile
 from typing import Any, BinaryIO, Mapping
 
 import torch
 
-from wmtp_core.commit import CheckpointError, CheckpointStore, step_dirname
-from wmtp_core.engine.state import tensor_bytes
-from wmtp_core.events import CheckpointEmitted, Manifest, Payload, Receipt, SinkContext
+from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
+from wmtp_core.errors import CheckpointError
+from wmtp_core.events import CheckpointEmitted, Payload, Receipt, SinkContext
+from wmtp_core.manifest import Manifest
 from wmtp_core.roles import Role
+from wmtp_core.sinks import Holding, LoadedCheckpoint
+from wmtp_core.tensors import tensor_bytes
 
 FINAL_DIR = "final"
 TRAINER_PART = "trainer_rank{rank}.pt"
@@ -151,25 +154,24 @@ def safe_dcp_reader(url: str, where: str, files: set[str] | None = None, **stora
 
 
 class FileSink:
-    """Stores checkpoints as files under ``<base_path>/<run>/`` through fsspec."""
+    """Stores checkpoints as files under ``<base_path>/<run>/`` through fsspec: resume state in
+    ``step_<N>/``, the final model in ``final/``. Implements :class:`wmtp_core.sinks.ResumableSink`
+    and the optional ``stored_final``, ``held`` and ``unverifiable``."""
 
-    name = "file"
-
-    def __init__(self, context: SinkContext, *, sink_name: str | None = None) -> None:
+    def __init__(self, context: SinkContext) -> None:
         self.context = context
-        self.name = sink_name or type(self).name
-        self.store_ = CheckpointStore.from_url(context.base_path, **dict(context.options))
+        self.checkpoints = CheckpointStore.from_url(context.base_path, **dict(context.options))
+        """Where and how this sink commits: list, verify, read and delete its checkpoints."""
         self.run = context.run.name
 
     # -- the sink interface --------------------------------------------------------------
     def location(self) -> str:
         """Where this run's checkpoints live (no credentials)."""
-        return self.store_.uri(self.store_.run_dir(self.run))
+        return self.checkpoints.uri(self.checkpoints.run_dir(self.run))
 
     def store(self, event: CheckpointEmitted, payload: Payload) -> Receipt:
-        t0 = time.perf_counter()
         if payload.world is not None and event.role is Role.RESUME:
-            return self._store_sharded(event, payload, t0)
+            return self._store_sharded(event, payload)
         if event.role is Role.FINAL:
             name = FINAL_DIR
             files = {"model.pt": torch_writer(dict(payload.parts["model"]))}
@@ -179,7 +181,7 @@ class FileSink:
             # largest first: each file is hashed while the next ones are written
             order = sorted(payload.parts.items(), key=lambda kv: -tensor_bytes(kv[1]))
             files = {f"{part}.pt": torch_writer(obj) for part, obj in order}
-        manifest = self.store_.write(
+        manifest = self.checkpoints.write(
             self.run,
             name,
             files,
@@ -189,18 +191,11 @@ class FileSink:
             meta={"algo": event.run.algo, "metrics": dict(event.metrics),
                   "resumed_from": event.run.resumed_from, "torch": torch.__version__},
         )
-        path = self.store_.path_of(self.run, name)
-        return Receipt(
-            role=event.role,
-            sink=self.name,
-            run=self.run,
-            step=event.step,
-            uri=self.store_.uri(path),
-            nbytes=manifest.nbytes,
-            seconds=time.perf_counter() - t0,
-        )
+        path = self.checkpoints.path_of(self.run, name)
+        return Receipt(role=event.role, run=self.run, step=event.step, uri=self.checkpoints.uri(path),
+                       nbytes=manifest.nbytes)
 
-    def _store_sharded(self, event: CheckpointEmitted, payload: Payload, t0: float) -> Receipt:
+    def _store_sharded(self, event: CheckpointEmitted, payload: Payload) -> Receipt:
         """Every rank writes its own shards through DCP's fsspec writer and its own trainer
         state; once all are done, rank 0 hashes what landed and commits the manifest."""
         import torch.distributed.checkpoint as dcp
@@ -208,90 +203,102 @@ class FileSink:
 
         world = payload.world
         name = step_dirname(event.step)
-        path = self.store_.path_of(self.run, name)
+        path = self.checkpoints.path_of(self.run, name)
         failure = None
         if world.is_main:
             try:
-                self.store_.prepare(self.run, name)
+                self.checkpoints.prepare(self.run, name)
             except Exception as e:  # every rank must learn of it, or the others wait forever
                 failure = f"{type(e).__name__}: {e}"
         failure = world.broadcast(failure)
         if failure:
             raise CheckpointError(failure)
-        writer = FsspecWriter(self.store_.uri(path), sync_files=True, **dict(self.context.options))
+        writer = FsspecWriter(self.checkpoints.uri(path), sync_files=True, **dict(self.context.options))
         metadata = dcp.save({"model": payload.parts["model"], "optimizer": payload.parts["optimizer"]},
                             storage_writer=writer, process_group=world.group)
-        with self.store_.fs.open(f"{path}/{TRAINER_PART.format(rank=world.rank)}", "wb") as f:
+        with self.checkpoints.fs.open(f"{path}/{TRAINER_PART.format(rank=world.rank)}", "wb") as f:
             torch.save(payload.parts["trainer"], f)
         world.barrier()
-        fields = None
+        nbytes = None
         if world.is_main:
             expected: dict[str, int] = {}
             for info in metadata.storage_data.values():
                 expected[info.relative_path] = max(expected.get(info.relative_path, 0), info.offset + info.length)
             expected[".metadata"] = 1
-            manifest = self.store_.commit_existing(
+            manifest = self.checkpoints.commit_existing(
                 self.run, name, step=event.step, role=event.role, lineage=event.run.lineage,
                 expected=expected,
                 meta={"algo": event.run.algo, "metrics": dict(event.metrics), "format": "dcp",
                       "world_size": world.size, "resumed_from": event.run.resumed_from,
                       "torch": torch.__version__})
-            fields = (manifest.nbytes, time.perf_counter() - t0)
-        fields = world.broadcast(fields)  # plain values: receipts hold read-only mappings
-        if fields is None:
-            raise CheckpointError(f"rank 0 could not commit {self.store_.uri(path)}")
-        return Receipt(role=event.role, sink=self.name, run=self.run, step=event.step,
-                       uri=self.store_.uri(path), nbytes=fields[0], seconds=fields[1],
-                       meta={"world_size": world.size})
+            nbytes = manifest.nbytes
+        nbytes = world.broadcast(nbytes)  # a plain value: receipts hold read-only mappings
+        if nbytes is None:
+            raise CheckpointError(f"rank 0 could not commit {self.checkpoints.uri(path)}")
+        return Receipt(role=event.role, run=self.run, step=event.step, uri=self.checkpoints.uri(path),
+                       nbytes=nbytes, meta={"world_size": world.size})
 
     def stored_final(self, run) -> str | None:
         """The URI of this run's committed final model, if there is one."""
-        path = self.store_.path_of(run.name, FINAL_DIR)
+        path = self.checkpoints.path_of(run.name, FINAL_DIR)
         try:
-            self.store_.read_manifest(path)
+            self.checkpoints.read_manifest(path)
         except CheckpointError:
             return None
-        return self.store_.uri(path)
+        return self.checkpoints.uri(path)
+
+    def held(self, run_name: str, lineages: set[str] | None = None) -> list[Holding]:
+        """What this sink holds for ``run_name``: its committed final model (file-like sinks
+        keep it in ``<run>/final``) and its committed resume checkpoints."""
+        out = []
+        final = self.checkpoints.path_of(run_name, FINAL_DIR)
+        state = self.checkpoints.inspect_dir(final) if self.checkpoints.fs.isdir(final) else None
+        if state is not None and state.state is CheckpointState.COMMITTED:
+            m = state.manifest
+            if lineages is None or m.lineage in lineages:
+                out.append(Holding(role=Role.FINAL, uri=self.checkpoints.uri(final), step=m.step, nbytes=m.nbytes))
+        for path, m in self.checkpoints.list(run_name):
+            if lineages is None or m.lineage in lineages:
+                out.append(Holding(role=Role.RESUME, uri=self.checkpoints.uri(path), step=m.step, nbytes=m.nbytes))
+        return out
 
     def committed(self) -> list[tuple[str, Manifest]]:
         """This run's committed resume checkpoints as ``(uri, manifest)``, oldest first."""
-        return [(self.store_.uri(p), m) for p, m in self.store_.list(self.run)]
+        return [(self.checkpoints.uri(p), m) for p, m in self.checkpoints.list(self.run)]
 
     def unverifiable(self) -> list[tuple[str, int, str]]:
         """This run's step directories whose manifest cannot be believed, as
         ``(uri, step, reason)``: never resumed from, never counted by retention."""
-        return [(self.store_.uri(i.path), int(posixpath.basename(i.path)[5:]), i.problem)
-                for i in self.store_.inspect(self.run) if i.state == "unverifiable"]
+        return [(self.checkpoints.uri(i.path), int(posixpath.basename(i.path)[5:]), i.problem)
+                for i in self.checkpoints.inspect(self.run) if i.state is CheckpointState.UNVERIFIABLE]
 
     def delete(self, uri: str) -> None:
-        self.store_.delete(self._path(uri))
+        self.checkpoints.delete(self._path(uri))
 
-    def load(self, uri: str, world: Any = None) -> tuple[Manifest, dict[str, Any]]:
-        """Verify every file against the manifest, then deserialise the parts.
-
-        A sharded (DCP) checkpoint gives ``{"trainer": this rank's state, "dcp": a reader}``;
-        the engine loads the shards into whatever world it runs in.
-        """
+    def load(self, uri: str, world: Any = None) -> LoadedCheckpoint:
+        """Validate the manifest, verify every file against it, then deserialise the parts
+        (weights-only). A sharded (DCP) checkpoint gives this rank's trainer state and a reader
+        the engine loads the shards through, into whatever world it runs in."""
         path = self._path(uri)
-        manifest = self.store_.read_manifest(path)
+        manifest = self.checkpoints.read_manifest(path)
         if manifest.role is not Role.RESUME:
             raise CheckpointError(
-                f"{self.store_.uri(path)} is the {manifest.role.value} model of run {manifest.run!r}: "
+                f"{self.checkpoints.uri(path)} is the {manifest.role.value} model of run {manifest.run!r}: "
                 "it holds weights only, no optimizer or training state; resume from one of the "
                 "run's step_N checkpoints")
         if manifest.meta.get("format") == "dcp":
-            return manifest, self._load_sharded(path, manifest, world)
-        manifest, pending = self.store_.verify_async(path, manifest)
+            return self._load_sharded(path, manifest, world)
+        manifest, pending = self.checkpoints.verify_async(path, manifest)
         try:
             # each part is deserialised as soon as its own bytes verified
-            parts = {name.removesuffix(".pt"): load_part(fut.result(), self.store_.uri(f"{path}/{name}"))
+            parts = {name.removesuffix(".pt"): load_part(fut.result(), self.checkpoints.uri(f"{path}/{name}"))
                      for name, fut in pending.items() if name.endswith(".pt")}
         finally:
             for fut in pending.values():
                 fut.cancel()
-        return manifest, parts
+        return LoadedCheckpoint(manifest=manifest, parts=parts)
 
-    def _load_sharded(self, path: str, manifest: Manifest, world: Any) -> dict[str, Any]:
+    def _load_sharded(self, path: str, manifest: Manifest, world: Any) -> LoadedCheckpoint:
         rank = world.rank if world is not None else 0
         size = world.size if world is not None else 1
         # each rank verifies a share of the files; every rank learns of any failure
@@ -299,7 +306,7 @@ class FileSink:
         errors = []
         for e in mine:
             try:
-                self.store_.verify_entry(path, e)
+                self.checkpoints.verify_entry(path, e)
             except CheckpointError as err:
                 errors.append(str(err))
         if world is not None and size > 1:
@@ -311,15 +318,16 @@ class FileSink:
         if errors:
             raise CheckpointError(errors[0])
         names = {e.path for e in manifest.files}
+        same_world = manifest.meta.get("world_size") == size
         own = TRAINER_PART.format(rank=rank)
-        if own not in names or manifest.meta.get("world_size") != size:
+        if own not in names or not same_world:
             own = TRAINER_PART.format(rank=0)  # another world size: rank 0's counters and data position
-        trainer = load_part(self.store_.fs.cat_file(f"{path}/{own}"), self.store_.uri(f"{path}/{own}"))
-        trainer["same_world"] = manifest.meta.get("world_size") == size
-        where = self.store_.uri(path)
+        trainer = load_part(self.checkpoints.fs.cat_file(f"{path}/{own}"), self.checkpoints.uri(f"{path}/{own}"))
+        where = self.checkpoints.uri(path)
         reader = safe_dcp_reader(where, where, names, **dict(self.context.options))
         self._check_objects(path, reader.read_metadata())  # refuse now, with a plain error
-        return {"trainer": trainer, "dcp": reader}
+        return LoadedCheckpoint(manifest=manifest, parts={"trainer": trainer}, shards=reader,
+                                same_world=same_world)
 
     def _check_objects(self, path: str, metadata: Any) -> None:
         """Every non-tensor item (optimizer settings, counters) must pass weights-only loading."""
@@ -330,43 +338,13 @@ class FileSink:
         for index, info in metadata.storage_data.items():
             if index.fqn not in byte_items or getattr(info, "transform_descriptors", None):
                 continue  # transformed items are still checked as DCP reads them
-            with self.store_.fs.open(f"{path}/{info.relative_path}", "rb") as f:
+            with self.checkpoints.fs.open(f"{path}/{info.relative_path}", "rb") as f:
                 f.seek(info.offset)
-                load_part(f.read(info.length), f"{self.store_.uri(path)} ({index.fqn})")
+                load_part(f.read(info.length), f"{self.checkpoints.uri(path)} ({index.fqn})")
 
     def close(self) -> None:
         pass
 
     def _path(self, uri: str) -> str:
-        prefix = f"{self.store_.protocol}://"
+        prefix = f"{self.checkpoints.protocol}://"
         return uri[len(prefix):] if uri.startswith(prefix) else uri
-
-
-def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None):
-    """Weights and architecture from a committed checkpoint (resume ``step_N`` or ``final``),
-    verified against its manifest before anything is deserialised."""
-    import fsspec
-
-    from wmtp_core.events import LoadedModel
-
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    path = path.rstrip("/")
-    store = CheckpointStore(fs, posixpath.dirname(posixpath.dirname(path)))
-    manifest, blobs = store.read_verified(path)
-    if "model.pt" not in blobs:
-        raise CheckpointError(f"{uri} holds no model.pt")
-    config = None
-    if "model_config.json" in blobs:
-        try:
-            config = json.loads(blobs["model_config.json"])
-        except ValueError:
-            raise CheckpointError(f"{uri}/model_config.json is not valid JSON") from None
-    elif "trainer.pt" in blobs:
-        trainer = load_part(blobs["trainer.pt"], f"{uri}/trainer.pt")
-        config = trainer.get("model_config") if isinstance(trainer, dict) else None
-    if not config or not isinstance(config, dict):
-        raise CheckpointError(f"{uri} does not record its model architecture")
-    weights = load_part(blobs["model.pt"], f"{uri}/model.pt")
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise CheckpointError(f"{uri}/model.pt is not a state dict of tensors")
-    return LoadedModel(weights=weights, model_config=config, source=store.uri(path))

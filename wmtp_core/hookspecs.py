@@ -20,7 +20,7 @@ if TYPE_CHECKING:
         RunStarted,
         StepEnded,
     )
-    from wmtp_core.roles import PolicySpec, SinkSpec
+    from wmtp_core.catalog import PolicySpec, SinkSpec
 
 hookspec = pluggy.HookspecMarker("wmtp")
 hookimpl = pluggy.HookimplMarker("wmtp")

@@ -5,19 +5,28 @@ from __future__ import annotations
 import pluggy
 
 from wmtp_core import hookspecs
-from wmtp_core.roles import Catalog
+from wmtp_core.catalog import Catalog
 
 ENTRY_POINT_GROUP = "wmtp"
 
 
+CORE_PLUGINS = ("wmtp_core.checkpoint_models",)
+"""The core's own hook implementations (``trylast``: any plugin answers before them)."""
+
+
 def make_plugin_manager(*, entry_points: bool = True) -> pluggy.PluginManager:
-    """A fresh manager with WMTP's hookspecs; installed plugins are loaded if ``entry_points``.
+    """A fresh manager with WMTP's hookspecs and the core's own hook implementations;
+    installed plugins are loaded if ``entry_points``.
 
     Loading is idempotent (pluggy skips names already registered), so calling
     :func:`load_plugins` again is harmless.
     """
+    import importlib
+
     pm = pluggy.PluginManager("wmtp")
     pm.add_hookspecs(hookspecs)
+    for name in CORE_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
     if entry_points:
         load_plugins(pm)
     return pm

@@ -9,7 +9,8 @@ import attrs
 from rich.table import Table
 
 from wmtp_core.events import Receipt
-from wmtp_core.roles import Bindings, Role
+from wmtp_core.bindings import Bindings
+from wmtp_core.roles import Role
 
 TRAINER_STATE_BYTES = 16 << 10
 """RNG streams, data position, scheduler and counters: a few kilobytes per save."""
@@ -105,18 +106,3 @@ def summary_lines(receipts: Iterable[Receipt], deleted: Iterable[Receipt],
             f"kept; save time {secs:.2f} s ({secs / len(rs):.2f} s each)"
         )
     return lines
-
-
-def logged_model_bytes(client, model_id: str | None) -> int | None:
-    """Bytes an MLflow logged model occupies in its artifact store (``client`` is an
-    ``mlflow.MlflowClient``); ``None`` without a model id."""
-    if not model_id:
-        return None
-    total, stack = 0, [None]
-    while stack:
-        for f in client.list_logged_model_artifacts(model_id, stack.pop()):
-            if f.is_dir:
-                stack.append(f.path)
-            else:
-                total += f.file_size or 0
-    return total

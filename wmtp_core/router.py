@@ -1,23 +1,29 @@
 """The router: the only path from an emitted checkpoint to a sink.
 
-It checks every binding before the first training step (:func:`wmtp_core.roles.validate`),
-builds exactly one sink per bound role, hands each payload to that sink alone, and prunes
-through the role's policy after the commit, in the background, protecting what must stay.
+It checks every binding before the first training step (:func:`wmtp_core.bindings.validate`),
+builds exactly one sink per bound role from its binding, hands each payload to that sink alone,
+stores the final model at most once, and prunes through the role's policy after the commit, in
+the background, protecting what must stay.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import logging
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import attrs
 import pluggy
 
+from wmtp_core.asyncsave import AsyncStats, BackgroundSaver
+from wmtp_core.bindings import Bindings, validate
+from wmtp_core.catalog import Catalog
+from wmtp_core.errors import BindingError
 from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo, SinkContext
-from wmtp_core.roles import BindingError, Bindings, Catalog, Role, validate
+from wmtp_core.roles import Role
 
 log = logging.getLogger(__name__)
 
@@ -27,64 +33,25 @@ _EMIT_HOOK = {
 }
 
 
-class SaveError(RuntimeError):
-    """A checkpoint save failed (in the background for asynchronous saves)."""
+class _Alone:
+    """The coordinator of a single process: it is the main one and agrees with itself."""
 
+    is_main = True
 
-class Stager:
-    """Copies a payload's tensors into buffers it keeps between saves: the one short pause of an
-    asynchronous save. Reusing the buffers avoids allocating (and faulting in) fresh memory each
-    time; it is safe because at most one save is in flight and it has finished before restaging.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Any] = {}
-
-    def stage(self, payload: Payload) -> Payload:
-        import torch
-
-        from torch.distributed.tensor import DTensor
-
-        def copy(obj: Any, key: str) -> Any:
-            if isinstance(obj, DTensor):  # a shard: stage the local part, keep the layout
-                local = copy(obj.to_local(), key)
-                return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
-                                          shape=obj.shape, stride=obj.stride())
-            if isinstance(obj, torch.Tensor):
-                buf = self._buffers.get(key)
-                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype or buf.device.type != "cpu":
-                    buf = torch.empty(obj.shape, dtype=obj.dtype, device="cpu",
-                                      pin_memory=obj.is_cuda and torch.cuda.is_available())
-                    self._buffers[key] = buf
-                buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
-                return buf
-            if isinstance(obj, Mapping):
-                return {k: copy(v, f"{key}/{k}") for k, v in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(copy(v, f"{key}/{i}") for i, v in enumerate(obj))
-            return obj  # numbers and strings are immutable
-
-        parts = {name: copy(obj, name) for name, obj in payload.parts.items()}
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return attrs.evolve(payload, parts=parts)
-
-
-@attrs.define
-class AsyncStats:
-    step: int
-    staged_s: float
-    """How long training paused to stage the state."""
-    waited_s: float
-    """How long it waited for the previous save still in flight."""
+    @staticmethod
+    def broadcast(obj: Any) -> Any:
+        return obj
 
 
 class Router:
     """Dispatch emitted checkpoints to the sinks the configuration bound.
 
     :param required: roles this run will emit; each must be bound (checked at construction).
+    :param mlflow: the ``mlflow`` config section, handed to every sink in its context.
     :param protected: ``(run, step)`` pairs retention must never delete (the resumed-from one).
-    :param context: builds the :class:`SinkContext` for a role's sink.
+    :param coordinator: under several ranks, an object with ``is_main`` and ``broadcast(obj)``
+        (rank 0's value everywhere): rank 0 alone asks the final sink, every rank learns the
+        answer, so all of them take part in gathering the weights, or none does.
     """
 
     def __init__(
@@ -95,16 +62,18 @@ class Router:
         run: RunInfo,
         *,
         required: frozenset[Role],
-        context: Callable[[Role, Mapping[str, Any]], SinkContext],
-        protected: Callable[[], set[tuple[str, int]]] = set,
+        mlflow: Mapping[str, Any] | None = None,
+        protected: frozenset[tuple[str, int]] = frozenset(),
+        coordinator: Any = None,
     ) -> None:
         validate(bindings, catalog, required)
         self.pm = pm
         self.catalog = catalog
         self.bindings = bindings
         self.run = run
-        self._context = context
-        self._protected = protected
+        self.mlflow = dict(mlflow or {})
+        self.protected = frozenset(protected)
+        self.coordinator = coordinator or _Alone()
         self._sinks: dict[Role, Any] = {}
         self._policies: dict[Role, Any] = {}
         self.receipts: list[Receipt] = []
@@ -113,20 +82,23 @@ class Router:
         self._pending: list[cf.Future] = []
         self._lock = threading.Lock()
         self._opened = False
-        self._writer = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-async-save")
-        self._inflight: tuple[int, cf.Future] | None = None
-        self._stager = Stager()
-        self.async_stats: list[AsyncStats] = []
+        self._saver = BackgroundSaver()
 
     # -- life cycle ------------------------------------------------------------------------
-    def open(self) -> None:
+    def context(self, role: Role) -> SinkContext:
+        """The context the role's sink is built with, from its binding alone."""
+        b = self.bindings.sink_for(role)
+        return SinkContext(role=role, run=self.run, base_path=b.base_path,
+                           options=copy.deepcopy(dict(b.options)), mlflow=self.mlflow)
+
+    def open(self) -> Router:
         """Build each bound sink and policy. Called after validation, before the first step."""
         for b in self.bindings.sinks:
-            spec = self.catalog.sinks[b.sink]
-            self._sinks[b.role] = spec.factory(self._context(b.role, b.options))
+            self._sinks[b.role] = self.catalog.sinks[b.sink].factory(self.context(b.role))
         for p in self.bindings.policies:
-            self._policies[p.role] = self.catalog.policies[p.policy].factory(dict(p.options))
+            self._policies[p.role] = self.catalog.policies[p.policy].factory(copy.deepcopy(dict(p.options)))
         self._opened = True
+        return self
 
     def sink(self, role: Role) -> Any:
         try:
@@ -137,12 +109,16 @@ class Router:
     def bound(self, role: Role) -> bool:
         return self.bindings.sink_for(role) is not None
 
+    @property
+    def async_stats(self) -> list[AsyncStats]:
+        return self._saver.stats
+
     def close(self) -> None:
         """Wait for background saves and retention, surface their failures, close the sinks."""
         try:
             self.wait()
         finally:
-            self._writer.shutdown(wait=True)
+            self._saver.close()
             self._pruner.shutdown(wait=True)
             for sink in self._sinks.values():
                 close = getattr(sink, "close", None)
@@ -151,7 +127,7 @@ class Router:
 
     def wait(self) -> None:
         """Block until every save and prune started so far is done; raise the first failure."""
-        self._drain()
+        self._saver.drain()
         pending, self._pending = self._pending, []
         errors = []
         for fut in pending:
@@ -161,6 +137,29 @@ class Router:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+    # -- the final model, once -------------------------------------------------------------
+    def final_stored(self) -> str | None:
+        """Where this run's final model already is: stored by this router, or, for a resumed run
+        that had finished, found by its sink (``stored_final``). The one place that decides
+        "at most once"; under several ranks every rank gets rank 0's answer."""
+        answer: tuple[str | None, str | None] = (None, None)
+        if self.coordinator.is_main:
+            try:
+                answer = (self._final_stored(), None)
+            except Exception as e:  # the sink cannot be asked: every rank must learn it
+                answer = (None, f"{type(e).__name__}: {e}")
+        stored, failure = self.coordinator.broadcast(answer)
+        if failure is not None:
+            raise BindingError(f"the final sink could not tell whether the final model is stored: {failure}")
+        return stored
+
+    def _final_stored(self) -> str | None:
+        mine = next((r.uri for r in self.receipts if r.role is Role.FINAL), None)
+        if mine is not None:
+            return mine
+        find = getattr(self._sinks.get(Role.FINAL), "stored_final", None)
+        return find(self.run) if find is not None else None
 
     # -- dispatch --------------------------------------------------------------------------
     def emit(
@@ -175,20 +174,19 @@ class Router:
     ) -> Receipt | cf.Future:
         """Store one checkpoint through the sink bound to ``role``, and only there.
 
-        ``background``: stage the payload in memory and return at once with a future; the
-        write, the commit, the ``wmtp_checkpoint_committed`` hook and retention follow in a
-        background thread. At most one save is in flight: a second one first waits (the wait is
-        recorded in :attr:`async_stats`), and a failed save raises :class:`SaveError` at the
-        next emit or at :meth:`wait`.
+        The final model is refused if this run's lineage already stored one. ``background``:
+        stage the payload in memory and return at once with a future; the write, the commit,
+        the ``wmtp_checkpoint_committed`` hook and retention follow in a background thread, at
+        most one save in flight (:mod:`wmtp_core.asyncsave`).
         """
         if not self._opened:
             raise RuntimeError("Router.open() must be called before emit()")
         sink = self.sink(role)
-        if role is Role.FINAL and any(r.role is Role.FINAL for r in self.receipts):
-            raise BindingError(
-                f"the final model of run {self.run.name!r} is already stored "
-                f"({next(r.uri for r in self.receipts if r.role is Role.FINAL)}); it is stored once"
-            )
+        if role is Role.FINAL:
+            stored = self._final_stored()
+            if stored is not None:
+                raise BindingError(f"the final model of run {self.run.name!r} is already stored "
+                                   f"({stored}); it is stored once")
         event = CheckpointEmitted(
             run=self.run,
             role=role,
@@ -200,51 +198,26 @@ class Router:
         )
         getattr(self.pm.hook, _EMIT_HOOK[role])(event=event)
         if not background:
-            self._drain()  # a synchronous save never overtakes one in flight
+            self._saver.drain()  # a synchronous save never overtakes one in flight
             return self._store(role, sink, event, payload)
-        t0 = time.perf_counter()
-        self._drain()
-        waited = time.perf_counter() - t0
-        staged = self._stager.stage(payload)
-        self.async_stats.append(AsyncStats(step=step, staged_s=time.perf_counter() - t0 - waited,
-                                           waited_s=waited))
-        if waited > 0.01:
-            log.info("async save of step %d waited %.2f s for the previous save", step, waited)
-        future = self._writer.submit(self._store, role, sink, event, staged)
-        self._inflight = (step, future)
-        return future
-
-    def _drain(self) -> None:
-        if self._inflight is None:
-            return
-        step, future = self._inflight
-        self._inflight = None
-        try:
-            future.result()
-        except Exception as e:
-            raise SaveError(f"the background save of step {step} failed, nothing of it was "
-                            f"committed: {type(e).__name__}: {e}") from e
+        return self._saver.submit(step, dict(payload.parts),
+                                  lambda staged: self._store(role, sink, event, attrs.evolve(payload, parts=staged)))
 
     def _store(self, role: Role, sink: Any, event: CheckpointEmitted, payload: Payload) -> Receipt:
-        step = event.step
+        name = self.bindings.sink_for(role).sink
         t0 = time.perf_counter()
         receipt = sink.store(event=event, payload=payload)
+        seconds = time.perf_counter() - t0
         if not isinstance(receipt, Receipt):
-            raise TypeError(f"sink {self.bindings.sink_for(role).sink!r} returned {receipt!r}, not a Receipt")
-        self.receipts.append(receipt)
+            raise TypeError(f"sink {name!r} returned {receipt!r}, not a Receipt")
+        receipt = attrs.evolve(receipt, sink=name, seconds=seconds)
+        with self._lock:
+            self.receipts.append(receipt)
         self.pm.hook.wmtp_checkpoint_committed(receipt=receipt)
-        log.debug("stored %s step %d via %s in %.3fs", role.value, step, receipt.sink,
-                  time.perf_counter() - t0)
+        log.debug("stored %s step %d via %s in %.3fs", role.value, event.step, name, seconds)
         if role in self._policies:
             self._pending.append(self._pruner.submit(self._prune, role))
         return receipt
-
-    def stored_final(self) -> str | None:
-        """Where this run's final model already is, if its sink can tell (a resumed run that
-        had finished must not store it twice)."""
-        sink = self._sinks.get(Role.FINAL)
-        find = getattr(sink, "stored_final", None)
-        return find(self.run) if find is not None else None
 
     def _resume_location(self) -> str | None:
         sink = self._sinks.get(Role.RESUME)
@@ -258,14 +231,14 @@ class Router:
         if not committed:
             return
         newest = max(m.step for _, m in committed)
-        keep = {(self.run.name, newest)} | set(self._protected())
+        keep = {(self.run.name, newest)} | set(self.protected)
         chosen = set(policy.select([m for _, m in committed]))
+        name = self.bindings.sink_for(role).sink
         for uri, m in committed:
             if m.step not in chosen or (m.run, m.step) in keep:
                 continue
             sink.delete(uri)
-            receipt = Receipt(role=role, sink=self.bindings.sink_for(role).sink, run=m.run,
-                              step=m.step, uri=uri, nbytes=m.nbytes, seconds=0.0)
+            receipt = Receipt(role=role, sink=name, run=m.run, step=m.step, uri=uri, nbytes=m.nbytes)
             with self._lock:
                 self.deleted.append(receipt)
             self.pm.hook.wmtp_checkpoint_deleted(receipt=receipt)

@@ -27,23 +27,25 @@ reason (for example the resume checks, for a sink that serves only the final rol
 
 What is checked, for each role the sink declares:
 
-- ``store(event=, payload=)`` returns a :class:`wmtp_core.Receipt` with the role, step, run and
-  sink name of the event, and ``nbytes > 0``;
+- ``store(event=, payload=)`` returns a :class:`wmtp_core.Receipt` with the role, step and run
+  of the event, and ``nbytes > 0`` (the router stamps the sink's name and the time it took);
 - resume: ``committed()`` lists exactly the stored steps, oldest first (step 10 after step 6),
   under the URIs the receipts gave, with manifests whose run, step, role and lineage match; a
   final model stored in the same run is not listed;
-- resume: ``load(uri)`` returns the parts as stored (``torch.equal`` for every tensor);
-- resume, file-like sinks (a ``store_`` :class:`~wmtp_core.commit.CheckpointStore` attribute): a
-  flipped byte in a stored file makes ``load()`` raise
-  :class:`~wmtp_core.commit.CheckpointError` naming the file, and a step directory without a
-  manifest (staging) is never listed;
+- resume: ``load(uri)`` returns a :class:`wmtp_core.LoadedCheckpoint` whose parts are as stored
+  (``torch.equal`` for every tensor);
+- resume, file-like sinks (a ``checkpoints`` :class:`~wmtp_core.CheckpointStore` attribute, as
+  :class:`~wmtp_core.FileSink` has): a flipped byte in a stored file makes ``load()`` raise
+  :class:`~wmtp_core.CheckpointError` naming the file, a step directory WMTP began without
+  committing (staging) is never listed, and one another tool wrote is neither listed nor
+  overwritten;
 - resume: ``delete(uri)`` removes the checkpoint from ``committed()``;
 - ``location()`` and the receipts contain no credential: no value of a storage option whose key
   looks secret by :mod:`wmtp_core.redact`'s rule;
 - final: a final payload (weights, module, example input, architecture) is stored, and
   ``stored_final(run)``, if the sink has it, returns ``None`` before and the receipt's URI after;
 - through a :class:`wmtp_core.router.Router` whose catalog holds only this sink, ``store()`` is
-  called exactly once per emit, with keyword arguments.
+  called exactly once per emit, with keyword arguments, and the receipts carry the sink's name.
 
 The tensors are small but real: a one-layer :class:`~wmtp_core.engine.model.MTPModel`, an AdamW
 state after one step, and trainer state with an RNG stream.
@@ -62,18 +64,21 @@ import pytest
 import torch
 
 from wmtp_core import redact
-from wmtp_core.commit import CheckpointError, CheckpointStore, step_dirname
+from wmtp_core.bindings import Bindings, SinkBinding
+from wmtp_core.catalog import Catalog, SinkSpec
+from wmtp_core.commit import CheckpointStore, step_dirname
 from wmtp_core.engine.model import ModelConfig, MTPModel
-from wmtp_core.engine.state import tensor_bytes
-from wmtp_core.events import CheckpointEmitted, Manifest, Payload, Receipt, RunInfo, SinkContext
+from wmtp_core.errors import CheckpointError
+from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo, SinkContext
+from wmtp_core.manifest import Manifest
 from wmtp_core.plugins import build_catalog, make_plugin_manager
-from wmtp_core.roles import Bindings, Catalog, Role, SinkBinding, SinkSpec
+from wmtp_core.roles import Role
 from wmtp_core.router import Router
+from wmtp_core.sinks import LoadedCheckpoint
+from wmtp_core.tensors import tensor_bytes
 
 TINY = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_future=2, max_seq_len=16)
 """The architecture of every model the contract stores."""
-
-"""Storage option names whose values are credentials and must never be shown."""
 
 __all__ = ["TINY", "SinkContract", "assert_same", "final_payload",
            "resume_payload"]
@@ -212,9 +217,9 @@ class SinkContract:
 
     def checkpoint_store(self, sink: Any) -> CheckpointStore:
         """The sink's :class:`CheckpointStore`; skips the test for sinks that are not file-like."""
-        store = getattr(sink, "store_", None)
+        store = getattr(sink, "checkpoints", None)
         if not isinstance(store, CheckpointStore):
-            pytest.skip(f"{self.sink_name} has no store_ CheckpointStore: not a file-like sink, "
+            pytest.skip(f"{self.sink_name} has no checkpoints CheckpointStore: not a file-like sink, "
                         "so its files cannot be reached to corrupt or stage")
         return store
 
@@ -240,7 +245,6 @@ class SinkContract:
             assert receipt.role is role, f"receipt.role is {receipt.role!r}, stored {role!r}"
             assert receipt.step == step, f"receipt.step is {receipt.step}, stored {step}"
             assert receipt.run == run.name, f"receipt.run is {receipt.run!r}, not {run.name!r}"
-            assert receipt.sink == self.sink_name, f"receipt.sink is {receipt.sink!r}, not {self.sink_name!r}"
             assert isinstance(receipt.uri, str) and receipt.uri, f"receipt.uri is {receipt.uri!r}"
             assert receipt.nbytes > 0, f"receipt.nbytes is {receipt.nbytes}"
 
@@ -270,9 +274,11 @@ class SinkContract:
         run = self.run_info()
         with self.opened(tmp_path, Role.RESUME, run) as sink:
             payload, receipt = self.store(sink, run, Role.RESUME, 4)
-            manifest, parts = sink.load(receipt.uri)
+            loaded = sink.load(receipt.uri)
+        assert isinstance(loaded, LoadedCheckpoint), f"load() gave {loaded!r}, not a LoadedCheckpoint"
+        manifest = loaded.manifest
         assert manifest.step == 4 and manifest.lineage == run.lineage, f"load() gave {manifest!r}"
-        assert_same(dict(payload.parts), dict(parts))
+        assert_same(dict(payload.parts), dict(loaded.parts))
 
     def test_load_refuses_a_flipped_byte(self, tmp_path: Path):
         self.require(Role.RESUME)
@@ -316,7 +322,7 @@ class SinkContract:
             assert steps == [2], f"with staging at step 8, committed() lists steps {steps}"
             payload, receipt = self.store(sink, run, Role.RESUME, 8)
             assert [m.step for _, m in sink.committed()] == [2, 8]
-            assert_same(dict(payload.parts), dict(sink.load(receipt.uri)[1]))
+            assert_same(dict(payload.parts), dict(sink.load(receipt.uri).parts))
 
     def test_a_directory_wmtp_did_not_write_is_never_listed_nor_overwritten(self, tmp_path: Path):
         """Another tool's ``step_N`` directory (no manifest, no staging marker) is not a
@@ -357,7 +363,7 @@ class SinkContract:
                 assert find(run) is None, "stored_final() names a model before any was stored"
             _, receipt = self.store(sink, run, Role.FINAL, 6)
             assert receipt.role is Role.FINAL and receipt.step == 6
-            store = getattr(sink, "store_", None)
+            store = getattr(sink, "checkpoints", None)
             if isinstance(store, CheckpointStore):  # file-like: the receipt names a committed directory
                 manifest = store.verify(type(store.fs)._strip_protocol(receipt.uri))
                 assert (manifest.role, manifest.step, manifest.run) == (Role.FINAL, 6, run.name)
@@ -385,13 +391,14 @@ class SinkContract:
                 return getattr(self.sink, name)
 
         catalog = Catalog()
-        catalog.add_sink(SinkSpec(name=self.sink_name, roles=self.declared(),
-                                  factory=lambda context: Counting(self.make_sink(context))))
-        bindings = Bindings(sinks=[SinkBinding(role=r, sink=self.sink_name) for r in self.declared()])
+        # the router builds its context from the binding; the test's own context (credentials,
+        # MLflow settings) is what the sink under test is built with
+        catalog.add_sink(SinkSpec(name=self.sink_name, roles=self.declared(), factory=lambda context: Counting(
+            self.make_sink(self.make_context(tmp_path, context.role, context.run)))))
+        bindings = Bindings(sinks=[SinkBinding(role=r, sink=self.sink_name, base_path=self.base_path(tmp_path))
+                                   for r in self.declared()])
         router = Router(make_plugin_manager(entry_points=False), catalog, bindings, run,
-                        required=frozenset(self.declared()),
-                        context=lambda role, options: self.make_context(tmp_path, role, run))
-        router.open()
+                        required=frozenset(self.declared())).open()
         try:
             emits = [(r, s) for r in self.declared() for s in ((2, 4) if r is Role.RESUME else (4,))]
             for n, (role, step) in enumerate(emits, start=1):
@@ -403,5 +410,7 @@ class SinkContract:
                 assert set(calls[-1]) == {"event", "payload"}
                 assert calls[-1]["payload"] is payload
                 assert receipt.role is role and receipt.step == step
+                assert receipt.sink == self.sink_name, (
+                    f"the router stamped {receipt.sink!r} on the receipt, not {self.sink_name!r}")
         finally:
             router.close()

@@ -30,6 +30,8 @@ import tempfile
 import zipfile
 from typing import Any
 
+from wmtp_core.errors import ModelLoadError
+
 ACCEPTED = ("WMTP's own export (MLflow pytorch flavor saved as pt2 with wmtp_model_config "
             "metadata, weights read without unpickling) or safetensors weights "
             "(model.safetensors with wmtp_model_config metadata)")
@@ -38,7 +40,7 @@ _PT2_RECORD = re.compile(r"weight_\d+")
 PICKLE_FILES = (".pth", ".pkl", ".pickle", ".bin", ".pt", ".joblib", ".cloudpickle")
 
 
-class UnsafeModelError(LookupError):
+class UnsafeModelError(ModelLoadError):
     """A registered model whose format could run code when loaded, or that WMTP cannot read."""
 
 
@@ -104,7 +106,7 @@ def load(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
         model = Model.load(uri)  # the MLmodel file only (yaml.safe_load)
         files = listing(uri)
     except MlflowException as e:
-        raise LookupError(f"{uri}: {e.message}") from None
+        raise ModelLoadError(f"{uri}: {e.message}") from None
     kind, found, why = classify(uri, model.flavors or {}, model.metadata, files)
     if kind == "refused":
         raise UnsafeModelError(f"{uri} is {found}: {why}, so none of it was read. Accepted: {ACCEPTED}")
@@ -115,7 +117,7 @@ def load(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=tmp)
         except MlflowException as e:
-            raise LookupError(f"{uri}: {e.message}") from None
+            raise ModelLoadError(f"{uri}: {e.message}") from None
         weights = pt2_weights(local, uri) if kind == "wmtp-pt2" else safetensors_weights(local, uri)
     return weights, config
 

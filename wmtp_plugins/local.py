@@ -1,11 +1,10 @@
 """Local sink: checkpoints as files on local disk, through fsspec and the commit protocol."""
 
-from wmtp_core import Role, SinkSpec, hookimpl
-from wmtp_core.filesink import FileSink
+from wmtp_core import FileSink, Role, SinkSpec, hookimpl
 
 
 class LocalSink(FileSink):
-    name = "local"
+    """Files on local disk (``file://`` paths)."""
 
 
 @hookimpl

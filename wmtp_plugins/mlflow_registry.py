@@ -7,17 +7,36 @@ lives: a reference, never a copy.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from wmtp_core import Receipt, Role, SinkSpec, hookimpl
-from wmtp_core.report import logged_model_bytes
+from wmtp_core import BindingError, Holding, Receipt, Role, SinkSpec, hookimpl, redact
 from wmtp_plugins._mlflow import configure
 
 
+def logged_model_bytes(client, model_id: str | None) -> int | None:
+    """Bytes an MLflow logged model occupies in its artifact store (``client`` is an
+    ``mlflow.MlflowClient``); ``None`` without a model id."""
+    if not model_id:
+        return None
+    total, stack = 0, [None]
+    while stack:
+        for f in client.list_logged_model_artifacts(model_id, stack.pop()):
+            if f.is_dir:
+                stack.append(f.path)
+            else:
+                total += f.file_size or 0
+    return total
+
+
+def _model_id(version) -> str | None:
+    """The logged model behind a version: MLflow 3 leaves ``model_id`` empty on versions it
+    registered from a logged model, whose ``source`` is then ``models:/<model id>``."""
+    source = version.source or ""
+    return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+
+
 class MlflowRegistrySink:
-    name = "mlflow_registry"
+    """The final role's sink: a registered version of ``wmtp_<algo>`` per run lineage."""
 
     def __init__(self, context) -> None:
         self.context = context
@@ -32,11 +51,10 @@ class MlflowRegistrySink:
 
     def store(self, event, payload) -> Receipt:  # noqa: C901
         if event.role is not Role.FINAL:
-            raise ValueError(f"{self.name} serves the final role only, got {event.role.value!r}")
+            raise BindingError(f"mlflow_registry serves the final role only, got {event.role.value!r}")
         import mlflow
         import mlflow.pytorch
 
-        t0 = time.perf_counter()
         configure(self.settings)
         name = self.model_name(event.run.algo)
         owns_run = mlflow.active_run() is None
@@ -50,7 +68,7 @@ class MlflowRegistrySink:
                 mlflow.start_run(run_name=event.run.name, tags={"wmtp.lineage": event.run.lineage})
         try:
             if event.resume_location:
-                mlflow.set_tag("wmtp.resume_location", event.resume_location)
+                mlflow.set_tag("wmtp.resume_location", redact.text(event.resume_location))
             if event.metrics:
                 mlflow.log_metrics({f"final_{k}": float(v) for k, v in event.metrics.items()},
                                    step=event.step)
@@ -76,10 +94,8 @@ class MlflowRegistrySink:
         finally:
             if owns_run:
                 mlflow.end_run()
-        return Receipt(role=Role.FINAL, sink=self.name, run=event.run.name, step=event.step,
-                       uri=f"models:/{name}/{version}", nbytes=nbytes,
-                       seconds=time.perf_counter() - t0,
-                       meta={"model_uri": info.model_uri})
+        return Receipt(role=Role.FINAL, run=event.run.name, step=event.step,
+                       uri=f"models:/{name}/{version}", nbytes=nbytes, meta={"model_uri": info.model_uri})
 
     def stored_final(self, run) -> str | None:
         """A registered version already made from this run's lineage, if any."""
@@ -96,6 +112,35 @@ class MlflowRegistrySink:
             if (v.tags or {}).get("wmtp.lineage") == run.lineage:
                 return f"models:/{name}/{v.version}"
         return None
+
+    def held(self, run_name: str, lineages: set[str] | None = None) -> list[Holding]:
+        """Registered versions of any ``wmtp_*`` model made from one of ``lineages``, with the
+        bytes their artifacts occupy. A sqlite store that does not exist holds nothing (and is
+        not created by asking)."""
+        from pathlib import Path
+
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        from wmtp_core import ModelLoadError
+
+        tracking = self.settings.get("tracking_uri") or "sqlite:///mlflow.db"
+        registry = self.settings.get("registry_uri") or tracking
+        for uri in {tracking, registry}:
+            if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+                return []
+        configure(self.settings)
+        client = MlflowClient(tracking_uri=tracking, registry_uri=registry)
+        found = []
+        try:
+            for model in client.search_registered_models(filter_string="name LIKE 'wmtp_%'"):
+                for v in client.search_model_versions(f"name='{model.name}'"):
+                    if lineages is None or (v.tags or {}).get("wmtp.lineage") in lineages:
+                        found.append(Holding(role=Role.FINAL, uri=f"models:/{model.name}/{v.version}", step=None,
+                                             nbytes=logged_model_bytes(client, _model_id(v))))
+        except MlflowException as e:
+            raise ModelLoadError(f"the MLflow registry at {registry} cannot be read: {e.message}") from None
+        return sorted(found, key=lambda h: h.uri)
 
     def close(self) -> None:
         pass

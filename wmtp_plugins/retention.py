@@ -10,18 +10,24 @@ from typing import Any, Iterable
 
 import attrs
 
-from wmtp_core import PolicySpec, Role, hookimpl
-from wmtp_core.events import Manifest
+from wmtp_core import Manifest, PolicySpec, Role, hookimpl
+from wmtp_core.validators import non_negative_int, positive_int
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{attribute.name}: {value!r} is not accepted; use an integer >= 1")
+def _named(validator):
+    """The shared validator, with the option's name and value in the message."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        try:
+            validator(instance, attribute, value)
+        except ValueError as e:
+            raise ValueError(f"{attribute.name}: {value!r} is not accepted; {e}") from None
+
+    return check
 
 
-def _non_negative(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{attribute.name}: {value!r} is not accepted; use an integer >= 0 (0 = off)")
+_positive = _named(positive_int)
+_non_negative = _named(non_negative_int)
 
 
 @attrs.frozen

@@ -10,18 +10,17 @@ fewer, larger parts upload faster).
 
 import attrs
 
-from wmtp_core import Role, SinkSpec, hookimpl
-from wmtp_core.filesink import FileSink
+from wmtp_core import FileSink, Role, SinkSpec, hookimpl
 
 BLOCK_SIZE = 256 << 20
 
 
 class S3Sink(FileSink):
-    name = "s3"
+    """Objects in an S3-compatible store; large files in multipart uploads of ``BLOCK_SIZE``."""
 
-    def __init__(self, context, **kwargs):
+    def __init__(self, context):
         options = {"default_block_size": BLOCK_SIZE, **context.options}
-        super().__init__(attrs.evolve(context, options=options), **kwargs)
+        super().__init__(attrs.evolve(context, options=options))
 
 
 @hookimpl

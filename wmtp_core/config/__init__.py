@@ -7,9 +7,9 @@ from typing import Any
 import attrs
 
 from wmtp_core import redact
+from wmtp_core.errors import ConfigError
 
 from wmtp_core.config.loader import (
-    ConfigError,
     flatten,
     load_yaml,
     structure,

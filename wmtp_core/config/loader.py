@@ -14,11 +14,10 @@ import fsspec
 import yaml
 
 from wmtp_core import redact
+from wmtp_core.errors import ConfigError
 
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used, with a message fit for the user."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -203,8 +202,8 @@ def _field_error(cls: type, e: ValueError, data: Mapping, source: str, path: str
             continue
         key = key_of(f)
         value = data.get(key, f.default.factory() if isinstance(f.default, attrs.Factory) else f.default)
-        try:
-            f.validator(None, f, value)
+        try:  # the validator sees what attrs gives it: the value after the field's converter
+            f.validator(None, f, f.converter(value) if f.converter is not None else value)
         except ValueError:
             return ConfigError(f"{source}: {_join(path, key)}: {value!r} is not accepted; {msg}")
     return ConfigError(f"{source}: {path or 'top level'}: {msg}")

@@ -7,48 +7,29 @@ Fields marked ``unused`` are accepted for compatibility and reported under ``--v
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
 
 import attrs
+
+from wmtp_core.validators import (
+    check,
+    fraction,
+    int_range,
+    is_int,
+    is_number,
+    non_negative,
+    non_negative_int,
+    one_of,
+    optional_positive_int,
+    positive,
+    positive_int,
+)
 
 UNUSED = {"unused": True}
 
 
-def check(pred: Callable[[Any], bool], accepted: str):
-    """A validator whose error says what is accepted; the loader adds file, key and value."""
-
-    def validator(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not pred(value):
-            raise ValueError(accepted)
-
-    return validator
-
-
-def int_range(lo: int, hi: int):
-    """An integer in [lo, hi]: huge values would overflow torch (or build a model forever)."""
-    return check(lambda v: _int(v) and lo <= v <= hi, f"accepted: an integer from {lo} to {hi}")
-
-
-def one_of(*values: Any):
-    return check(lambda v: v in values, "accepted: " + ", ".join(repr(v) for v in values))
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-positive_int = check(lambda v: _int(v) and v >= 1, "accepted: an integer >= 1")
-non_negative_int = check(lambda v: _int(v) and v >= 0, "accepted: an integer >= 0")
-positive = check(lambda v: _num(v) and v > 0, "accepted: a number > 0")
-non_negative = check(lambda v: _num(v) and v >= 0, "accepted: a number >= 0")
-fraction = check(lambda v: _num(v) and 0 <= v <= 1, "accepted: a number between 0 and 1")
-optional_positive_int = check(lambda v: v is None or (_int(v) and v >= 1),
-                              "accepted: an integer >= 1, or null for no limit")
+_num = is_number
+_int = is_int
 
 
 # ----------------------------------------------------------------------------- config

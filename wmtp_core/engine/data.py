@@ -11,15 +11,14 @@ from typing import Any, Iterable, Mapping
 import fsspec
 import torch
 
+from wmtp_core.errors import DataError
+
 STDLIB = "stdlib"
 """The built-in corpus: the Python standard library's own source files (every machine has it)."""
 TEXT_FIELD = "text"
 """The field read from each jsonl record."""
 DEFAULT_MAX_BYTES = 4 << 20
 
-
-class DataError(ValueError):
-    pass
 
 
 class ByteTokenizer:

@@ -15,7 +15,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from wmtp_core.engine.errors import TrainingError
+from wmtp_core.errors import DeviceError
 
 
 @attrs.frozen
@@ -66,10 +66,10 @@ def setup(devices: Any, device: torch.device) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = devices.distributed.enabled
     if size > 1 and wanted is False:
-        raise TrainingError("devices.distributed.enabled is false but this program was launched with "
+        raise DeviceError("devices.distributed.enabled is false but this program was launched with "
                             f"WORLD_SIZE={size}; enable it (or leave it null) or launch one process")
     if wanted and size == 1 and "RANK" not in os.environ:
-        raise TrainingError("devices.distributed.enabled is true but no launcher set RANK/WORLD_SIZE; "
+        raise DeviceError("devices.distributed.enabled is true but no launcher set RANK/WORLD_SIZE; "
                             "launch with torchrun --nproc_per_node=N -m wmtp_core.run ...")
     if size == 1 and not devices.fsdp.enabled:
         return World()
@@ -78,7 +78,7 @@ def setup(devices: Any, device: torch.device) -> World:
                      local_rank=int(os.environ.get("LOCAL_RANK", "0")), group=_checkpoint_group())
     backend = devices.distributed.backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
-        raise TrainingError("devices.distributed.backend: 'nccl' needs CUDA devices; use gloo on CPU")
+        raise DeviceError("devices.distributed.backend: 'nccl' needs CUDA devices; use gloo on CPU")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         import socket

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wmtp_core.errors import ModelLoadError
+from wmtp_core.validators import positive_int
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"model.{attribute.name}: {value!r} is not accepted; use an integer >= 1")
+
+_positive = positive_int
 
 
 @attrs.frozen
@@ -136,32 +137,32 @@ def model_from_weights(config: Any, weights: Any, source: str) -> MTPModel:
     that lies about its size is refused, not built. Raises ``ValueError`` naming ``source``.
     """
     if not isinstance(config, dict):
-        raise ValueError(f"{source}: its architecture is not a mapping")
+        raise ModelLoadError(f"{source}: its architecture is not a mapping")
     known = {f.name for f in attrs.fields(ModelConfig)}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ValueError(f"{source}: its architecture has an unknown key {unknown[0]!r} "
+        raise ModelLoadError(f"{source}: its architecture has an unknown key {unknown[0]!r} "
                          f"(known: {', '.join(sorted(known))})")
     for key, (lo, hi) in LIMITS.items():
         v = config.get(key)
         if key in config and not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
-            raise ValueError(f"{source}: its architecture says {key}={v!r}; accepted: an integer "
+            raise ModelLoadError(f"{source}: its architecture says {key}={v!r}; accepted: an integer "
                              f"from {lo} to {hi}")
     if "dropout" in config and not isinstance(config["dropout"], (int, float)):
-        raise ValueError(f"{source}: its architecture says dropout={config['dropout']!r}")
+        raise ModelLoadError(f"{source}: its architecture says dropout={config['dropout']!r}")
     try:
         cfg = ModelConfig(**config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: its architecture is not accepted ({e})") from None
+        raise ModelLoadError(f"{source}: its architecture is not accepted ({e})") from None
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in MTPModel(cfg).state_dict().items()}
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{source}: its weights are not a mapping of names to tensors")
+        raise ModelLoadError(f"{source}: its weights are not a mapping of names to tensors")
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
         k = diff[0]
-        raise ValueError(f"{source}: its weights do not fit the architecture it records "
+        raise ModelLoadError(f"{source}: its weights do not fit the architecture it records "
                          f"({k}: {got.get(k, 'missing')} vs {expected.get(k, 'not in the model')})")
     model = MTPModel(cfg)
     model.load_state_dict(weights)

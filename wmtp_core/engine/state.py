@@ -1,4 +1,4 @@
-"""Capture and restore of everything a bit-exact resume needs.
+"""Capture and restore of the RNG streams a bit-exact resume needs.
 
 Parts are plain tensors, numbers, strings, lists, tuples and dicts, so they load with
 ``torch.load(weights_only=True)``: a checkpoint is untrusted input.
@@ -32,25 +32,3 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 def _py_state(state: tuple) -> list:
     version, internal, gauss = state
     return [version, list(internal), gauss]
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes held by the tensors in a nested structure."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-def cpu_copy(obj: Any) -> Any:
-    """A detached CPU copy of every tensor (the model's final weights for the final role)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, Mapping):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj

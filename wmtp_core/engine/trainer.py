@@ -1,4 +1,5 @@
-"""The training loop. It writes no storage: checkpoints leave through the router only."""
+"""The training loop. It writes no storage and knows no sink: it hands its state to the
+callback the run session gives it, and the session emits it through the router."""
 
 from __future__ import annotations
 
@@ -7,26 +8,28 @@ import random
 from typing import Any, Callable, Mapping
 
 import attrs
-import pluggy
 import torch
 
 from wmtp_core.config import Settings
 from wmtp_core.engine import data as data_mod
 from wmtp_core.engine import distributed
-from wmtp_core.commit import CheckpointError
 from wmtp_core.engine.algorithms import Algorithm, BaselineMTP, CriticWMTP, Rho1WMTP, head_ce, weighted_loss
-from wmtp_core.engine.errors import TrainingError
 from wmtp_core.engine.model import ModelConfig, MTPModel, model_from_weights
 from wmtp_core.engine.optim import build_optimizer, build_scheduler
-from wmtp_core.engine.state import cpu_copy, restore_rng, rng_state, tensor_bytes
-from wmtp_core.events import LoadedModel, Payload, RunInfo, StepEnded
-from wmtp_core.filesink import load_model_from_checkpoint
-from wmtp_core.roles import Role
+from wmtp_core.engine.state import restore_rng, rng_state
+from wmtp_core.errors import CheckpointError, DataError, DeviceError, ModelLoadError, TrainingError, WmtpError
+from wmtp_core.events import LoadedModel, Payload
+from wmtp_core.tensors import cpu_copy
+
+LoadModel = Callable[[str], LoadedModel]
+"""Resolves a model URI to weights and architecture (the ``wmtp_load_model`` hook); raises a
+:class:`~wmtp_core.errors.WmtpError` when it cannot."""
 
 
 @attrs.define
 class Outcome:
     status: str = "finished"
+    """``finished``, ``stopped_early`` or ``failed`` (a :class:`wmtp_core.events.RunStatus`)."""
     reason: str = ""
     last_step: int = 0
     first_loss: float = math.nan
@@ -48,11 +51,11 @@ def choose_device(backend: str) -> torch.device:
     if backend == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if backend == "cuda" and not cuda:
-        raise TrainingError("devices.compute_backend: 'cuda' was asked for but this machine has no "
-                            "usable CUDA device (torch.cuda.is_available() is False); use cpu or auto")
+        raise DeviceError("devices.compute_backend: 'cuda' was asked for but this machine has no "
+                          "usable CUDA device (torch.cuda.is_available() is False); use cpu or auto")
     if backend == "mps" and not mps:
-        raise TrainingError("devices.compute_backend: 'mps' was asked for but MPS is not available "
-                            "here; use cpu or auto")
+        raise DeviceError("devices.compute_backend: 'mps' was asked for but MPS is not available "
+                          "here; use cpu or auto")
     return torch.device(backend)
 
 
@@ -62,33 +65,31 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise TrainingError("devices.mixed_precision: 'bf16' is not supported by this GPU; use fp16 or no")
+            raise DeviceError("devices.mixed_precision: 'bf16' is not supported by this GPU; use fp16 or no")
         return torch.bfloat16
     if device.type != "cuda":
-        raise TrainingError(f"devices.mixed_precision: 'fp16' needs a CUDA device (this run uses "
-                            f"{device.type}); use bf16 or no")
+        raise DeviceError(f"devices.mixed_precision: 'fp16' needs a CUDA device (this run uses "
+                          f"{device.type}); use bf16 or no")
     return torch.float16
 
 
-def resolve_model(pm: pluggy.PluginManager, uri: str, mlflow: Mapping[str, Any], key: str) -> MTPModel:
-    """Build a frozen model from a registry URI (plugins) or a committed checkpoint (core)."""
+def resolve_model(load: LoadModel, uri: str, key: str) -> MTPModel:
+    """A frozen model from a URI: ``load`` resolves it (plugins, or the core for committed
+    checkpoints); its architecture and weights are checked before the module is built."""
     try:
-        loaded = pm.hook.wmtp_load_model(uri=uri, mlflow_config=dict(mlflow))
-        if loaded is None:
-            loaded = load_model_from_checkpoint(uri)
+        loaded = load(uri)
         if not isinstance(loaded, LoadedModel):
-            raise TrainingError(f"{key}: {uri!r} did not resolve to a model")
+            raise ModelLoadError(f"{uri!r} did not resolve to a model")
         model = model_from_weights(dict(loaded.model_config), dict(loaded.weights), uri)
-    except (LookupError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except WmtpError as e:
         message = str(e) if uri in str(e) else f"{uri!r} could not be loaded: {e}"
-        raise TrainingError(f"{key}: {message}") from None
+        raise ModelLoadError(f"{key}: {message}") from None
     return model.eval().requires_grad_(False)
 
 
-def build_algorithm(settings: Settings, pm: pluggy.PluginManager, d_model: int) -> Algorithm:
+def build_algorithm(settings: Settings, load: LoadModel, d_model: int) -> Algorithm:
     recipe, cfg = settings.recipe, settings.config
     algo = recipe.train.algo
-    mlflow = attrs.asdict(cfg.mlflow) if cfg.mlflow is not None else {}
     if algo == "baseline-mtp":
         return BaselineMTP(scale=recipe.loss.lambda_)
     if algo == "rho1-wmtp":
@@ -96,7 +97,7 @@ def build_algorithm(settings: Settings, pm: pluggy.PluginManager, d_model: int) 
         if not ref:
             raise TrainingError(f"{settings.config_source}: paths.models.ref is required by rho1-wmtp: "
                                 "a models:/NAME/VERSION URI or a committed checkpoint URI")
-        return Rho1WMTP(resolve_model(pm, ref, mlflow, "paths.models.ref"),
+        return Rho1WMTP(resolve_model(load, ref, "paths.models.ref"),
                         mode=recipe.rho1.selection_mode, min_ce_diff=recipe.rho1.min_ce_diff,
                         skip_percentile=recipe.rho1.skip_threshold_percentile,
                         temperature=recipe.loss.weight_temperature,
@@ -105,7 +106,7 @@ def build_algorithm(settings: Settings, pm: pluggy.PluginManager, d_model: int) 
     if rm is None and not recipe.critic.use_pseudo_rewards:
         raise TrainingError(f"{settings.config_source}: paths.models.rm is null and "
                             "critic.use_pseudo_rewards is false: give a reward model or allow pseudo-rewards")
-    reward = resolve_model(pm, rm, mlflow, "paths.models.rm") if rm else None
+    reward = resolve_model(load, rm, "paths.models.rm") if rm else None
     return CriticWMTP(d_model, recipe.critic, recipe.loss.weight_temperature, reward,
                       max_weight=recipe.loss.max_weight, epsilon=recipe.loss.epsilon)
 
@@ -113,7 +114,7 @@ def build_algorithm(settings: Settings, pm: pluggy.PluginManager, d_model: int) 
 def check_source(settings: Settings, name: str, key: str = "data.train.sources") -> None:
     datasets = settings.config.paths.datasets
     if name not in datasets and name != data_mod.STDLIB:
-        raise TrainingError(
+        raise DataError(
             f"{key}: data source {name!r} is neither built in ({data_mod.STDLIB!r}) nor a key of "
             f"paths.datasets (defined: {', '.join(sorted(datasets)) or 'none'})"
         )
@@ -130,24 +131,21 @@ def load_documents(settings: Settings, sources: list[str]) -> list[bytes]:
 
 
 class Trainer:
-    """One run: model, optimiser, data and the algorithm, stepping and emitting checkpoints."""
+    """One run's model, optimiser, data and algorithm, stepping. It holds no run identity, no
+    router and no plugin manager: what it produces leaves through the callbacks of
+    :meth:`train`."""
 
-    def __init__(self, settings: Settings, run: RunInfo, pm: pluggy.PluginManager,
-                 router: Any, *, on_step: Callable[[int, Mapping[str, float]], None] | None = None):
+    def __init__(self, settings: Settings, world: distributed.World, load: LoadModel) -> None:
         self.settings = settings
-        self.run = run
-        self.pm = pm
-        self.router = router
-        self.on_step = on_step or (lambda step, metrics: None)
+        self.world = world
         self.step = 0
-        self.last_saved = -1
         self.best: float | None = None
         self.bad_evals = 0
         self.stopped_early = False
-        self._setup()
+        self._setup(load)
 
     # -- setup -----------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def _setup(self, load: LoadModel) -> None:
         cfg, recipe = self.settings.config, self.settings.recipe
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -156,7 +154,6 @@ class Trainer:
         self.model_cfg = model_config(self.settings)
         self.model = MTPModel(self.model_cfg).to(self.device)
         devices = cfg.devices
-        self.world = distributed.setup(devices, self.device)
         self.fsdp = devices.fsdp.enabled
         if self.fsdp:
             if recipe.train.algo == "critic-wmtp":
@@ -164,7 +161,7 @@ class Trainer:
                                     "(its value head lives outside the sharded model); disable fsdp")
             self.model.activation_checkpointing = devices.fsdp.activation_ckpt
             distributed.shard(self.model, devices.fsdp)
-        self.algo = build_algorithm(self.settings, self.pm, self.model_cfg.d_model).to(self.device)
+        self.algo = build_algorithm(self.settings, load, self.model_cfg.d_model).to(self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp is torch.float16)
         self.losses: list[float] = []
         split = recipe.data.train
@@ -195,6 +192,8 @@ class Trainer:
 
     # -- resume state ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Everything a bit-exact resume needs: ``model``, ``optimizer`` (shards under FSDP) and
+        ``trainer`` (counters, RNG streams, data position, early stopping, algorithm state)."""
         weights = distributed.sharded_state(self.model, self.optimizer) if self.fsdp else {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
@@ -213,14 +212,16 @@ class Trainer:
             },
         }
 
-    def restore(self, parts: Mapping[str, Any], source: str = "the checkpoint") -> None:
-        """Put this run back where ``parts`` say. Parts that do not have the shape this WMTP
-        writes (a crafted or foreign file) are a :class:`CheckpointError` naming ``source``."""
+    def restore(self, parts: Mapping[str, Any], *, shards: Any = None, same_world: bool = True,
+                source: str = "the checkpoint") -> None:
+        """Put this run back where ``parts`` (and, sharded, ``shards``: a DCP reader) say. Parts
+        that do not have the shape this WMTP writes (a crafted or foreign file) are a
+        :class:`CheckpointError` naming ``source``."""
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
-            self._restore(parts)
-        except (CheckpointError, TrainingError, data_mod.DataError):
+            self._restore(parts, shards, same_world)
+        except WmtpError:
             raise
         except CheckpointException as e:  # a BaseException: it would escape every handler
             failures = [exc for exc, _ in e.failures.values()]
@@ -232,17 +233,17 @@ class Trainer:
             raise CheckpointError(f"{source} does not hold resume state this run can continue "
                                   f"from ({type(e).__name__}: {detail})") from None
 
-    def _restore(self, parts: Mapping[str, Any]) -> None:
-        if "dcp" in parts:  # sharded: resharded to this world, whatever size wrote it
-            distributed.load_sharded(self.model, self.optimizer, parts["dcp"])
+    def _restore(self, parts: Mapping[str, Any], shards: Any, same_world: bool) -> None:
+        if shards is not None:  # sharded: resharded to this world, whatever size wrote it
+            distributed.load_sharded(self.model, self.optimizer, shards)
         elif self.fsdp:
-            raise TrainingError("this checkpoint was written without FSDP; resume it with "
-                                "devices.fsdp.enabled: false")
+            raise CheckpointError("this checkpoint was written without FSDP; resume it with "
+                                  "devices.fsdp.enabled: false")
         else:
             self.model.load_state_dict(parts["model"])
             self.optimizer.load_state_dict(parts["optimizer"])
         t = parts["trainer"]
-        self.step = self.last_saved = int(t["step"])
+        self.step = int(t["step"])
         self.scheduler.load_state_dict(t["scheduler"])
         self.stream.load_state_dict(t["data"])
         es = t["early_stopping"]
@@ -251,19 +252,22 @@ class Trainer:
         self.losses = [float(x) for x in t["losses"]]
         if t.get("scaler"):
             self.scaler.load_state_dict(t["scaler"])
-        if t.get("same_world", True):
+        if same_world:
             restore_rng(t["rng"])
         else:  # another world size: fresh, distinct streams per rank (same trajectory, not bit-exact)
             torch.manual_seed(self.settings.config.seed + 1000 * self.step + self.world.rank)
 
     # -- loop ------------------------------------------------------------------------------
-    def train(self) -> Outcome:
+    def train(self, on_step: Callable[[int, Mapping[str, float]], None],
+              checkpoint: Callable[[int, Mapping[str, float]], None]) -> Outcome:
+        """Train to the end, calling ``on_step(step, metrics)`` after every step (stage-1
+        critic steps too) and ``checkpoint(step, metrics)`` when resume state is due."""
         recipe, cfg = self.settings.recipe, self.settings.config
         ckpt = cfg.paths.checkpoints
         out = Outcome(last_step=self.step)
         self.model.train()
         if self.step == 0 and isinstance(self.algo, CriticWMTP) and not self.algo.pretrained:
-            self.pretrain_critic()
+            self.pretrain_critic(on_step)
         if self.stopped_early:
             # a run that stopped early stays stopped when resumed
             out.status, out.reason = "stopped_early", "early stopping had already ended this run"
@@ -292,14 +296,13 @@ class Trainer:
             self.losses.append(value)
             if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
                 metrics["eval_loss"] = self.evaluate()
-            self.pm.hook.wmtp_step_ended(event=StepEnded(run=self.run, step=self.step, metrics=metrics))
-            self.on_step(self.step, metrics)
+            on_step(self.step, metrics)
             out.metrics = metrics
             # decide before saving, so the saved state already holds this step's verdict
             if "eval_loss" in metrics and self._should_stop(metrics):
                 self.stopped_early = True
             if ckpt.save_interval and self.step % ckpt.save_interval == 0:
-                self.save_resume(metrics)
+                checkpoint(self.step, metrics)
             if self.stopped_early:
                 out.status = "stopped_early"
                 out.reason = (f"early stopping: {recipe.train.early_stopping.monitor} did not improve "
@@ -315,7 +318,7 @@ class Trainer:
             out.first_loss, out.last_loss = out.losses[0], out.losses[-1]
         return out
 
-    def pretrain_critic(self) -> None:
+    def pretrain_critic(self, on_step: Callable[[int, Mapping[str, float]], None]) -> None:
         """critic-wmtp stage 1: fit the value head to GAE returns with the model frozen."""
         pre = self.settings.recipe.pretrain
         if pre.enabled and pre.max_steps:
@@ -328,8 +331,7 @@ class Trainer:
                 vloss.backward()
                 opt.step()
                 value = float(vloss.detach())
-                self.pm.hook.wmtp_step_ended(event=StepEnded(run=self.run, step=i,
-                                                             metrics={"pretrain_value_loss": value}))
+                on_step(i, {"pretrain_value_loss": value})
                 es = pre.early_stopping
                 if es.enabled:
                     if best is None or value < best - es.min_delta:
@@ -365,21 +367,14 @@ class Trainer:
             self.bad_evals += 1
         return self.bad_evals >= es.patience
 
-    # -- emitting --------------------------------------------------------------------------
-    def save_resume(self, metrics: Mapping[str, float] | None = None):
-        if self.router is None or not self.router.bound(Role.RESUME) or self.last_saved == self.step:
-            return None
-        parts = self.state()
-        payload = Payload(parts=parts, world=self.world if self.fsdp else None)
-        receipt = self.router.emit(Role.RESUME, step=self.step, payload=payload,
-                                   metrics=_scalars(metrics), nbytes=tensor_bytes(parts),
-                                   background=self.settings.config.paths.checkpoints.async_)
-        self.last_saved = self.step
-        return receipt
-
     def _local(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the global batch."""
         return batch if self.world.size == 1 else batch[self.world.rank :: self.world.size]
+
+    # -- what leaves -----------------------------------------------------------------------
+    def resume_payload(self) -> Payload:
+        """This step's resume state, as the router hands it to the resume sink."""
+        return Payload(parts=self.state(), world=self.world if self.fsdp else None)
 
     def final_payload(self) -> Payload | None:
         """The full weights for the final role; under FSDP a collective whose result only
@@ -394,15 +389,3 @@ class Trainer:
         example = self.eval_set[0][:2].cpu() if self.eval_set else torch.zeros(2, 8, dtype=torch.long)
         return Payload(parts={"model": weights}, model=module, example_input=example,
                        model_config=attrs.asdict(self.model_cfg))
-
-    def save_final(self, metrics: Mapping[str, float]):
-        """Gathers the full weights (a collective under FSDP); rank 0 alone stores them."""
-        payload = self.final_payload()
-        if payload is None:
-            return None
-        return self.router.emit(Role.FINAL, step=self.step, payload=payload,
-                                metrics=_scalars(metrics), nbytes=tensor_bytes(payload.parts))
-
-
-def _scalars(metrics: Mapping[str, float] | None) -> dict[str, float]:
-    return {k: float(v) for k, v in (metrics or {}).items()}

@@ -26,7 +26,7 @@ def test_archive_holds_weights_and_architecture(tmp_path):
     payload = final_payload(6)
     with contract.opened(tmp_path, Role.FINAL, run) as sink:
         contract.store(sink, run, Role.FINAL, 6)
-        tar_path = sink.store_.path_of(run.name, "export") + "/model.tar"
+        tar_path = sink.checkpoints.path_of(run.name, "export") + "/model.tar"
     with tarfile.open(tar_path) as tar:
         assert sorted(tar.getnames()) == ["model.pt", "model_config.json"]
         weights = torch.load(io.BytesIO(tar.extractfile("model.pt").read()), weights_only=True)

@@ -12,8 +12,7 @@ import time
 
 import torch
 
-from wmtp_core import Receipt, Role, SinkSpec, hookimpl
-from wmtp_core.commit import CheckpointError, CheckpointStore
+from wmtp_core import BindingError, CheckpointError, CheckpointStore, Receipt, Role, SinkSpec, hookimpl
 
 EXPORT = "export"
 
@@ -25,19 +24,18 @@ def _add(tar, name, data):
 
 
 class TarballSink:
-    name = "tarball"
+    """A :class:`wmtp_core.Sink` for the final role, on WMTP's file toolkit."""
 
     def __init__(self, context):
         self.run = context.run.name
-        self.store_ = CheckpointStore.from_url(context.base_path, **dict(context.options))
+        self.checkpoints = CheckpointStore.from_url(context.base_path, **dict(context.options))
 
     def location(self):
-        return self.store_.uri(self.store_.path_of(self.run, EXPORT))
+        return self.checkpoints.uri(self.checkpoints.path_of(self.run, EXPORT))
 
     def store(self, event, payload):
         if event.role is not Role.FINAL:
-            raise ValueError(f"{self.name} serves the final role only, got {event.role.value!r}")
-        t0 = time.perf_counter()
+            raise BindingError(f"tarball serves the final role only, got {event.role.value!r}")
 
         def write_tar(stream):  # "w|": a pure stream, so it works on any fsspec file
             weights = io.BytesIO()
@@ -46,16 +44,15 @@ class TarballSink:
                 _add(tar, "model.pt", weights.getvalue())
                 _add(tar, "model_config.json", json.dumps(dict(payload.model_config)).encode())
 
-        manifest = self.store_.write(self.run, EXPORT, {"model.tar": write_tar}, step=event.step,
-                                     role=Role.FINAL, lineage=event.run.lineage,
-                                     meta={"algo": event.run.algo, "torch": torch.__version__})
-        return Receipt(role=Role.FINAL, sink=self.name, run=self.run, step=event.step,
-                       uri=self.location(), nbytes=manifest.nbytes,
-                       seconds=time.perf_counter() - t0)
+        manifest = self.checkpoints.write(self.run, EXPORT, {"model.tar": write_tar}, step=event.step,
+                                          role=Role.FINAL, lineage=event.run.lineage,
+                                          meta={"algo": event.run.algo, "torch": torch.__version__})
+        return Receipt(role=Role.FINAL, run=self.run, step=event.step, uri=self.location(),
+                       nbytes=manifest.nbytes)
 
     def stored_final(self, run):
         try:
-            self.store_.read_manifest(self.store_.path_of(self.run, EXPORT))
+            self.checkpoints.read_manifest(self.checkpoints.path_of(self.run, EXPORT))
         except CheckpointError:
             return None
         return self.location()

@@ -1,11 +1,17 @@
-"""From configuration to role bindings: explicit ``storage:`` or implied by paths and mlflow."""
+"""From configuration to role bindings: explicit ``storage:`` or implied by paths and mlflow.
+
+Each binding carries everything its sink is built with (options and base path), so the router
+builds every sink from its binding alone."""
 
 from __future__ import annotations
 
 import fsspec.core
 
+from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
+from wmtp_core.catalog import Catalog
 from wmtp_core.config import Settings
-from wmtp_core.roles import Bindings, BindingError, Catalog, PolicyBinding, Role, SinkBinding
+from wmtp_core.errors import BindingError
+from wmtp_core.roles import Role
 
 
 def protocol_of(url: str) -> str:
@@ -18,6 +24,16 @@ def resume_base(settings: Settings) -> str:
     if st is not None and st.resume is not None and st.resume.base_path:
         return st.resume.base_path
     return settings.config.paths.checkpoints.base_path
+
+
+def base_path_for(role: Role, settings: Settings) -> str:
+    """``storage.<role>.base_path``, else the resume base path (``storage.resume.base_path`` or
+    ``paths.checkpoints.base_path``)."""
+    st = settings.config.storage
+    role_cfg = getattr(st, role.value, None) if st is not None else None
+    if role_cfg is not None and role_cfg.base_path:
+        return role_cfg.base_path
+    return resume_base(settings)
 
 
 def required_roles(settings: Settings) -> frozenset[Role]:
@@ -40,7 +56,8 @@ def bindings_for(settings: Settings, catalog: Catalog) -> Bindings:
         explicit = getattr(st, role.value, None) if st is not None else None
         if explicit is not None:
             sinks.append(SinkBinding(role=role, sink=explicit.sink, options=explicit.options,
-                                     origin=f"{src}: storage.{role.value}.sink"))
+                                     origin=f"{src}: storage.{role.value}.sink",
+                                     base_path=base_path_for(role, settings)))
         elif role in roles:
             sinks.append(_implied(role, settings, catalog))
     if st is not None and st.policies is not None:
@@ -69,9 +86,13 @@ def _implied(role: Role, settings: Settings, catalog: Catalog) -> SinkBinding:
                 f"installed sink serves; installed sinks: {catalog.describe_sinks()}. Install a "
                 "plugin for it or set storage.resume.sink"
             )
-        return SinkBinding(role=role, sink=spec.name, origin=f"{src}: paths.checkpoints.base_path")
+        return SinkBinding(role=role, sink=spec.name, origin=f"{src}: paths.checkpoints.base_path",
+                           base_path=base)
+    base = base_path_for(role, settings)
     if settings.config.mlflow is not None:
-        return SinkBinding(role=role, sink="mlflow_registry", origin=f"{src}: mlflow (save_final: true)")
+        return SinkBinding(role=role, sink="mlflow_registry", origin=f"{src}: mlflow (save_final: true)",
+                           base_path=base)
     spec = catalog.sink_for_protocol(protocol_of(resume_base(settings)))
     name = spec.name if spec is not None and Role.FINAL in spec.roles else "local"
-    return SinkBinding(role=role, sink=name, origin=f"{src}: paths.checkpoints.save_final (no mlflow)")
+    return SinkBinding(role=role, sink=name, origin=f"{src}: paths.checkpoints.save_final (no mlflow)",
+                       base_path=base)

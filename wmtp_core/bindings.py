@@ -1,0 +1,128 @@
+"""Bindings: which sink serves each role and which policy prunes it, checked before training.
+
+Nothing here stores bytes. :mod:`wmtp_core.router` enforces the bindings at run time.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import attrs
+
+from wmtp_core.catalog import Catalog
+from wmtp_core.errors import BindingError, ConfigError
+from wmtp_core.roles import Role
+from wmtp_core.validators import frozen_copy
+
+
+@attrs.frozen
+class SinkBinding:
+    """One role bound to one sink, with everything the sink is built with."""
+
+    role: Role = attrs.field(converter=Role)
+    sink: str
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=frozen_copy, hash=False)
+    """Sink options (for file-like sinks: fsspec storage options)."""
+    origin: str = "storage"
+    """Where the binding came from (a config key), so errors can point at it."""
+    base_path: str = ""
+    """Where a file-like sink keeps the role's checkpoints (``<base_path>/<run>/...``)."""
+
+
+@attrs.frozen
+class PolicyBinding:
+    """One role pruned by one policy."""
+
+    role: Role = attrs.field(converter=Role)
+    policy: str
+    options: Mapping[str, Any] = attrs.field(factory=dict, converter=frozen_copy, hash=False)
+    origin: str = "storage.policies"
+
+
+@attrs.frozen
+class Bindings:
+    """The run's complete storage plan: which sink serves each role, which policy prunes it."""
+
+    sinks: tuple[SinkBinding, ...] = attrs.field(converter=tuple)
+    policies: tuple[PolicyBinding, ...] = attrs.field(converter=tuple, default=())
+
+    def sink_for(self, role: Role) -> SinkBinding | None:
+        return next((b for b in self.sinks if b.role is role), None)
+
+    def policy_for(self, role: Role) -> PolicyBinding | None:
+        return next((p for p in self.policies if p.role is role), None)
+
+
+def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) -> None:
+    """Refuse any plan that could store a checkpoint twice, nowhere, or in the wrong place.
+
+    :param required: the roles this run will emit; each needs exactly one sink.
+    """
+    installed = catalog.describe_sinks()
+    seen: dict[Role, SinkBinding] = {}
+    for b in bindings.sinks:
+        if b.role in seen:
+            raise BindingError(
+                f"role {b.role.value!r} is bound twice ({seen[b.role].origin}: "
+                f"{seen[b.role].sink!r} and {b.origin}: {b.sink!r}); bind each role to exactly "
+                "one sink"
+            )
+        seen[b.role] = b
+        spec = catalog.sinks.get(b.sink)
+        if spec is None:
+            raise BindingError(
+                f"{b.origin}: sink {b.sink!r} for role {b.role.value!r} is not installed; "
+                f"installed sinks: {installed}. Install the plugin that provides it or bind "
+                "one of these"
+            )
+        if b.role not in spec.roles:
+            able = [s.name for s in catalog.sinks.values() if b.role in s.roles]
+            raise BindingError(
+                f"{b.origin}: sink {b.sink!r} does not serve role {b.role.value!r} (it declares "
+                f"{', '.join(sorted(r.value for r in spec.roles))}); sinks that serve "
+                f"{b.role.value!r}: {', '.join(sorted(able)) or 'none installed'}"
+            )
+    for role in sorted(required, key=lambda r: r.value):
+        if role not in seen:
+            able = sorted(s.name for s in catalog.sinks.values() if role in s.roles)
+            raise BindingError(
+                f"role {role.value!r} has no sink but this run emits it; bind one with "
+                f"storage.{role.value}.sink (sinks that serve it: {', '.join(able) or 'none installed'})"
+            )
+    policed: dict[Role, PolicyBinding] = {}
+    for p in bindings.policies:
+        if p.role in policed:
+            raise BindingError(
+                f"{p.origin}: two policies for role {p.role.value!r} "
+                f"({policed[p.role].policy!r} and {p.policy!r}); at most one policy may prune a role"
+            )
+        policed[p.role] = p
+        spec = catalog.policies.get(p.policy)
+        if spec is None:
+            raise BindingError(
+                f"{p.origin}: policy {p.policy!r} is not installed; installed policies: "
+                f"{', '.join(sorted(catalog.policies)) or 'none'}"
+            )
+        if p.role not in spec.roles:
+            raise BindingError(
+                f"{p.origin}: policy {p.policy!r} does not apply to role {p.role.value!r} "
+                f"(it declares {', '.join(sorted(r.value for r in spec.roles))})"
+            )
+        if p.role not in seen:
+            raise BindingError(
+                f"{p.origin}: policy {p.policy!r} prunes role {p.role.value!r}, which has no sink"
+            )
+
+
+def build_policies(bindings: Bindings, catalog: Catalog) -> dict[Role, Any]:
+    """Build each bound policy now, so bad options fail before training (and in --dry-run).
+    A policy factory refuses bad options with ``ValueError`` or ``TypeError`` (documented for
+    plugin authors); they become a configuration error naming the binding."""
+    out = {}
+    for p in bindings.policies:
+        try:
+            out[p.role] = catalog.policies[p.policy].factory(copy.deepcopy(dict(p.options)))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{p.origin}: policy {p.policy!r}: {e}") from None
+    return out

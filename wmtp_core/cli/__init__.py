@@ -1,0 +1,75 @@
+"""``wmtp``: list plugins; list, verify and clean stored checkpoints; register a final model
+later; report the bytes a run holds. Every byte of storage is read through fsspec.
+
+Nothing here imports torch or MLflow at module level: listing and cleaning checkpoints must
+start fast. ``register`` imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from wmtp_core.cli import commands
+from wmtp_core.cli.commands import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_USAGE
+from wmtp_core.console import consoles, error_line
+from wmtp_core.errors import WmtpError
+
+__all__ = ["EXIT_FAILED", "EXIT_NOT_REGISTERED", "EXIT_OK", "EXIT_USAGE", "main", "parser"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wmtp", description=__doc__.split("\n\n")[0].replace("``", ""))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    storage = argparse.ArgumentParser(add_help=False)
+    storage.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="fsspec storage option for remote URIs (repeatable; never printed)")
+
+    sub.add_parser("plugins", help="installed plugins, their sinks, policies and hooks"
+                   ).set_defaults(func=commands.cmd_plugins)
+    ck = sub.add_parser("checkpoints", help="list or verify stored checkpoints")
+    cks = ck.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = cks.add_parser("ls", parents=[storage],
+                        help="checkpoints of a run, or of every run under a base path")
+    ls.add_argument("uri", help="a run directory <base>/<run> or a base path")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=commands.cmd_ls)
+    v = cks.add_parser("verify", parents=[storage], help="check every file against its manifest")
+    v.add_argument("uri", help="one checkpoint directory, or a run directory (all committed ones)")
+    v.set_defaults(func=commands.cmd_verify)
+
+    gc = sub.add_parser("gc", parents=[storage], help="remove staging left by crashed saves")
+    gc.add_argument("uri", help="a run directory or a base path")
+    gc.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                    help="only remove staging whose newest file is older than this (default 3600)")
+    gc.add_argument("--dry-run", action="store_true", help="show what would be removed")
+    gc.set_defaults(func=commands.cmd_gc)
+
+    reg = sub.add_parser("register", parents=[storage],
+                         help="store the final model from a committed checkpoint through the final sink")
+    reg.add_argument("uri", help="a committed step_N or final checkpoint directory")
+    reg.add_argument("--config", help="config YAML (mlflow, storage); omitted: embedded defaults")
+    reg.add_argument("--run-name", help="the run to register it for (default: the manifest's run)")
+    reg.set_defaults(func=commands.cmd_register)
+
+    rep = sub.add_parser("report", parents=[storage], help="bytes a run holds, per role and sink")
+    rep.add_argument("run", metavar="RUN_OR_URI",
+                     help="a run directory, or a run name under the config's checkpoint base path")
+    rep.add_argument("--config", help="config YAML (paths, mlflow); omitted: embedded defaults")
+    rep.add_argument("--json", action="store_true", help="machine-readable output")
+    rep.set_defaults(func=commands.cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``wmtp`` command. A :class:`~wmtp_core.errors.WmtpError` is one line on stderr and
+    exit status 2; any other exception is a bug and keeps its traceback (exit 1)."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already printed
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    out, err = consoles()
+    try:
+        return args.func(args, out, err)
+    except WmtpError as e:
+        err.print(error_line(e))
+        return EXIT_USAGE

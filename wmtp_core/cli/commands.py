@@ -1,0 +1,312 @@
+"""The ``wmtp`` commands themselves: each takes the parsed arguments and two consoles and returns
+the exit status. What they read about stored checkpoints comes from :mod:`.inventory`."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from typing import Any
+
+import attrs
+from rich.console import Console
+
+from wmtp_core.cli.inventory import FINAL_DIR, committed, leftovers, locate, scan
+from wmtp_core.commit import MANIFEST, STAGING_MARKER, CheckpointState, CheckpointStore, check_run_name
+from wmtp_core.config import load_settings
+from wmtp_core.config.routing import resume_base
+from wmtp_core.console import error_line
+from wmtp_core.errors import CheckpointError, UsageError, WmtpError
+from wmtp_core.events import RunInfo
+from wmtp_core.plugins import CORE_PLUGINS, build_catalog, distributions, make_plugin_manager
+from wmtp_core.report import human
+from wmtp_core.roles import Role
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_REGISTERED = 0, 1, 2, 3
+"""The same meanings as ``python -m wmtp_core.run``'s exit codes."""
+
+
+def tensor_bytes(parts) -> int:
+    from wmtp_core.tensors import tensor_bytes as count
+
+    return count(dict(parts))
+
+
+def storage_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; ``true``/``false`` become booleans. Values never appear in errors."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError("--storage-option expects NAME=VALUE, e.g. endpoint_url=http://127.0.0.1:9000")
+        out[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def cmd_plugins(args, out: Console, err: Console) -> int:
+    pm = make_plugin_manager()
+    catalog = build_catalog(pm)  # validates names across plugins
+    dists = distributions(pm)
+    sinks = _contributions(pm.hook.wmtp_register_sinks)
+    policies = _contributions(pm.hook.wmtp_register_policies)
+    plugins = sorted(pm.list_name_plugin(), key=lambda np: str(np[0]))
+    out.print(f"{len(plugins)} plugins; sinks: {catalog.describe_sinks()}")
+    for name, plugin in plugins:
+        origin = "(part of wmtp_core)" if name in CORE_PLUGINS else "(not installed from a distribution)"
+        out.print(f"\n{name}  {dists.get(name, origin)}")
+        for s in sinks.get(name, []):
+            protocols = f"; protocols {', '.join(s.protocols)}" if s.protocols else ""
+            out.print(f"  sink {s.name}: serves {_roles(s.roles)}{protocols}")
+            if s.description:
+                out.print(f"    {s.description}")
+        for p in policies.get(name, []):
+            out.print(f"  policy {p.name}: prunes {_roles(p.roles)}")
+            if p.description:
+                out.print(f"    {p.description}")
+        if name not in sinks and name not in policies:
+            out.print("  observer: hooks only, stores no checkpoint bytes")
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        out.print(f"  hooks: {', '.join(hooks) or 'none'}")
+    return EXIT_OK
+
+
+def _contributions(hook) -> dict[str, list]:
+    """Plugin name -> the specs it registers: each implementation is called on its own, so the
+    listing can say which plugin contributed what."""
+    out: dict[str, list] = {}
+    for impl in hook.get_hookimpls():
+        impl.function(register=out.setdefault(impl.plugin_name, []).append)
+    return out
+
+
+def _roles(roles) -> str:
+    return ", ".join(sorted(r.value for r in roles))
+
+
+def cmd_ls(args, out: Console, err: Console) -> int:
+    loc = locate(args.uri, storage_options(args.storage_option))
+    if loc.kind == "checkpoint":
+        raise UsageError(f"{args.uri} is one checkpoint; list its run directory or the base path")
+    entries = [e for run in loc.runs for e in scan(loc.store, run)]
+    if args.json:
+        out.out(json.dumps([e.to_json() for e in entries], indent=2))
+        return EXIT_OK
+    if not entries:
+        out.print(f"no checkpoints under {args.uri}")
+        return EXIT_OK
+    rows = [[e.run, e.name, "" if e.step is None else str(e.step), e.role or "-", e.state.value,
+             str(e.files), human(e.bytes), (e.created_at or "-")[:19].replace("T", " "),
+             (e.lineage or "-")[:8]] for e in entries]
+    header = ["run", "name", "step", "role", "state", "files", "bytes", "created_at", "lineage"]
+    out.print("\n".join(_columns([header, *rows])))
+    for e in entries:
+        if e.problem and e.state is not CheckpointState.STAGING:
+            out.print(f"{e.state.value}: {e.uri}: {e.problem}")
+    return EXIT_OK
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Plain aligned columns: stays readable in a pipe and at any terminal width."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def cmd_verify(args, out: Console, err: Console) -> int:
+    loc = locate(args.uri, storage_options(args.storage_option))
+    store = loc.store
+    # every directory that claims to be a checkpoint (it has a manifest), believable or not
+    paths = [loc.checkpoint] if loc.checkpoint else [
+        e.path for run in loc.runs for e in scan(store, run)
+        if e.state in (CheckpointState.COMMITTED, CheckpointState.UNVERIFIABLE)]
+    if not paths:
+        raise CheckpointError(f"{args.uri} holds no committed checkpoint to verify")
+    failed = 0
+    for path in paths:
+        try:
+            m = store.verify(path)
+            out.print(f"OK      {store.uri(path)}  ({_count(len(m.files), 'file')}, {human(m.nbytes)})")
+        except CheckpointError as e:
+            failed += 1
+            out.print(f"FAILED  {store.uri(path)}: {e}")
+    out.print(f"{len(paths) - failed} of {_count(len(paths), 'checkpoint')} verified")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_gc(args, out: Console, err: Console) -> int:
+    if args.min_age < 0:
+        raise UsageError(f"--min-age: {args.min_age:g} is not accepted; use a number of seconds >= 0")
+    loc = locate(args.uri, storage_options(args.storage_option))
+    if loc.kind == "checkpoint":
+        raise UsageError(f"{args.uri} is one checkpoint; gc takes a run directory or a base path")
+    fs, now, freed, removed = loc.store.fs, time.time(), 0, 0
+    verb = "would remove" if args.dry_run else "removed"
+    for run in loc.runs:
+        for e in leftovers(loc.store, run):
+            if e.state is CheckpointState.UNVERIFIABLE:
+                out.print(f"kept    {e.uri}: its {MANIFEST} cannot be believed ({e.problem}); "
+                          "inspect it before deleting it by hand")
+                continue
+            if e.state is CheckpointState.FOREIGN:
+                out.print(f"kept    {e.uri}: not ours (no {MANIFEST} and no {STAGING_MARKER}: "
+                          "WMTP did not write it)")
+                continue
+            age = now - e.modified if e.modified is not None else None
+            if args.min_age > 0 and (age is None or age < args.min_age):
+                # young staging may be a save still in flight in another process
+                seen = "age unknown" if age is None else f"newest file {age:.0f} s old"
+                out.print(f"kept    {e.uri}: {seen}, under --min-age {args.min_age:g} s")
+                continue
+            # the save may have committed since the listing: look again just before removing
+            if fs.exists(posixpath.join(e.path, MANIFEST)) or \
+                    not fs.exists(posixpath.join(e.path, STAGING_MARKER)):
+                continue
+            if not args.dry_run:
+                fs.rm(e.path, recursive=True)
+            freed, removed = freed + e.bytes, removed + 1
+            out.print(f"{verb} {e.uri} ({_count(e.files, 'file')}, {human(e.bytes)})")
+    out.print(f"{verb} {_count(removed, 'staging directory', 'staging directories')}; "
+              f"{'would free' if args.dry_run else 'freed'} {human(freed)} ({freed} bytes)")
+    return EXIT_OK
+
+
+def cmd_register(args, out: Console, err: Console) -> int:
+    """Store the final model from a committed checkpoint through the final sink the config binds,
+    exactly as the end of a run does: the same router decides that it is stored at most once."""
+    from wmtp_core.session import final_payload_from, final_router
+
+    options = storage_options(args.storage_option)
+    loc = locate(args.uri, options)
+    if loc.kind != "checkpoint":
+        raise UsageError(f"{args.uri} is not a checkpoint directory; name a step_N or final directory")
+    manifest = loc.store.read_manifest(loc.checkpoint)  # refuses staging before anything else
+    algo = manifest.meta.get("algo")
+    if not algo:
+        raise CheckpointError(f"{args.uri}: its manifest records no algo (meta.algo)")
+    settings = load_settings(args.config)
+    mlflow_settings = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
+    run = RunInfo(name=check_run_name(args.run_name or manifest.run), algo=algo,
+                  lineage=manifest.lineage, experiment=mlflow_settings.get("experiment", "wmtp"))
+    source = loc.store.uri(loc.checkpoint)
+    err.print(f"registering the final model of run {run.name!r} from {source} ...")
+    router = final_router(settings, run)
+    try:
+        try:
+            stored = router.final_stored()
+        except Exception as e:  # the sink could not be asked: it is unreachable or broken
+            return _not_registered(err, e, source)
+        if stored:
+            out.print(f"the final model of run {run.name!r} is already stored at {stored}; "
+                      "it is stored once, nothing to do")
+            return EXIT_OK
+        payload = final_payload_from(args.uri, options)
+        metrics = {k: float(v) for k, v in manifest.meta.get("metrics", {}).items()}
+        try:
+            receipt = router.emit(Role.FINAL, step=manifest.step, payload=payload, metrics=metrics,
+                                  nbytes=tensor_bytes(payload.parts))
+        except Exception as e:
+            return _not_registered(err, e, source)
+    finally:
+        router.close()
+    out.print(f"stored the final model of run {run.name!r} (step {manifest.step}) from {source}")
+    out.print(f"{receipt.uri}  via {receipt.sink}, {human(receipt.nbytes)}")
+    return EXIT_OK
+
+
+def _not_registered(err: Console, e: Exception, source: str) -> int:
+    err.print(error_line(f"final model not stored ({type(e).__name__}: {e}). {source} is unchanged; "
+                         "run this command again once the final sink is reachable"))
+    return EXIT_NOT_REGISTERED
+
+
+def cmd_report(args, out: Console, err: Console) -> int:
+    """The bytes a run holds: its resume checkpoints (from the inventory of the URI) and what
+    the final sink the config binds holds for the run's lineages (asked, not guessed)."""
+    settings = load_settings(args.config)
+    uri = args.run
+    if "/" not in uri and "://" not in uri:  # a bare run name, under the configured base path
+        uri = f"{resume_base(settings).rstrip('/')}/{check_run_name(uri)}"
+    loc = locate(uri, storage_options(args.storage_option))
+    if loc.kind == "base":
+        held = f"it holds the runs {', '.join(loc.runs)}; name one" if loc.runs else "it holds no checkpoint"
+        raise UsageError(f"{uri} is not a run directory: {held}")
+    store, run = loc.store, loc.runs[0]
+    entries = scan(store, run)
+    sink = _file_sink_name(store)
+    resume = [e for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.RESUME.value]
+    staging = [e for e in entries if e.state is CheckpointState.STAGING]
+    others = {state: [e for e in entries if e.state is state]
+              for state in (CheckpointState.UNVERIFIABLE, CheckpointState.FOREIGN)}
+    finals = [{"sink": sink, "uri": e.uri, "step": e.step, "bytes": e.bytes}
+              for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.FINAL.value]
+    lineages = {e.lineage for e in entries if e.lineage}
+    if lineages:
+        finals += _final_holdings(settings, run, lineages, {f["uri"] for f in finals}, err)
+    report = {
+        "run": run,
+        "uri": store.uri(store.run_dir(run)),
+        "resume": {"sink": sink, "committed": len(resume), "bytes": sum(e.bytes for e in resume),
+                   "newest_step": max((e.step for e in resume), default=None)},
+        "staging": {"count": len(staging), "bytes": sum(e.bytes for e in staging)},
+        **{state.value: {"count": len(es), "bytes": sum(e.bytes for e in es)} for state, es in others.items()},
+        "final": finals,
+    }
+    report["total_bytes"] = (report["resume"]["bytes"] + report["staging"]["bytes"]
+                             + report["unverifiable"]["bytes"] + sum(f["bytes"] or 0 for f in finals))
+    if args.json:
+        out.out(json.dumps(report, indent=2))
+    else:
+        out.print("\n".join(_report_lines(report)))
+    return EXIT_OK
+
+
+def _final_holdings(settings, run: str, lineages: set[str], seen: set[str], err: Console) -> list[dict[str, Any]]:
+    """Ask the final sink the config binds what it holds for these lineages."""
+    from wmtp_core.config.routing import bindings_for
+    from wmtp_core.session import standalone_sink
+
+    pm = make_plugin_manager()
+    catalog = build_catalog(pm)
+    bindings = bindings_for(settings, catalog)
+    binding = bindings.sink_for(Role.FINAL)
+    if binding is None or binding.sink not in catalog.sinks:
+        return []
+    mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
+    info = RunInfo(name=run, algo="-", lineage=sorted(lineages)[0])
+    sink = standalone_sink(catalog, bindings, Role.FINAL, info, mlflow)
+    held = getattr(sink, "held", None)
+    if held is None:
+        return []
+    try:
+        found = held(run, lineages)
+    except WmtpError as e:
+        err.print(f"note: could not ask the final sink {binding.sink!r}: {e}")
+        return []
+    return [{"sink": binding.sink, "uri": h.uri, "step": h.step, "bytes": h.nbytes}
+            for h in found if h.role is Role.FINAL and h.uri not in seen]
+
+
+def _report_lines(r: dict[str, Any]) -> list[str]:
+    res, stg = r["resume"], r["staging"]
+    newest = f", newest step {res['newest_step']}" if res["newest_step"] is not None else ""
+    rows = [["resume", res["sink"], f"{res['committed']} committed{newest}", human(res["bytes"])]]
+    if stg["count"]:
+        rows.append(["resume", res["sink"], f"{stg['count']} staging (wmtp gc removes)", human(stg["bytes"])])
+    if r["unverifiable"]["count"]:
+        rows.append(["resume", res["sink"], f"{r['unverifiable']['count']} unverifiable (kept; see "
+                     "wmtp checkpoints verify)", human(r["unverifiable"]["bytes"])])
+    rows += [["final", f["sink"], f["uri"], "?" if f["bytes"] is None else human(f["bytes"])]
+             for f in r["final"]]
+    if not r["final"]:
+        rows.append(["final", "-", "nothing stored", human(0)])
+    rows.append(["total", "", "", human(r["total_bytes"])])
+    return [f"Bytes held by run {r['run']!r} ({r['uri']}):"] + ["  " + line for line in _columns(rows)]
+
+
+def _file_sink_name(store: CheckpointStore) -> str:
+    """The installed sink that serves this filesystem's protocol (what a run would bind)."""
+    spec = build_catalog(make_plugin_manager()).sink_for_protocol(store.protocol)
+    return spec.name if spec is not None else store.protocol

@@ -1,0 +1,62 @@
+"""Every error a user can cause, in one family.
+
+Both entry points catch :class:`WmtpError` and nothing else: its message is printed as one line
+and the exit status is 2. Any other exception is a bug in WMTP or a plugin: it ends the process
+with its traceback and exit status 1. Raise one of these (or a subclass) from a plugin for input
+the user can fix.
+"""
+
+from __future__ import annotations
+
+
+class WmtpError(Exception):
+    """Something the user can fix: the message says what and how."""
+
+
+class ConfigError(WmtpError):
+    """A configuration or recipe that cannot be used; names the file, the key, the value and
+    what is accepted."""
+
+
+class UsageError(WmtpError):
+    """A command-line argument that cannot be used (a URI that does not exist, a bad option)."""
+
+
+class BindingError(WmtpError):
+    """A role binding that cannot work. Raised before the first training step."""
+
+
+class CheckpointError(WmtpError):
+    """A checkpoint that is missing, torn, refused, or does not match its manifest."""
+
+
+class UnverifiableError(CheckpointError):
+    """A directory whose manifest cannot be believed: not JSON, not the schema, at odds with the
+    directory it lies in or with the files beside it. Such a checkpoint is never "committed"."""
+
+
+class ManifestError(UnverifiableError):
+    """A manifest that does not follow the schema."""
+
+
+class DataError(WmtpError):
+    """A data source that cannot be read or does not yield enough data."""
+
+
+class TrainingError(WmtpError):
+    """A run that cannot start or go on, with a message naming the cause and the fix."""
+
+
+class DeviceError(TrainingError):
+    """A device, precision or launcher setting this machine cannot honour."""
+
+
+class ModelLoadError(WmtpError):
+    """A reference, reward or registered model that cannot be loaded, or is refused because
+    loading it could run code."""
+
+
+class SaveError(Exception):
+    """A checkpoint save that failed while training went on (a background save). Not a
+    :class:`WmtpError`: the run ends with exit status 1, naming the step, and nothing of that
+    save was committed."""

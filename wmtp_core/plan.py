@@ -1,0 +1,132 @@
+"""Preflight: everything a run is, decided and checked before anything is written.
+
+:func:`preflight` turns the command line and the two YAML files into a frozen :class:`Plan`:
+settings, the plugin catalog, the role bindings and built policies, the run name and tags, the
+model architecture and its size, the device and precision, and the data sources. ``--dry-run``
+prints that plan; a real run executes that same plan (:mod:`wmtp_core.session`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Mapping
+
+import attrs
+import pluggy
+
+from wmtp_core import report
+from wmtp_core.bindings import Bindings, build_policies, validate
+from wmtp_core.catalog import Catalog
+from wmtp_core.commit import check_run_name
+from wmtp_core.config import Settings, load_settings
+from wmtp_core.config.routing import bindings_for, required_roles
+from wmtp_core.errors import ConfigError, ModelLoadError
+from wmtp_core.plugins import build_catalog
+from wmtp_core.roles import Role
+from wmtp_core.validators import frozen_copy
+
+
+@attrs.frozen
+class Plan:
+    """One run, fully decided. Nothing is written while a plan is made."""
+
+    settings: Settings
+    catalog: Catalog = attrs.field(eq=False)
+    bindings: Bindings
+    required: frozenset[Role]
+    """The roles this run emits; each is bound to exactly one sink."""
+    policies: Mapping[Role, Any] = attrs.field(converter=dict, eq=False)
+    """Each bound retention policy, built (bad options fail here, under --dry-run too)."""
+    run_name: str
+    tags: Mapping[str, str] = attrs.field(converter=frozen_copy)
+    model_config: Any
+    """The architecture (``ModelConfig``)."""
+    parameters: int
+    """Parameters of that architecture, counted on the meta device."""
+    device: str
+    """Where it trains (``cpu``, ``cuda``, ``mps``)."""
+    resume: str | None = None
+    """``latest``, a checkpoint URI, or ``None`` for a new run."""
+    mlflow: Mapping[str, Any] = attrs.field(factory=dict, converter=frozen_copy)
+    """The ``mlflow`` section (empty when it is null)."""
+
+    @property
+    def estimate(self) -> report.Estimate:
+        ck = self.settings.config.paths.checkpoints
+        keeper = self.policies.get(Role.RESUME)
+        return report.estimate(self.parameters, self.settings.recipe.train.max_steps or 0,
+                               ck.save_interval, getattr(keeper, "keep_last", 10**9),
+                               getattr(keeper, "keep_every", 0), ck.save_final)
+
+
+def parse_tags(recipe_tags: list[str], cli: str | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in list(recipe_tags) + [t for t in (cli or "").split(",") if t.strip()]:
+        name, _, value = item.strip().partition("=")
+        if not name:
+            raise ConfigError(f"--tags: {item!r} is not accepted; use NAME or NAME=VALUE")
+        tags[name] = value or "true"
+    return tags
+
+
+def run_name_for(settings: Settings, cli: str | None) -> str:
+    """``--run-name``, else ``run.name``, else ``<algo>-<YYYYmmdd-HHMMSS>``. An empty name is
+    refused rather than silently replaced."""
+    name, where = (cli, "--run-name") if cli is not None else (settings.recipe.run.name, "run.name")
+    if name == "":
+        raise ConfigError(f"{where}: '' is not accepted; give a name, or leave run.name null (and "
+                          "--run-name out) for the default <algo>-<YYYYmmdd-HHMMSS>")
+    if name is None:
+        name = f"{settings.recipe.train.algo}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        return check_run_name(name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: str | None = None,
+              run_name: str | None = None, tags: str | None = None,
+              resume: str | None = None) -> Plan:
+    """Load and check everything; raise a :class:`~wmtp_core.errors.WmtpError` for the first
+    problem. Loads no data, allocates no model, loads no reference model, writes nothing."""
+    from wmtp_core.engine.model import count_parameters
+    from wmtp_core.engine.trainer import autocast_dtype, check_source, choose_device, model_config
+
+    settings = load_settings(config, recipe)
+    catalog = build_catalog(pm)
+    bindings = bindings_for(settings, catalog)
+    required = required_roles(settings)
+    validate(bindings, catalog, required)
+    policies = build_policies(bindings, catalog)
+    name = run_name_for(settings, run_name)
+    tag_map = parse_tags(settings.recipe.run.tags, tags)
+    try:
+        mcfg = model_config(settings)
+    except (ValueError, ModelLoadError) as e:
+        raise ConfigError(f"{settings.recipe_source}: {e}") from None
+    devices = settings.config.devices
+    device = choose_device(devices.compute_backend)
+    autocast_dtype(devices.mixed_precision, device)
+    for split in ("train", "eval"):
+        data = getattr(settings.recipe.data, split)
+        if data is None:
+            continue
+        for source in data.sources:
+            check_source(settings, source, f"data.{split}.sources")
+        if data.max_length > mcfg.max_seq_len:
+            raise ConfigError(
+                f"{settings.recipe_source}: data.{split}.max_length: {data.max_length} is not accepted; "
+                f"it must be <= model.max_seq_len ({mcfg.max_seq_len})"
+            )
+    mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
+    return Plan(settings=settings, catalog=catalog, bindings=bindings, required=required,
+                policies=policies, run_name=name, tags=tag_map, model_config=mcfg,
+                parameters=count_parameters(mcfg), device=device.type, resume=resume, mlflow=mlflow)
+
+
+def describe(plan: Plan) -> list[Any]:
+    """What ``--dry-run`` prints: the bindings, the storage estimate, the verdict."""
+    descriptions = {n: s.description for n, s in plan.catalog.sinks.items()}
+    return ["\n".join(report.bindings_lines(plan.bindings, descriptions)),
+            report.estimate_table(plan.estimate),
+            f"dry run: run {plan.run_name!r} is valid; nothing was written."]

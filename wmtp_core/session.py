@@ -1,0 +1,358 @@
+"""A run session: the life of one run, from a preflight plan to the summary.
+
+open → restore → start → train → store final → end. The session is the only place that joins
+the engine (it trains), the router (it stores) and the plugins (they observe). Every value it
+builds is built once, complete: the run's identity is known before the router and its sinks
+exist, and neither is told about the run afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, Callable, Mapping
+
+import attrs
+import pluggy
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from wmtp_core import redact, report
+from wmtp_core.bindings import Bindings
+from wmtp_core.catalog import Catalog
+from wmtp_core.console import error_line
+from wmtp_core.errors import CheckpointError, ModelLoadError, SaveError, TrainingError, WmtpError
+from wmtp_core.events import LoadedModel, RunEnded, RunInfo, RunStarted, RunStatus, SinkContext, StepEnded
+from wmtp_core.plan import Plan
+from wmtp_core.roles import Role
+from wmtp_core.router import Router
+from wmtp_core.tensors import tensor_bytes
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_REGISTERED = 0, 1, 2, 3
+OBSERVER_HOOKS = {"wmtp_run_started", "wmtp_step_ended", "wmtp_run_ended", "wmtp_checkpoint_committed",
+                  "wmtp_checkpoint_deleted", "wmtp_resume_checkpoint_emitted", "wmtp_final_model_emitted"}
+
+log = logging.getLogger("wmtp")
+
+
+def model_loader(pm: pluggy.PluginManager, mlflow: Mapping[str, Any]) -> Callable[[str], LoadedModel]:
+    """Resolve a model URI through ``wmtp_load_model`` (plugins first, the core's committed
+    checkpoint reader last)."""
+
+    def load(uri: str) -> LoadedModel:
+        try:
+            loaded = pm.hook.wmtp_load_model(uri=uri, mlflow_config=dict(mlflow))
+        except (LookupError, FileNotFoundError) as e:  # the hook's documented refusals
+            raise ModelLoadError(str(e)) from None
+        if loaded is None:
+            raise ModelLoadError(f"{uri!r}: no plugin can load it")
+        return loaded
+
+    return load
+
+
+def standalone_sink(catalog: Catalog, bindings: Bindings, role: Role, run: RunInfo,
+                    mlflow: Mapping[str, Any]) -> Any:
+    """A sink built from its binding outside any router: for reading what a run committed
+    before the run's own router exists (the resume point), and for the ``wmtp`` command."""
+    b = bindings.sink_for(role)
+    return catalog.sinks[b.sink].factory(SinkContext(role=role, run=run, base_path=b.base_path,
+                                                     options=dict(b.options), mlflow=dict(mlflow)))
+
+
+def find_resume(sink: Any, spec: str, err: Console, world: Any = None,
+                restore: Callable[[Any, str], None] = lambda loaded, uri: None):
+    """Load and restore the checkpoint ``spec`` names; for ``latest``, the newest one that
+    verifies and restores, saying why each newer one was skipped (a directory whose manifest
+    cannot be believed included). ``restore(loaded, uri)`` raises CheckpointError to refuse.
+    Returns ``(uri, manifest)``."""
+
+    def load(uri: str):
+        # sharded checkpoints are verified by all ranks together; other sinks take the URI alone
+        return sink.load(uri, world=world) if world is not None and world.size > 1 else sink.load(uri)
+
+    if spec != "latest":
+        loaded = load(spec)
+        restore(loaded, spec)
+        return spec, loaded.manifest
+    committed = sink.committed()
+    if not committed:
+        raise CheckpointError(f"--resume latest: no committed checkpoint under {sink.location()}")
+    unverifiable = getattr(sink, "unverifiable", lambda: [])()
+    newest = committed[-1][1].step
+    for uri, step, reason in unverifiable:  # newer than anything committed: say why it is not used
+        if step > newest:
+            err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {reason}"))
+    for uri, _ in reversed(committed):
+        try:
+            loaded = load(uri)
+            restore(loaded, uri)
+            return uri, loaded.manifest
+        except CheckpointError as e:
+            err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {e}"))
+    raise CheckpointError(f"--resume latest: no checkpoint under {sink.location()} verifies")
+
+
+def _scalars(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (metrics or {}).items()}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:500]
+
+
+class RunSession:
+    """The life of one run. :meth:`run` returns the exit status."""
+
+    def __init__(self, plan: Plan, pm: pluggy.PluginManager, out: Console, err: Console, *,
+                 verbose: bool = False) -> None:
+        self.plan = plan
+        self.pm = pm
+        self.out, self.err = out, err
+        self.verbose = verbose
+        self.timings: dict[str, float] = {}
+        self.last_saved = -1
+
+    def _phase(self, name: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - t0
+        return now
+
+    def run(self) -> int:
+        from wmtp_core.engine import distributed
+
+        cfg = self.plan.settings.config
+        world = distributed.setup(cfg.devices, self._device())
+        try:
+            return self._run(world)
+        finally:
+            world.close()
+
+    def _device(self):
+        import torch
+
+        return torch.device(self.plan.device)
+
+    # -- the phases ------------------------------------------------------------------------
+    def _run(self, world: Any) -> int:
+        from wmtp_core.engine.trainer import Trainer
+
+        plan, cfg = self.plan, self.plan.settings.config
+        t = time.perf_counter()
+        # open: who this process is in the job
+        if world.size > 1 and not cfg.devices.fsdp.enabled:
+            raise TrainingError(f"{world.size} processes were launched but devices.fsdp.enabled is false: "
+                                "each rank would train its own copy; enable fsdp")
+        bindings = plan.bindings
+        if not world.is_main:
+            self.out, self.err = Console(quiet=True), Console(stderr=True, quiet=True)
+            self._observers_off()
+            bindings = attrs.evolve(bindings, policies=())  # retention runs once, on rank 0
+        name, lineage = world.broadcast((plan.run_name, uuid.uuid4().hex))
+        fresh = RunInfo(name=name, algo=plan.settings.recipe.train.algo, lineage=lineage,
+                        experiment=plan.mlflow.get("experiment", "wmtp"), tags=plan.tags)
+        trainer = Trainer(plan.settings, world, model_loader(self.pm, plan.mlflow))
+        t = self._phase("open", t)
+
+        # restore: the resume point decides the run's lineage before the router exists
+        run, protected = self._restore(trainer, fresh, bindings, world)
+        router = Router(self.pm, plan.catalog, bindings, run, required=plan.required,
+                        mlflow=plan.mlflow, protected=protected, coordinator=world).open()
+        self.last_saved = trainer.step if run.resumed_from else -1
+        t = self._phase("restore", t)
+
+        # start
+        try:
+            self.pm.hook.wmtp_run_started(event=RunStarted(
+                run=run, params=plan.settings.params(), start_step=trainer.step, mlflow=plan.mlflow,
+                bindings={b.role.value: b.sink for b in bindings.sinks},
+            ))
+        except Exception as e:  # e.g. a tracking server that cannot be reached: nothing was trained yet
+            router.close()
+            raise TrainingError(f"a plugin failed as the run started, before any step: "
+                                f"{type(e).__name__}: {redact.text(_first_line(e))}") from None
+        t = self._phase("start", t)
+
+        status, reason, code = RunStatus.FAILED, "", EXIT_FAILED
+        outcome = None
+        t0 = time.perf_counter()
+        try:
+            outcome = self._train(trainer, router, run)
+            t = self._phase("train", t)
+            status, reason, code = RunStatus(outcome.status), outcome.reason, EXIT_OK
+            if status is RunStatus.FAILED:
+                code = EXIT_FAILED  # a diverged state is never committed as "latest"
+            else:
+                self._checkpoint(trainer, router, trainer.step, outcome.metrics)
+                router.wait()  # the last step's resume state is durable before the final model
+            if code == EXIT_OK and Role.FINAL in plan.required:
+                status, reason, code = self._store_final(trainer, router, outcome, status, reason, code)
+            router.wait()
+            t = self._phase("final", t)
+        except SaveError as e:
+            status, reason, code = RunStatus.FAILED, str(e), EXIT_FAILED
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            try:
+                router.close()
+            except SaveError as e:
+                status, reason, code = RunStatus.FAILED, str(e), EXIT_FAILED
+            finally:
+                try:
+                    self.pm.hook.wmtp_run_ended(event=RunEnded(
+                        run=run, status=status, last_step=trainer.step, reason=redact.text(reason),
+                        metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
+                    ))
+                except Exception as e:  # an observer's failure must not mask the run's outcome
+                    log.warning("a plugin failed in wmtp_run_ended: %s: %s", type(e).__name__, e)
+        self._phase("end", t)
+        self._summary(router, trainer, outcome, status, reason, code, time.perf_counter() - t0)
+        return code
+
+    def _restore(self, trainer: Any, fresh: RunInfo, bindings: Bindings, world: Any):
+        """The resume point (if any) and the run's identity: its lineage continues the
+        checkpoint's. Returns ``(run, protected)``."""
+        plan = self.plan
+        probe = standalone_sink(plan.catalog, bindings, Role.RESUME, fresh, plan.mlflow)
+        try:
+            if not plan.resume:
+                if probe.committed():
+                    raise CheckpointError(
+                        f"run {fresh.name!r} already has committed checkpoints at {probe.location()}; "
+                        "continue it with --resume latest, or choose another --run-name")
+                return fresh, frozenset()
+
+            def restore(loaded, uri: str) -> None:
+                trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
+
+            uri, manifest = find_resume(probe, plan.resume, self.err, world, restore=restore)
+        finally:
+            close = getattr(probe, "close", None)
+            if close:
+                close()
+        self.err.print(f"resuming {fresh.name!r} from {uri} (step {manifest.step})")
+        run = attrs.evolve(fresh, lineage=manifest.lineage, resumed_from=redact.text(uri))
+        return run, frozenset({(manifest.run, manifest.step)})
+
+    def _train(self, trainer: Any, router: Router, run: RunInfo):
+        with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                      MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
+                      TimeElapsedColumn(), console=self.err, transient=False) as progress:
+            task = progress.add_task(run.name, total=trainer.total_steps, completed=trainer.step, info="")
+
+            def on_step(step: int, metrics: Mapping[str, float]) -> None:
+                self.pm.hook.wmtp_step_ended(event=StepEnded(run=run, step=step, metrics=metrics))
+                if "loss" in metrics:
+                    info = f"loss {metrics['loss']:.3f}"
+                    if "eval_loss" in metrics:
+                        info += f" eval {metrics['eval_loss']:.3f}"
+                    progress.update(task, completed=step, info=info)
+
+            return trainer.train(on_step, lambda step, metrics: self._checkpoint(trainer, router, step, metrics))
+
+    def _checkpoint(self, trainer: Any, router: Router, step: int, metrics: Mapping[str, float] | None) -> None:
+        """Emit this step's resume state, once per step."""
+        if not router.bound(Role.RESUME) or self.last_saved == step:
+            return
+        payload = trainer.resume_payload()
+        router.emit(Role.RESUME, step=step, payload=payload, metrics=_scalars(metrics),
+                    nbytes=tensor_bytes(payload.parts),
+                    background=self.plan.settings.config.paths.checkpoints.async_)
+        self.last_saved = step
+
+    def _store_final(self, trainer: Any, router: Router, outcome: Any, status, reason, code):
+        """Store the final model through the router, which stores it at most once. The resume
+        state is committed already: a failure here loses nothing (exit 3)."""
+        try:
+            stored = router.final_stored()
+            if stored:
+                self.err.print(f"the final model of {router.run.name!r} is already stored at {stored}; "
+                               "not storing it again", highlight=False)
+                return status, reason, code
+            payload = trainer.final_payload()  # a collective under FSDP: every rank takes part
+            if payload is not None:
+                router.emit(Role.FINAL, step=trainer.step, payload=payload, metrics=_scalars(outcome.metrics),
+                            nbytes=tensor_bytes(payload.parts))
+        except (WmtpError, Exception) as e:  # the resume state is committed: nothing is lost
+            log.debug("final store failed", exc_info=True)
+            return RunStatus.FAILED, f"final model not stored ({type(e).__name__}: {_first_line(e)})", \
+                EXIT_NOT_REGISTERED
+        return status, reason, code
+
+    def _summary(self, router: Router, trainer: Any, outcome: Any, status: RunStatus, reason: str,
+                 code: int, elapsed: float) -> None:
+        out, err, name = self.out, self.err, router.run.name
+        locations = {role: router.sink(role).location() for role in self.plan.required}
+        out.print("\n".join(report.summary_lines(router.receipts, router.deleted, locations)))
+        if outcome and outcome.losses:
+            out.print(f"run {name!r}: {status.value} at step {trainer.step} in {elapsed:.1f} s; "
+                      f"loss {outcome.first_loss:.3f} -> {outcome.last_loss:.3f}"
+                      + (f"; {reason}" if reason else ""))
+        stats = router.async_stats
+        if stats:
+            out.print(f"asynchronous saves: {len(stats)}; training paused {sum(s.staged_s for s in stats):.2f} s "
+                      f"to stage them and waited {sum(s.waited_s for s in stats):.2f} s for saves in flight")
+        if self.verbose and self.timings:
+            out.print("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
+        if code == EXIT_FAILED and reason:
+            err.print(error_line(reason))
+        if code == EXIT_NOT_REGISTERED:
+            last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
+            err.print(error_line(f"{reason}. The resume state of step {trainer.step} is "
+                                 f"committed at {last.uri if last else '?'}; register it later with:\n"
+                                 f"  wmtp register {last.uri if last else '<checkpoint URI>'}"))
+
+    def _observers_off(self) -> None:
+        """On ranks other than 0: observers (tracking, progress, reports) see the run once, on rank 0."""
+        for plugin in list(self.pm.get_plugins()):
+            if {h.name for h in self.pm.get_hookcallers(plugin) or []} & OBSERVER_HOOKS:
+                self.pm.unregister(plugin)
+
+
+# -- the same pieces, for ``wmtp register`` ------------------------------------------------
+def final_router(settings: Any, run: RunInfo, pm: pluggy.PluginManager | None = None) -> Router:
+    """A router for the final role alone, bound exactly as a run with this config binds it."""
+    from wmtp_core.config.routing import bindings_for
+    from wmtp_core.plugins import build_catalog, make_plugin_manager
+
+    pm = pm or make_plugin_manager()
+    catalog = build_catalog(pm)
+    binding = bindings_for(settings, catalog).sink_for(Role.FINAL)
+    bindings = Bindings(sinks=[binding] if binding else [])  # the Router refuses an unbound final
+    mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
+    return Router(pm, catalog, bindings, run, required=frozenset({Role.FINAL}), mlflow=mlflow).open()
+
+
+EXAMPLE_LENGTH = 128
+"""Tokens per row of the example input of a model registered later: the recipe's default
+``data.*.max_length``, so it accepts what one registered at the end of a default run accepts."""
+
+
+def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """What the end of a run hands the final sink, rebuilt from a committed checkpoint whose
+    manifest, files, architecture and weights are all checked first."""
+    import torch
+
+    from wmtp_core.checkpoint_models import load_model_from_checkpoint
+    from wmtp_core.engine.model import model_from_weights
+    from wmtp_core.events import Payload
+
+    loaded = load_model_from_checkpoint(uri, storage_options)
+    try:
+        module = model_from_weights(dict(loaded.model_config), dict(loaded.weights), uri)
+    except ModelLoadError as e:
+        raise CheckpointError(str(e)) from None
+    module.eval()
+    cfg = module.cfg
+    # two rows, so the exported program keeps a dynamic batch dimension
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, cfg.vocab_size, (2, min(EXAMPLE_LENGTH, cfg.max_seq_len)), generator=generator)
+    return Payload(parts={"model": dict(loaded.weights)}, model=module, example_input=example,
+                   model_config=attrs.asdict(cfg))
