@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from storage import _row, _scratch, fake_state
-from wmtp_core import Payload, Role, RunInfo, SinkContext
+from wmtp_core import Payload, Role, RunInfo
+from wmtp_core.bindings import Bindings, SinkBinding
 from wmtp_core.plugins import build_catalog, make_plugin_manager
-from wmtp_core.roles import Bindings, SinkBinding
 from wmtp_core.router import Router
 
 RUN = RunInfo(name="bench", algo="baseline-mtp", lineage="bench")
@@ -27,11 +27,8 @@ RUN = RunInfo(name="bench", algo="baseline-mtp", lineage="bench")
 
 def _router(base: str, sink: str = "local", options=None) -> Router:
     pm = make_plugin_manager()
-    r = Router(pm, build_catalog(pm), Bindings(sinks=[SinkBinding(role=Role.RESUME, sink=sink, options=options or {})]),
-               RUN, required=frozenset({Role.RESUME}),
-               context=lambda role, o: SinkContext(role=role, run=RUN, base_path=base, options=o))
-    r.open()
-    return r
+    bindings = Bindings(sinks=[SinkBinding(role=Role.RESUME, sink=sink, options=options or {}, base_path=base)])
+    return Router(pm, build_catalog(pm), bindings, RUN, required=frozenset({Role.RESUME})).open()
 
 
 def bench_async(size_mb: int, repeat: int, workdir=None) -> list[dict]:

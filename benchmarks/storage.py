@@ -60,7 +60,7 @@ def bare_save(state, path: Path) -> None:
 
 
 def bench_save(size_mb: int, repeat: int, workdir=None) -> list[dict]:
-    """Save through the local sink (manifest, sha256, fsync) vs torch.save + fsync of the same state."""
+    """Save through the local sink (manifest, BLAKE3, fsync) vs torch.save + fsync of the same state."""
     state = fake_state(size_mb)
     root = _scratch(workdir)
     ours, plain = [], []
@@ -81,7 +81,7 @@ def bench_save(size_mb: int, repeat: int, workdir=None) -> list[dict]:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return [_row(f"save {size_mb} MB: local sink vs torch.save+fsync",
-                 statistics.median(ours), statistics.median(plain), 1.15)]
+                 statistics.median(ours), statistics.median(plain), 1.10)]
 
 
 def _tensors(obj, prefix=""):
@@ -103,7 +103,7 @@ def materialize(parts, into) -> None:
 
 
 def bench_restore(size_mb: int, repeat: int, workdir=None) -> list[dict]:
-    """Verified restore (sha256 of every file, then weights_only load) vs bare torch.load."""
+    """Verified restore (the digest of every file, then weights_only load) vs bare torch.load."""
     state = fake_state(size_mb)
     root = _scratch(workdir)
     ours, plain = [], []
@@ -117,7 +117,7 @@ def bench_restore(size_mb: int, repeat: int, workdir=None) -> list[dict]:
             for side in (("ours", "plain") if i % 2 == 0 else ("plain", "ours")):
                 t0 = time.perf_counter()
                 if side == "ours":
-                    _, parts = sink.load(receipt.uri)
+                    parts = sink.load(receipt.uri).parts
                     materialize(parts, into)
                     ours.append(time.perf_counter() - t0)
                 else:
@@ -146,8 +146,8 @@ def bench_bytes(size_mb: int, repeat: int, workdir=None, saves: int = 30, keep_l
     import mlflow
 
     from wmtp_core.engine.model import ModelConfig, MTPModel
+    from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
     from wmtp_core.plugins import build_catalog, make_plugin_manager
-    from wmtp_core.roles import Bindings, PolicyBinding, SinkBinding
     from wmtp_core.router import Router
 
     cfg = ModelConfig(d_model=192, n_layers=2, n_heads=4, n_future=4, max_seq_len=64)
@@ -166,12 +166,12 @@ def bench_bytes(size_mb: int, repeat: int, workdir=None, saves: int = 30, keep_l
         ml = {"experiment": "bench", "tracking_uri": f"sqlite:///{root / 'wmtp' / 'mlflow.db'}"}
         run = RunInfo(name="origin", algo="baseline-mtp", lineage="bench")
         pm = make_plugin_manager()
+        base = f"file://{root / 'wmtp' / 'checkpoints'}"
         bindings = Bindings(
-            sinks=[SinkBinding(role=Role.RESUME, sink="local"), SinkBinding(role=Role.FINAL, sink="mlflow_registry")],
+            sinks=[SinkBinding(role=Role.RESUME, sink="local", base_path=base),
+                   SinkBinding(role=Role.FINAL, sink="mlflow_registry", base_path=base)],
             policies=[PolicyBinding(role=Role.RESUME, policy="keep_last", options={"keep_last": keep_last})])
-        router = Router(pm, build_catalog(pm), bindings, run, required=frozenset(Role),
-                        context=lambda role, o: SinkContext(role=role, run=run, base_path=f"file://{root / 'wmtp' / 'checkpoints'}", mlflow=ml))
-        router.open()
+        router = Router(pm, build_catalog(pm), bindings, run, required=frozenset(Role), mlflow=ml).open()
         for step in range(1, saves + 1):
             router.emit(Role.RESUME, step=step, payload=Payload(parts=state))
         router.wait()

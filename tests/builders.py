@@ -8,6 +8,12 @@ from typing import Any
 
 import yaml
 
+TINY_MODEL: dict[str, Any] = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_future": 2, "max_seq_len": 32}
+"""The tiny model most test runs train."""
+
+STDLIB_TRAIN: dict[str, Any] = {"train": {"sources": ["stdlib"], "max_length": 32, "batch_size": 4}}
+"""A ``data`` section: the built-in corpus in windows of 32 bytes, batches of 4."""
+
 TINY_RECIPE: dict[str, Any] = {
     "run": {"name": "tiny"},
     "train": {"algo": "baseline-mtp", "max_steps": 4},
@@ -29,6 +35,13 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def recipe(max_steps: int | None, **over: Any) -> dict[str, Any]:
+    """``max_steps`` steps of :data:`STDLIB_TRAIN` on :data:`TINY_MODEL`, every other recipe key
+    left at its default; ``over`` (``model={"dropout": 0.1}``, ``optim={...}``) merged in."""
+    base = {"train": {"max_steps": max_steps}, "data": STDLIB_TRAIN, "model": TINY_MODEL}
+    return merge(base, over)
+
+
 def tiny_config(tmp: Path, **over: Any) -> dict[str, Any]:
     """Checkpoints under ``tmp/ck`` every 2 steps, MLflow in ``tmp/mlflow.db``."""
     base = {
@@ -40,8 +53,16 @@ def tiny_config(tmp: Path, **over: Any) -> dict[str, Any]:
     return merge(base, over)
 
 
+class _Dumper(yaml.SafeDumper):
+    """yaml.safe_dump's dumper, writing a value used twice in full rather than as an alias."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def write(path: Path, data: dict[str, Any]) -> str:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    """``data`` written to ``path`` as YAML; returns the path as a string."""
+    path.write_text(yaml.dump(data, Dumper=_Dumper, sort_keys=False))
     return str(path)
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,15 +15,24 @@ from wmtp_core.plugins import make_plugin_manager
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@contextlib.contextmanager
+def mlflow_environment_restored():
+    """MLflow's set_tracking_uri/set_registry_uri export MLFLOW_* variables; WMTP run in-process
+    must not leave them to the next test's subprocesses. (A module-scoped fixture that runs WMTP
+    is set up before the first test's autouse fixture saves the environment: it uses this.)"""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in saved]:
+            del os.environ[k]
+        os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _isolate_mlflow_environment():
-    """MLflow's set_tracking_uri/set_registry_uri export MLFLOW_* variables; a test that runs
-    WMTP in-process must not leave them to the next test's subprocesses."""
-    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
-    yield
-    for k in [k for k in os.environ if k.startswith("MLFLOW_") and k not in saved]:
-        del os.environ[k]
-    os.environ.update(saved)
+    with mlflow_environment_restored():
+        yield
 
 
 @pytest.fixture(autouse=True)

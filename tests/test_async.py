@@ -8,11 +8,12 @@ import time
 
 import pytest
 import torch
+from builders import recipe, write
 
-from wmtp_core import Payload, Role, RunInfo, SinkContext, SinkSpec, hookimpl
-from wmtp_core.plugins import build_catalog, make_plugin_manager
+from wmtp_core import Payload, Role, RunInfo, SinkSpec, hookimpl
 from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
 from wmtp_core.errors import SaveError
+from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.router import Router
 from wmtp_core.run import EXIT_FAILED, main
 from wmtp_plugins.local import LocalSink
@@ -110,25 +111,24 @@ def test_at_most_one_save_in_flight_and_the_wait_is_reported(tmp_path):
     r.close()
 
 
-RECIPE = """
-train: {max_steps: 6}
-data:
-  train: {sources: [stdlib], max_length: 32, batch_size: 4}
-model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32, dropout: 0.1}
-"""
+RECIPE = recipe(6, model={"dropout": 0.1})
 
 
 def config(tmp, asynchronous, sink="local"):
-    storage = f"storage:\n  resume: {{sink: {sink}}}\n  final: {{sink: local}}\n"
-    return (f"seed: 9\nmlflow: null\npaths:\n  checkpoints: {{base_path: 'file://{tmp}/ck', "
-            f"save_interval: 2, keep_last: 2, async: {str(asynchronous).lower()}}}\n{storage}")
+    return {
+        "seed": 9,
+        "mlflow": None,
+        "paths": {"checkpoints": {"base_path": f"file://{tmp}/ck", "save_interval": 2, "keep_last": 2,
+                                  "async": asynchronous}},
+        "storage": {"resume": {"sink": sink}, "final": {"sink": "local"}},
+    }
 
 
 def test_async_training_run_equals_the_synchronous_one(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "r.yaml").write_text(RECIPE)
+    write(tmp_path / "r.yaml", RECIPE)
     for mode in (False, True):
-        (tmp_path / f"c{mode}.yaml").write_text(config(tmp_path, mode))
+        write(tmp_path / f"c{mode}.yaml", config(tmp_path, mode))
         assert main(["--config", f"c{mode}.yaml", "--recipe", "r.yaml", "--run-name", f"m{mode}"]) == 0
     out = capsys.readouterr().out
     assert "asynchronous saves: 3" in out
@@ -141,8 +141,8 @@ def test_async_training_run_equals_the_synchronous_one(tmp_path, monkeypatch, ca
 def test_a_run_whose_background_save_fails_exits_nonzero_and_says_which(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     FlakySink.fail_step, FlakySink.delay = 4, 0.0
-    (tmp_path / "r.yaml").write_text(RECIPE)
-    (tmp_path / "c.yaml").write_text(config(tmp_path, True, sink="flaky"))
+    write(tmp_path / "r.yaml", RECIPE)
+    write(tmp_path / "c.yaml", config(tmp_path, True, sink="flaky"))
     code = main(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "bad"], plugins=(FlakyPlugin(),))
     assert code == EXIT_FAILED
     err = " ".join(capsys.readouterr().err.split())

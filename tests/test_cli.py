@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from builders import merge, recipe, write
 from conftest import tree
+
 from wmtp_core import Role
 from wmtp_core.cli import main
 from wmtp_core.commit import STAGING_MARKER, CheckpointStore
@@ -167,7 +168,7 @@ def test_report_counts_the_bytes_of_every_manifest(base, capsys):
     assert report["final"] == [] and report["total_bytes"] == sum(sizes) + 304
 
     config = base.parent / "c.yaml"
-    config.write_text(f'paths: {{checkpoints: {{base_path: "file://{base}"}}}}\nmlflow: null\n')
+    write(config, {"paths": {"checkpoints": {"base_path": f"file://{base}"}}, "mlflow": None})
     code, out, _ = cli(capsys, "report", "b", "--config", config)
     assert code == 0
     assert "Bytes held by run 'b'" in out
@@ -236,24 +237,17 @@ def test_ls_and_gc_on_s3_use_object_times(s3_server, bucket, capsys, monkeypatch
 
 
 # ----------------------------------------------------------------------------- register
-RECIPE = """
-run: {name: reg}
-train: {algo: baseline-mtp, max_steps: 4}
-optim: {lr: 0.003, scheduler: constant, warmup_ratio: 0.0}
-data:
-  train: {sources: [stdlib], max_length: 32, batch_size: 4}
-model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 64}
-"""
+RECIPE = recipe(4, run={"name": "reg"}, train={"algo": "baseline-mtp"},
+                optim={"lr": 0.003, "scheduler": "constant", "warmup_ratio": 0.0},
+                model={"max_seq_len": 64})
 
 
-def config(tmp: Path, storage: str = "") -> str:
-    return f"""
-seed: 7
-paths:
-  checkpoints: {{base_path: "file://{tmp}/ck", save_interval: 2, keep_last: 1}}
-mlflow: {{tracking_uri: "sqlite:///{tmp}/mlflow.db"}}
-{storage}
-"""
+def config(tmp: Path, **over) -> dict:
+    return merge({
+        "seed": 7,
+        "paths": {"checkpoints": {"base_path": f"file://{tmp}/ck", "save_interval": 2, "keep_last": 1}},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
+    }, over)
 
 
 @pytest.mark.slow
@@ -263,9 +257,9 @@ def test_register_stores_the_final_model_once_from_a_resume_checkpoint(tmp_path,
     from wmtp_core.run import main as run_main
 
     monkeypatch.chdir(tmp_path)  # MLflow puts artifacts under ./mlruns
-    (tmp_path / "run.yaml").write_text(config(tmp_path, "storage: {final: {sink: local}}"))
-    (tmp_path / "reg.yaml").write_text(config(tmp_path))
-    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    write(tmp_path / "run.yaml", config(tmp_path, storage={"final": {"sink": "local"}}))
+    write(tmp_path / "reg.yaml", config(tmp_path))
+    write(tmp_path / "recipe.yaml", RECIPE)
     assert run_main(["--config", str(tmp_path / "run.yaml"), "--recipe", str(tmp_path / "recipe.yaml")]) == 0
     capsys.readouterr()
     step = tmp_path / "ck" / "reg" / "step_4"
@@ -306,7 +300,7 @@ def test_register_exits_3_when_the_registry_is_down(tmp_path, monkeypatch, capsy
                                "model_config.json": json_writer(attrs.asdict(cfg))},
                 step=1, role=Role.FINAL, lineage="L9", meta={"algo": "baseline-mtp"})
     before = tree(tmp_path)
-    (tmp_path / "c.yaml").write_text('mlflow: {tracking_uri: "http://127.0.0.1:9"}\n')
+    write(tmp_path / "c.yaml", {"mlflow": {"tracking_uri": "http://127.0.0.1:9"}})
     code, _, err = cli(capsys, "register", tmp_path / "ck" / "m" / "final", "--config", tmp_path / "c.yaml")
     assert code == 3, err
     assert "error: final model not stored (" in err and f"{tmp_path}/ck/m/final is unchanged" in err

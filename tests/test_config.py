@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import tree
+
 from wmtp_core.config import ConfigError, load_settings
 from wmtp_core.config.loader import flatten, parse_yaml
 from wmtp_core.run import EXIT_USAGE, main
@@ -53,7 +53,7 @@ CASES = {
     "unknown sink": (
         "storage:\n  resume: {sink: tape}\n",
         ["storage.resume.sink: sink 'tape' for role 'resume' is not installed",
-         "installed sinks: local (final, resume); mlflow_registry (final); s3 (resume)"],
+         "installed sinks: local (final, resume); mlflow_registry (final); s3 (final, resume)"],
     ),
     "sink bound to a role it does not declare": (
         "storage:\n  resume: {sink: mlflow_registry}\n",

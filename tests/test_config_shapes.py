@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import ROOT, tree
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, tree
 from wmtp_core.config import ConfigError, load_settings
 from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.run import EXIT_OK, EXIT_USAGE, main

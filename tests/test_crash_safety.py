@@ -16,10 +16,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from wmtp_core import Payload, Role, RunInfo, SinkContext
+from wmtp_core import Payload, Role, RunInfo
 from wmtp_core import commit as commit_mod
-from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
+from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.router import Router
 from wmtp_core.session import find_resume as _find_resume
 

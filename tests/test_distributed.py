@@ -11,18 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from builders import merge, recipe, write
 from conftest import s3_keys
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """
-train: {{max_steps: {steps}}}
-optim: {{lr: 0.01, scheduler: constant, warmup_ratio: 0.0}}
-data:
-  train: {{sources: [stdlib], max_length: 32, batch_size: 4}}
-model: {{d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32}}
-"""
+def recipe_of(steps: int) -> dict:
+    return recipe(steps, optim={"lr": 0.01, "scheduler": "constant", "warmup_ratio": 0.0})
+
 
 KILL_RANK1_MID_SAVE = """
 import os, signal, sys
@@ -46,16 +42,16 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def config(base: str, extra: str = "") -> str:
-    return f"""
-seed: 6
-log_interval: 2
-paths:
-  checkpoints: {{base_path: "{base}", save_interval: 2, keep_last: 2}}
-devices:
-  fsdp: {{enabled: true}}
-{extra}
-"""
+def config(base: str, **over) -> dict:
+    return merge({
+        "seed": 6,
+        "log_interval": 2,
+        "paths": {"checkpoints": {"base_path": base, "save_interval": 2, "keep_last": 2}},
+        "devices": {"fsdp": {"enabled": True}},
+    }, over)
+
+
+LOCAL_FINAL = {"mlflow": None, "storage": {"final": {"sink": "local"}}}
 
 
 def torchrun(n: int, args: list[str], cwd: Path, script: str | None = None, env=None):
@@ -81,9 +77,9 @@ def losses(step_dir: Path, rank: int = 0) -> list[float]:
 
 
 def test_two_ranks_commit_sharded_checkpoints_with_one_manifest_and_register_the_final_once(tmp_path):
-    (tmp_path / "c.yaml").write_text(config(f"file://{tmp_path}/ck",
-                                            f"mlflow: {{experiment: d, tracking_uri: 'sqlite:///{tmp_path}/mlflow.db'}}"))
-    (tmp_path / "r.yaml").write_text(RECIPE.format(steps=6))
+    write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck",
+                                      mlflow={"experiment": "d", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
+    write(tmp_path / "r.yaml", recipe_of(6))
     proc = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "two"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "ck" / "two"
@@ -108,8 +104,9 @@ def test_two_ranks_commit_sharded_checkpoints_with_one_manifest_and_register_the
 
 
 def test_two_ranks_write_shards_to_s3(s3_server, bucket, tmp_path):
-    (tmp_path / "c.yaml").write_text(config(f"s3://{bucket}/dist", "mlflow: null\nstorage:\n  final: {sink: local, base_path: 'file://" + str(tmp_path) + "/final'}"))
-    (tmp_path / "r.yaml").write_text(RECIPE.format(steps=4))
+    write(tmp_path / "c.yaml", config(f"s3://{bucket}/dist", mlflow=None,
+                                      storage={"final": {"sink": "local", "base_path": f"file://{tmp_path}/final"}}))
+    write(tmp_path / "r.yaml", recipe_of(4))
     proc = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "s3"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     keys = s3_keys(s3_server, bucket, "dist/s3/")
@@ -122,8 +119,8 @@ def test_two_ranks_write_shards_to_s3(s3_server, bucket, tmp_path):
 
 
 def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_is_bit_exact(tmp_path):
-    (tmp_path / "c.yaml").write_text(config(f"file://{tmp_path}/ck", "mlflow: null\nstorage:\n  final: {sink: local}"))
-    (tmp_path / "r.yaml").write_text(RECIPE.format(steps=6))
+    write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL))
+    write(tmp_path / "r.yaml", recipe_of(6))
     common = ["--config", "c.yaml", "--recipe", "r.yaml"]
     full = torchrun(2, [*common, "--run-name", "full"], tmp_path)
     assert full.returncode == 0, full.stderr[-4000:]
@@ -135,8 +132,8 @@ def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_i
 
     # resumed with asynchronous sharded saves: staged shards written in the background, on a
     # checkpoint process group of their own, must give the very same run
-    (tmp_path / "ca.yaml").write_text((tmp_path / "c.yaml").read_text().replace(
-        "keep_last: 2}", "keep_last: 2, async: true}"))
+    write(tmp_path / "ca.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL,
+                                       paths={"checkpoints": {"async": True}}))
     resumed = torchrun(2, ["--config", "ca.yaml", "--recipe", "r.yaml", "--run-name", "cut",
                            "--resume", "latest"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -150,9 +147,9 @@ def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_i
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(tmp_path):
-    (tmp_path / "c.yaml").write_text(config(f"file://{tmp_path}/ck", "mlflow: null\nstorage:\n  final: {sink: local}"))
-    (tmp_path / "r4.yaml").write_text(RECIPE.format(steps=4))
-    (tmp_path / "r8.yaml").write_text(RECIPE.format(steps=8))
+    write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL))
+    write(tmp_path / "r4.yaml", recipe_of(4))
+    write(tmp_path / "r8.yaml", recipe_of(8))
     first = torchrun(2, ["--config", "c.yaml", "--recipe", "r4.yaml", "--run-name", "a"], tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     import shutil

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, tree
 
 pytestmark = pytest.mark.slow
@@ -102,13 +101,17 @@ def test_default_run_prints_where_each_roles_bytes_went(default_run):
     assert "4 saved, 2 kept" in proc.stdout
 
 
-def test_dry_run_leaves_the_working_directory_unchanged(tmp_path):
+def test_dry_run_leaves_the_working_directory_unchanged(tmp_path, monkeypatch, capsys):
+    from wmtp_core.run import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "keep.txt").write_text("x")
     before = tree(tmp_path)
-    proc = run_cli(["--dry-run"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    code = main(["--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     assert tree(tmp_path) == before
-    assert "resume  -> sink local" in proc.stdout
-    assert "final   -> sink mlflow_registry" in proc.stdout
-    assert "a trainer that also copies every save to the tracking store" in proc.stdout
-    assert "nothing was written" in proc.stdout
+    assert "resume  -> sink local" in out
+    assert "final   -> sink mlflow_registry" in out
+    assert "a trainer that also copies every save to the tracking store" in out
+    assert "nothing was written" in out

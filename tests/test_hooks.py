@@ -6,31 +6,26 @@ import json
 from pathlib import Path
 
 import pytest
+from builders import merge, recipe, write
 
 from wmtp_core import PolicySpec, Role, SinkSpec, hookimpl
-from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.errors import BindingError
+from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.run import main
 
-TINY_RECIPE = """
-run: {name: hooks-run, tags: [unit]}
-train: {algo: baseline-mtp, max_steps: 6}
-optim: {lr: 0.003, scheduler: constant, warmup_ratio: 0.0}
-data:
-  train: {sources: [stdlib], max_length: 32, batch_size: 4}
-model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 64}
-"""
+RECIPE = recipe(6, run={"name": "hooks-run", "tags": ["unit"]}, train={"algo": "baseline-mtp"},
+                optim={"lr": 0.003, "scheduler": "constant", "warmup_ratio": 0.0},
+                model={"max_seq_len": 64})
 
 
-def tiny_config(base: Path, keep_last=1, save_interval=2, mlflow="null", extra=""):
-    return f"""
-seed: 7
-log_interval: 2
-paths:
-  checkpoints: {{base_path: "file://{base}", save_interval: {save_interval}, keep_last: {keep_last}, save_final: true}}
-mlflow: {mlflow}
-{extra}
-"""
+def config(base: Path, keep_last=1, save_interval=2, mlflow=None, **over) -> dict:
+    return merge({
+        "seed": 7,
+        "log_interval": 2,
+        "paths": {"checkpoints": {"base_path": f"file://{base}", "save_interval": save_interval,
+                                  "keep_last": keep_last, "save_final": True}},
+        "mlflow": mlflow,
+    }, over)
 
 
 class Recorder:
@@ -73,8 +68,8 @@ class Recorder:
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hooks")
-    (tmp / "config.yaml").write_text(tiny_config(tmp / "ckpt"))
-    (tmp / "recipe.yaml").write_text(TINY_RECIPE)
+    write(tmp / "config.yaml", config(tmp / "ckpt"))
+    write(tmp / "recipe.yaml", RECIPE)
     rec = Recorder()
     code = main(["--config", str(tmp / "config.yaml"), "--recipe", str(tmp / "recipe.yaml")],
                 plugins=(rec,))
@@ -244,5 +239,5 @@ def test_wmtp_load_model(recorded):
         assert not any(p.requires_grad for p in model.parameters())
         for k, v in model.state_dict().items():
             assert torch.equal(v, weights[k])
-    with pytest.raises(ModelLoadError, match="paths.models.ref: .*step_404 has no manifest.json"):
+    with pytest.raises(ModelLoadError, match="paths.models.ref: '.*step_404' does not exist"):
         resolve_model(load, str(tmp / "ckpt" / "hooks-run" / "step_404"), "paths.models.ref")

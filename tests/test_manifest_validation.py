@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tree
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import tree
 from wmtp_core import Role
 from wmtp_core.cli import main as cli_main
 from wmtp_core.commit import CheckpointError, CheckpointStore
 from wmtp_core.errors import ManifestError
-from wmtp_core.manifest import Manifest
 from wmtp_core.filesink import torch_writer
+from wmtp_core.manifest import Manifest
 
 OLD = time.time() - 7200
 
@@ -100,8 +99,8 @@ def test_a_broken_manifest_is_unverifiable_everywhere(base, capsys, case):
     # resume skips it with the reason and falls back
     from rich.console import Console
 
-    from wmtp_core.filesink import FileSink
     from wmtp_core.events import RunInfo, SinkContext
+    from wmtp_core.filesink import FileSink
     from wmtp_core.session import find_resume as _find_resume
 
     sink = FileSink(SinkContext(role=Role.RESUME, run=RunInfo(name="a", algo="baseline-mtp", lineage="L1"),

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from builders import recipe, write
+from conftest import MlflowServer, s3_keys
 
-from conftest import MlflowServer, run_cli, s3_keys
+from wmtp_core.run import main
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """
-train: {max_steps: 6}
-data:
-  train: {sources: [stdlib], max_length: 32, batch_size: 4}
-model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32}
-"""
+RECIPE = recipe(6)
 
 RESUME_FILES = {"model.pt", "optimizer.pt", "trainer.pt", "manifest.json"}
 
@@ -29,17 +26,18 @@ def server(s3_server, tmp_path):
 
 
 def test_mlflow_server_holds_the_final_model_only_and_resume_lives_under_its_prefix(
-        s3_server, bucket, server, tmp_path):
-    (tmp_path / "c.yaml").write_text(f"""
-seed: 2
-paths:
-  checkpoints: {{base_path: "s3://{bucket}/resume", save_interval: 2, keep_last: 2}}
-mlflow: {{experiment: remote, tracking_uri: "{server.url}"}}
-""")
-    (tmp_path / "r.yaml").write_text(RECIPE)
-    proc = run_cli(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "remote"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "final   -> mlflow_registry: models:/wmtp_baseline-mtp/1" in proc.stdout
+        s3_server, bucket, server, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where MLflow would write ./mlruns, were artifacts local
+    write(tmp_path / "c.yaml", {
+        "seed": 2,
+        "paths": {"checkpoints": {"base_path": f"s3://{bucket}/resume", "save_interval": 2, "keep_last": 2}},
+        "mlflow": {"experiment": "remote", "tracking_uri": server.url},
+    })
+    write(tmp_path / "r.yaml", RECIPE)
+    code = main(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "remote"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "final   -> mlflow_registry: models:/wmtp_baseline-mtp/1" in out
 
     import mlflow
 

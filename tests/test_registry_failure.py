@@ -2,56 +2,52 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
+from builders import merge, recipe, write
 from conftest import free_port
+
+from wmtp_core.cli import main as wmtp
+from wmtp_core.run import main
 
 pytestmark = pytest.mark.slow
 
-RECIPE = """
-train: {max_steps: 6}
-data:
-  train: {sources: [stdlib], max_length: 32, batch_size: 4}
-model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32}
-"""
+RECIPE = recipe(6)
 
 
-def test_registry_down_at_the_end_exits_nonzero_keeps_the_state_and_register_later_works(tmp_path):
+def test_registry_down_at_the_end_exits_nonzero_keeps_the_state_and_register_later_works(
+        tmp_path, monkeypatch, capsys):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
-    base = f"""
-seed: 4
-paths:
-  checkpoints: {{base_path: "file://{tmp_path}/ck", save_interval: 4, keep_last: 2}}
-"""
-    (tmp_path / "down.yaml").write_text(base + f"mlflow: {{experiment: down, tracking_uri: '{store}', registry_uri: '{down}'}}\n")
-    (tmp_path / "up.yaml").write_text(base + f"mlflow: {{experiment: down, tracking_uri: '{store}'}}\n")
-    (tmp_path / "r.yaml").write_text(RECIPE)
-    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    proc = subprocess.run([sys.executable, "-m", "wmtp_core.run", "--config", "down.yaml", "--recipe", "r.yaml",
-                           "--run-name", "down"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    err = " ".join(proc.stderr.split())
+    base = {
+        "seed": 4,
+        "paths": {"checkpoints": {"base_path": f"file://{tmp_path}/ck", "save_interval": 4, "keep_last": 2}},
+    }
+    write(tmp_path / "down.yaml", merge(base, {"mlflow": {"experiment": "down", "tracking_uri": store,
+                                                          "registry_uri": down}}))
+    write(tmp_path / "up.yaml", merge(base, {"mlflow": {"experiment": "down", "tracking_uri": store}}))
+    write(tmp_path / "r.yaml", RECIPE)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts under ./mlruns
+    code = main(["--config", "down.yaml", "--recipe", "r.yaml", "--run-name", "down"])
+    _, stderr = capsys.readouterr()
+    assert code == 3, stderr[-3000:]
+    err = " ".join(stderr.split())
     last = tmp_path / "ck" / "down" / "step_6"
     assert f"wmtp register {last}" in err
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
 
-    wmtp = str(Path(sys.executable).parent / "wmtp")
     # the last step's resume state is committed and verifies
-    verify = subprocess.run([wmtp, "checkpoints", "verify", str(last)], capture_output=True, text=True, timeout=120)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    code = wmtp(["checkpoints", "verify", str(last)])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
 
     # the registry is back: the one command from the message registers the final model, once
     for attempt in range(2):
-        reg = subprocess.run([wmtp, "register", str(last), "--config", "up.yaml"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert reg.returncode == 0, reg.stdout + reg.stderr
-        assert "models:/wmtp_baseline-mtp/1" in reg.stdout + reg.stderr
+        code = wmtp(["register", str(last), "--config", "up.yaml"])
+        out, err = capsys.readouterr()
+        assert code == 0, out + err
+        assert "models:/wmtp_baseline-mtp/1" in out + err
 
     import mlflow
 

@@ -3,6 +3,8 @@ for every algorithm, and continues the same MLflow run."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import signal
 import subprocess
 import sys
@@ -10,34 +12,37 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import KILLER, run_cli
+from builders import recipe, write
+from conftest import KILLER, mlflow_environment_restored
 
 pytestmark = pytest.mark.slow
 
 
-RECIPE = """
-run: {{tags: [resume-test]}}
-train: {{algo: {algo}, max_steps: 12}}
-optim: {{lr: 0.003, scheduler: cosine, warmup_ratio: 0.1}}
-data:
-  train: {{sources: [stdlib], max_length: 32, batch_size: 4}}
-model: {{d_model: 32, n_layers: 1, n_heads: 2, n_future: 3, max_seq_len: 32, dropout: 0.1}}
-rho1: {{selection_mode: {mode}, skip_threshold_percentile: 0.3, min_ce_diff: 0.01}}
-pretrain: {{enabled: true, max_steps: 3}}
-critic: {{discount_lambda: 0.9, auxiliary_loss_coef: 0.1}}
-"""
+def recipe_of(algo: str, mode: str, max_steps: int = 12) -> dict:
+    return recipe(
+        max_steps,
+        run={"tags": ["resume-test"]},
+        train={"algo": algo},
+        optim={"lr": 0.003, "scheduler": "cosine", "warmup_ratio": 0.1},
+        model={"n_future": 3, "dropout": 0.1},
+        rho1={"selection_mode": mode, "skip_threshold_percentile": 0.3, "min_ce_diff": 0.01},
+        pretrain={"enabled": True, "max_steps": 3},
+        critic={"discount_lambda": 0.9, "auxiliary_loss_coef": 0.1},
+    )
 
-CONFIG = """
-seed: 11
-log_interval: 3
-paths:
-  models: {{ref: "models:/wmtp_baseline-mtp/1"}}
-  checkpoints: {{base_path: "file://{base}", save_interval: 4, keep_last: 2}}
-mlflow: {{experiment: resume, tracking_uri: "sqlite:///{store}"}}
-storage:
-  final: {{sink: local}}
-"""
+
+def config(base: Path, store: Path) -> dict:
+    return {
+        "seed": 11,
+        "log_interval": 3,
+        "paths": {
+            "models": {"ref": "models:/wmtp_baseline-mtp/1"},
+            "checkpoints": {"base_path": f"file://{base}", "save_interval": 4, "keep_last": 2},
+        },
+        "mlflow": {"experiment": "resume", "tracking_uri": f"sqlite:///{store}"},
+        "storage": {"final": {"sink": "local"}},
+    }
+
 
 CASES = {
     "baseline-mtp": ("baseline-mtp", "weighted", 10),
@@ -50,14 +55,24 @@ CASES = {
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """An MLflow store where a baseline run registered wmtp_baseline-mtp version 1."""
+    from wmtp_core.run import main
+
     tmp = tmp_path_factory.mktemp("store")
-    (tmp / "c.yaml").write_text(
-        f"seed: 1\npaths:\n  checkpoints: {{base_path: 'file://{tmp}/ref', save_interval: 0}}\n"
-        f"mlflow: {{experiment: ref, tracking_uri: 'sqlite:///{tmp}/mlflow.db'}}\n")
-    (tmp / "r.yaml").write_text(RECIPE.format(algo="baseline-mtp", mode="weighted").replace("max_steps: 12", "max_steps: 6"))
-    proc = run_cli(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "ref"], cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "models:/wmtp_baseline-mtp/1" in proc.stdout
+    write(tmp / "c.yaml", {
+        "seed": 1,
+        "paths": {"checkpoints": {"base_path": f"file://{tmp}/ref", "save_interval": 0}},
+        "mlflow": {"experiment": "ref", "tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
+    })
+    write(tmp / "r.yaml", recipe_of("baseline-mtp", "weighted", max_steps=6))
+    out, err = io.StringIO(), io.StringIO()
+    # module scope: no monkeypatch or capsys fixture, and set up before the first test's autouse
+    # fixture saves the MLFLOW_* environment, so it restores that environment itself
+    with pytest.MonkeyPatch.context() as mp, mlflow_environment_restored(), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.chdir(tmp)
+        code = main(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "ref"])
+    assert code == 0, err.getvalue()[-3000:]
+    assert "models:/wmtp_baseline-mtp/1" in out.getvalue()
     return tmp
 
 
@@ -88,8 +103,8 @@ def in_process(args, cwd, monkeypatch, capsys):
 def test_sigkill_and_resume_is_bit_exact(store, tmp_path, case, monkeypatch, capsys):
     algo, mode, kill_step = CASES[case]
     base = tmp_path / "ckpt"
-    (tmp_path / "c.yaml").write_text(CONFIG.format(base=base, store=store / "mlflow.db"))
-    (tmp_path / "r.yaml").write_text(RECIPE.format(algo=algo, mode=mode))
+    write(tmp_path / "c.yaml", config(base, store / "mlflow.db"))
+    write(tmp_path / "r.yaml", recipe_of(algo, mode))
     common = ["--config", "c.yaml", "--recipe", "r.yaml"]
 
     code, _, err = in_process([*common, "--run-name", "full"], tmp_path, monkeypatch, capsys)

@@ -14,11 +14,17 @@ import threading
 import time
 
 import pytest
+from conftest import MemorySink, run_info
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
-from conftest import MemorySink, run_info
 from wmtp_core import Payload, PolicySpec, Role, SinkSpec
 from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
 from wmtp_core.catalog import Catalog

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from conftest import MemorySink, run_info
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import MemorySink, run_info
-from wmtp_core import FileEntry, Manifest, Payload, hookimpl, PolicySpec, Role, SinkContext, SinkSpec
+from wmtp_core import (
+    FileEntry,
+    Manifest,
+    Payload,
+    PolicySpec,
+    Role,
+    SinkContext,
+    SinkSpec,
+    hookimpl,
+)
 from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
 from wmtp_core.catalog import Catalog
 from wmtp_core.errors import BindingError

@@ -9,28 +9,22 @@ import sys
 import fsspec
 import pytest
 import torch
-
+from builders import recipe, write
 from conftest import KILLER, s3_keys
 
 pytestmark = pytest.mark.slow
 
 
-RECIPE = """
-train: {max_steps: 10}
-data:
-  train: {sources: [stdlib], max_length: 32, batch_size: 4}
-model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32, dropout: 0.1}
-"""
+RECIPE = recipe(10, model={"dropout": 0.1})
 
 
-def config(bucket: str, store) -> str:
-    return f"""
-seed: 3
-log_interval: 2
-paths:
-  checkpoints: {{base_path: "s3://{bucket}/runs", save_interval: 2, keep_last: 2}}
-mlflow: {{experiment: s3, tracking_uri: "sqlite:///{store}"}}
-"""
+def config(bucket: str, store) -> dict:
+    return {
+        "seed": 3,
+        "log_interval": 2,
+        "paths": {"checkpoints": {"base_path": f"s3://{bucket}/runs", "save_interval": 2, "keep_last": 2}},
+        "mlflow": {"experiment": "s3", "tracking_uri": f"sqlite:///{store}"},
+    }
 
 
 def in_process(args, monkeypatch, capsys, cwd):
@@ -44,8 +38,8 @@ def in_process(args, monkeypatch, capsys, cwd):
 
 def test_resume_on_s3_final_in_mlflow_sigkill_and_resume_is_bit_exact(s3_server, bucket, tmp_path,
                                                                         monkeypatch, capsys):
-    (tmp_path / "c.yaml").write_text(config(bucket, tmp_path / "mlflow.db"))
-    (tmp_path / "r.yaml").write_text(RECIPE)
+    write(tmp_path / "c.yaml", config(bucket, tmp_path / "mlflow.db"))
+    write(tmp_path / "r.yaml", RECIPE)
     common = ["--config", "c.yaml", "--recipe", "r.yaml"]
 
     code, full_out, full_err = in_process([*common, "--run-name", "full"], monkeypatch, capsys, tmp_path)
@@ -94,29 +88,25 @@ def test_resume_on_s3_final_in_mlflow_sigkill_and_resume_is_bit_exact(s3_server,
         assert secret not in text
 
 
-def test_credentials_from_storage_options_never_reach_logs_manifests_or_mlflow(s3_server, bucket, tmp_path):
+def test_credentials_from_storage_options_never_reach_logs_manifests_or_mlflow(s3_server, bucket, tmp_path,
+                                                                             monkeypatch, capsys):
     """Credentials given in the config work, and a scan of everything the run wrote or printed
-    (console with --verbose, manifests, MLflow params and tags) finds none of them."""
-    import os
-
+    (console with --verbose, log records, manifests, MLflow params and tags) finds none of them."""
     key_id, secret = "AKIAWMTPSCANME0001", "wmtp-scan-secret-0123456789abcdef"
-    (tmp_path / "c.yaml").write_text(f"""
-paths:
-  checkpoints: {{base_path: "s3://{bucket}/sec", save_interval: 3, keep_last: 2}}
-mlflow: {{experiment: sec, tracking_uri: "sqlite:///{tmp_path / 'mlflow.db'}"}}
-storage:
-  resume:
-    sink: s3
-    options: {{key: {key_id}, secret: {secret}, endpoint_url: "{s3_server}"}}
-""")
-    (tmp_path / "r.yaml").write_text(RECIPE.replace("max_steps: 10", "max_steps: 6"))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
-    proc = subprocess.run([sys.executable, "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml",
-                           "--run-name", "sec", "--verbose"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    scanned = [proc.stdout, proc.stderr]
+    write(tmp_path / "c.yaml", {
+        "paths": {"checkpoints": {"base_path": f"s3://{bucket}/sec", "save_interval": 3, "keep_last": 2}},
+        "mlflow": {"experiment": "sec", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "storage": {"resume": {"sink": "s3",
+                               "options": {"key": key_id, "secret": secret, "endpoint_url": s3_server}}},
+    })
+    write(tmp_path / "r.yaml", recipe(6, model={"dropout": 0.1}))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)  # the credentials come from the config only
+    # log records reach the captured stderr (the pytest logging plugin is off: -p no:logging)
+    code, out, err = in_process(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "sec", "--verbose"],
+                                monkeypatch, capsys, tmp_path)
+    assert code == 0, err[-3000:]
+    scanned = [out, err]
     fs = fsspec.filesystem("s3", key=key_id, secret=secret, endpoint_url=s3_server)
     manifests = fs.glob(f"{bucket}/sec/sec/*/manifest.json")
     assert len(manifests) == 2

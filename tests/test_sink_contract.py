@@ -1,11 +1,10 @@
 """The shipped sink contract (wmtp_core.testing), run against every built-in sink: local, s3 on
 the loopback S3 server, and mlflow_registry for the final role on a real MLflow store."""
 
-import os
 
 import pytest
-
 from conftest import S3_ENV
+
 from wmtp_core import Role, SinkContext
 from wmtp_core.testing import SinkContract
 from wmtp_plugins import local, mlflow_registry, s3
@@ -23,7 +22,7 @@ class TestLocalSink(SinkContract):
 @pytest.mark.slow
 class TestS3Sink(SinkContract):
     sink_name = "s3"
-    roles = (Role.RESUME,)
+    roles = (Role.RESUME, Role.FINAL)
     plugin = s3
 
     @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ through its entry point only: nothing in WMTP names it."""
 
 from __future__ import annotations
 
-import blake3
 import io
 import json
 import os
@@ -14,34 +13,29 @@ import sys
 import tarfile
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
-
+from builders import recipe, write
 from conftest import ROOT, run_cli, tree
 
 pytestmark = pytest.mark.slow
 
 PACKAGE = ROOT / "examples" / "wmtp-tarball-sink"
 
-RECIPE = """
-run: {name: tar-run}
-train: {algo: baseline-mtp, max_steps: 4}
-optim: {lr: 0.003, scheduler: constant, warmup_ratio: 0.0}
-data:
-  train: {sources: [stdlib], max_length: 32, batch_size: 4}
-model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32}
-"""
+RECIPE = recipe(4, run={"name": "tar-run"}, train={"algo": "baseline-mtp"},
+                optim={"lr": 0.003, "scheduler": "constant", "warmup_ratio": 0.0})
 
 
-def config(base: Path, storage: str) -> str:
-    return f"""
-seed: 7
-log_interval: 2
-paths:
-  checkpoints: {{base_path: "file://{base}", save_interval: 2, keep_last: 2, save_final: true}}
-mlflow: null
-storage: {storage}
-"""
+def config(base: Path, storage: dict) -> dict:
+    return {
+        "seed": 7,
+        "log_interval": 2,
+        "paths": {"checkpoints": {"base_path": f"file://{base}", "save_interval": 2, "keep_last": 2,
+                                  "save_final": True}},
+        "mlflow": None,
+        "storage": storage,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +68,8 @@ def tarball_run(tmp_path_factory, env):
     """A real tiny training run whose final model goes to the tarball sink."""
     cwd = tmp_path_factory.mktemp("tarball-run")
     base = cwd / "ckpt"
-    (cwd / "config.yaml").write_text(config(base, "{final: {sink: tarball}}"))
-    (cwd / "recipe.yaml").write_text(RECIPE)
+    write(cwd / "config.yaml", config(base, {"final": {"sink": "tarball"}}))
+    write(cwd / "recipe.yaml", RECIPE)
     proc = run_cli(["--config", "config.yaml", "--recipe", "recipe.yaml"], cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return base / "tar-run", proc
@@ -134,8 +128,8 @@ def test_final_model_goes_to_the_tarball_sink_only(tarball_run):
 
 
 def test_tarball_cannot_be_bound_to_resume(tmp_path, env):
-    (tmp_path / "config.yaml").write_text(config(tmp_path / "ckpt", "{resume: {sink: tarball}}"))
-    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    write(tmp_path / "config.yaml", config(tmp_path / "ckpt", {"resume": {"sink": "tarball"}}))
+    write(tmp_path / "recipe.yaml", RECIPE)
     before = tree(tmp_path)
     proc = run_cli(["--config", "config.yaml", "--recipe", "recipe.yaml"], cwd=tmp_path, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]

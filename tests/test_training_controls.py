@@ -7,20 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from builders import STDLIB_TRAIN, TINY_MODEL, merge, write
 from conftest import tree
+
 from wmtp_core.engine.optim import Schedule
 from wmtp_core.run import EXIT_USAGE, main
 
-MODEL = "model: {d_model: 32, n_layers: 1, n_heads: 2, n_future: 2, max_seq_len: 32}\n"
 
-
-def setup(tmp: Path, recipe: str, config: str = "") -> list[str]:
-    (tmp / "c.yaml").write_text(
-        f"seed: 5\nlog_interval: 2\nmlflow: null\npaths:\n"
-        f"  checkpoints: {{base_path: 'file://{tmp}/ck', save_interval: 2, keep_last: 3}}\n{config}")
-    (tmp / "r.yaml").write_text(recipe + MODEL)
-    return ["--config", str(tmp / "c.yaml"), "--recipe", str(tmp / "r.yaml")]
+def setup(tmp: Path, recipe: dict, config: dict | None = None) -> list[str]:
+    """``recipe`` on the tiny model; ``config`` merged into checkpoints under ``tmp/ck`` every 2 steps."""
+    c = write(tmp / "c.yaml", merge({
+        "seed": 5,
+        "log_interval": 2,
+        "mlflow": None,
+        "paths": {"checkpoints": {"base_path": f"file://{tmp}/ck", "save_interval": 2, "keep_last": 3}},
+    }, config or {}))
+    r = write(tmp / "r.yaml", merge(recipe, {"model": TINY_MODEL}))
+    return ["--config", c, "--recipe", r]
 
 
 def losses(tmp: Path, run: str) -> list[float]:
@@ -28,14 +31,15 @@ def losses(tmp: Path, run: str) -> list[float]:
     return torch.load(steps[-1] / "trainer.pt", weights_only=True)["losses"]
 
 
-EARLY = """
-train:
-  max_steps: null
-  num_epochs: 3
-  early_stopping: {enabled: true, patience: 2, min_delta: 100.0, monitor: eval_loss, mode: min}
-data:
-  train: {sources: [stdlib], max_length: 32, batch_size: 4}
-"""
+EARLY = {
+    "train": {
+        "max_steps": None,
+        "num_epochs": 3,
+        "early_stopping": {"enabled": True, "patience": 2, "min_delta": 100.0, "monitor": "eval_loss",
+                           "mode": "min"},
+    },
+    "data": STDLIB_TRAIN,
+}
 
 
 def test_early_stopping_ends_the_whole_run_and_says_why(tmp_path, monkeypatch, capsys):
@@ -61,9 +65,10 @@ def test_num_epochs_bounds_the_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": "x" * 40 + str(i) * 30}) for i in range(10)))
-    args = setup(tmp_path, "train: {max_steps: null, num_epochs: 2}\n"
-                 "data:\n  train: {sources: [tiny], max_length: 32, batch_size: 4, pack_sequences: false}\n",
-                 config=f"  datasets: {{tiny: 'file://{corpus}'}}\n")
+    args = setup(tmp_path, {"train": {"max_steps": None, "num_epochs": 2},
+                            "data": {"train": {"sources": ["tiny"], "max_length": 32, "batch_size": 4,
+                                               "pack_sequences": False}}},
+                 config={"paths": {"datasets": {"tiny": f"file://{corpus}"}}})
     assert main([*args, "--run-name", "ep"]) == 0
     # 10 documents of 70 bytes -> 2 windows each; 5% held out -> 19 train windows -> 4 batches/epoch
     assert len(losses(tmp_path, "ep")) == 8
@@ -73,8 +78,8 @@ def test_jsonl_record_without_text_is_a_clear_error(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-    args = setup(tmp_path, "data:\n  train: {sources: [bad], max_length: 32, batch_size: 1}\n",
-                 config=f"  datasets: {{bad: 'file://{corpus}'}}\n")
+    args = setup(tmp_path, {"data": {"train": {"sources": ["bad"], "max_length": 32, "batch_size": 1}}},
+                 config={"paths": {"datasets": {"bad": f"file://{corpus}"}}})
     assert main(args) == EXIT_USAGE
     err = " ".join(capsys.readouterr().err.split())
     assert "bad.jsonl line 2 is not a JSON object with a 'text' string field" in err
@@ -83,8 +88,8 @@ def test_jsonl_record_without_text_is_a_clear_error(tmp_path, monkeypatch, capsy
 
 def test_unknown_data_source_names_the_defined_ones(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = setup(tmp_path, "data:\n  train: {sources: [wiki], max_length: 32}\n",
-                 config="  datasets: {books: 'file:///nowhere'}\n")
+    args = setup(tmp_path, {"data": {"train": {"sources": ["wiki"], "max_length": 32}}},
+                 config={"paths": {"datasets": {"books": "file:///nowhere"}}})
     assert main([*args, "--dry-run"]) == EXIT_USAGE
     err = " ".join(capsys.readouterr().err.split())
     assert "data source 'wiki' is neither built in ('stdlib') nor a key of paths.datasets (defined: books)" in err
@@ -93,8 +98,8 @@ def test_unknown_data_source_names_the_defined_ones(tmp_path, monkeypatch, capsy
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_is_refused_with_the_reason_on_a_machine_without_one(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = setup(tmp_path, "train: {max_steps: 2}\ndata:\n  train: {max_length: 32}\n",
-                 config="devices: {compute_backend: cuda}\n")
+    args = setup(tmp_path, {"train": {"max_steps": 2}, "data": {"train": {"max_length": 32}}},
+                 config={"devices": {"compute_backend": "cuda"}})
     before = tree(tmp_path)
     assert main(args) == EXIT_USAGE
     assert "devices.compute_backend: 'cuda' was asked for but this machine has no usable CUDA device" in \
@@ -102,16 +107,15 @@ def test_cuda_is_refused_with_the_reason_on_a_machine_without_one(tmp_path, monk
     assert tree(tmp_path) == before
 
 
+TWO_STEPS = {"train": {"max_steps": 2}, "data": {"train": {"sources": ["stdlib"], "max_length": 32, "batch_size": 2}}}
+
+
 def test_fp16_on_cpu_is_refused_and_bf16_is_honoured(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = setup(tmp_path, "train: {max_steps: 2}\n"
-                 "data:\n  train: {sources: [stdlib], max_length: 32, batch_size: 2}\n",
-                 config="devices: {compute_backend: cpu, mixed_precision: fp16}\n")
+    args = setup(tmp_path, TWO_STEPS, config={"devices": {"compute_backend": "cpu", "mixed_precision": "fp16"}})
     assert main(args) == EXIT_USAGE
     assert "'fp16' needs a CUDA device" in " ".join(capsys.readouterr().err.split())
-    args = setup(tmp_path, "train: {max_steps: 2}\n"
-                 "data:\n  train: {sources: [stdlib], max_length: 32, batch_size: 2}\n",
-                 config="devices: {compute_backend: auto, mixed_precision: bf16}\n")
+    args = setup(tmp_path, TWO_STEPS, config={"devices": {"compute_backend": "auto", "mixed_precision": "bf16"}})
     assert main([*args, "--run-name", "bf"]) == 0
     assert all(map(lambda x: x == x, losses(tmp_path, "bf")))
 
@@ -130,10 +134,10 @@ def test_an_unreachable_tracking_server_at_start_is_a_clear_error_and_writes_not
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    (tmp_path / "c.yaml").write_text(
-        f"mlflow: {{tracking_uri: 'http://127.0.0.1:{free_port()}'}}\n"
-        f"paths:\n  checkpoints: {{base_path: 'file://{tmp_path}/ck'}}\n")
-    (tmp_path / "r.yaml").write_text("train: {max_steps: 2}\ndata:\n  train: {max_length: 32, batch_size: 2}\n" + MODEL)
+    write(tmp_path / "c.yaml", {"mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}"},
+                                "paths": {"checkpoints": {"base_path": f"file://{tmp_path}/ck"}}})
+    write(tmp_path / "r.yaml", {"train": {"max_steps": 2}, "data": {"train": {"max_length": 32, "batch_size": 2}},
+                                "model": TINY_MODEL})
     before = tree(tmp_path)
     assert main(["--config", "c.yaml", "--recipe", "r.yaml"]) == EXIT_USAGE
     err = " ".join(capsys.readouterr().err.split())

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-
 from builders import files, tiny_config
+
 from wmtp_core.engine.model import ModelConfig, MTPModel
 
 pytestmark = pytest.mark.slow

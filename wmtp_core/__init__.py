@@ -35,7 +35,7 @@ from wmtp_core.events import (
 from wmtp_core.hookspecs import hookimpl
 from wmtp_core.manifest import FileEntry, Manifest
 from wmtp_core.roles import Role
-from wmtp_core.sinks import Holding, LoadedCheckpoint, ResumableSink, Sink
+from wmtp_core.sinks import FileLikeSink, Holding, LoadedCheckpoint, ResumableSink, Sink
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,7 @@ __all__ = [
     "DataError",
     "DeviceError",
     "FileEntry",
+    "FileLikeSink",
     "FileSink",
     "Holding",
     "LoadedCheckpoint",

@@ -83,6 +83,8 @@ def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) ->
                 f"{', '.join(sorted(r.value for r in spec.roles))}); sinks that serve "
                 f"{b.role.value!r}: {', '.join(sorted(able)) or 'none installed'}"
             )
+        if spec.check is not None:
+            spec.check(b)
     for role in sorted(required, key=lambda r: r.value):
         if role not in seen:
             able = sorted(s.name for s in catalog.sinks.values() if role in s.roles)
@@ -113,6 +115,19 @@ def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) ->
             raise BindingError(
                 f"{p.origin}: policy {p.policy!r} prunes role {p.role.value!r}, which has no sink"
             )
+
+
+def build_sink(catalog: Catalog, bindings: Bindings, role: Role, run: Any,
+               mlflow: Mapping[str, Any] | None = None) -> Any:
+    """The sink bound to ``role``, built from its binding outside any router: for reading what a
+    run committed before the run's own router exists (its resume point), and for the ``wmtp``
+    command. The router builds its sinks the same way."""
+    from wmtp_core.events import SinkContext
+
+    b = bindings.sink_for(role)
+    return catalog.sinks[b.sink].factory(SinkContext(role=role, run=run, base_path=b.base_path,
+                                                     options=copy.deepcopy(dict(b.options)),
+                                                     mlflow=dict(mlflow or {})))
 
 
 def build_policies(bindings: Bindings, catalog: Catalog) -> dict[Role, Any]:

@@ -48,6 +48,10 @@ class SinkSpec:
     """fsspec protocols this sink serves when ``base_path`` picks the resume sink implicitly."""
     description: str = ""
     """One line shown by ``--dry-run`` and ``wmtp plugins``."""
+    check: Callable[..., None] | None = attrs.field(default=None, hash=False, eq=False)
+    """Optional: called with a :class:`~wmtp_core.bindings.SinkBinding` before anything is built
+    (also under ``--dry-run``); raises :class:`~wmtp_core.errors.BindingError` for a binding the
+    sink cannot serve (a base path of another protocol, say). Look only at the binding: no I/O."""
 
 
 @attrs.frozen

@@ -13,7 +13,6 @@ import posixpath
 from typing import Any, Mapping
 
 import fsspec
-import torch
 
 from wmtp_core.commit import CheckpointStore
 from wmtp_core.errors import CheckpointError
@@ -24,8 +23,12 @@ from wmtp_core.hookspecs import hookimpl
 
 def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
     """Weights and architecture from a committed checkpoint, verified before deserialising."""
+    import torch
+
     fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
     path = path.rstrip("/")
+    if not fs.exists(path):
+        raise CheckpointError(f"{uri!r} does not exist")
     store = CheckpointStore(fs, posixpath.dirname(posixpath.dirname(path)))
     manifest, blobs = store.read_verified(path)
     if "model.pt" not in blobs:

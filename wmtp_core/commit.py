@@ -21,14 +21,27 @@ import os
 import posixpath
 import re
 import socket
-from typing import Any, BinaryIO, Callable, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import attrs
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from wmtp_core.errors import CheckpointError, ConfigError, ManifestError, UnverifiableError
-from wmtp_core.manifest import HASH, RUN_NAME, FileEntry, Manifest, digest_bytes, digest_file, new_hasher
+from wmtp_core.errors import (
+    CheckpointError,
+    ConfigError,
+    ManifestError,
+    UnverifiableError,
+)
+from wmtp_core.manifest import (
+    HASH,
+    RUN_NAME,
+    FileEntry,
+    Manifest,
+    digest_bytes,
+    digest_file,
+    new_hasher,
+)
 from wmtp_core.roles import Role
 
 MANIFEST = "manifest.json"
@@ -143,6 +156,17 @@ def _fresh_pools() -> None:
 os.register_at_fork(after_in_child=_fresh_pools)
 
 
+def _durable_digest(path: str) -> tuple[str, int]:
+    """fsync a local file just written, then hash it (a read-only descriptor syncs on Linux and
+    macOS alike: the data and the metadata of the file reach the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return digest_file(path, HASH)
+
+
 def _check(entry: FileEntry, digest: str, size: int, uri: str) -> None:
     if size != entry.size or digest != entry.digest:
         raise CheckpointError(
@@ -244,10 +268,11 @@ class CheckpointStore:
                 raise CheckpointError(f"file name {fname!r} is reserved or not allowed")
             fpath = posixpath.join(path, fname)
             if local and hasattr(writer, "save_to_path"):
-                # Local disk: the serialiser writes the file itself (its fast path); the bytes that
-                # landed are hashed from the page cache while the next file is being written.
+                # Local disk: the serialiser writes the file itself (its fast path); while the next
+                # file is being written, this one is made durable (fsync) and hashed from the page
+                # cache. The manifest waits for both.
                 writer.save_to_path(fpath)
-                hashing[fname] = _HASHER.submit(digest_file, fpath, HASH)
+                hashing[fname] = _HASHER.submit(_durable_digest, fpath)
                 continue
             with self.fs.open(fpath, "wb") as f:
                 hw = HashingWriter(f)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import posixpath
 import re
 import zipfile
-from typing import Any, BinaryIO, Mapping
-
-import torch
+from typing import Any, BinaryIO
 
 from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
 from wmtp_core.errors import CheckpointError
@@ -24,7 +21,6 @@ from wmtp_core.events import CheckpointEmitted, Payload, Receipt, SinkContext
 from wmtp_core.manifest import Manifest
 from wmtp_core.roles import Role
 from wmtp_core.sinks import Holding, LoadedCheckpoint
-from wmtp_core.tensors import tensor_bytes
 
 FINAL_DIR = "final"
 TRAINER_PART = "trainer_rank{rank}.pt"
@@ -37,13 +33,16 @@ class torch_writer:
         self.obj = obj
 
     def __call__(self, stream: BinaryIO) -> None:
+        import torch
+
         torch.save(self.obj, stream)
 
     def save_to_path(self, path: str) -> None:
+        """Write the file with torch's own writer. The caller makes it durable (``fsync``)."""
+        import torch
+
         with open(path, "wb") as f:
             torch.save(self.obj, f)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def json_writer(obj: Any):
@@ -57,6 +56,8 @@ def load_part(source: str | bytes, where: str = "a checkpoint part") -> Any:
     """Deserialise one verified part: a local path (memory-mapped, copy-on-write) or bytes.
     Checkpoints are untrusted: ``weights_only``, never arbitrary pickle. A part that holds
     anything else, or is not a torch file at all, is a :class:`CheckpointError` naming it."""
+    import torch
+
     try:
         if isinstance(source, str):
             return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
@@ -98,6 +99,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
+        import torch
+
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -170,6 +173,10 @@ class FileSink:
         return self.checkpoints.uri(self.checkpoints.run_dir(self.run))
 
     def store(self, event: CheckpointEmitted, payload: Payload) -> Receipt:
+        import torch
+
+        from wmtp_core.tensors import tensor_bytes
+
         if payload.world is not None and event.role is Role.RESUME:
             return self._store_sharded(event, payload)
         if event.role is Role.FINAL:
@@ -198,6 +205,7 @@ class FileSink:
     def _store_sharded(self, event: CheckpointEmitted, payload: Payload) -> Receipt:
         """Every rank writes its own shards through DCP's fsspec writer and its own trainer
         state; once all are done, rank 0 hashes what landed and commits the manifest."""
+        import torch
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 

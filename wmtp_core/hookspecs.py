@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import pluggy
 
 if TYPE_CHECKING:
+    from wmtp_core.catalog import PolicySpec, SinkSpec
     from wmtp_core.events import (
         CheckpointEmitted,
         LoadedModel,
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
         RunStarted,
         StepEnded,
     )
-    from wmtp_core.catalog import PolicySpec, SinkSpec
 
 hookspec = pluggy.HookspecMarker("wmtp")
 hookimpl = pluggy.HookimplMarker("wmtp")
@@ -58,6 +58,20 @@ def wmtp_load_model(uri: str, mlflow_config: Mapping[str, Any]) -> LoadedModel |
     :param uri: e.g. ``models:/wmtp_baseline-mtp/1`` or a committed checkpoint's URI.
     :param mlflow_config: the ``mlflow`` config section, for plugins that read a registry.
     :returns: the weights and the architecture, or ``None``.
+    """
+
+
+@hookspec
+def wmtp_check_config(config: Mapping[str, Any]) -> None:
+    """A run is being planned, for real or under ``--dry-run``: refuse a configuration this
+    plugin could not work with, before anything is written.
+
+    Raise a :class:`wmtp_core.ConfigError` (or another ``WmtpError``) naming the key, the value
+    and what would work; the run and the dry run then stop with the same message and exit
+    status 2. Look only at the configuration: no network, no files.
+
+    :param config: the config file's settings as plain data (``paths``, ``mlflow``, ``devices``,
+        ``storage``...; ``mlflow`` is ``None`` when the section is null).
     """
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import posixpath
 import re
 from typing import Any, Mapping
@@ -42,14 +43,30 @@ _LINEAGE = re.compile(r"[A-Za-z0-9_.=+-]{1,128}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def new_hasher(algorithm: str) -> Any:
+_forked = False
+"""True in a process forked from one that may have started BLAKE3's thread pool."""
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+PARALLEL_BYTES = 16 << 20
+"""Files at least this large are hashed by BLAKE3 on every core (its own thread pool)."""
+
+
+def new_hasher(algorithm: str, size: int = 0) -> Any:
     """A streaming hasher with ``update`` and ``hexdigest``. BLAKE3 runs on the calling thread
-    (7 GB/s on one core here): its multi-threaded mode uses a thread pool of its own that a
-    forked child would wait on forever, and the files of a checkpoint are hashed in parallel
-    anyway."""
+    (7 GB/s on one core here), or on every core for a file of ``PARALLEL_BYTES`` or more: the
+    hash of the last file of a save is the one no write can hide. Its thread pool does not
+    survive a fork, so a forked child always hashes on its own thread."""
     if algorithm == "blake3":
         import blake3
 
+        if size >= PARALLEL_BYTES and not _forked:
+            return blake3.blake3(max_threads=blake3.blake3.AUTO)
         return blake3.blake3()
     if algorithm == "sha256":
         return hashlib.sha256()
@@ -59,11 +76,10 @@ def new_hasher(algorithm: str) -> Any:
 def digest_file(path: str, algorithm: str) -> tuple[str, int]:
     """Digest and size of a local file, hashed straight from the page cache (memory-mapped)."""
     import mmap
-    import os
 
     if algorithm == "blake3":
         size = os.path.getsize(path)
-        return new_hasher("blake3").update_mmap(path).hexdigest() if size else new_hasher("blake3").hexdigest(), size
+        return new_hasher("blake3", size).update_mmap(path).hexdigest() if size else new_hasher("blake3").hexdigest(), size
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:

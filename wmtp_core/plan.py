@@ -89,10 +89,19 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
               resume: str | None = None) -> Plan:
     """Load and check everything; raise a :class:`~wmtp_core.errors.WmtpError` for the first
     problem. Loads no data, allocates no model, loads no reference model, writes nothing."""
+    from wmtp_core.config.loader import to_plain
+    from wmtp_core.engine import distributed
     from wmtp_core.engine.model import count_parameters
-    from wmtp_core.engine.trainer import autocast_dtype, check_source, choose_device, model_config
+    from wmtp_core.engine.trainer import (
+        autocast_dtype,
+        check_algorithm,
+        check_source,
+        choose_device,
+        model_config,
+    )
 
     settings = load_settings(config, recipe)
+    pm.hook.wmtp_check_config(config=to_plain(settings.config))
     catalog = build_catalog(pm)
     bindings = bindings_for(settings, catalog)
     required = required_roles(settings)
@@ -107,6 +116,9 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     devices = settings.config.devices
     device = choose_device(devices.compute_backend)
     autocast_dtype(devices.mixed_precision, device)
+    distributed.check(devices, device)
+    check_algorithm(settings)
+    check_model_paths(settings)
     for split in ("train", "eval"):
         data = getattr(settings.recipe.data, split)
         if data is None:
@@ -122,6 +134,26 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     return Plan(settings=settings, catalog=catalog, bindings=bindings, required=required,
                 policies=policies, run_name=name, tags=tag_map, model_config=mcfg,
                 parameters=count_parameters(mcfg), device=device.type, resume=resume, mlflow=mlflow)
+
+
+def check_model_paths(settings: Settings) -> None:
+    """A reference or reward model named by path must exist (a ``models:/`` URI is resolved when
+    the run starts: the dry run talks to no registry)."""
+    import fsspec
+
+    models = settings.config.paths.models
+    algo = settings.recipe.train.algo
+    for key, uri, used in (("paths.models.ref", models.ref, algo == "rho1-wmtp"),
+                           ("paths.models.rm", models.rm, algo == "critic-wmtp")):
+        if not used or not uri or uri.startswith("models:/"):
+            continue
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            exists = fs.exists(path)
+        except (ImportError, ValueError) as e:
+            raise ModelLoadError(f"{key}: {uri!r} cannot be read ({e})") from None
+        if not exists:
+            raise ModelLoadError(f"{key}: {uri!r} does not exist")
 
 
 def describe(plan: Plan) -> list[Any]:

@@ -8,8 +8,8 @@ from typing import Iterable
 import attrs
 from rich.table import Table
 
-from wmtp_core.events import Receipt
 from wmtp_core.bindings import Bindings
+from wmtp_core.events import Receipt
 from wmtp_core.roles import Role
 
 TRAINER_STATE_BYTES = 16 << 10

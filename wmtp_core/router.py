@@ -19,10 +19,10 @@ import attrs
 import pluggy
 
 from wmtp_core.asyncsave import AsyncStats, BackgroundSaver
-from wmtp_core.bindings import Bindings, validate
+from wmtp_core.bindings import Bindings, build_sink, validate
 from wmtp_core.catalog import Catalog
 from wmtp_core.errors import BindingError
-from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo, SinkContext
+from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo
 from wmtp_core.roles import Role
 
 log = logging.getLogger(__name__)
@@ -85,16 +85,11 @@ class Router:
         self._saver = BackgroundSaver()
 
     # -- life cycle ------------------------------------------------------------------------
-    def context(self, role: Role) -> SinkContext:
-        """The context the role's sink is built with, from its binding alone."""
-        b = self.bindings.sink_for(role)
-        return SinkContext(role=role, run=self.run, base_path=b.base_path,
-                           options=copy.deepcopy(dict(b.options)), mlflow=self.mlflow)
-
     def open(self) -> Router:
-        """Build each bound sink and policy. Called after validation, before the first step."""
+        """Build each bound sink (from its binding: :func:`wmtp_core.bindings.build_sink`) and
+        policy. Called after validation, before the first step."""
         for b in self.bindings.sinks:
-            self._sinks[b.role] = self.catalog.sinks[b.sink].factory(self.context(b.role))
+            self._sinks[b.role] = build_sink(self.catalog, self.bindings, b.role, self.run, self.mlflow)
         for p in self.bindings.policies:
             self._policies[p.role] = self.catalog.policies[p.policy].factory(copy.deepcopy(dict(p.options)))
         self._opened = True

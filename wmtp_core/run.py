@@ -13,9 +13,18 @@ from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import WmtpError
 from wmtp_core.plan import describe, preflight
 from wmtp_core.plugins import make_plugin_manager
-from wmtp_core.session import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_USAGE, RunSession
+from wmtp_core.session import (
+    EXIT_FAILED,
+    EXIT_NOT_REGISTERED,
+    EXIT_OK,
+    EXIT_USAGE,
+    RunSession,
+)
 
-__all__ = ["EXIT_FAILED", "EXIT_NOT_REGISTERED", "EXIT_OK", "EXIT_USAGE", "main", "parser"]
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): 128 + the signal number, as shells report it."""
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NOT_REGISTERED", "EXIT_OK", "EXIT_USAGE", "main", "parser"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,6 +78,10 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
     except WmtpError as e:
         err.print(error_line(e))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print(error_line("interrupted (Ctrl-C): committed checkpoints are intact; continue with "
+                             "--resume latest"))
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

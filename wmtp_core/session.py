@@ -16,15 +16,20 @@ from typing import Any, Callable, Mapping
 import attrs
 import pluggy
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from wmtp_core import redact, report
-from wmtp_core.bindings import Bindings
-from wmtp_core.catalog import Catalog
+from wmtp_core import progress, redact, report
+from wmtp_core.bindings import Bindings, build_sink
 from wmtp_core.console import error_line
-from wmtp_core.errors import CheckpointError, ModelLoadError, SaveError, TrainingError, WmtpError
-from wmtp_core.events import LoadedModel, RunEnded, RunInfo, RunStarted, RunStatus, SinkContext, StepEnded
+from wmtp_core.errors import CheckpointError, ModelLoadError, SaveError, TrainingError
+from wmtp_core.events import (
+    LoadedModel,
+    RunEnded,
+    RunInfo,
+    RunStarted,
+    RunStatus,
+    StepEnded,
+)
 from wmtp_core.plan import Plan
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
@@ -51,15 +56,6 @@ def model_loader(pm: pluggy.PluginManager, mlflow: Mapping[str, Any]) -> Callabl
         return loaded
 
     return load
-
-
-def standalone_sink(catalog: Catalog, bindings: Bindings, role: Role, run: RunInfo,
-                    mlflow: Mapping[str, Any]) -> Any:
-    """A sink built from its binding outside any router: for reading what a run committed
-    before the run's own router exists (the resume point), and for the ``wmtp`` command."""
-    b = bindings.sink_for(role)
-    return catalog.sinks[b.sink].factory(SinkContext(role=role, run=run, base_path=b.base_path,
-                                                     options=dict(b.options), mlflow=dict(mlflow)))
 
 
 def find_resume(sink: Any, spec: str, err: Console, world: Any = None,
@@ -137,14 +133,25 @@ class RunSession:
 
     # -- the phases ------------------------------------------------------------------------
     def _run(self, world: Any) -> int:
+        t = time.perf_counter()
+        trainer, fresh, bindings = self._open(world)
+        t = self._phase("open", t)
+        # the resume point decides the run's lineage before the router exists
+        run, protected = self._restore(trainer, fresh, bindings, world)
+        router = Router(self.pm, self.plan.catalog, bindings, run, required=self.plan.required,
+                        mlflow=self.plan.mlflow, protected=protected, coordinator=world).open()
+        self.last_saved = trainer.step if run.resumed_from else -1
+        t = self._phase("restore", t)
+        self._start(router, run, trainer, bindings)
+        self._phase("start", t)
+        return self._train_to_the_end(trainer, router, run)
+
+    def _open(self, world: Any):
+        """Who this process is in the job, a fresh identity, the trainer. Returns
+        ``(trainer, fresh run, bindings)``."""
         from wmtp_core.engine.trainer import Trainer
 
-        plan, cfg = self.plan, self.plan.settings.config
-        t = time.perf_counter()
-        # open: who this process is in the job
-        if world.size > 1 and not cfg.devices.fsdp.enabled:
-            raise TrainingError(f"{world.size} processes were launched but devices.fsdp.enabled is false: "
-                                "each rank would train its own copy; enable fsdp")
+        plan = self.plan
         bindings = plan.bindings
         if not world.is_main:
             self.out, self.err = Console(quiet=True), Console(stderr=True, quiet=True)
@@ -153,31 +160,28 @@ class RunSession:
         name, lineage = world.broadcast((plan.run_name, uuid.uuid4().hex))
         fresh = RunInfo(name=name, algo=plan.settings.recipe.train.algo, lineage=lineage,
                         experiment=plan.mlflow.get("experiment", "wmtp"), tags=plan.tags)
-        trainer = Trainer(plan.settings, world, model_loader(self.pm, plan.mlflow))
-        t = self._phase("open", t)
+        return Trainer(plan.settings, world, model_loader(self.pm, plan.mlflow)), fresh, bindings
 
-        # restore: the resume point decides the run's lineage before the router exists
-        run, protected = self._restore(trainer, fresh, bindings, world)
-        router = Router(self.pm, plan.catalog, bindings, run, required=plan.required,
-                        mlflow=plan.mlflow, protected=protected, coordinator=world).open()
-        self.last_saved = trainer.step if run.resumed_from else -1
-        t = self._phase("restore", t)
-
-        # start
+    def _start(self, router: Router, run: RunInfo, trainer: Any, bindings: Bindings) -> None:
+        plan = self.plan
         try:
             self.pm.hook.wmtp_run_started(event=RunStarted(
                 run=run, params=plan.settings.params(), start_step=trainer.step, mlflow=plan.mlflow,
                 bindings={b.role.value: b.sink for b in bindings.sinks},
             ))
-        except Exception as e:  # e.g. a tracking server that cannot be reached: nothing was trained yet
-            router.close()
-            raise TrainingError(f"a plugin failed as the run started, before any step: "
-                                f"{type(e).__name__}: {redact.text(_first_line(e))}") from None
-        t = self._phase("start", t)
+        except BaseException as e:  # a tracking server that cannot be reached, or Ctrl-C
+            self._abandon(router, run, trainer, "interrupted" if isinstance(e, KeyboardInterrupt) else str(e))
+            if isinstance(e, Exception):  # nothing was trained yet
+                raise TrainingError(f"a plugin failed as the run started, before any step: "
+                                    f"{type(e).__name__}: {redact.text(_first_line(e))}") from None
+            raise
 
+    def _train_to_the_end(self, trainer: Any, router: Router, run: RunInfo) -> int:
+        """Train, commit the last step, store the final model, end: whatever happens, the router
+        is closed and the observers hear how the run ended."""
         status, reason, code = RunStatus.FAILED, "", EXIT_FAILED
         outcome = None
-        t0 = time.perf_counter()
+        t0 = t = time.perf_counter()
         try:
             outcome = self._train(trainer, router, run)
             t = self._phase("train", t)
@@ -187,7 +191,7 @@ class RunSession:
             else:
                 self._checkpoint(trainer, router, trainer.step, outcome.metrics)
                 router.wait()  # the last step's resume state is durable before the final model
-            if code == EXIT_OK and Role.FINAL in plan.required:
+            if code == EXIT_OK and Role.FINAL in self.plan.required:
                 status, reason, code = self._store_final(trainer, router, outcome, status, reason, code)
             router.wait()
             t = self._phase("final", t)
@@ -200,27 +204,43 @@ class RunSession:
             reason = f"{type(e).__name__}: {e}"
             raise
         finally:
-            try:
-                router.close()
-            except SaveError as e:
-                status, reason, code = RunStatus.FAILED, str(e), EXIT_FAILED
-            finally:
-                try:
-                    self.pm.hook.wmtp_run_ended(event=RunEnded(
-                        run=run, status=status, last_step=trainer.step, reason=redact.text(reason),
-                        metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
-                    ))
-                except Exception as e:  # an observer's failure must not mask the run's outcome
-                    log.warning("a plugin failed in wmtp_run_ended: %s: %s", type(e).__name__, e)
+            status, reason, code = self._end(router, run, trainer, outcome, status, reason, code)
         self._phase("end", t)
         self._summary(router, trainer, outcome, status, reason, code, time.perf_counter() - t0)
         return code
+
+    def _end(self, router: Router, run: RunInfo, trainer: Any, outcome: Any, status, reason, code):
+        try:
+            router.close()
+        except SaveError as e:
+            status, reason, code = RunStatus.FAILED, str(e), EXIT_FAILED
+        finally:
+            try:
+                self.pm.hook.wmtp_run_ended(event=RunEnded(
+                    run=run, status=status, last_step=trainer.step, reason=redact.text(reason),
+                    metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
+                ))
+            except Exception as e:  # an observer's failure must not mask the run's outcome
+                log.warning("a plugin failed in wmtp_run_ended: %s: %s", type(e).__name__, redact.text(e))
+        return status, reason, code
+
+    def _abandon(self, router: Router, run: RunInfo, trainer: Any, reason: str) -> None:
+        """A run that stops before its first step: the router closed, observers told (an MLflow
+        run that was opened is ended, not left running). A second Ctrl-C here is not caught."""
+        try:
+            router.close()
+        finally:
+            try:
+                self.pm.hook.wmtp_run_ended(event=RunEnded(run=run, status=RunStatus.FAILED,
+                                                           last_step=trainer.step, reason=redact.text(reason)))
+            except Exception as e:
+                log.warning("a plugin failed in wmtp_run_ended: %s: %s", type(e).__name__, redact.text(e))
 
     def _restore(self, trainer: Any, fresh: RunInfo, bindings: Bindings, world: Any):
         """The resume point (if any) and the run's identity: its lineage continues the
         checkpoint's. Returns ``(run, protected)``."""
         plan = self.plan
-        probe = standalone_sink(plan.catalog, bindings, Role.RESUME, fresh, plan.mlflow)
+        probe = build_sink(plan.catalog, bindings, Role.RESUME, fresh, plan.mlflow)
         try:
             if not plan.resume:
                 if probe.committed():
@@ -242,18 +262,12 @@ class RunSession:
         return run, frozenset({(manifest.run, manifest.step)})
 
     def _train(self, trainer: Any, router: Router, run: RunInfo):
-        with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
-                      MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
-                      TimeElapsedColumn(), console=self.err, transient=False) as progress:
-            task = progress.add_task(run.name, total=trainer.total_steps, completed=trainer.step, info="")
+        with progress.for_console(self.err, run.name, trainer.total_steps, trainer.step) as shown:
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
                 self.pm.hook.wmtp_step_ended(event=StepEnded(run=run, step=step, metrics=metrics))
                 if "loss" in metrics:
-                    info = f"loss {metrics['loss']:.3f}"
-                    if "eval_loss" in metrics:
-                        info += f" eval {metrics['eval_loss']:.3f}"
-                    progress.update(task, completed=step, info=info)
+                    shown.update(step, metrics)
 
             return trainer.train(on_step, lambda step, metrics: self._checkpoint(trainer, router, step, metrics))
 
@@ -280,7 +294,7 @@ class RunSession:
             if payload is not None:
                 router.emit(Role.FINAL, step=trainer.step, payload=payload, metrics=_scalars(outcome.metrics),
                             nbytes=tensor_bytes(payload.parts))
-        except (WmtpError, Exception) as e:  # the resume state is committed: nothing is lost
+        except Exception as e:  # the resume state is committed: nothing is lost
             log.debug("final store failed", exc_info=True)
             return RunStatus.FAILED, f"final model not stored ({type(e).__name__}: {_first_line(e)})", \
                 EXIT_NOT_REGISTERED

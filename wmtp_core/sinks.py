@@ -18,7 +18,8 @@ import attrs
 from wmtp_core.roles import Role
 
 if TYPE_CHECKING:
-    from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo
+    from wmtp_core.commit import CheckpointStore
+    from wmtp_core.events import CheckpointEmitted, Payload, Receipt
     from wmtp_core.manifest import Manifest
 
 
@@ -92,3 +93,13 @@ class ResumableSink(Sink, Protocol):
         """Remove a committed checkpoint: uncommit first, so an interrupted delete never leaves
         a loadable checkpoint with missing files. Called by retention."""
         ...
+
+
+@runtime_checkable
+class FileLikeSink(Protocol):
+    """A sink that keeps its checkpoints as files through WMTP's commit protocol (every
+    :class:`~wmtp_core.filesink.FileSink` is one). The contract tests reach its files through
+    ``checkpoints`` to corrupt one or leave staging behind."""
+
+    checkpoints: CheckpointStore
+    """The store the sink commits through."""

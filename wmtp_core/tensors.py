@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
-
 
 def tensor_bytes(obj: Any) -> int:
     """Bytes held by the tensors in a nested structure."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, Mapping):
@@ -20,6 +20,8 @@ def tensor_bytes(obj: Any) -> int:
 
 def cpu_copy(obj: Any) -> Any:
     """A detached CPU copy of every tensor (the model's final weights for the final role)."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, Mapping):
@@ -36,9 +38,10 @@ class StagingBuffers:
     A sharded tensor (DTensor) keeps its layout: its local shard is copied."""
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, Any] = {}
 
     def copy(self, tree: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
         from torch.distributed.tensor import DTensor
 
         def copy(obj: Any, key: str) -> Any:

@@ -74,7 +74,7 @@ from wmtp_core.manifest import Manifest
 from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
-from wmtp_core.sinks import LoadedCheckpoint
+from wmtp_core.sinks import FileLikeSink, LoadedCheckpoint
 from wmtp_core.tensors import tensor_bytes
 
 TINY = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_future=2, max_seq_len=16)
@@ -217,9 +217,9 @@ class SinkContract:
 
     def checkpoint_store(self, sink: Any) -> CheckpointStore:
         """The sink's :class:`CheckpointStore`; skips the test for sinks that are not file-like."""
-        store = getattr(sink, "checkpoints", None)
+        store = sink.checkpoints if isinstance(sink, FileLikeSink) else None
         if not isinstance(store, CheckpointStore):
-            pytest.skip(f"{self.sink_name} has no checkpoints CheckpointStore: not a file-like sink, "
+            pytest.skip(f"{self.sink_name} is not a FileLikeSink (no checkpoints store): not a file-like sink, "
                         "so its files cannot be reached to corrupt or stage")
         return store
 
@@ -363,7 +363,7 @@ class SinkContract:
                 assert find(run) is None, "stored_final() names a model before any was stored"
             _, receipt = self.store(sink, run, Role.FINAL, 6)
             assert receipt.role is Role.FINAL and receipt.step == 6
-            store = getattr(sink, "checkpoints", None)
+            store = sink.checkpoints if isinstance(sink, FileLikeSink) else None
             if isinstance(store, CheckpointStore):  # file-like: the receipt names a committed directory
                 manifest = store.verify(type(store.fs)._strip_protocol(receipt.uri))
                 assert (manifest.role, manifest.step, manifest.run) == (Role.FINAL, 6, run.name)

@@ -21,6 +21,7 @@ def check(pred: Callable[[Any], bool], accepted: str, error: type[Exception] = V
         if not pred(value):
             raise error(accepted)
 
+    validator.accepted = accepted  # what error messages elsewhere can quote
     return validator
 
 

@@ -6,6 +6,29 @@ import logging
 from typing import Any, Mapping
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc",
+                 "file", "uc")
+"""What MLflow accepts as a tracking store or model registry (database drivers such as
+``postgresql+psycopg2`` included); object stores like ``s3://`` hold artifacts only."""
+
+
+def check_uris(section: Mapping[str, Any] | None) -> None:
+    """Refuse a tracking or registry URI MLflow cannot use as a store, naming the key."""
+    from wmtp_core import ConfigError
+
+    if not section:
+        return
+    for key in ("tracking_uri", "registry_uri"):
+        uri = section.get(key)
+        if not uri or "://" not in uri and ":" not in uri.split("/", 1)[0]:
+            continue  # unset, or a local path: a file store
+        scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+        if scheme not in STORE_SCHEMES:
+            raise ConfigError(
+                f"mlflow.{key}: {uri!r} cannot be used by MLflow as a tracking store or model "
+                f"registry ({scheme}:// holds artifacts only); accepted: a database URI "
+                "(sqlite:///mlflow.db, postgresql://...) or an MLflow server (http://host:5000). "
+                "To keep artifacts on S3, start the server with --artifacts-destination s3://...")
 
 
 def configure(settings: Mapping[str, Any]) -> None:

@@ -132,83 +132,105 @@ def safetensors_weights(path: str, uri: str) -> dict[str, Any]:
         raise UnsafeModelError(f"{uri}: its safetensors file cannot be read ({e})") from None
 
 
+class _Pt2Archive:
+    """A ``torch.export`` archive opened for its weights only."""
+
+    def __init__(self, archive: zipfile.ZipFile, uri: str) -> None:
+        self.archive, self.uri = archive, uri
+        self.names = set(archive.namelist())
+        self.records: dict[str, Any] = {}
+
+    def refuse(self, why: str) -> UnsafeModelError:
+        return UnsafeModelError(f"{self.uri}: its pt2 archive {why}; refused")
+
+    def table(self) -> tuple[str, dict[str, Any]]:
+        """The archive's root folder and its weight table (JSON)."""
+        configs = [n for n in self.names if _PT2_WEIGHTS_CONFIG.fullmatch(n)]
+        if len(configs) != 1:
+            raise self.refuse(f"holds {len(configs)} weight tables, expected exactly one")
+        root = configs[0].split("/", 1)[0]
+        byteorder = f"{root}/byteorder"
+        if byteorder in self.names and \
+                self.archive.read(byteorder).decode("ascii", "replace").strip() != sys.byteorder:
+            raise self.refuse(f"was written on a {self.archive.read(byteorder)!r}-endian machine")
+        try:
+            table = json.loads(self.archive.read(configs[0]))["config"]
+        except (ValueError, KeyError, TypeError):
+            raise self.refuse("has an unreadable weight table") from None
+        if not isinstance(table, dict):
+            raise self.refuse("has an unreadable weight table")
+        return root, table
+
+    def weight(self, root: str, fqn: str, meta: Any) -> Any:
+        import torch
+        from torch._export.serde.schema import ScalarType
+        from torch._export.serde.serialize import deserialize_scalar_type
+
+        try:
+            record = meta["path_name"]
+            if not isinstance(record, str) or not _PT2_RECORD.fullmatch(record):
+                raise self.refuse(f"names a weight record {record!r}")
+            full = f"{root}/data/weights/{record}"
+            if full not in self.names:
+                raise self.refuse(f"lacks the record {record}")
+            if meta.get("use_pickle") is not False:  # a pickled tensor: weights-only, or nothing
+                return self._pickled(full, fqn)
+            tm = meta["tensor_meta"]
+            dtype = deserialize_scalar_type(ScalarType(tm["dtype"]))
+            sizes = [int(s["as_int"]) for s in tm["sizes"]]
+            strides = [int(s["as_int"]) for s in tm["strides"]]
+            offset = int(tm["storage_offset"]["as_int"])
+        except UnsafeModelError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise self.refuse(f"describes weight {fqn!r} in a form WMTP does not read ({e!r})") from None
+        flat = self._raw(full, record, dtype)
+        if any(s < 0 for s in sizes) or any(st < 0 for st in strides) or offset < 0 or len(sizes) != len(strides):
+            raise self.refuse(f"describes weight {fqn!r} with a negative shape or stride")
+        extent = offset + sum((s - 1) * st for s, st in zip(sizes, strides)) + 1 if all(sizes) else 0
+        if extent > flat.numel():
+            raise self.refuse(f"describes weight {fqn!r} past the end of its record {record}")
+        return torch.as_strided(flat, sizes, strides, offset).clone()
+
+    def _pickled(self, full: str, fqn: str) -> Any:
+        import torch
+
+        from wmtp_core.filesink import load_part
+
+        try:
+            tensor = load_part(self.archive.read(full), f"{self.uri} ({fqn})")
+        except Exception as e:  # CheckpointError: refused by weights-only loading
+            raise self.refuse(f"holds a weight that is not plain tensor data ({e})") from None
+        if not isinstance(tensor, torch.Tensor):
+            raise self.refuse(f"holds a {type(tensor).__name__} as weight {fqn!r}")
+        return tensor
+
+    def _raw(self, full: str, record: str, dtype: Any) -> Any:
+        """A record's raw bytes as a flat tensor of ``dtype`` (read once, shared by its views)."""
+        import torch
+
+        if record not in self.records:
+            if self.archive.getinfo(full).compress_type != zipfile.ZIP_STORED:
+                raise self.refuse(f"stores {record} compressed; torch.export writes raw records")
+            raw = bytearray(self.archive.read(full))
+            if len(raw) % torch.empty((), dtype=dtype).element_size():
+                raise self.refuse(f"has a record {record} that is not a whole number of {dtype} values")
+            self.records[record] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        flat = self.records[record]
+        if flat.dtype != dtype:
+            raise self.refuse(f"reads record {record} as two dtypes")
+        return flat
+
+
 def pt2_weights(path: str, uri: str) -> dict[str, Any]:
     """The weights of a ``torch.export`` archive, read without unpickling anything but
     weights-only records: the JSON weight table says each tensor's dtype, shape, strides and
-    record; raw records become tensors directly."""
-    import torch
-    from torch._export.serde.schema import ScalarType
-    from torch._export.serde.serialize import deserialize_scalar_type
-
-    def refuse(why: str) -> UnsafeModelError:
-        return UnsafeModelError(f"{uri}: its pt2 archive {why}; refused")
-
+    record; raw records become tensors directly, their bounds checked."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
-        raise refuse("is not a zip archive") from None
+        raise UnsafeModelError(f"{uri}: its pt2 archive is not a zip archive; refused") from None
     with archive:
-        names = set(archive.namelist())
-        configs = [n for n in names if _PT2_WEIGHTS_CONFIG.fullmatch(n)]
-        if len(configs) != 1:
-            raise refuse(f"holds {len(configs)} weight tables, expected exactly one")
-        root = configs[0].split("/", 1)[0]
-        byteorder = f"{root}/byteorder"
-        if byteorder in names and archive.read(byteorder).decode("ascii", "replace").strip() != sys.byteorder:
-            raise refuse(f"was written on a {archive.read(byteorder)!r}-endian machine")
-        try:
-            table = json.loads(archive.read(configs[0]))["config"]
-        except (ValueError, KeyError, TypeError):
-            raise refuse("has an unreadable weight table") from None
-        if not isinstance(table, dict):
-            raise refuse("has an unreadable weight table")
-        records: dict[str, Any] = {}
-        weights: dict[str, Any] = {}
-        for fqn, meta in table.items():
-            try:
-                record = meta["path_name"]
-                if not isinstance(record, str) or not _PT2_RECORD.fullmatch(record):
-                    raise refuse(f"names a weight record {record!r}")
-                full = f"{root}/data/weights/{record}"
-                if full not in names:
-                    raise refuse(f"lacks the record {record}")
-                if meta.get("use_pickle") is not False:  # a pickled tensor: weights-only, or nothing
-                    from wmtp_core.filesink import load_part
-
-                    try:
-                        tensor = load_part(archive.read(full), f"{uri} ({fqn})")
-                    except Exception as e:  # CheckpointError: refused by weights-only loading
-                        raise refuse(f"holds a weight that is not plain tensor data ({e})") from None
-                    if not isinstance(tensor, torch.Tensor):
-                        raise refuse(f"holds a {type(tensor).__name__} as weight {fqn!r}")
-                    weights[fqn] = tensor
-                    continue
-                tm = meta["tensor_meta"]
-                dtype = deserialize_scalar_type(ScalarType(tm["dtype"]))
-                sizes = [int(s["as_int"]) for s in tm["sizes"]]
-                strides = [int(s["as_int"]) for s in tm["strides"]]
-                offset = int(tm["storage_offset"]["as_int"])
-            except UnsafeModelError:
-                raise
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise refuse(f"describes weight {fqn!r} in a form WMTP does not read ({e!r})") from None
-            if record not in records:
-                info = archive.getinfo(full)
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise refuse(f"stores {record} compressed; torch.export writes raw records")
-                raw = bytearray(archive.read(full))
-                element = torch.empty((), dtype=dtype).element_size()
-                if len(raw) % element:
-                    raise refuse(f"has a record {record} that is not a whole number of {dtype} values")
-                records[record] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            flat = records[record]
-            if flat.dtype != dtype:
-                raise refuse(f"reads record {record} as two dtypes")
-            if any(s < 0 for s in sizes) or any(st < 0 for st in strides) or offset < 0 \
-                    or len(sizes) != len(strides):
-                raise refuse(f"describes weight {fqn!r} with a negative shape or stride")
-            extent = offset + sum((s - 1) * st for s, st in zip(sizes, strides)) + 1 if all(sizes) else 0
-            if extent > flat.numel():
-                raise refuse(f"describes weight {fqn!r} past the end of its record {record}")
-            weights[fqn] = torch.as_strided(flat, sizes, strides, offset).clone()
-    return weights
+        pt2 = _Pt2Archive(archive, uri)
+        root, table = pt2.table()
+        return {fqn: pt2.weight(root, fqn, meta) for fqn, meta in table.items()}

@@ -7,8 +7,6 @@ lives: a reference, never a copy.
 
 from __future__ import annotations
 
-import torch
-
 from wmtp_core import BindingError, Holding, Receipt, Role, SinkSpec, hookimpl, redact
 from wmtp_plugins._mlflow import configure
 
@@ -35,6 +33,21 @@ def _model_id(version) -> str | None:
     return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
 
 
+def _describe(client, name: str, version: str, event) -> None:
+    """Make the version answer "where did this come from" on its own registry page: a
+    description and the tags wmtp.lineage, wmtp.run, wmtp.algo, wmtp.step, wmtp.resume_location."""
+    where = redact.text(event.resume_location) if event.resume_location else "not stored"
+    loss = event.metrics.get("loss")
+    client.update_model_version(name, version, description=(
+        f"Final model of WMTP run '{event.run.name}' ({event.run.algo}) after {event.step} steps"
+        + (f", final loss {loss:.4f}" if loss is not None else "")
+        + f". Resume state: {where} (lineage {event.run.lineage})."))
+    tags = {"wmtp.lineage": event.run.lineage, "wmtp.run": event.run.name, "wmtp.algo": event.run.algo,
+            "wmtp.step": str(event.step), "wmtp.resume_location": where}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
 class MlflowRegistrySink:
     """The final role's sink: a registered version of ``wmtp_<algo>`` per run lineage."""
 
@@ -54,6 +67,7 @@ class MlflowRegistrySink:
             raise BindingError(f"mlflow_registry serves the final role only, got {event.role.value!r}")
         import mlflow
         import mlflow.pytorch
+        import torch
 
         configure(self.settings)
         name = self.model_name(event.run.algo)
@@ -88,8 +102,7 @@ class MlflowRegistrySink:
                 validate_serving_input=False,
             )
             version = info.registered_model_version
-            mlflow.MlflowClient().set_model_version_tag(name, str(version), "wmtp.lineage",
-                                                        event.run.lineage)
+            _describe(mlflow.MlflowClient(), name, str(version), event)
             nbytes = logged_model_bytes(mlflow.MlflowClient(), info.model_id) or 0
         finally:
             if owns_run:

@@ -10,9 +10,12 @@ import logging
 import time
 
 from wmtp_core import hookimpl, redact
-from wmtp_plugins._mlflow import configure
+from wmtp_plugins._mlflow import check_uris, configure
 
 FLUSH_EVERY = 50
+"""Metrics are sent in batches of this many steps..."""
+FLUSH_SECONDS = 5.0
+"""...or this often, whichever comes first: a run's curves show up while it trains."""
 MAX_PARAM = 6000
 MAX_BUFFER = 200_000
 log = logging.getLogger("wmtp.tracking")
@@ -23,9 +26,19 @@ class MlflowTracking:
         self.run_id: str | None = None
         self.client = None
         self._buffer: list = []  # mlflow.entities.Metric values not yet logged
+        self._flushed_at = time.monotonic()
+        self._logged_through = -1
+        """After a resume: the last step the MLflow run already holds. Resume is bit-exact, so
+        the steps replayed since the checkpoint are the same values: they are not sent twice."""
+
+    @hookimpl
+    def wmtp_check_config(self, config):
+        """MLflow must be able to use the tracking (and registry) URI as a store."""
+        check_uris(config.get("mlflow"))
 
     @hookimpl
     def wmtp_run_started(self, event):
+        self._logged_through, self._buffer, self._flushed_at = -1, [], time.monotonic()
         if not event.mlflow:
             return  # no mlflow section: nothing to track into
         import mlflow
@@ -37,10 +50,14 @@ class MlflowTracking:
             # a resumed run continues its MLflow run: same params, metrics carry on
             mlflow.start_run(run_id=previous)
             mlflow.set_tag("wmtp.resumed_from", redact.text(event.run.resumed_from))
+            mlflow.set_tag("wmtp.status", "running")
             self.run_id = previous
             self.client = mlflow.MlflowClient()
+            history = self._safely("read the logged loss", self.client.get_metric_history, previous, "loss")
+            self._logged_through = max((m.step for m in history or []), default=-1)
             return
         run = mlflow.start_run(run_name=event.run.name, tags=redact.mapping({
+            "wmtp.status": "running",
             "wmtp.run": event.run.name,
             "wmtp.algo": event.run.algo,
             "wmtp.lineage": event.run.lineage,
@@ -59,9 +76,12 @@ class MlflowTracking:
             return
         from mlflow.entities import Metric
 
+        if event.step <= self._logged_through and "pretrain_value_loss" not in event.metrics:
+            return  # replayed after a resume: the MLflow run already holds this step
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, event.step) for k, v in event.metrics.items())
-        if len(self._buffer) >= FLUSH_EVERY * max(1, len(event.metrics)):
+        if (len(self._buffer) >= FLUSH_EVERY * max(1, len(event.metrics))
+                or time.monotonic() - self._flushed_at >= FLUSH_SECONDS):
             self._safely("log metrics", self._flush)
 
     @hookimpl
@@ -78,10 +98,13 @@ class MlflowTracking:
 
         try:
             self._safely("log metrics", self._flush)
-            self._safely("tag the run status", self.client.set_tag, self.run_id, "wmtp.status", event.status)
+            self._safely("tag the run status", self.client.set_tag, self.run_id, "wmtp.status",
+                         str(event.status))
             if event.reason:
                 self._safely("tag the run", self.client.set_tag, self.run_id, "wmtp.reason",
                              redact.text(event.reason)[:5000])
+            else:  # the tags describe the latest state: an earlier interruption is over
+                self._safely("untag the run", self._untag, "wmtp.reason")
         finally:
             status = "FAILED" if event.status == "failed" else "FINISHED"
             active = mlflow.active_run()
@@ -105,9 +128,14 @@ class MlflowTracking:
         return found[0].info.run_id if found else None
 
     def _flush(self) -> None:
+        self._flushed_at = time.monotonic()
         while self._buffer:
             self.client.log_batch(self.run_id, metrics=self._buffer[:1000])
             del self._buffer[:1000]
+
+    def _untag(self, key: str) -> None:
+        if key in (self.client.get_run(self.run_id).data.tags or {}):
+            self.client.delete_tag(self.run_id, key)
 
     def _safely(self, what: str, fn, *args, **kwargs):
         """Tracking is an observer: an unreachable server must not stop training or lose the

@@ -10,9 +10,20 @@ fewer, larger parts upload faster).
 
 import attrs
 
-from wmtp_core import FileSink, Role, SinkSpec, hookimpl
+from wmtp_core import BindingError, FileSink, Role, SinkSpec, hookimpl
 
 BLOCK_SIZE = 256 << 20
+PROTOCOLS = ("s3", "s3a")
+
+
+def check(binding) -> None:
+    """``s3`` keeps objects in S3: a base path of another protocol is another sink's."""
+    from fsspec.core import split_protocol
+
+    protocol = split_protocol(binding.base_path)[0] or "file"
+    if protocol not in PROTOCOLS:
+        raise BindingError(f"{binding.origin}: sink 's3' keeps objects in S3, but the "
+                           f"{binding.role.value} base path {binding.base_path!r} is not an s3:// URL")
 
 
 class S3Sink(FileSink):
@@ -27,8 +38,10 @@ class S3Sink(FileSink):
 def wmtp_register_sinks(register):
     register(SinkSpec(
         name="s3",
-        roles={Role.RESUME},
+        roles={Role.RESUME, Role.FINAL},
         factory=S3Sink,
-        protocols=("s3", "s3a"),
-        description="objects in any S3-compatible store via s3fs (multipart for large files)",
+        protocols=PROTOCOLS,
+        description="objects in any S3-compatible store via s3fs (resume, or final without a "
+                    "registry; multipart for large files)",
+        check=check,
     ))

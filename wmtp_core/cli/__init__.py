@@ -73,3 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     except WmtpError as e:
         err.print(error_line(e))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print(error_line("interrupted (Ctrl-C)"))
+        return 130

@@ -11,14 +11,25 @@ from typing import Any
 import attrs
 from rich.console import Console
 
-from wmtp_core.cli.inventory import FINAL_DIR, committed, leftovers, locate, scan
-from wmtp_core.commit import MANIFEST, STAGING_MARKER, CheckpointState, CheckpointStore, check_run_name
+from wmtp_core.cli.inventory import leftovers, locate, scan
+from wmtp_core.commit import (
+    MANIFEST,
+    STAGING_MARKER,
+    CheckpointState,
+    CheckpointStore,
+    check_run_name,
+)
 from wmtp_core.config import load_settings
 from wmtp_core.config.routing import resume_base
 from wmtp_core.console import error_line
 from wmtp_core.errors import CheckpointError, UsageError, WmtpError
 from wmtp_core.events import RunInfo
-from wmtp_core.plugins import CORE_PLUGINS, build_catalog, distributions, make_plugin_manager
+from wmtp_core.plugins import (
+    CORE_PLUGINS,
+    build_catalog,
+    distributions,
+    make_plugin_manager,
+)
 from wmtp_core.report import human
 from wmtp_core.roles import Role
 
@@ -265,8 +276,8 @@ def cmd_report(args, out: Console, err: Console) -> int:
 
 def _final_holdings(settings, run: str, lineages: set[str], seen: set[str], err: Console) -> list[dict[str, Any]]:
     """Ask the final sink the config binds what it holds for these lineages."""
+    from wmtp_core.bindings import build_sink
     from wmtp_core.config.routing import bindings_for
-    from wmtp_core.session import standalone_sink
 
     pm = make_plugin_manager()
     catalog = build_catalog(pm)
@@ -276,7 +287,7 @@ def _final_holdings(settings, run: str, lineages: set[str], seen: set[str], err:
         return []
     mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
     info = RunInfo(name=run, algo="-", lineage=sorted(lineages)[0])
-    sink = standalone_sink(catalog, bindings, Role.FINAL, info, mlflow)
+    sink = build_sink(catalog, bindings, Role.FINAL, info, mlflow)
     held = getattr(sink, "held", None)
     if held is None:
         return []

@@ -12,7 +12,14 @@ from typing import Any, NamedTuple
 import attrs
 import fsspec
 
-from wmtp_core.commit import FINAL_NAME, MANIFEST, CheckpointState, CheckpointStore, Inspected, check_run_name
+from wmtp_core.commit import (
+    FINAL_NAME,
+    MANIFEST,
+    CheckpointState,
+    CheckpointStore,
+    Inspected,
+    check_run_name,
+)
 from wmtp_core.errors import ConfigError, UsageError
 
 FINAL_DIR = FINAL_NAME

@@ -7,8 +7,6 @@ from typing import Any
 import attrs
 
 from wmtp_core import redact
-from wmtp_core.errors import ConfigError
-
 from wmtp_core.config.loader import (
     flatten,
     load_yaml,
@@ -17,6 +15,7 @@ from wmtp_core.config.loader import (
     unused_keys,
 )
 from wmtp_core.config.schema import Config, Recipe
+from wmtp_core.errors import ConfigError
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 

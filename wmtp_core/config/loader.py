@@ -17,9 +17,6 @@ from wmtp_core import redact
 from wmtp_core.errors import ConfigError
 
 
-
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses duplicate keys: PyYAML silently keeps the last one."""
 
@@ -175,14 +172,13 @@ def structure(cls: type, data: Any, *, source: str, path: str = "") -> Any:
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"{source}: {_join(path, k)}: unknown key{hint} Accepted keys here: {', '.join(sorted(fields))}"
-        )
+        hint = f"; did you mean {close[0]!r}? Accepted keys here" if close else "; accepted keys here"
+        raise ConfigError(f"{source}: {_join(path, k)}: unknown key{hint}: {', '.join(sorted(fields))}")
     kwargs = {}
     for key, f in fields.items():
         if key in data:
-            kwargs[f.alias or f.name] = _value(f.type, data[key], source=source, path=_join(path, key))
+            kwargs[f.alias or f.name] = _value(f.type, data[key], source=source, path=_join(path, key),
+                                               accepted=getattr(f.validator, "accepted", ""))
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -216,7 +212,9 @@ def _join(path: str, key: Any) -> str:
 _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _value(tp: Any, value: Any, *, source: str, path: str) -> Any:
+def _value(tp: Any, value: Any, *, source: str, path: str, accepted: str = "") -> Any:
+    """``value`` checked against the type ``tp``; ``accepted``: what the field's validator
+    accepts, quoted when the type already rules the value out."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -224,7 +222,7 @@ def _value(tp: Any, value: Any, *, source: str, path: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
-            return _value(inner[0], value, source=source, path=path)
+            return _value(inner[0], value, source=source, path=path, accepted=accepted)
         return value
     if value is None:
         raise ConfigError(f"{source}: {path}: null is not accepted; expected {_describe(tp)}")
@@ -257,13 +255,14 @@ def _value(tp: Any, value: Any, *, source: str, path: str) -> Any:
             raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a number")
         return float(value)
     if tp is str:
+        also = f" ({accepted})" if accepted else ""
         if isinstance(value, bool):
             raise ConfigError(
-                f"{source}: {path}: {value!r} is not accepted; expected a string (YAML reads a bare "
-                "yes/no/on/off as a boolean: quote it, e.g. \"no\")"
+                f"{source}: {path}: {value!r} is not accepted; expected a string{also}. YAML reads a "
+                "bare yes/no/on/off/true/false as a boolean: quote it, e.g. \"no\""
             )
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a string")
+            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a string{also}")
         return value
     return value
 

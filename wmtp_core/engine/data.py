@@ -50,20 +50,40 @@ def stdlib_documents(max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
     return docs
 
 
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".md", ".py")
+
+
+def files_of(url: str, key: str = "dataset", storage_options: Mapping[str, Any] | None = None):
+    """``(fs, files)`` a data URL names (a file, a directory or a glob), or a :class:`DataError`
+    naming ``key`` and the URL when there is nothing there. Lists; reads nothing."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        if fs.isdir(path):
+            files = sorted(f for f in fs.find(path) if f.endswith(DATA_SUFFIXES))
+        elif any(c in path for c in "*?["):
+            files = sorted(fs.glob(path))
+        else:
+            files = [path] if fs.exists(path) else None
+    except (ImportError, ValueError) as e:  # an unknown protocol, or its package missing
+        raise DataError(f"{key}: {url!r} cannot be read ({e})") from None
+    if files is None:
+        raise DataError(f"{key}: {url!r} does not exist")
+    if not files:
+        raise DataError(f"{key}: {url!r} holds no data files (text: .txt/.md/.py; jsonl: .jsonl)")
+    return fs, files
+
+
 def url_documents(url: str, max_bytes: int = DEFAULT_MAX_BYTES,
-                  storage_options: Mapping[str, Any] | None = None) -> list[bytes]:
+                  storage_options: Mapping[str, Any] | None = None, key: str = "dataset") -> list[bytes]:
     """Documents from a file, directory or glob at any fsspec URL: text (one document per
     file) or jsonl (one document per record's ``text`` field)."""
-    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    if fs.isdir(path):
-        files = sorted(f for f in fs.find(path) if f.endswith((".txt", ".jsonl", ".json", ".md", ".py")))
-    else:
-        files = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
-    if not files:
-        raise DataError(f"dataset {url!r}: no files found (text: .txt/.md/.py; jsonl: .jsonl)")
+    fs, files = files_of(url, key, storage_options)
     docs: list[bytes] = []
     for f in files:
-        raw = fs.cat_file(f)
+        try:
+            raw = fs.cat_file(f)
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise DataError(f"{key}: {f} cannot be read ({type(e).__name__})") from None
         if f.endswith((".jsonl", ".json")):
             for n, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():

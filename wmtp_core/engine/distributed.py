@@ -59,26 +59,37 @@ class World:
             _GROUP = None
 
 
-def setup(devices: Any, device: torch.device) -> World:
-    """Join the process group torchrun describes (or make a world of one for FSDP on one
-    process). ``devices.distributed.enabled: false`` under torchrun is refused: every rank
-    would train alone and write the same checkpoints."""
+def check(devices: Any, device: torch.device) -> None:
+    """Refuse a distributed setting this launch cannot honour, before anything starts (the dry
+    run calls it too). ``devices.distributed.enabled: false`` under torchrun is refused: every
+    rank would train alone and write the same checkpoints."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = devices.distributed.enabled
     if size > 1 and wanted is False:
         raise DeviceError("devices.distributed.enabled is false but this program was launched with "
-                            f"WORLD_SIZE={size}; enable it (or leave it null) or launch one process")
+                          f"WORLD_SIZE={size}; enable it (or leave it null) or launch one process")
     if wanted and size == 1 and "RANK" not in os.environ:
         raise DeviceError("devices.distributed.enabled is true but no launcher set RANK/WORLD_SIZE; "
-                            "launch with torchrun --nproc_per_node=N -m wmtp_core.run ...")
+                          "launch with torchrun --nproc_per_node=N -m wmtp_core.run ...")
+    if size > 1 and not devices.fsdp.enabled:
+        raise DeviceError(f"{size} processes were launched but devices.fsdp.enabled is false: "
+                          "each rank would train its own copy; enable fsdp")
+    backend = devices.distributed.backend or ("nccl" if device.type == "cuda" else "gloo")
+    if (size > 1 or devices.fsdp.enabled) and backend == "nccl" and device.type != "cuda":
+        raise DeviceError("devices.distributed.backend: 'nccl' needs CUDA devices; use gloo on CPU")
+
+
+def setup(devices: Any, device: torch.device) -> World:
+    """Join the process group torchrun describes (or make a world of one for FSDP on one
+    process), after :func:`check`."""
+    check(devices, device)
+    size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1 and not devices.fsdp.enabled:
         return World()
     if dist.is_initialized():
         return World(rank=dist.get_rank(), size=dist.get_world_size(),
                      local_rank=int(os.environ.get("LOCAL_RANK", "0")), group=_checkpoint_group())
     backend = devices.distributed.backend or ("nccl" if device.type == "cuda" else "gloo")
-    if backend == "nccl" and device.type != "cuda":
-        raise DeviceError("devices.distributed.backend: 'nccl' needs CUDA devices; use gloo on CPU")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         import socket
@@ -140,7 +151,10 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, reade
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) weights on CPU; a collective: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     if not dist.is_initialized():
         return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -16,7 +16,6 @@ from torch import nn
 from wmtp_core.errors import ModelLoadError
 from wmtp_core.validators import positive_int
 
-
 _positive = positive_int
 
 

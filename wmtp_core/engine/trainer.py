@@ -13,11 +13,25 @@ import torch
 from wmtp_core.config import Settings
 from wmtp_core.engine import data as data_mod
 from wmtp_core.engine import distributed
-from wmtp_core.engine.algorithms import Algorithm, BaselineMTP, CriticWMTP, Rho1WMTP, head_ce, weighted_loss
+from wmtp_core.engine.algorithms import (
+    Algorithm,
+    BaselineMTP,
+    CriticWMTP,
+    Rho1WMTP,
+    head_ce,
+    weighted_loss,
+)
 from wmtp_core.engine.model import ModelConfig, MTPModel, model_from_weights
 from wmtp_core.engine.optim import build_optimizer, build_scheduler
 from wmtp_core.engine.state import restore_rng, rng_state
-from wmtp_core.errors import CheckpointError, DataError, DeviceError, ModelLoadError, TrainingError, WmtpError
+from wmtp_core.errors import (
+    CheckpointError,
+    DataError,
+    DeviceError,
+    ModelLoadError,
+    TrainingError,
+    WmtpError,
+)
 from wmtp_core.events import LoadedModel, Payload
 from wmtp_core.tensors import cpu_copy
 
@@ -87,37 +101,52 @@ def resolve_model(load: LoadModel, uri: str, key: str) -> MTPModel:
     return model.eval().requires_grad_(False)
 
 
+def check_algorithm(settings: Settings) -> None:
+    """Refuse an algorithm whose requirements the configuration does not meet, before anything
+    starts (the dry run calls it too, so it refuses in the same words)."""
+    recipe, cfg = settings.recipe, settings.config
+    algo = recipe.train.algo
+    if algo == "rho1-wmtp" and not cfg.paths.models.ref:
+        raise TrainingError(f"{settings.config_source}: paths.models.ref is required by rho1-wmtp: "
+                            "a models:/NAME/VERSION URI or a committed checkpoint URI")
+    if algo == "critic-wmtp" and cfg.paths.models.rm is None and not recipe.critic.use_pseudo_rewards:
+        raise TrainingError(f"{settings.config_source}: paths.models.rm is null and "
+                            "critic.use_pseudo_rewards is false: give a reward model or allow pseudo-rewards")
+    if algo == "critic-wmtp" and cfg.devices.fsdp.enabled:
+        raise TrainingError("devices.fsdp.enabled: critic-wmtp is not supported under FSDP yet "
+                            "(its value head lives outside the sharded model); disable fsdp")
+
+
 def build_algorithm(settings: Settings, load: LoadModel, d_model: int) -> Algorithm:
     recipe, cfg = settings.recipe, settings.config
     algo = recipe.train.algo
+    check_algorithm(settings)
     if algo == "baseline-mtp":
         return BaselineMTP(scale=recipe.loss.lambda_)
     if algo == "rho1-wmtp":
         ref = cfg.paths.models.ref
-        if not ref:
-            raise TrainingError(f"{settings.config_source}: paths.models.ref is required by rho1-wmtp: "
-                                "a models:/NAME/VERSION URI or a committed checkpoint URI")
         return Rho1WMTP(resolve_model(load, ref, "paths.models.ref"),
                         mode=recipe.rho1.selection_mode, min_ce_diff=recipe.rho1.min_ce_diff,
                         skip_percentile=recipe.rho1.skip_threshold_percentile,
                         temperature=recipe.loss.weight_temperature,
                         max_weight=recipe.loss.max_weight, epsilon=recipe.loss.epsilon)
     rm = cfg.paths.models.rm
-    if rm is None and not recipe.critic.use_pseudo_rewards:
-        raise TrainingError(f"{settings.config_source}: paths.models.rm is null and "
-                            "critic.use_pseudo_rewards is false: give a reward model or allow pseudo-rewards")
     reward = resolve_model(load, rm, "paths.models.rm") if rm else None
     return CriticWMTP(d_model, recipe.critic, recipe.loss.weight_temperature, reward,
                       max_weight=recipe.loss.max_weight, epsilon=recipe.loss.epsilon)
 
 
 def check_source(settings: Settings, name: str, key: str = "data.train.sources") -> None:
+    """The source is built in or named in ``paths.datasets``, and its URL holds data."""
     datasets = settings.config.paths.datasets
     if name not in datasets and name != data_mod.STDLIB:
         raise DataError(
             f"{key}: data source {name!r} is neither built in ({data_mod.STDLIB!r}) nor a key of "
             f"paths.datasets (defined: {', '.join(sorted(datasets)) or 'none'})"
         )
+    url = datasets.get(name, data_mod.STDLIB)
+    if url != data_mod.STDLIB:
+        data_mod.files_of(url, f"paths.datasets.{name}")
 
 
 def load_documents(settings: Settings, sources: list[str]) -> list[bytes]:
@@ -126,7 +155,8 @@ def load_documents(settings: Settings, sources: list[str]) -> list[bytes]:
     for name in sources:
         check_source(settings, name)
         url = datasets.get(name, data_mod.STDLIB)
-        docs += data_mod.stdlib_documents() if url == data_mod.STDLIB else data_mod.url_documents(url)
+        docs += data_mod.stdlib_documents() if url == data_mod.STDLIB else \
+            data_mod.url_documents(url, key=f"paths.datasets.{name}")
     return docs
 
 
@@ -155,10 +185,8 @@ class Trainer:
         self.model = MTPModel(self.model_cfg).to(self.device)
         devices = cfg.devices
         self.fsdp = devices.fsdp.enabled
+        check_algorithm(self.settings)
         if self.fsdp:
-            if recipe.train.algo == "critic-wmtp":
-                raise TrainingError("devices.fsdp.enabled: critic-wmtp is not supported under FSDP yet "
-                                    "(its value head lives outside the sharded model); disable fsdp")
             self.model.activation_checkpointing = devices.fsdp.activation_ckpt
             distributed.shard(self.model, devices.fsdp)
         self.algo = build_algorithm(self.settings, load, self.model_cfg.d_model).to(self.device)
