@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import ROOT, tree
+from hf_models import causal_lm
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -64,6 +65,8 @@ def test_example_and_origin_shapes_load(shape):
 def test_dry_run_of_every_shape_exits_0_and_writes_nothing(shape, tmp_path, monkeypatch, capsys):
     config, recipe = SHAPES[shape]
     monkeypatch.chdir(tmp_path)
+    if shape == "origin shape":  # its paths.models.base, a Hugging Face folder, exists
+        causal_lm(tmp_path / "models" / "mtp-base")
     before = tree(tmp_path)
     code = main(["--config", str(config), "--recipe", str(recipe), "--dry-run"])
     out, err = capsys.readouterr()
@@ -108,16 +111,20 @@ def _get(data: Any, dotted: str) -> Any:
 
 def test_verbose_reports_keys_accepted_only_for_compatibility(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    causal_lm(tmp_path / "models" / "mtp-base")
     args = ["--config", str(ORIGIN[0]), "--recipe", str(ORIGIN[1]), "--dry-run"]
     assert main(args) == EXIT_OK
     assert "unused" not in capsys.readouterr().err
     assert main([*args, "--verbose"]) == EXIT_OK
     err = " ".join(capsys.readouterr().err.split())
     for key in ["origin_config.yaml: launcher", "origin_config.yaml: devices.num_proc",
-                "origin_recipe.yaml: train.full_finetune", "origin_recipe.yaml: loss.weight_norm",
-                "origin_recipe.yaml: critic.target", "origin_recipe.yaml: critic.delta_mode"]:
+                "origin_recipe.yaml: train.full_finetune", "origin_recipe.yaml: critic.target",
+                "origin_recipe.yaml: critic.delta_mode",
+                # with paths.models.base the architecture comes from the model's own config
+                "origin_recipe.yaml: model.d_model", "origin_recipe.yaml: model.n_layers",
+                "origin_recipe.yaml: model.n_heads", "origin_recipe.yaml: model.max_seq_len"]:
         assert f"unused: {DATA / key} is accepted for compatibility but has no effect here" in err, key
-    assert err.count("unused:") == 6, "only keys marked unused in the schema are reported"
+    assert err.count("unused:") == 9, "only keys marked unused in the schema are reported"
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):

@@ -85,11 +85,11 @@ def test_an_unknown_key_lists_what_is_accepted_after_a_separator(tmp_path, capsy
 
 
 def test_a_boolean_where_a_choice_is_expected_lists_the_choices(tmp_path, capsys):
-    config = write(tmp_path / "c.yaml", {"devices": {"fsdp": {"auto_wrap": True}}})
+    config = write(tmp_path / "c.yaml", {"devices": {"mixed_precision": True}})
     code, _, err = run(capsys, "--config", config, "--dry-run")
     line = " ".join(err.split())
-    assert code == 2 and "devices.fsdp.auto_wrap: True is not accepted" in line
-    assert "accepted: 'block', 'none'" in line and "quote it" in line
+    assert code == 2 and "devices.mixed_precision: True is not accepted" in line
+    assert "accepted: 'no', 'fp32', 'bf16', 'fp16'" in line and "quote it" in line
 
 
 @pytest.mark.parametrize("kind", ["missing", "directory", "binary", "dangling link", "link loop", "empty dir glob"])

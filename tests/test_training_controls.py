@@ -70,8 +70,9 @@ def test_num_epochs_bounds_the_run(tmp_path, monkeypatch, capsys):
                                                "pack_sequences": False}}},
                  config={"paths": {"datasets": {"tiny": f"file://{corpus}"}}})
     assert main([*args, "--run-name", "ep"]) == 0
-    # 10 documents of 70 bytes -> 2 windows each; 5% held out -> 19 train windows -> 4 batches/epoch
-    assert len(losses(tmp_path, "ep")) == 8
+    # 10 documents of 70 bytes -> 3 rows each (32 + 32 + a 6-byte tail, padded); 5% held out ->
+    # 29 train rows -> 7 batches of 4 per epoch
+    assert len(losses(tmp_path, "ep")) == 14
 
 
 def test_jsonl_record_without_text_is_a_clear_error(tmp_path, monkeypatch, capsys):

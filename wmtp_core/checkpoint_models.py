@@ -3,7 +3,8 @@
 Registered with every plugin manager as ``trylast``, so a plugin that understands a URI (the
 MLflow registry's ``models:/``) answers first, and any other URI is read as a committed
 checkpoint (a resume ``step_N`` or a ``final`` directory), validated and verified against its
-manifest before anything is deserialised, weights-only.
+manifest before anything is deserialised, weights-only. A committed Hugging Face final model
+(its folder holds ``config.json``) is verified file by file and handed on as a folder.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | No
     if not fs.exists(path):
         raise CheckpointError(f"{uri!r} does not exist")
     store = CheckpointStore(fs, posixpath.dirname(posixpath.dirname(path)))
+    if "config.json" in {e.path for e in store.read_manifest(path).files}:
+        return LoadedModel(source=store.uri(path), folder=verified_folder(store, path))
     manifest, blobs = store.read_verified(path)
     if "model.pt" not in blobs:
         raise CheckpointError(f"{uri} holds no model.pt")
@@ -48,6 +51,23 @@ def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | No
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{uri}/model.pt is not a state dict of tensors")
     return LoadedModel(weights=weights, model_config=config, source=store.uri(path))
+
+
+def verified_folder(store: CheckpointStore, path: str) -> str:
+    """A committed Hugging Face folder (a final model WMTP stored), every file checked against
+    its manifest (streamed): the folder itself on local disk, else a private verified copy."""
+    import os
+    import tempfile
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    manifest = store.verify(path)
+    if isinstance(store.fs, LocalFileSystem):
+        return path
+    target = tempfile.mkdtemp(prefix="wmtp-model-")
+    for entry in manifest.files:
+        store.fs.get(posixpath.join(path, entry.path), os.path.join(target, entry.path))
+    return target
 
 
 @hookimpl(trylast=True)

@@ -152,14 +152,22 @@ class Payload:
     world: Any = attrs.field(default=None, hash=False, eq=False)
     """Set when the state is sharded across ranks: every rank hands its shards to the sink
     (``torch.distributed.checkpoint``) and the manifest is committed once, by rank 0."""
+    folder: str | None = None
+    """For the final role of a Hugging Face model: a local directory holding the model as a
+    Hugging Face folder (safetensors weights, ``config.json``, tokenizer files, the extra heads
+    and ``wmtp.json``). File-like sinks store its files instead of ``model.pt``; the registry
+    logs it with MLflow's transformers flavor."""
 
 
 @attrs.frozen
 class LoadedModel:
     """Weights and architecture loaded from a registry or a committed checkpoint."""
 
-    weights: Mapping[str, Any] = attrs.field(converter=_view, hash=False)
+    weights: Mapping[str, Any] = attrs.field(factory=dict, converter=_view, hash=False)
     """A state dict of tensors, loadable into ``MTPModel(ModelConfig(**model_config))``."""
-    model_config: Mapping[str, Any] = attrs.field(converter=frozen_copy, hash=False)
+    model_config: Mapping[str, Any] = attrs.field(factory=dict, converter=frozen_copy, hash=False)
     source: str = ""
     """The URI it came from, resolved (``models:/NAME/latest`` -> the version loaded)."""
+    folder: str | None = None
+    """Set instead of ``weights`` for a Hugging Face model: a local directory holding only the
+    files that cannot run code (``config.json``, safetensors, tokenizer files)."""

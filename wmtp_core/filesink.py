@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import posixpath
 import re
+import shutil
 import zipfile
 from typing import Any, BinaryIO
 
@@ -43,6 +45,20 @@ class torch_writer:
 
         with open(path, "wb") as f:
             torch.save(self.obj, f)
+
+
+class file_copier:
+    """Copy a local file: in chunks into a stream, or with the OS's own copy to a local path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, stream: BinaryIO) -> None:
+        with open(self.source, "rb") as f:
+            shutil.copyfileobj(f, stream, 16 << 20)
+
+    def save_to_path(self, path: str) -> None:
+        shutil.copyfile(self.source, path)
 
 
 def json_writer(obj: Any):
@@ -179,7 +195,13 @@ class FileSink:
 
         if payload.world is not None and event.role is Role.RESUME:
             return self._store_sharded(event, payload)
-        if event.role is Role.FINAL:
+        if event.role is Role.FINAL and payload.folder:
+            # a Hugging Face folder: its files as they are, so from_pretrained reads final/ directly
+            name = FINAL_DIR
+            paths = [os.path.join(payload.folder, f) for f in os.listdir(payload.folder)]
+            files = {os.path.basename(p): file_copier(p)
+                     for p in sorted(filter(os.path.isfile, paths), key=lambda p: -os.path.getsize(p))}
+        elif event.role is Role.FINAL:
             name = FINAL_DIR
             files = {"model.pt": torch_writer(dict(payload.parts["model"]))}
             files["model_config.json"] = json_writer(dict(payload.model_config))

@@ -20,7 +20,7 @@ from wmtp_core.catalog import Catalog
 from wmtp_core.commit import check_run_name
 from wmtp_core.config import Settings, load_settings
 from wmtp_core.config.routing import bindings_for, required_roles
-from wmtp_core.errors import ConfigError, ModelLoadError
+from wmtp_core.errors import ConfigError, ModelLoadError, WmtpError
 from wmtp_core.plugins import build_catalog
 from wmtp_core.roles import Role
 from wmtp_core.validators import frozen_copy
@@ -39,10 +39,12 @@ class Plan:
     """Each bound retention policy, built (bad options fail here, under --dry-run too)."""
     run_name: str
     tags: Mapping[str, str] = attrs.field(converter=frozen_copy)
-    model_config: Any
-    """The architecture (``ModelConfig``)."""
-    parameters: int
-    """Parameters of that architecture, counted on the meta device."""
+    models: Mapping[str, str] = attrs.field(converter=frozen_copy)
+    """What each model of the run is (``model`` or ``paths.models.base``, and the reference or
+    reward model), read from listings and configs, none loaded."""
+    parameters: int | None
+    """Parameters of the model being trained, counted on the meta device (``None``: a registered
+    base model, resolved when the run starts)."""
     device: str
     """Where it trains (``cpu``, ``cuda``, ``mps``)."""
     resume: str | None = None
@@ -54,7 +56,7 @@ class Plan:
     def estimate(self) -> report.Estimate:
         ck = self.settings.config.paths.checkpoints
         keeper = self.policies.get(Role.RESUME)
-        return report.estimate(self.parameters, self.settings.recipe.train.max_steps or 0,
+        return report.estimate(self.parameters or 0, self.settings.recipe.train.max_steps or 0,
                                ck.save_interval, getattr(keeper, "keep_last", 10**9),
                                getattr(keeper, "keep_every", 0), ck.save_final)
 
@@ -88,10 +90,10 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
               run_name: str | None = None, tags: str | None = None,
               resume: str | None = None) -> Plan:
     """Load and check everything; raise a :class:`~wmtp_core.errors.WmtpError` for the first
-    problem. Loads no data, allocates no model, loads no reference model, writes nothing."""
+    problem in the files, or for every problem with this machine and its storage (see
+    :class:`Facts`). Loads no data, allocates no model, loads no reference model, writes nothing."""
     from wmtp_core.config.loader import to_plain
-    from wmtp_core.engine import distributed
-    from wmtp_core.engine.model import count_parameters
+    from wmtp_core.engine import distributed, models
     from wmtp_core.engine.trainer import (
         autocast_dtype,
         check_algorithm,
@@ -101,7 +103,6 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     )
 
     settings = load_settings(config, recipe)
-    pm.hook.wmtp_check_config(config=to_plain(settings.config))
     catalog = build_catalog(pm)
     bindings = bindings_for(settings, catalog)
     required = required_roles(settings)
@@ -110,55 +111,79 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     name = run_name_for(settings, run_name)
     tag_map = parse_tags(settings.recipe.run.tags, tags)
     try:
-        mcfg = model_config(settings)
+        if not settings.config.paths.models.base:
+            model_config(settings)  # the byte-level architecture is consistent
     except (ValueError, ModelLoadError) as e:
         raise ConfigError(f"{settings.recipe_source}: {e}") from None
     devices = settings.config.devices
-    device = choose_device(devices.compute_backend)
-    autocast_dtype(devices.mixed_precision, device)
-    distributed.check(devices, device)
-    check_algorithm(settings)
-    check_model_paths(settings)
+    facts = Facts()
+    with facts:
+        pm.hook.wmtp_check_config(config=to_plain(settings.config))
+    device = None
+    with facts:
+        device = choose_device(devices.compute_backend)
+        autocast_dtype(devices.mixed_precision, device)
+        distributed.check(devices, device)
+    with facts:
+        check_algorithm(settings)
+    checked = None
+    with facts:
+        checked = models.check(settings)
     for split in ("train", "eval"):
         data = getattr(settings.recipe.data, split)
         if data is None:
             continue
         for source in data.sources:
-            check_source(settings, source, f"data.{split}.sources")
-        if data.max_length > mcfg.max_seq_len:
-            raise ConfigError(
-                f"{settings.recipe_source}: data.{split}.max_length: {data.max_length} is not accepted; "
-                f"it must be <= model.max_seq_len ({mcfg.max_seq_len})"
-            )
+            with facts:
+                check_source(settings, source, f"data.{split}.sources", split)
+        if checked is not None and data.max_length > checked.max_positions:
+            limit = ("model.max_seq_len" if not settings.config.paths.models.base
+                     else "the positions of paths.models.base")
+            with facts:
+                raise ConfigError(
+                    f"{settings.recipe_source}: data.{split}.max_length: {data.max_length} is not accepted; "
+                    f"it must be <= {limit} ({checked.max_positions})"
+                )
+    facts.raise_any()
     mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
     return Plan(settings=settings, catalog=catalog, bindings=bindings, required=required,
-                policies=policies, run_name=name, tags=tag_map, model_config=mcfg,
-                parameters=count_parameters(mcfg), device=device.type, resume=resume, mlflow=mlflow)
+                policies=policies, run_name=name, tags=tag_map, models=checked.descriptions,
+                parameters=checked.parameters, device=device.type, resume=resume, mlflow=mlflow)
 
 
-def check_model_paths(settings: Settings) -> None:
-    """A reference or reward model named by path must exist (a ``models:/`` URI is resolved when
-    the run starts: the dry run talks to no registry)."""
-    import fsspec
+class Facts:
+    """The checks of what this machine and its storage can do (devices, tracking store, models,
+    data) each run to the end, so one dry run reports every problem, not only the first. Used as
+    a context manager around each check; :meth:`raise_any` raises the one problem as it is, or
+    all of them in one error."""
 
-    models = settings.config.paths.models
-    algo = settings.recipe.train.algo
-    for key, uri, used in (("paths.models.ref", models.ref, algo == "rho1-wmtp"),
-                           ("paths.models.rm", models.rm, algo == "critic-wmtp")):
-        if not used or not uri or uri.startswith("models:/"):
-            continue
-        try:
-            fs, path = fsspec.core.url_to_fs(uri)
-            exists = fs.exists(path)
-        except (ImportError, ValueError) as e:
-            raise ModelLoadError(f"{key}: {uri!r} cannot be read ({e})") from None
-        if not exists:
-            raise ModelLoadError(f"{key}: {uri!r} does not exist")
+    def __init__(self) -> None:
+        self.problems: list[WmtpError] = []
+
+    def __enter__(self) -> Facts:
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if isinstance(error, WmtpError):
+            if str(error) not in map(str, self.problems):  # the same source in train and eval
+                self.problems.append(error)
+            return True
+        return False
+
+    def raise_any(self) -> None:
+        if len(self.problems) == 1:
+            raise self.problems[0]
+        if self.problems:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            raise ConfigError(f"this run cannot start here; {len(self.problems)} problems:\n{lines}")
 
 
 def describe(plan: Plan) -> list[Any]:
     """What ``--dry-run`` prints: the bindings, the storage estimate, the verdict."""
     descriptions = {n: s.description for n, s in plan.catalog.sinks.items()}
-    return ["\n".join(report.bindings_lines(plan.bindings, descriptions)),
+    models = "\n".join(f"{key}: {what}" for key, what in plan.models.items())
+    size = (f"{plan.parameters:,} parameters" if plan.parameters is not None
+            else "size known when the registered base model is resolved")
+    return ["\n".join(report.bindings_lines(plan.bindings, descriptions)) + f"\n{models}\n({size})",
             report.estimate_table(plan.estimate),
             f"dry run: run {plan.run_name!r} is valid; nothing was written."]

@@ -160,7 +160,11 @@ class RunSession:
         name, lineage = world.broadcast((plan.run_name, uuid.uuid4().hex))
         fresh = RunInfo(name=name, algo=plan.settings.recipe.train.algo, lineage=lineage,
                         experiment=plan.mlflow.get("experiment", "wmtp"), tags=plan.tags)
-        return Trainer(plan.settings, world, model_loader(self.pm, plan.mlflow)), fresh, bindings
+        trainer = Trainer(plan.settings, world, model_loader(self.pm, plan.mlflow))
+        if self.verbose:
+            for note in trainer.base.notes:
+                self.err.print(note, highlight=False)
+        return trainer, fresh, bindings
 
     def _start(self, router: Router, run: RunInfo, trainer: Any, bindings: Bindings) -> None:
         plan = self.plan
@@ -291,9 +295,13 @@ class RunSession:
                                "not storing it again", highlight=False)
                 return status, reason, code
             payload = trainer.final_payload()  # a collective under FSDP: every rank takes part
-            if payload is not None:
-                router.emit(Role.FINAL, step=trainer.step, payload=payload, metrics=_scalars(outcome.metrics),
-                            nbytes=tensor_bytes(payload.parts))
+            try:
+                if payload is not None:
+                    router.emit(Role.FINAL, step=trainer.step, payload=payload,
+                                metrics=_scalars(outcome.metrics), nbytes=tensor_bytes(payload.parts))
+                    router.wait()
+            finally:
+                discard(payload)
         except Exception as e:  # the resume state is committed: nothing is lost
             log.debug("final store failed", exc_info=True)
             return RunStatus.FAILED, f"final model not stored ({type(e).__name__}: {_first_line(e)})", \
@@ -349,24 +357,46 @@ EXAMPLE_LENGTH = 128
 ``data.*.max_length``, so it accepts what one registered at the end of a default run accepts."""
 
 
-def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = None,
+                       meta: Mapping[str, Any] | None = None) -> Any:
     """What the end of a run hands the final sink, rebuilt from a committed checkpoint whose
-    manifest, files, architecture and weights are all checked first."""
+    manifest, files, architecture and weights are all checked first. A Hugging Face model comes
+    back as a folder too, with the tokenizer of the base model its checkpoint records."""
+    import tempfile
+
     import torch
 
     from wmtp_core.checkpoint_models import load_model_from_checkpoint
-    from wmtp_core.engine.model import model_from_weights
+    from wmtp_core.engine import hf
+    from wmtp_core.engine.models import rebuild
     from wmtp_core.events import Payload
 
     loaded = load_model_from_checkpoint(uri, storage_options)
+    record = dict(loaded.model_config)
     try:
-        module = model_from_weights(dict(loaded.model_config), dict(loaded.weights), uri)
+        module = rebuild(record, dict(loaded.weights), uri)
     except ModelLoadError as e:
         raise CheckpointError(str(e)) from None
     module.eval()
-    cfg = module.cfg
-    # two rows, so the exported program keeps a dynamic batch dimension
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randint(0, cfg.vocab_size, (2, min(EXAMPLE_LENGTH, cfg.max_seq_len)), generator=generator)
+    generator = torch.Generator().manual_seed(0)  # two rows: a dynamic batch dimension
+    if record.get("kind") != "hf":
+        cfg = module.cfg
+        example = torch.randint(0, cfg.vocab_size, (2, min(EXAMPLE_LENGTH, cfg.max_seq_len)), generator=generator)
+        return Payload(parts={"model": dict(loaded.weights)}, model=module, example_input=example,
+                       model_config=attrs.asdict(cfg))
+    base = str(record.get("base") or "")
+    info = hf.inspect(base, f"{uri} (its base model, for the tokenizer)", need_weights=False)
+    tokenizer = hf.load_tokenizer(hf.local_copy(info), f"{uri} (its base model {base})")
+    folder = hf.export(module, tokenizer, tempfile.mkdtemp(prefix="wmtp-final-"),
+                       {"base_model": base, **dict(meta or {})})
+    example = torch.randint(0, len(tokenizer), (2, 16), generator=generator)
     return Payload(parts={"model": dict(loaded.weights)}, model=module, example_input=example,
-                   model_config=attrs.asdict(cfg))
+                   model_config=record, folder=folder)
+
+
+def discard(payload: Any) -> None:
+    """Remove the folder a final payload was written to, once it is stored."""
+    import shutil
+
+    if payload is not None and getattr(payload, "folder", None):
+        shutil.rmtree(payload.folder, ignore_errors=True)

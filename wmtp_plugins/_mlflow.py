@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -20,15 +21,27 @@ def check_uris(section: Mapping[str, Any] | None) -> None:
         return
     for key in ("tracking_uri", "registry_uri"):
         uri = section.get(key)
-        if not uri or "://" not in uri and ":" not in uri.split("/", 1)[0]:
-            continue  # unset, or a local path: a file store
-        scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+        if not uri:
+            continue
+        local = "://" not in uri and ":" not in uri.split("/", 1)[0]  # a path: a file store
+        scheme = "file" if local else uri.split(":", 1)[0].split("+", 1)[0].lower()
+        if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise ConfigError(
+                f"mlflow.{key}: {uri!r} is a file store, which MLflow {_version()} refuses unless the "
+                "environment sets MLFLOW_ALLOW_FILE_STORE=true; set it, or use a database such as "
+                "sqlite:///mlflow.db ('mlflow migrate-filestore' moves existing runs)")
         if scheme not in STORE_SCHEMES:
             raise ConfigError(
                 f"mlflow.{key}: {uri!r} cannot be used by MLflow as a tracking store or model "
                 f"registry ({scheme}:// holds artifacts only); accepted: a database URI "
                 "(sqlite:///mlflow.db, postgresql://...) or an MLflow server (http://host:5000). "
                 "To keep artifacts on S3, start the server with --artifacts-destination s3://...")
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("mlflow")
 
 
 def configure(settings: Mapping[str, Any]) -> None:
@@ -46,6 +59,8 @@ def configure(settings: Mapping[str, Any]) -> None:
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
     # torch.export notes that the example batch size was specialised; the model is served as such.
     logging.getLogger("torch._export").setLevel(logging.ERROR)
+    # its download progress bars are not WMTP's output (a user's own setting wins)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tracking = settings.get("tracking_uri") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(settings.get("registry_uri") or tracking)

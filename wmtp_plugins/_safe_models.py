@@ -14,10 +14,13 @@ cannot execute code:
   never opened.
 - **safetensors**: a ``model.safetensors`` (at the model's root or under ``data/``) carrying
   ``wmtp_model_config`` in its metadata, read with ``safetensors``.
+- **Hugging Face folders** (MLflow's ``transformers`` flavor) whose weights are safetensors and
+  that ship no Python code: only ``config.json``, the safetensors files, the tokenizer files and
+  WMTP's heads and metadata are downloaded (never a pickle, never code), into one local folder
+  that ``transformers`` then reads.
 
 Everything else is refused with one line naming the URI, the format found and the formats
-accepted. (The ``transformers`` flavor with safetensors weights joins this list once WMTP trains
-Hugging Face models.)
+accepted.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from typing import Any
 from wmtp_core.errors import ModelLoadError
 
 ACCEPTED = ("WMTP's own export (MLflow pytorch flavor saved as pt2 with wmtp_model_config "
-            "metadata, weights read without unpickling) or safetensors weights "
-            "(model.safetensors with wmtp_model_config metadata)")
+            "metadata, weights read without unpickling), safetensors weights "
+            "(model.safetensors with wmtp_model_config metadata), or an MLflow transformers model "
+            "with safetensors weights and no code")
 _PT2_WEIGHTS_CONFIG = re.compile(r"[^/]+/data/weights/[^/]+_weights_config\.json")
 _PT2_RECORD = re.compile(r"weight_\d+")
 PICKLE_FILES = (".pth", ".pkl", ".pickle", ".bin", ".pt", ".joblib", ".cloudpickle")
@@ -84,8 +88,17 @@ def classify(uri: str, flavors: dict[str, Any], metadata: dict[str, Any] | None,
     if safetensors and has_config:
         return "safetensors", f"safetensors weights ({safetensors[0]})", ""
     if "transformers" in flavors:
-        return "refused", "an MLflow transformers model", ("Hugging Face reference models are not "
-                                                           "supported by this WMTP version yet")
+        sub = str((flavors["transformers"] or {}).get("model_binary") or "model")
+        mine = [p for p in files if p.startswith(f"{sub}/")]
+        code = [p for p in mine if p.endswith(".py")]
+        if code:
+            return "refused", f"an MLflow transformers model that ships Python code ({code[0]})", RUNS_CODE
+        if any(p.endswith(".safetensors") for p in mine) and f"{sub}/config.json" in files:
+            return "hf-folder", f"a Hugging Face folder ({sub}/)", ""
+        pickled = next((p for p in sorted(mine) if p.endswith(PICKLE_FILES)), None)
+        if pickled:
+            return "refused", f"an MLflow transformers model with pickled weights ({pickled})", RUNS_CODE
+        return "refused", "an MLflow transformers model without weights in it", NOT_WMTP
     pyfunc = flavors.get("python_function") or {}
     if pyfunc.get("cloudpickle_version") or any(p.endswith(("python_model.pkl", ".cloudpickle")) for p in files):
         return "refused", "an MLflow python_function model (cloudpickle)", RUNS_CODE
@@ -95,9 +108,17 @@ def classify(uri: str, flavors: dict[str, Any], metadata: dict[str, Any] | None,
     return "refused", f"an MLflow model with flavors {', '.join(names) or 'none'}", NOT_WMTP
 
 
-def load(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(weights, model_config)`` of the registered model at ``uri``, or
-    :class:`UnsafeModelError` before any weight byte is read."""
+FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "vocab.json", "merges.txt", "vocab.txt", "spm.model", "tokenizer.model",
+                "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                "model.safetensors.index.json", "wmtp.json")
+"""What is downloaded of a Hugging Face folder, besides its ``*.safetensors`` files."""
+
+
+def load(uri: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """``(weights, model_config, None)`` of the registered model at ``uri``, or for a Hugging
+    Face folder ``({}, {}, local folder)``; :class:`UnsafeModelError` before any weight byte is
+    read when its format could run code."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
@@ -110,6 +131,8 @@ def load(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     kind, found, why = classify(uri, model.flavors or {}, model.metadata, files)
     if kind == "refused":
         raise UnsafeModelError(f"{uri} is {found}: {why}, so none of it was read. Accepted: {ACCEPTED}")
+    if kind == "hf-folder":
+        return {}, {}, download_folder(uri, str(model.flavors["transformers"].get("model_binary") or "model"), files)
     config = dict(model.metadata["wmtp_model_config"])
     path = f"{model.flavors['pytorch'].get('model_data') or 'data'}/model.pt2" if kind == "wmtp-pt2" \
         else next(p for p in ("model.safetensors", "data/model.safetensors") if p in files)
@@ -119,7 +142,33 @@ def load(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
         except MlflowException as e:
             raise ModelLoadError(f"{uri}: {e.message}") from None
         weights = pt2_weights(local, uri) if kind == "wmtp-pt2" else safetensors_weights(local, uri)
-    return weights, config
+    return weights, config, None
+
+
+def download_folder(uri: str, sub: str, files: dict[str, int]) -> str:
+    """The safe files of a transformers-flavor model in one local folder (``wmtp-model-*``):
+    the model's own, and the tokenizer MLflow keeps under ``components/tokenizer/`` where the
+    model folder has none. The caller removes it."""
+    import os
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    def safe(name: str) -> bool:
+        return name in FOLDER_FILES or name.endswith(".safetensors")
+
+    wanted = {posixpath.basename(p): p for p in files if p.startswith("components/tokenizer/")
+              and "/" not in p.removeprefix("components/tokenizer/") and safe(posixpath.basename(p))}
+    wanted.update({posixpath.basename(p): p for p in files if p.startswith(f"{sub}/")
+                   and "/" not in p.removeprefix(f"{sub}/") and safe(posixpath.basename(p))})
+    target = tempfile.mkdtemp(prefix="wmtp-model-")
+    for name, path in wanted.items():
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=target)
+        except MlflowException as e:
+            raise ModelLoadError(f"{uri}: {e.message}") from None
+        os.replace(local, os.path.join(target, name))
+    return target
 
 
 def safetensors_weights(path: str, uri: str) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """MLflow registry sink: the final model, once, as a registered MLflow model.
 
-Stores the weights only (a ``torch.export`` program, no optimizer, no pickle), registers a
-version of ``wmtp_{algo}``, logs the final metrics, and tags the run with where the resume state
+Stores the weights only, no optimizer, no pickle: the byte-level model as a ``torch.export``
+program (pytorch flavor), a Hugging Face model as its folder (transformers flavor: safetensors,
+config, tokenizer, extra heads). Registers a version of ``wmtp_{algo}``, logs the final metrics, and tags the run with where the resume state
 lives: a reference, never a copy.
 """
 
@@ -66,8 +67,6 @@ class MlflowRegistrySink:
         if event.role is not Role.FINAL:
             raise BindingError(f"mlflow_registry serves the final role only, got {event.role.value!r}")
         import mlflow
-        import mlflow.pytorch
-        import torch
 
         configure(self.settings)
         name = self.model_name(event.run.algo)
@@ -86,21 +85,10 @@ class MlflowRegistrySink:
             if event.metrics:
                 mlflow.log_metrics({f"final_{k}": float(v) for k, v in event.metrics.items()},
                                    step=event.step)
-            model = payload.model.eval()
-            example = payload.example_input
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                input_example=example.numpy() if isinstance(example, torch.Tensor) else example,
-                signature=_signature(payload),
-                registered_model_name=name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                metadata={"wmtp_run": event.run.name, "wmtp_step": event.step,
-                          "wmtp_model_config": dict(payload.model_config)},
-                await_registration_for=60,
-                # MLflow's JSON serving check does not apply to a tensor-in export; skip its noise
-                validate_serving_input=False,
-            )
+            if payload.folder:
+                info = _log_folder(payload, event, name)
+            else:
+                info = _log_program(payload, event, name)
             version = info.registered_model_version
             _describe(mlflow.MlflowClient(), name, str(version), event)
             nbytes = logged_model_bytes(mlflow.MlflowClient(), info.model_id) or 0
@@ -159,6 +147,59 @@ class MlflowRegistrySink:
         pass
 
 
+def _log_program(payload, event, name: str):
+    """The byte-level model as a ``torch.export`` program (MLflow's pytorch flavor, pt2)."""
+    import mlflow.pytorch
+    import torch
+
+    model = payload.model.eval()
+    example = payload.example_input
+    return mlflow.pytorch.log_model(
+        model,
+        name="model",
+        input_example=example.numpy() if isinstance(example, torch.Tensor) else example,
+        signature=_signature(payload),
+        registered_model_name=name,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        metadata={"wmtp_run": event.run.name, "wmtp_step": event.step,
+                  "wmtp_model_config": dict(payload.model_config)},
+        await_registration_for=60,
+        # MLflow's JSON serving check does not apply to a tensor-in export; skip its noise
+        validate_serving_input=False,
+    )
+
+
+def _log_folder(payload, event, name: str):
+    """A Hugging Face model folder with MLflow's transformers flavor (task text-generation):
+    ``mlflow.transformers.load_model`` gives back the model and tokenizer, and the folder's
+    extra heads and ``wmtp.json`` travel with it under ``model/``."""
+    import logging
+
+    import mlflow.transformers
+    import torch
+    import transformers
+
+    record = payload.model_config
+    quiet = logging.getLogger("mlflow.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns that a local folder has no hub model card
+    try:
+        return mlflow.transformers.log_model(
+            transformers_model=payload.folder,
+            name="model",
+            task="text-generation",
+            registered_model_name=name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"transformers=={transformers.__version__}"],
+            metadata={"wmtp_run": event.run.name, "wmtp_step": event.step,
+                      "wmtp_model_config": {k: record[k] for k in ("kind", "base", "n_future", "head")
+                                            if k in record}},
+            await_registration_for=60,
+        )
+    finally:
+        quiet.setLevel(level)
+
+
 def _signature(payload):
     """Token ids ``[batch, seq]`` in, logits ``[batch, n_future, seq, vocab]`` out; batch and
     sequence length stay dynamic in the exported program."""
@@ -195,5 +236,5 @@ def wmtp_load_model(uri, mlflow_config):
     from wmtp_plugins import _safe_models
 
     configure(mlflow_config or {})
-    weights, config = _safe_models.load(uri)
-    return LoadedModel(weights=weights, model_config=config, source=uri)
+    weights, config, folder = _safe_models.load(uri)
+    return LoadedModel(weights=weights, model_config=config, source=uri, folder=folder)

@@ -187,7 +187,7 @@ def cmd_gc(args, out: Console, err: Console) -> int:
 def cmd_register(args, out: Console, err: Console) -> int:
     """Store the final model from a committed checkpoint through the final sink the config binds,
     exactly as the end of a run does: the same router decides that it is stored at most once."""
-    from wmtp_core.session import final_payload_from, final_router
+    from wmtp_core.session import discard, final_payload_from, final_router
 
     options = storage_options(args.storage_option)
     loc = locate(args.uri, options)
@@ -213,13 +213,15 @@ def cmd_register(args, out: Console, err: Console) -> int:
             out.print(f"the final model of run {run.name!r} is already stored at {stored}; "
                       "it is stored once, nothing to do")
             return EXIT_OK
-        payload = final_payload_from(args.uri, options)
+        payload = final_payload_from(args.uri, options, {"algo": algo, "step": manifest.step})
         metrics = {k: float(v) for k, v in manifest.meta.get("metrics", {}).items()}
         try:
             receipt = router.emit(Role.FINAL, step=manifest.step, payload=payload, metrics=metrics,
                                   nbytes=tensor_bytes(payload.parts))
         except Exception as e:
             return _not_registered(err, e, source)
+        finally:
+            discard(payload)
     finally:
         router.close()
     out.print(f"stored the final model of run {run.name!r} (step {manifest.step}) from {source}")

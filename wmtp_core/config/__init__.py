@@ -34,6 +34,10 @@ class Settings:
         return {**flatten(to_plain(self.config), "config"), **flatten(to_plain(self.recipe), "recipe")}
 
 
+BYTE_MODEL_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "dropout")
+"""The byte-level model's architecture keys, which a run with ``paths.models.base`` ignores."""
+
+
 def load_settings(config: str | None = None, recipe: str | None = None) -> Settings:
     """Load and validate both files (any fsspec URL); a missing one means embedded defaults."""
     cdata = load_yaml(config) if config else {}
@@ -44,4 +48,6 @@ def load_settings(config: str | None = None, recipe: str | None = None) -> Setti
     c = structure(Config, cdata, source=csrc)
     r = structure(Recipe, rdata, source=rsrc)
     unused = [f"{csrc}: {k}" for k in unused_keys(c, cdata)] + [f"{rsrc}: {k}" for k in unused_keys(r, rdata)]
+    if c.paths.models.base:  # the architecture comes from the base model's folder
+        unused += [f"{rsrc}: model.{k}" for k in BYTE_MODEL_KEYS if k in (rdata.get("model") or {})]
     return Settings(config=c, recipe=r, config_source=csrc, recipe_source=rsrc, unused=tuple(unused))

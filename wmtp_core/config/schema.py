@@ -32,15 +32,51 @@ _num = is_number
 _int = is_int
 
 
+def _sharding(v: Any) -> Any:
+    v = v.lower() if isinstance(v, str) else v
+    return {"full": "full_shard", "grad_op": "shard_grad_op"}.get(v, v)
+
+
+def _auto_wrap(v: Any) -> Any:
+    if v is True:
+        return "block"
+    if v is False:
+        return "none"
+    return v.lower() if isinstance(v, str) else v
+
+
+def _monitor(v: Any) -> Any:
+    return "loss" if v == "wmtp_loss" else v
+
+
+def _mode(v: Any) -> Any:
+    return "min" if v == "loss_only" else v
+
+
+def _normalize(v: Any) -> Any:
+    if v is True:
+        return "zscore"
+    if v is False:
+        return "none"
+    return v
+
+
 # ----------------------------------------------------------------------------- config
 @attrs.frozen
 class ModelPaths:
     base: str | None = None
-    """A starting model to fine-tune from (a checkpoint or ``models:/`` URI); null trains from scratch."""
+    """A pretrained causal LM to fine-tune: a Hugging Face folder (``config.json``, safetensors
+    weights, tokenizer files) at any fsspec URL, or a ``models:/`` URI; null trains the built-in
+    byte-level model from scratch."""
     rm: str | None = None
-    """Reward model for critic-wmtp (a ``models:/`` or checkpoint URI); null: pseudo-rewards."""
+    """Reward model for critic-wmtp (a Hugging Face folder, ``models:/`` or checkpoint URI); null:
+    pseudo-rewards."""
     ref: str | None = None
-    """Reference model for rho1-wmtp (``models:/NAME/VERSION``, ``models:/NAME/latest`` or a checkpoint URI)."""
+    """Reference model for rho1-wmtp (a Hugging Face folder, ``models:/NAME/VERSION`` or a
+    checkpoint URI)."""
+    trust_remote_code: bool = False
+    """Allow Python code shipped in a model folder (``auto_map``, ``*.py``) to run when it is
+    loaded. Off: such a folder is refused, naming the file."""
 
 
 @attrs.frozen
@@ -88,6 +124,10 @@ def _lower(v: Any) -> Any:
 class Distributed:
     enabled: bool | None = None
     """null: on when launched by torchrun with WORLD_SIZE > 1."""
+    init_method: str = attrs.field(default="env://", validator=one_of("env://"))
+    """How ranks find each other: ``env://``, the variables torchrun sets (the only launcher)."""
+    find_unused_parameters: bool = attrs.field(default=False, metadata=UNUSED)
+    """A DDP setting; FSDP2 has no unused-parameter search (accepted for compatibility)."""
     backend: str | None = attrs.field(default=None, converter=_lower,
                                       validator=check(lambda v: v in (None, "gloo", "nccl"),
                                                       "accepted: gloo, nccl, or null (nccl on GPU, gloo on CPU)"))
@@ -100,21 +140,28 @@ class Fsdp:
     enabled: bool = False
     """Shard the trunk and heads with FSDP2 (``fully_shard``); resume state is then written by
     every rank through ``torch.distributed.checkpoint`` (works on one process too)."""
-    sharding: str = attrs.field(default="full_shard", converter=_lower, validator=one_of("full_shard", "shard_grad_op"))
-    """full_shard: parameters resharded after forward; shard_grad_op: kept gathered until backward."""
-    auto_wrap: str = attrs.field(default="block", converter=_lower, validator=one_of("block", "none"))
-    """block: every transformer block is its own FSDP unit; none: the whole model is one."""
+    sharding: str = attrs.field(default="full_shard", converter=_sharding,
+                                validator=one_of("full_shard", "shard_grad_op"))
+    """full_shard (also ``full``): parameters resharded after forward; shard_grad_op (also
+    ``grad_op``): kept gathered until backward."""
+    auto_wrap: str | bool = attrs.field(default="block", converter=_auto_wrap, validator=one_of("block", "none"))
+    """block (also ``true``): every transformer block (a Hugging Face model's decoder layers) is
+    its own FSDP unit; none (also ``false``): the whole model is one."""
     activation_ckpt: bool = False
     """Recompute block activations in backward (less memory, more compute)."""
     offload_params: bool = False
     """Keep sharded parameters on the CPU (FSDP2 CPUOffloadPolicy)."""
+    offload_grads: bool = False
+    """Keep gradients on the CPU. FSDP2 offloads gradients together with parameters, so either
+    flag turns on its CPUOffloadPolicy."""
 
 
 @attrs.frozen
 class Devices:
     compute_backend: str = attrs.field(default="cpu", validator=one_of("cpu", "cuda", "mps", "auto"))
     mixed_precision: str = attrs.field(default="no", validator=one_of("no", "fp32", "bf16", "fp16"))
-    num_proc: int = attrs.field(default=1, validator=positive_int, metadata=UNUSED)
+    num_proc: int = attrs.field(default=1, validator=non_negative_int, metadata=UNUSED)
+    """Tokenizer processes (0: none); tokenization runs in the training process."""
     distributed: Distributed = attrs.field(factory=Distributed)
     fsdp: Fsdp = attrs.field(factory=Fsdp)
 
@@ -175,8 +222,11 @@ class EarlyStopping:
     patience: int = attrs.field(default=3, validator=positive_int)
     """Evaluations without improvement before the run stops."""
     min_delta: float = attrs.field(default=0.0, validator=non_negative)
-    monitor: str = attrs.field(default="eval_loss", validator=one_of("eval_loss", "loss", "value_loss"))
-    mode: str = attrs.field(default="min", validator=one_of("min", "max"))
+    monitor: str = attrs.field(default="eval_loss", converter=_monitor,
+                               validator=one_of("eval_loss", "loss", "value_loss"))
+    """eval_loss, loss (also ``wmtp_loss``: the weighted training loss) or value_loss."""
+    mode: str = attrs.field(default="min", converter=_mode, validator=one_of("min", "max"))
+    """min or max; ``loss_only`` (the origin's name for watching a loss alone) means min."""
 
 
 @attrs.frozen
@@ -184,8 +234,12 @@ class Pretrain:
     """critic-wmtp stage 1: train the value head before the main loop."""
 
     enabled: bool = True
+    num_epochs: int = attrs.field(default=1, validator=positive_int, metadata=UNUSED)
+    """Stage 1 runs ``max_steps`` steps (accepted for compatibility)."""
     max_steps: int = attrs.field(default=20, validator=non_negative_int)
     lr: float = attrs.field(default=1e-3, validator=positive)
+    save_value_head: bool = attrs.field(default=True, metadata=UNUSED)
+    """The value head is always part of the resume state (accepted for compatibility)."""
     early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
 
 
@@ -234,7 +288,10 @@ class Data:
 
 @attrs.frozen
 class Loss:
-    weight_norm: str = attrs.field(default="softmax", validator=one_of("softmax", "none"), metadata=UNUSED)
+    weight_norm: str = attrs.field(default="softmax", validator=one_of("softmax", "mean1.0_clip", "none"))
+    """How rho1-wmtp and critic-wmtp finish their head weights: ``softmax`` over heads, each capped
+    at ``max_weight``; ``mean1.0_clip``: the softmax weights scaled so their mean over the batch
+    is 1, then clipped at ``max_weight``; ``none``: the softmax weights, no cap."""
     lambda_: float = attrs.field(default=1.0, validator=positive, metadata={"key": "lambda"})
     """Scale of the baseline-mtp loss."""
     weight_temperature: float = attrs.field(default=1.0, validator=positive)
@@ -246,10 +303,13 @@ class Loss:
 
 @attrs.frozen
 class Critic:
-    target: str = attrs.field(default="gae", validator=one_of("gae", "returns"), metadata=UNUSED)
-    token_spread: str = attrs.field(default="uniform", validator=one_of("uniform", "last"))
+    target: str = attrs.field(default="gae", validator=one_of("gae", "returns", "rm_sequence"), metadata=UNUSED)
+    token_spread: str = attrs.field(default="uniform", validator=one_of("uniform", "last", "gae"))
+    """How a sequence's reward reaches its tokens: ``uniform`` (R/T on every token), ``last`` (all
+    on the last token), ``gae`` (on the last token; GAE carries it back: the same as ``last``)."""
     delta_mode: str = attrs.field(default="td", validator=one_of("td", "diff"), metadata=UNUSED)
-    normalize: bool = True
+    normalize: str | bool = attrs.field(default="zscore", converter=_normalize, validator=one_of("zscore", "none"))
+    """Standardise rewards over the batch: ``zscore`` (also ``true``) or ``none`` (also ``false``)."""
     discount_lambda: float = attrs.field(default=0.95, validator=fraction)
     gamma: float = attrs.field(default=0.99, validator=fraction)
     gae_lambda: float = attrs.field(default=0.95, validator=fraction)
@@ -272,10 +332,25 @@ class ModelSection:
     d_model: int = attrs.field(default=128, validator=int_range(1, 65536))
     n_layers: int = attrs.field(default=2, validator=int_range(1, 1024))
     n_heads: int = attrs.field(default=4, validator=int_range(1, 1024))
-    n_future: int = attrs.field(default=4, validator=int_range(1, 256))
+    n_future: int | None = attrs.field(default=None, validator=check(
+        lambda v: v is None or (_int(v) and 1 <= v <= 256), "accepted: an integer from 1 to 256, or null"))
+    """Prediction heads (head k predicts token t+k+1). null: 4, or with ``paths.models.base`` the
+    heads its folder declares (``mtp_config.n_future_tokens``)."""
     max_seq_len: int = attrs.field(default=256, validator=int_range(1, 2**20))
     dropout: float = attrs.field(default=0.0, validator=check(lambda v: _num(v) and 0 <= v < 1,
                                                               "accepted: a number in [0, 1)"))
+    head: str = attrs.field(default="linear", validator=one_of("linear", "transformer"))
+    """With ``paths.models.base``: the extra heads' kind, a Linear from the hidden size to the
+    vocabulary (the origin's) or one transformer layer feeding the base LM head."""
+
+
+@attrs.frozen
+class EvalSection:
+    """The origin's post-training generation benchmarks (accepted for compatibility)."""
+
+    protocol: str = ""
+    sampling: dict[str, Any] = attrs.field(factory=dict)
+    metrics: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -289,3 +364,6 @@ class Recipe:
     critic: Critic = attrs.field(factory=Critic)
     rho1: Rho1 = attrs.field(factory=Rho1)
     model: ModelSection = attrs.field(factory=ModelSection)
+    eval: EvalSection | None = attrs.field(default=None, metadata=UNUSED)
+    """Generation benchmarks after training (the origin's ``eval:``): accepted for compatibility;
+    WMTP reports eval_loss on ``data.eval`` instead."""

@@ -1,8 +1,12 @@
 """Training objectives: per-head cross-entropy and the weighting each algorithm chooses.
 
 Per position t the loss is l_t = sum_k w_tk m_tk CE_tk / sum_k w_tk m_tk, averaged over the
-positions where some head has a target; ``m`` masks heads whose target lies past the end.
-Weights never carry gradient.
+positions where some head has a target; ``m`` masks heads whose target lies past the end of the
+sequence (its length, when a batch holds padded sequences). Weights never carry gradient.
+
+A model here is any module with ``forward(ids) -> [B, K, T, V]``, ``next_token_logits(ids)``,
+``hidden(ids) -> [B, T, d]`` and ``logits_and_hidden(ids)``: the byte-level ``MTPModel`` and the
+Hugging Face ``HFMTPModel`` alike.
 """
 
 from __future__ import annotations
@@ -17,34 +21,50 @@ ALGORITHMS = ("baseline-mtp", "rho1-wmtp", "critic-wmtp")
 
 
 # --------------------------------------------------------------------------- shared pieces
-def head_targets(ids: torch.Tensor, n_future: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets ``[B, K, T]`` (head k at t -> ids[t+k+1]) and the mask of those that exist."""
+def valid_positions(ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]``: True where the position holds a real token (not padding)."""
     b, t = ids.shape
+    if lengths is None:
+        return torch.ones(b, t, dtype=torch.bool, device=ids.device)
+    return torch.arange(t, device=ids.device).unsqueeze(0) < lengths.to(ids.device).unsqueeze(1)
+
+
+def head_targets(ids: torch.Tensor, n_future: int,
+                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets ``[B, K, T]`` (head k at t -> ids[t+k+1]) and the mask of those that exist (within
+    each sequence's ``lengths`` when given)."""
+    b, t = ids.shape
+    real = valid_positions(ids, lengths)
     targets = torch.zeros(b, n_future, t, dtype=ids.dtype, device=ids.device)
     mask = torch.zeros(b, n_future, t, dtype=torch.bool, device=ids.device)
     for k in range(n_future):
         shift = k + 1
         if shift < t:
             targets[:, k, : t - shift] = ids[:, shift:]
-            mask[:, k, : t - shift] = True
+            mask[:, k, : t - shift] = real[:, shift:]
     return targets, mask
 
 
-def head_ce(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def head_ce(logits: torch.Tensor, ids: torch.Tensor,
+            lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy per head and position ``[B, K, T]`` (0 where masked), and the mask."""
     b, k, t, v = logits.shape
-    targets, mask = head_targets(ids, k)
+    targets, mask = head_targets(ids, k, lengths)
     ce = F.cross_entropy(logits.float().reshape(-1, v), targets.reshape(-1), reduction="none").view(b, k, t)
     return ce * mask, mask
 
 
-def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy ``[B, T]`` from head-0 logits ``[B, T, V]`` (0 at the last position)."""
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor,
+                  lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy ``[B, T]`` from head-0 logits ``[B, T, V]`` (0 at the last
+    position, and wherever the target is padding)."""
     b, t, v = logits.shape
     ce = torch.zeros(b, t, device=ids.device)
     if t > 1:
         ce[:, :-1] = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), ids[:, 1:].reshape(-1),
                                      reduction="none").view(b, t - 1)
+        if lengths is not None:
+            ce[:, :-1] = ce[:, :-1] * valid_positions(ids, lengths)[:, 1:]
     return ce
 
 
@@ -68,6 +88,22 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, temperature: float,
     w = torch.softmax(x, dim=1)
     w = torch.where(mask, w, torch.zeros_like(w))
     return w.clamp(max=max_weight) if max_weight is not None else w
+
+
+def finish_weights(scores: torch.Tensor, mask: torch.Tensor, temperature: float,
+                   max_weight: float | None, norm: str = "softmax") -> torch.Tensor:
+    """Head weights from scores, as ``loss.weight_norm`` says: ``softmax`` over heads with each
+    weight capped at ``max_weight``; ``mean1.0_clip``: the softmax weights scaled so their mean over
+    every valid (position, head) of the batch is 1, then clipped at ``max_weight``; ``none``: the
+    softmax weights, uncapped."""
+    if norm == "softmax":
+        return masked_softmax(scores, mask, temperature, max_weight)
+    w = masked_softmax(scores, mask, temperature)
+    if norm == "mean1.0_clip" and bool(mask.any()):
+        w = w / w[mask].mean().clamp_min(1e-12)
+        if max_weight is not None:
+            w = w.clamp(max=max_weight)
+    return w
 
 
 def head_metrics(ce: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -103,7 +139,10 @@ class Algorithm:
 
     name = ""
 
-    def loss(self, model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, ids: torch.Tensor,
+             lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted loss of a batch and its metrics; ``lengths``: each sequence's real tokens
+        when the batch is padded."""
         raise NotImplementedError
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -128,8 +167,8 @@ class BaselineMTP(Algorithm):
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale
 
-    def loss(self, model, ids):
-        ce, mask = head_ce(model(ids), ids)
+    def loss(self, model, ids, lengths=None):
+        ce, mask = head_ce(model(ids), ids, lengths)
         loss = self.scale * weighted_loss(ce, mask, torch.ones_like(ce))
         return loss, head_metrics(ce.detach(), mask)
 
@@ -147,9 +186,10 @@ class Rho1WMTP(Algorithm):
 
     def __init__(self, reference: nn.Module, *, mode: str, min_ce_diff: float,
                  skip_percentile: float, temperature: float, max_weight: float | None = None,
-                 epsilon: float = 1e-8) -> None:
+                 epsilon: float = 1e-8, norm: str = "softmax") -> None:
         self.reference = reference.eval().requires_grad_(False)
         self.max_weight = max_weight
+        self.norm = norm
         self.epsilon = epsilon
         self.mode = mode
         self.min_ce_diff = min_ce_diff
@@ -160,14 +200,15 @@ class Rho1WMTP(Algorithm):
         self.reference.to(device)
         return self
 
-    def weights(self, ce: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def weights(self, ce: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            ref0 = next_token_ce(self.reference.next_token_logits(ids), ids)
+            ref0 = next_token_ce(self.reference.next_token_logits(ids), ids, lengths)
             ref, ok = shifted(ref0, ce.shape[1], 0)
             excess = (ce.detach() - ref).abs() * (mask & ok)
             excess = torch.where(excess < self.min_ce_diff, torch.zeros_like(excess), excess)
             if self.mode == "weighted":
-                return masked_softmax(excess, mask, self.temperature, self.max_weight)
+                return finish_weights(excess, mask, self.temperature, self.max_weight, self.norm)
             return self._skip(excess, mask)
 
     def _skip(self, excess: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -183,9 +224,9 @@ class Rho1WMTP(Algorithm):
                 flat_w[b, idx[order[:n_drop]]] = 0.0
         return flat_w.view_as(w)
 
-    def loss(self, model, ids):
-        ce, mask = head_ce(model(ids), ids)
-        w = self.weights(ce, mask, ids)
+    def loss(self, model, ids, lengths=None):
+        ce, mask = head_ce(model(ids), ids, lengths)
+        w = self.weights(ce, mask, ids, lengths)
         metrics = {**head_metrics(ce.detach(), mask), **weight_metrics(w, mask)}
         return weighted_loss(ce, mask, w, self.epsilon), metrics
 
@@ -216,32 +257,57 @@ def gae_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
     return adv + values
 
 
+def lm_score(lm: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """A sequence's score under a causal LM (anything with ``next_token_logits``): minus its mean
+    next-token CE over its real tokens ``[B]``. Leaves ``lm``'s mode and gradients as they are."""
+    ce = next_token_ce(lm.next_token_logits(ids), ids, lengths)
+    if ids.shape[1] < 2:
+        return -ce.mean(dim=1)
+    n = (valid_positions(ids, lengths)[:, 1:].sum(dim=1) if lengths is not None
+         else torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device))
+    return -ce[:, :-1].sum(dim=1) / n.clamp_min(1)
+
+
+class LMReward(nn.Module):
+    """A frozen causal LM as a reward model: :func:`lm_score`."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm.eval().requires_grad_(False)
+
+    def score(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return lm_score(self.lm, ids, lengths)
+
+
 class CriticWMTP(Algorithm):
     """critic-wmtp: a value head learns GAE returns of sequence rewards; head weights follow
     δ_t = V_t − λ_d V_{t−1} at each head's target position.
 
-    Rewards: a sequence's reward is minus the mean next-token CE of the reward model
-    (``paths.models.rm``) on it, or, without one (pseudo-rewards), of the model being trained,
-    measured without gradient. ``critic.normalize`` standardises rewards over the batch;
-    ``critic.token_spread`` spreads each reward uniformly over the tokens or puts it on the last.
+    Rewards: a sequence's reward is the reward model's score of it (``paths.models.rm``: minus its
+    mean next-token CE for a causal LM, the classifier's score for a sequence-classification
+    model), or, without one (pseudo-rewards), minus its mean next-token CE under the model being
+    trained, measured without gradient. ``critic.normalize`` standardises rewards over the batch;
+    ``critic.token_spread`` spreads each reward uniformly over the real tokens or puts it on the
+    last one (``gae``: on the last one, for GAE to carry back).
     """
 
     name = "critic-wmtp"
 
-    def __init__(self, d_model: int, critic: Any, temperature: float, reward_model: nn.Module | None = None,
-                 max_weight: float | None = None, epsilon: float = 1e-8):
+    def __init__(self, d_model: int, critic: Any, temperature: float, reward: nn.Module | None = None,
+                 max_weight: float | None = None, epsilon: float = 1e-8, norm: str = "softmax"):
         self.cfg = critic
         self.temperature = temperature
         self.max_weight = max_weight
         self.epsilon = epsilon
+        self.norm = norm
         self.value_head = ValueHead(d_model)
-        self.reward_model = reward_model.eval().requires_grad_(False) if reward_model is not None else None
+        self.reward = reward.eval().requires_grad_(False) if reward is not None else None
         self.pretrained = False
 
     def to(self, device):
         self.value_head.to(device)
-        if self.reward_model is not None:
-            self.reward_model.to(device)
+        if self.reward is not None:
+            self.reward.to(device)
         return self
 
     def param_groups(self):
@@ -254,39 +320,43 @@ class CriticWMTP(Algorithm):
         self.value_head.load_state_dict(state["value_head"])
         self.pretrained = bool(state["pretrained"])
 
-    def rewards(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        scorer = self.reward_model if self.reward_model is not None else model
+    def rewards(self, model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token rewards ``[B, T]`` (0 on padding)."""
         with torch.no_grad():
-            ce = next_token_ce(scorer.next_token_logits(ids), ids)
-            seq = -ce[:, :-1].mean(dim=1) if ids.shape[1] > 1 else -ce.mean(dim=1)
-            if self.cfg.normalize and seq.numel() > 1:
+            seq = (self.reward.score(ids, lengths) if self.reward is not None
+                   else lm_score(model, ids, lengths)).float()
+            if self.cfg.normalize == "zscore" and seq.numel() > 1:
                 seq = (seq - seq.mean()) / (seq.std() + 1e-6)
-            t = ids.shape[1]
-            r = torch.zeros(ids.shape[0], t, device=ids.device)
-            if self.cfg.token_spread == "last":
-                r[:, -1] = seq
+            b, t = ids.shape
+            real = valid_positions(ids, lengths)
+            n = real.sum(dim=1).clamp_min(1)
+            r = torch.zeros(b, t, device=ids.device)
+            if self.cfg.token_spread in ("last", "gae"):
+                r[torch.arange(b, device=ids.device), n - 1] = seq
             else:
-                r[:] = (seq / t).unsqueeze(1)
+                r = (seq / n).unsqueeze(1) * real
         return r
 
-    def value_loss(self, model: nn.Module, ids: torch.Tensor, h: torch.Tensor | None = None):
+    def value_loss(self, model: nn.Module, ids: torch.Tensor, h: torch.Tensor | None = None,
+                   lengths: torch.Tensor | None = None):
         if h is None:
             with torch.no_grad():
-                h = model.trunk_hidden(ids)
+                h = model.hidden(ids)
         v = self.value_head(h)
-        returns = gae_returns(self.rewards(model, ids), v.detach(), self.cfg.gamma, self.cfg.gae_lambda)
-        return F.mse_loss(v, returns), v
+        returns = gae_returns(self.rewards(model, ids, lengths), v.detach(), self.cfg.gamma, self.cfg.gae_lambda)
+        real = valid_positions(ids, lengths)
+        return ((v - returns) ** 2 * real).sum() / real.sum().clamp_min(1), v
 
-    def loss(self, model, ids):
-        h = model.trunk_hidden(ids)
-        ce, mask = head_ce(model.unembed(model.head_hidden(h)), ids)
-        vloss, v = self.value_loss(model, ids, h)
+    def loss(self, model, ids, lengths=None):
+        logits, h = model.logits_and_hidden(ids)
+        ce, mask = head_ce(logits, ids, lengths)
+        vloss, v = self.value_loss(model, ids, h, lengths)
         with torch.no_grad():
             vd = v.detach()
             prev = torch.cat([torch.zeros_like(vd[:, :1]), vd[:, :-1]], dim=1)
             delta = vd - self.cfg.discount_lambda * prev
             score, ok = shifted(delta, ce.shape[1], 1)
-            w = masked_softmax(score, mask & ok, self.temperature, self.max_weight)
+            w = finish_weights(score, mask & ok, self.temperature, self.max_weight, self.norm)
         loss = weighted_loss(ce, mask, w, self.epsilon) + self.cfg.auxiliary_loss_coef * vloss
         metrics = {**head_metrics(ce.detach(), mask), **weight_metrics(w, mask),
                    "value_loss": float(vloss.detach())}

@@ -118,14 +118,18 @@ def _checkpoint_group() -> Any:
 
 
 def shard(model: torch.nn.Module, fsdp: Any) -> torch.nn.Module:
-    """FSDP2: each transformer block (trunk and heads) its own unit when ``auto_wrap: block``,
-    then the root (embeddings, final norm, unembedding)."""
+    """FSDP2: each transformer block its own unit when ``auto_wrap: block`` (the byte-level
+    model's trunk and heads; a Hugging Face model's decoder layers and extra heads), then the
+    root (embeddings, final norm, LM head). ``offload_params`` or ``offload_grads`` keeps the
+    shards on the CPU between uses (FSDP2 offloads parameters and their gradients together)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    offload = fsdp.offload_params or fsdp.offload_grads
     kwargs = {"reshard_after_forward": fsdp.sharding == "full_shard",
-              "offload_policy": CPUOffloadPolicy() if fsdp.offload_params else OffloadPolicy()}
+              "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
     if fsdp.auto_wrap == "block":
-        for block in [*model.trunk, *model.heads]:
+        blocks = model.blocks() if hasattr(model, "blocks") else [*model.trunk, *model.heads]
+        for block in blocks:
             fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model

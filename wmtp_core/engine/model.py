@@ -118,6 +118,15 @@ class MTPModel(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.unembed(self.head_hidden(self.trunk_hidden(ids)))
 
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The trunk's last hidden states ``[B, T, d]`` (what the critic's value head reads)."""
+        return self.trunk_hidden(ids)
+
+    def logits_and_hidden(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(ids)`` and ``hidden(ids)`` from one pass."""
+        h = self.trunk_hidden(ids)
+        return self.unembed(self.head_hidden(h)), h
+
     def next_token_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Head 0 only ``[B, T, vocab]``: what a reference or reward model is asked for."""
         return self.unembed(self.norm(self.heads[0](self.trunk_hidden(ids))))

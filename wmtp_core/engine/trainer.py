@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 from typing import Any, Callable, Mapping
 
 import attrs
@@ -12,7 +13,7 @@ import torch
 
 from wmtp_core.config import Settings
 from wmtp_core.engine import data as data_mod
-from wmtp_core.engine import distributed
+from wmtp_core.engine import distributed, models
 from wmtp_core.engine.algorithms import (
     Algorithm,
     BaselineMTP,
@@ -22,6 +23,7 @@ from wmtp_core.engine.algorithms import (
     weighted_loss,
 )
 from wmtp_core.engine.model import ModelConfig, MTPModel, model_from_weights
+from wmtp_core.engine.models import Base
 from wmtp_core.engine.optim import build_optimizer, build_scheduler
 from wmtp_core.engine.state import restore_rng, rng_state
 from wmtp_core.errors import (
@@ -53,10 +55,8 @@ class Outcome:
 
 
 def model_config(settings: Settings) -> ModelConfig:
-    m = settings.recipe.model
-    return ModelConfig(vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-                       n_heads=m.n_heads, n_future=m.n_future, max_seq_len=m.max_seq_len,
-                       dropout=m.dropout)
+    """The byte-level model's architecture (the recipe's ``model`` section)."""
+    return models.byte_config(settings)
 
 
 def choose_device(backend: str) -> torch.device:
@@ -117,46 +117,52 @@ def check_algorithm(settings: Settings) -> None:
                             "(its value head lives outside the sharded model); disable fsdp")
 
 
-def build_algorithm(settings: Settings, load: LoadModel, d_model: int) -> Algorithm:
+def build_algorithm(settings: Settings, load: LoadModel, base: Base) -> Algorithm:
     recipe, cfg = settings.recipe, settings.config
     algo = recipe.train.algo
     check_algorithm(settings)
+    loss = recipe.loss
     if algo == "baseline-mtp":
-        return BaselineMTP(scale=recipe.loss.lambda_)
+        return BaselineMTP(scale=loss.lambda_)
     if algo == "rho1-wmtp":
-        ref = cfg.paths.models.ref
-        return Rho1WMTP(resolve_model(load, ref, "paths.models.ref"),
+        return Rho1WMTP(models.build_reference(settings, load, base),
                         mode=recipe.rho1.selection_mode, min_ce_diff=recipe.rho1.min_ce_diff,
                         skip_percentile=recipe.rho1.skip_threshold_percentile,
-                        temperature=recipe.loss.weight_temperature,
-                        max_weight=recipe.loss.max_weight, epsilon=recipe.loss.epsilon)
-    rm = cfg.paths.models.rm
-    reward = resolve_model(load, rm, "paths.models.rm") if rm else None
-    return CriticWMTP(d_model, recipe.critic, recipe.loss.weight_temperature, reward,
-                      max_weight=recipe.loss.max_weight, epsilon=recipe.loss.epsilon)
+                        temperature=loss.weight_temperature, max_weight=loss.max_weight,
+                        epsilon=loss.epsilon, norm=loss.weight_norm)
+    reward = models.build_reward(settings, load, base) if cfg.paths.models.rm else None
+    return CriticWMTP(base.hidden_size, recipe.critic, loss.weight_temperature, reward,
+                      max_weight=loss.max_weight, epsilon=loss.epsilon, norm=loss.weight_norm)
 
 
-def check_source(settings: Settings, name: str, key: str = "data.train.sources") -> None:
-    """The source is built in or named in ``paths.datasets``, and its URL holds data."""
+def check_source(settings: Settings, source: str, key: str = "data.train.sources",
+                 split: str = "train") -> None:
+    """The source is built in or named in ``paths.datasets``, and its URL holds data of the
+    split asked for (``train``, ``eval``, or the one ``NAME:SPLIT`` names)."""
     datasets = settings.config.paths.datasets
+    name, split = data_mod.parse_source(source, split)
     if name not in datasets and name != data_mod.STDLIB:
         raise DataError(
-            f"{key}: data source {name!r} is neither built in ({data_mod.STDLIB!r}) nor a key of "
+            f"{key}: data source {source!r} is neither built in ({data_mod.STDLIB!r}) nor a key of "
             f"paths.datasets (defined: {', '.join(sorted(datasets)) or 'none'})"
         )
     url = datasets.get(name, data_mod.STDLIB)
     if url != data_mod.STDLIB:
-        data_mod.files_of(url, f"paths.datasets.{name}")
+        data_mod.source_files(url, split, f"paths.datasets.{name}",
+                              models.options_for(url, settings))
 
 
-def load_documents(settings: Settings, sources: list[str]) -> list[bytes]:
-    docs: list[bytes] = []
+def load_documents(settings: Settings, sources: list[str], split: str, key: str) -> list[str]:
+    """The documents of ``split`` from each source, in order."""
+    docs: list[str] = []
     datasets = settings.config.paths.datasets
-    for name in sources:
-        check_source(settings, name)
+    for source in sources:
+        check_source(settings, source, key, split)
+        name, named = data_mod.parse_source(source, split)
         url = datasets.get(name, data_mod.STDLIB)
         docs += data_mod.stdlib_documents() if url == data_mod.STDLIB else \
-            data_mod.url_documents(url, key=f"paths.datasets.{name}")
+            data_mod.documents(url, named, f"paths.datasets.{name}",
+                               models.options_for(url, settings))
     return docs
 
 
@@ -181,33 +187,26 @@ class Trainer:
         random.seed(cfg.seed)
         self.device = choose_device(cfg.devices.compute_backend)
         self.amp = autocast_dtype(cfg.devices.mixed_precision, self.device)
-        self.model_cfg = model_config(self.settings)
-        self.model = MTPModel(self.model_cfg).to(self.device)
+        check_algorithm(self.settings)
+        self.base = models.build_base(self.settings, load)
+        self.model = self.base.model.to(self.device)
         devices = cfg.devices
         self.fsdp = devices.fsdp.enabled
-        check_algorithm(self.settings)
         if self.fsdp:
-            self.model.activation_checkpointing = devices.fsdp.activation_ckpt
+            if devices.fsdp.activation_ckpt and self.base.is_hf:
+                self.model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif devices.fsdp.activation_ckpt:
+                self.model.activation_checkpointing = True
             distributed.shard(self.model, devices.fsdp)
-        self.algo = build_algorithm(self.settings, load, self.model_cfg.d_model).to(self.device)
+        self.algo = build_algorithm(self.settings, load, self.base).to(self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp is torch.float16)
         self.losses: list[float] = []
         split = recipe.data.train
-        if split.max_length > self.model_cfg.max_seq_len:
-            raise TrainingError(
-                f"data.train.max_length {split.max_length} exceeds model.max_seq_len "
-                f"{self.model_cfg.max_seq_len}; lower one or raise the other"
-            )
-        windows = data_mod.windows(load_documents(self.settings, split.sources), split.max_length,
-                                   split.pack_sequences)
+        windows = self._windows(split, "train", "data.train")
         if recipe.data.eval is None:
-            n_eval = max(1, len(windows) // 20)
-            train_w, eval_w = windows[:-n_eval], windows[-n_eval:]
+            train_w, eval_w = data_mod.split_tail(windows, max(1, len(windows) // 20))
         else:
-            ev = recipe.data.eval
-            train_w = windows
-            eval_w = data_mod.windows(load_documents(self.settings, ev.sources), ev.max_length,
-                                      ev.pack_sequences)
+            train_w, eval_w = windows, self._windows(recipe.data.eval, "eval", "data.eval")
         # the stream yields the global batch; each rank trains on its own rows of it
         self.stream = data_mod.BatchStream(train_w, split.batch_size * self.world.size, seed=cfg.seed)
         eval_bs = recipe.data.eval.batch_size if recipe.data.eval is not None else split.batch_size
@@ -217,6 +216,16 @@ class Trainer:
         groups = [{"params": list(self.model.parameters())}, *self.algo.param_groups()]
         self.optimizer = build_optimizer(groups, recipe.optim)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
+
+    def _windows(self, split: Any, name: str, key: str) -> data_mod.Windows:
+        """The split's documents, tokenized with the base model's tokenizer, cut into rows."""
+        limit = self.base.max_positions
+        if split.max_length > limit:
+            raise TrainingError(f"{key}.max_length {split.max_length} exceeds the {limit} positions the "
+                                "model takes (model.max_seq_len, or the base model's config); lower it")
+        docs = load_documents(self.settings, split.sources, name, f"{key}.sources")
+        ids = data_mod.encode(docs, self.base.tokenizer, self.base.eos_id)
+        return data_mod.windows(ids, split.max_length, split.pack_sequences, self.base.pad_id)
 
     # -- resume state ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -228,7 +237,7 @@ class Trainer:
             **weights,
             "trainer": {
                 "step": self.step,
-                "model_config": attrs.asdict(self.model_cfg),
+                "model_config": self.base.record,
                 "losses": list(self.losses),
                 "scaler": self.scaler.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -303,9 +312,9 @@ class Trainer:
             out.last_step = self.step
             return self._finish(out)
         while self.step < self.total_steps:
-            batch = self._local(self.stream.next()).to(self.device)
+            ids, lengths = self._local(self.stream.next())
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                loss, metrics = self.algo.loss(self.model, batch)
+                loss, metrics = self.algo.loss(self.model, ids, lengths)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if recipe.optim.grad_clip > 0:
@@ -353,8 +362,8 @@ class Trainer:
             opt = torch.optim.AdamW(self.algo.value_head.parameters(), lr=pre.lr, foreach=False)
             best, bad = None, 0
             for i in range(1, pre.max_steps + 1):
-                batch = self.stream.next().to(self.device)
-                vloss, _ = self.algo.value_loss(self.model, batch)
+                ids, lengths = self._on_device(self.stream.next())
+                vloss, _ = self.algo.value_loss(self.model, ids, lengths=lengths)
                 opt.zero_grad(set_to_none=True)
                 vloss.backward()
                 opt.step()
@@ -376,8 +385,8 @@ class Trainer:
         with torch.no_grad():
             losses = []
             for batch in self.eval_set:
-                batch = batch.to(self.device)
-                ce, mask = head_ce(self.model(batch), batch)
+                ids, lengths = self._on_device(batch)
+                ce, mask = head_ce(self.model(ids), ids, lengths)
                 losses.append(float(weighted_loss(ce, mask, torch.ones_like(ce))))
         self.model.train(was)
         return sum(losses) / max(1, len(losses))
@@ -395,9 +404,17 @@ class Trainer:
             self.bad_evals += 1
         return self.bad_evals >= es.patience
 
-    def _local(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of the global batch."""
-        return batch if self.world.size == 1 else batch[self.world.rank :: self.world.size]
+    def _local(self, batch: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's rows of the global batch, on this rank's device."""
+        ids, lengths = batch
+        if self.world.size > 1:
+            rows = slice(self.world.rank, None, self.world.size)
+            ids, lengths = ids[rows], lengths[rows] if lengths is not None else None
+        return self._on_device((ids, lengths))
+
+    def _on_device(self, batch: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids, lengths = batch
+        return ids.to(self.device), lengths.to(self.device) if lengths is not None else None
 
     # -- what leaves -----------------------------------------------------------------------
     def resume_payload(self) -> Payload:
@@ -406,14 +423,21 @@ class Trainer:
 
     def final_payload(self) -> Payload | None:
         """The full weights for the final role; under FSDP a collective whose result only
-        rank 0 keeps (``None`` elsewhere)."""
+        rank 0 keeps (``None`` elsewhere). A Hugging Face model also comes as a folder (see
+        :func:`wmtp_core.engine.hf.export`), which the caller removes once it is stored."""
         weights = distributed.full_weights(self.model) if self.fsdp else cpu_copy(self.model.state_dict())
         if not self.world.is_main:
             return None
-        module = MTPModel(self.model_cfg)
-        module.load_state_dict(weights)
+        module = models.rebuild(self.base.record, weights, "the trained model")
         module.eval()
         # two rows, so the exported program keeps a dynamic batch dimension
-        example = self.eval_set[0][:2].cpu() if self.eval_set else torch.zeros(2, 8, dtype=torch.long)
+        example = self.eval_set[0][0][:2].cpu() if self.eval_set else torch.zeros(2, 8, dtype=torch.long)
+        folder = None
+        if self.base.is_hf:
+            from wmtp_core.engine import hf
+
+            folder = hf.export(module, self.base.tokenizer, tempfile.mkdtemp(prefix="wmtp-final-"),
+                               {"algo": self.settings.recipe.train.algo, "base_model": self.base.record["base"],
+                                "step": self.step})
         return Payload(parts={"model": weights}, model=module, example_input=example,
-                       model_config=attrs.asdict(self.model_cfg))
+                       model_config=self.base.record, folder=folder)

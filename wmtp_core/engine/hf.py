@@ -1,0 +1,409 @@
+"""Hugging Face models in the engine: a pretrained causal LM with WMTP's multi-token heads on top,
+its tokenizer, reference and reward models, and the final model as a Hugging Face folder.
+
+A model folder is untrusted input. It is read only in formats that cannot run code: its
+``config.json``, safetensors weights and tokenizer files. A folder that ships Python code
+(``*.py``, or an ``auto_map`` in its config) is refused unless ``paths.models.trust_remote_code``
+allows it; one whose weights exist only as pickles (``pytorch_model.bin``) is refused outright.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import attrs
+import torch
+from torch import nn
+
+from wmtp_core.errors import ModelLoadError
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+HEADS = "mtp_heads.safetensors"
+"""The extra heads of a WMTP final model (keys ``heads.<k>.*``, k = 1..n_future-1)."""
+METADATA = "wmtp.json"
+"""What a WMTP final model folder says about itself: n_future, head kind, algorithm."""
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "spm.model", "tokenizer.model", "special_tokens_map.json", "added_tokens.json")
+FOLDER_FILES = ("config.json", "generation_config.json", WEIGHTS, WEIGHTS_INDEX, HEADS, METADATA,
+                *TOKENIZER_FILES)
+"""Every file WMTP reads from a model folder; anything else stays where it is."""
+
+
+def _quiet() -> None:
+    """Transformers' progress bars and advice are not WMTP's output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@attrs.frozen
+class FolderInfo:
+    """A model folder, read from its listing and ``config.json`` only (no weights)."""
+
+    uri: str
+    config: Mapping[str, Any] = attrs.field(hash=False)
+    files: tuple[str, ...]
+    code: tuple[str, ...] = ()
+    """Files or config entries that would run Python code when loaded."""
+
+    @property
+    def architecture(self) -> str:
+        names = self.config.get("architectures") or []
+        return names[0] if names else f"{self.config.get('model_type', 'unknown')} model"
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "unknown"))
+
+    @property
+    def vocab_size(self) -> int | None:
+        v = self.config.get("vocab_size")
+        return v if isinstance(v, int) else None
+
+    @property
+    def declared_heads(self) -> int | None:
+        """``mtp_config.n_future_tokens`` (a folder that carries multi-token heads)."""
+        mtp = self.config.get("mtp_config") or {}
+        n = mtp.get("n_future_tokens") if isinstance(mtp, Mapping) else None
+        return n if isinstance(n, int) and n >= 1 else None
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any(f in self.files for f in ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model"))
+
+    @property
+    def is_classifier(self) -> bool:
+        return any("SequenceClassification" in a for a in self.config.get("architectures") or [])
+
+    def describe(self) -> str:
+        layers = next((self.config[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if k in self.config), "?")
+        return (f"{self.architecture} ({self.model_type}, {layers} layers, vocabulary "
+                f"{self.vocab_size or '?'})")
+
+
+def inspect(uri: str, key: str, trust_remote_code: bool = False,
+            storage_options: Mapping[str, Any] | None = None, need_weights: bool = True) -> FolderInfo:
+    """What the folder at ``uri`` (any fsspec URL) holds, checked: a ``config.json``, safetensors
+    weights, no pickled weights only, no code unless allowed. Reads the listing and the config."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+        path = path.rstrip("/")
+        if not fs.exists(path):
+            raise ModelLoadError(f"{key}: {uri!r} does not exist")
+        if not fs.isdir(path):
+            raise ModelLoadError(f"{key}: {uri!r} is a file; name the model's folder")
+        files = tuple(sorted(posixpath.relpath(p, path) for p in fs.find(path)))
+        if "config.json" not in files:
+            raise ModelLoadError(f"{key}: {uri!r} has no config.json: it is not a Hugging Face model folder")
+        config = json.loads(fs.cat_file(posixpath.join(path, "config.json")))
+    except (ImportError, ValueError, OSError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{key}: {uri!r} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{key}: {uri}/config.json is not a JSON object")
+    code = tuple(f for f in files if f.endswith(".py")) + (("config.json: auto_map",) if config.get("auto_map") else ())
+    info = FolderInfo(uri=uri, config=config, files=files, code=code)
+    if code and not trust_remote_code:
+        raise ModelLoadError(
+            f"{key}: {uri}/{code[0]} is Python code that would run when the model is loaded; WMTP "
+            "runs a model folder's code only with paths.models.trust_remote_code: true")
+    if need_weights and WEIGHTS not in files and WEIGHTS_INDEX not in files:
+        pickled = [f for f in files if f.endswith(PICKLED)]
+        if pickled:
+            raise ModelLoadError(f"{key}: {uri} holds its weights only as {pickled[0]}, a pickle that can "
+                                 f"run code when loaded; WMTP reads safetensors ({WEIGHTS})")
+        raise ModelLoadError(f"{key}: {uri} holds no weights ({WEIGHTS} or {WEIGHTS_INDEX})")
+    return info
+
+
+def local_copy(info: FolderInfo, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A local directory holding the folder's readable files: the folder itself when it is
+    local, else a private copy of only the files WMTP reads (never a pickle)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(info.uri, **dict(storage_options or {}))
+    path = path.rstrip("/")
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return path
+    target = tempfile.mkdtemp(prefix="wmtp-model-")
+    wanted = [f for f in info.files if f in FOLDER_FILES or (f.startswith("model-") and f.endswith(".safetensors"))]
+    if info.code:
+        wanted += [f for f in info.files if f.endswith(".py")]
+    for f in wanted:
+        fs.get(posixpath.join(path, f), os.path.join(target, f))
+    return target
+
+
+def load_tokenizer(folder: str, key: str, trust_remote_code: bool = False):
+    _quiet()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{key}: the tokenizer in {folder} cannot be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def from_pretrained(cls, folder: str, key: str, trust_remote_code: bool):
+    _quiet()
+    try:
+        return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                   trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ModelLoadError(f"{key}: the model in {folder} cannot be loaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:300]})") from None
+
+
+def vocabulary(tokenizer: Any) -> str:
+    return f"{type(tokenizer).__name__} with {len(tokenizer)} tokens"
+
+
+class HFMTPModel(nn.Module):
+    """A Hugging Face causal LM with ``n_future - 1`` extra heads on its last hidden state.
+
+    Head 0 is the base model's own LM head; head k (k >= 1) predicts token t+k+1 from the last
+    hidden state at t: a Linear from the hidden size to the vocabulary (the origin's heads,
+    started as copies of the LM head) or one transformer layer feeding the base LM head.
+    """
+
+    def __init__(self, base: nn.Module, n_future: int, head: str = "linear") -> None:
+        super().__init__()
+        self.base = base
+        self.n_future = n_future
+        self.head_kind = head
+        d = base.config.hidden_size
+        lm_head = base.get_output_embeddings()
+        if head == "linear":
+            self.heads = nn.ModuleList(nn.Linear(d, lm_head.weight.shape[0], bias=False) for _ in range(n_future - 1))
+            with torch.no_grad():
+                for h in self.heads:
+                    if lm_head.weight.device.type != "meta":
+                        h.weight.copy_(lm_head.weight)
+        else:
+            layer = nn.TransformerEncoderLayer(d, nhead=_heads_for(d), dim_feedforward=4 * d, dropout=0.0,
+                                               batch_first=True, norm_first=True)
+            self.heads = nn.ModuleList(_clone(layer) for _ in range(n_future - 1))
+        self.activation_checkpointing = False
+
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    def _base(self, ids: torch.Tensor):
+        return self.base(input_ids=ids, output_hidden_states=True, use_cache=False)
+
+    def _extra(self, h: torch.Tensor) -> list[torch.Tensor]:
+        if self.head_kind == "linear":
+            return [head(h) for head in self.heads]
+        t = h.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(t, device=h.device, dtype=h.dtype)
+        lm_head = self.base.get_output_embeddings()
+        return [lm_head(head(h, src_mask=causal, is_causal=True)) for head in self.heads]
+
+    def logits_and_hidden(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._base(ids)
+        h = out.hidden_states[-1]
+        return torch.stack([out.logits, *self._extra(h)], dim=1), h
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.logits_and_hidden(ids)[0]
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._base(ids).hidden_states[-1]
+
+    def next_token_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.base(input_ids=ids, use_cache=False).logits
+
+    def blocks(self) -> list[nn.Module]:
+        """The decoder layers (``_no_split_modules``) and the extra heads: the FSDP units."""
+        names = set(getattr(self.base, "_no_split_modules", None) or [])
+        layers = [m for m in self.base.modules() if type(m).__name__ in names]
+        return layers + list(self.heads)
+
+
+def _heads_for(d: int) -> int:
+    return next(h for h in (16, 12, 8, 4, 2, 1) if d % h == 0)
+
+
+def _clone(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+class ReferenceLM(nn.Module):
+    """A frozen causal LM asked for next-token logits (rho1-wmtp's reference)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def next_token_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+class TextReward(nn.Module):
+    """A reward model with its own tokenizer: each sequence's text (its real tokens, decoded with
+    the base tokenizer) re-tokenized with the reward model's tokenizer and scored. A sequence
+    classifier's score is its first logit; a causal LM's is minus its mean next-token loss."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, base_tokenizer: Any, causal: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_tokenizer = base_tokenizer
+        self.causal = causal
+        if getattr(tokenizer, "pad_token_id", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        cfg = model.config
+        limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(cfg, k, None), int)), 512)
+        self.max_length = min(int(limit), int(getattr(tokenizer, "model_max_length", limit) or limit))
+
+    def score(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        from wmtp_core.engine.algorithms import next_token_ce, valid_positions
+
+        n = lengths.tolist() if lengths is not None else [ids.shape[1]] * ids.shape[0]
+        texts = [self.base_tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
+                 for row, k in zip(ids.cpu(), n)]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.max_length)
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        if not self.causal:
+            return self.model(**enc).logits[:, 0].float().to(ids.device)
+        tokens, real = enc["input_ids"], enc["attention_mask"].sum(dim=1)
+        ce = next_token_ce(self.model(input_ids=tokens, attention_mask=enc["attention_mask"]).logits,
+                           tokens, real)
+        count = valid_positions(tokens, real)[:, 1:].sum(dim=1).clamp_min(1)
+        return (-ce[:, :-1].sum(dim=1) / count).float().to(ids.device)
+
+
+def build_mtp(info: FolderInfo, folder: str, n_future: int, head: str, key: str,
+              trust_remote_code: bool = False) -> tuple[HFMTPModel, bool]:
+    """The base causal LM from its folder, with the extra heads: loaded from ``mtp_heads.safetensors``
+    when the folder carries them for this many heads and this kind, else started afresh.
+    Returns ``(model, heads loaded)``."""
+    from transformers import AutoModelForCausalLM
+
+    base = from_pretrained(AutoModelForCausalLM, folder, key, trust_remote_code)
+    model = HFMTPModel(base, n_future, head)
+    if HEADS in info.files:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            heads = load_file(os.path.join(folder, HEADS))
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{key}: {info.uri}/{HEADS} cannot be read ({e})") from None
+        mine = {k.removeprefix("heads."): v for k, v in heads.items()}
+        expected = model.heads.state_dict()
+        if set(mine) == set(expected) and all(mine[k].shape == expected[k].shape for k in mine):
+            model.heads.load_state_dict(mine)
+            return model, True
+    return model, False
+
+
+def _config_of(record_config: Mapping[str, Any], source: str):
+    """A transformers config from a stored dict (untrusted: no code, a known model type)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(record_config, Mapping):
+        raise ModelLoadError(f"{source}: its architecture record holds no Hugging Face config")
+    if record_config.get("auto_map"):
+        raise ModelLoadError(f"{source}: its config names code to run (auto_map); refused")
+    model_type = record_config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(f"{source}: its config names model type {model_type!r}, which this "
+                             "transformers version does not know")
+    fields = {k: v for k, v in record_config.items() if k not in ("model_type", "transformers_version")}
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{source}: its Hugging Face config is not accepted ({e})") from None
+
+
+def rebuild(record: Mapping[str, Any], weights: Mapping[str, torch.Tensor], source: str) -> HFMTPModel:
+    """The trained model from its record (``kind: hf``) and weights, both untrusted: laid out on
+    the meta device, every weight's name and shape compared, then filled."""
+    _quiet()
+    from transformers import AutoModelForCausalLM
+
+    n_future, head = record.get("n_future"), record.get("head")
+    if not (isinstance(n_future, int) and 1 <= n_future <= 256) or head not in ("linear", "transformer"):
+        raise ModelLoadError(f"{source}: its architecture record says n_future={n_future!r}, head={head!r}")
+    config = _config_of(record.get("config"), source)
+    with torch.device("meta"):
+        model = HFMTPModel(AutoModelForCausalLM.from_config(config), n_future, head)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if got != expected or len(got) != len(weights):
+        diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k]) or ["?"]
+        raise ModelLoadError(f"{source}: its weights do not fit the architecture it records "
+                             f"({diff[0]}: {got.get(diff[0], 'missing')} vs {expected.get(diff[0], 'not in the model')})")
+    model.load_state_dict(dict(weights), assign=True)
+    model.base.tie_weights()
+    return model.eval()
+
+
+def meta_parameters(info: FolderInfo, n_future: int, head: str) -> int:
+    """Parameters of the base model and its extra heads, laid out on the meta device."""
+    _quiet()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dict(info.config), f)
+        config = AutoConfig.from_pretrained(tmp, local_files_only=True)
+    with torch.device("meta"):
+        model = HFMTPModel(AutoModelForCausalLM.from_config(config), n_future, head)
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def export(model: HFMTPModel, tokenizer: Any, target: str, meta: Mapping[str, Any]) -> str:
+    """Write the final model as a Hugging Face folder at ``target``: ``model.safetensors`` and
+    ``config.json`` (head 0, loadable by ``from_pretrained`` as a plain causal LM), the tokenizer,
+    ``mtp_heads.safetensors`` (the extra heads) and ``wmtp.json`` (n_future, head kind, algorithm).
+    The config declares the heads as the origin's folders do (``mtp_config.n_future_tokens``)."""
+    _quiet()
+    from safetensors.torch import save_file
+
+    base = model.base
+    base.config.mtp_config = {"n_future_tokens": model.n_future, "head": model.head_kind,
+                              "base_model": getattr(base.config, "_name_or_path", "") or ""}
+    base.save_pretrained(target, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+    heads = {f"heads.{k}": v.detach().to("cpu").contiguous() for k, v in model.heads.state_dict().items()}
+    if heads:
+        save_file(heads, os.path.join(target, HEADS))
+    with open(os.path.join(target, METADATA), "w") as f:
+        json.dump({"n_future": model.n_future, "head": model.head_kind, **dict(meta)}, f, indent=2, sort_keys=True)
+    return target
+
+
+def remove(folder: str | None) -> None:
+    if folder and os.path.basename(folder).startswith("wmtp-"):
+        shutil.rmtree(folder, ignore_errors=True)

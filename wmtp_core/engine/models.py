@@ -1,0 +1,408 @@
+"""The models of a run, from ``paths.models``: the base model being trained (the byte-level
+``MTPModel`` from scratch, or a pretrained Hugging Face causal LM with multi-token heads), its
+tokenizer, and the frozen reference (rho1-wmtp) and reward (critic-wmtp) models.
+
+A ``paths.models.*`` value is one of:
+
+- a Hugging Face folder (``config.json``, safetensors weights, tokenizer files) at any fsspec URL;
+- ``models:/NAME/VERSION``: a registered model, resolved by the ``wmtp_load_model`` hook (an
+  MLflow transformers-flavor model arrives as such a folder, WMTP's own exports as weights);
+- a committed WMTP checkpoint: the byte-level model's weights, or a Hugging Face final model
+  WMTP stored (its folder and manifest), verified before anything is read.
+
+Vocabularies are checked before step 1: a reference model must share the base model's (its
+per-token losses are compared), a reward model scores whole sequences and so may re-tokenize
+their text with its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any, Callable, Mapping
+
+import attrs
+import torch
+from torch import nn
+
+from wmtp_core.engine import hf
+from wmtp_core.engine.data import ByteTokenizer
+from wmtp_core.engine.model import MTPModel, ModelConfig, model_from_weights
+from wmtp_core.errors import ModelLoadError, WmtpError
+from wmtp_core.events import LoadedModel
+
+LoadModel = Callable[[str], LoadedModel]
+DEFAULT_FUTURE = 4
+BYTES = "byte-level tokens (256)"
+
+
+def options_for(url: str, settings: Any) -> dict[str, Any]:
+    """fsspec storage options for a model or data URL: those of the ``storage:`` binding on the
+    same protocol (an S3 endpoint and credentials given there serve the models too); otherwise
+    none, and the protocol's own conventions apply (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``...)."""
+    from fsspec.core import split_protocol
+
+    protocol = split_protocol(url)[0] or "file"
+    storage = settings.config.storage
+    for binding in (storage.resume, storage.final) if storage is not None else ():
+        if binding is not None and binding.base_path and binding.options and \
+                (split_protocol(binding.base_path)[0] or "file") == protocol:
+            return dict(binding.options)
+    return {}
+
+
+def is_folder(uri: str, key: str, settings: Any) -> bool:
+    """True when ``uri`` is a Hugging Face folder (it holds a ``config.json``)."""
+    import fsspec
+
+    if uri.startswith("models:/"):
+        return False
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, settings))
+    except (ImportError, ValueError):  # a URI only a plugin understands
+        return False
+    try:
+        return fs.isfile(posixpath.join(path.rstrip("/"), "config.json"))
+    except OSError as e:
+        raise ModelLoadError(f"{key}: {uri!r} cannot be read ({type(e).__name__}: {e})") from None
+
+
+@attrs.frozen
+class Source:
+    """Where a ``paths.models.*`` value led: a local Hugging Face folder, or byte-level weights."""
+
+    uri: str
+    info: hf.FolderInfo | None = None
+    folder: str | None = None
+    loaded: LoadedModel | None = None
+    temporary: bool = False
+    """``folder`` is a private copy (downloaded), removed by :meth:`release` once read."""
+
+    def describe(self) -> str:
+        return self.info.describe() if self.info is not None else "WMTP byte-level model"
+
+    def release(self) -> None:
+        if self.temporary and self.folder:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def locate(uri: str, key: str, settings: Any, load: LoadModel) -> Source:
+    """Resolve a model reference to a local folder (checked: config, safetensors weights, no
+    code without the flag) or to verified byte-level weights."""
+    trust = settings.config.paths.models.trust_remote_code
+    folder = is_folder(uri, key, settings)
+    if uri.startswith("models:/") or not folder or is_committed(uri, settings):
+        try:
+            loaded = load(uri)
+        except WmtpError as e:
+            message = str(e) if uri in str(e) else f"{uri!r} could not be loaded: {e}"
+            raise ModelLoadError(f"{key}: {message}") from None
+        if not isinstance(loaded, LoadedModel):
+            raise ModelLoadError(f"{key}: {uri!r} did not resolve to a model")
+        if loaded.folder is None:
+            return Source(uri=uri, loaded=loaded)
+        try:
+            info = hf.inspect(loaded.folder, key, trust)
+        except ModelLoadError:
+            import shutil
+
+            if loaded.folder != _local_path(uri):
+                shutil.rmtree(loaded.folder, ignore_errors=True)
+            raise
+        return Source(uri=uri, info=attrs.evolve(info, uri=uri), folder=loaded.folder, loaded=loaded,
+                      temporary=loaded.folder != _local_path(uri))
+    options = options_for(uri, settings)
+    info = hf.inspect(uri, key, trust, options)
+    folder = hf.local_copy(info, options)
+    return Source(uri=uri, info=info, folder=folder, temporary=folder != _local_path(uri))
+
+
+def is_committed(uri: str, settings: Any) -> bool:
+    """A folder with a WMTP manifest: a committed final model, believed only once verified
+    (the ``wmtp_load_model`` hook verifies it)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, settings))
+    return fs.isfile(posixpath.join(path.rstrip("/"), "manifest.json"))
+
+
+def _local_path(uri: str) -> str | None:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError):
+        return None
+    return path.rstrip("/") if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) else None
+
+
+def describe(uri: str, key: str, settings: Any) -> str:
+    """For the dry run: what ``uri`` is, from its listing and ``config.json`` only (no model is
+    loaded); a :class:`ModelLoadError` when it does not exist or cannot be used."""
+    if uri.startswith("models:/"):
+        return "a registered model (resolved when the run starts)"
+    if is_folder(uri, key, settings):
+        trust = settings.config.paths.models.trust_remote_code
+        info = hf.inspect(uri, key, trust, options_for(uri, settings))
+        return info.describe() + (" (its code runs: trust_remote_code)" if info.code else "")
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri, **options_for(uri, settings))
+    if not fs.exists(path.rstrip("/")):
+        raise ModelLoadError(f"{key}: {uri!r} does not exist")
+    if fs.isfile(posixpath.join(path.rstrip("/"), "manifest.json")):
+        return "a committed WMTP checkpoint"
+    raise ModelLoadError(f"{key}: {uri!r} is neither a Hugging Face model folder (no config.json) nor a "
+                         "committed WMTP checkpoint (no manifest.json)")
+
+
+@attrs.define
+class Base:
+    """The model being trained and what goes with it."""
+
+    model: nn.Module
+    tokenizer: Any
+    """A Hugging Face tokenizer, or :class:`ByteTokenizer` for the byte-level model."""
+    record: dict[str, Any]
+    """What rebuilds the architecture: the byte-level ``ModelConfig`` fields, or for a Hugging
+    Face model ``{"kind": "hf", "base", "n_future", "head", "config"}``."""
+    source: Source | None = None
+    notes: list[str] = attrs.Factory(list)
+    """What the run says about its model under ``--verbose`` (heads loaded or started afresh)."""
+
+    @property
+    def is_hf(self) -> bool:
+        return self.source is not None
+
+    @property
+    def eos_id(self) -> int | None:
+        return getattr(self.tokenizer, "eos_token_id", None)
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    @property
+    def max_positions(self) -> int:
+        if not self.is_hf:
+            return int(self.record["max_seq_len"])
+        c = self.record["config"]
+        return int(next((c[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if isinstance(c.get(k), int)),
+                        1 << 30))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size if self.is_hf else self.record["d_model"])
+
+    def vocabulary(self) -> str:
+        return hf.vocabulary(self.tokenizer) if self.is_hf else BYTES
+
+
+def byte_config(settings: Any) -> ModelConfig:
+    m = settings.recipe.model
+    return ModelConfig(vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+                       n_heads=m.n_heads, n_future=m.n_future or DEFAULT_FUTURE, max_seq_len=m.max_seq_len,
+                       dropout=m.dropout)
+
+
+def n_future_for(settings: Any, info: hf.FolderInfo) -> int:
+    return settings.recipe.model.n_future or info.declared_heads or DEFAULT_FUTURE
+
+
+def build_base(settings: Any, load: LoadModel) -> Base:
+    """The base model: ``paths.models.base`` fine-tuned with multi-token heads, or the byte-level
+    model from scratch."""
+    uri = settings.config.paths.models.base
+    if not uri:
+        cfg = byte_config(settings)
+        return Base(model=MTPModel(cfg), tokenizer=ByteTokenizer(), record=attrs.asdict(cfg))
+    key = "paths.models.base"
+    trust = settings.config.paths.models.trust_remote_code
+    source = locate(uri, key, settings, load)
+    if source.info is None:
+        raise ModelLoadError(f"{key}: {uri!r} is a WMTP byte-level model; paths.models.base names a "
+                             "Hugging Face causal LM folder (config.json, safetensors, tokenizer files)")
+    info = source.info
+    if info.is_classifier:
+        raise ModelLoadError(f"{key}: {uri} is a {info.architecture}, not a causal language model")
+    if not info.has_tokenizer:
+        raise ModelLoadError(f"{key}: {uri} has no tokenizer files (tokenizer.json, vocab.json or "
+                             "tokenizer.model); the base model tokenizes the training data")
+    n_future = n_future_for(settings, info)
+    head = settings.recipe.model.head
+    try:
+        tokenizer = hf.load_tokenizer(source.folder, key, trust)
+        model, loaded_heads = hf.build_mtp(info, source.folder, n_future, head, key, trust)
+    finally:
+        source.release()
+    if len(tokenizer) > model.base.get_output_embeddings().weight.shape[0]:
+        raise ModelLoadError(f"{key}: its tokenizer ({hf.vocabulary(tokenizer)}) has more tokens than its "
+                             f"model's vocabulary ({model.base.get_output_embeddings().weight.shape[0]})")
+    notes = [f"base model: {info.describe()}, {n_future} heads "
+             f"({'extra heads loaded from ' + hf.HEADS if loaded_heads else 'extra heads started from its LM head' if head == 'linear' else 'extra transformer-layer heads started afresh'})"]
+    if info.declared_heads and info.declared_heads != n_future:
+        notes.append(f"the folder declares {info.declared_heads} heads; model.n_future {n_future} is used")
+    config = model.base.config.to_dict()
+    record = {"kind": "hf", "base": uri, "n_future": n_future, "head": head, "config": config}
+    return Base(model=model, tokenizer=tokenizer, record=record, source=source, notes=notes)
+
+
+def _byte_model(source: Source, key: str) -> MTPModel:
+    loaded = source.loaded
+    try:
+        model = model_from_weights(dict(loaded.model_config), dict(loaded.weights), source.uri)
+    except WmtpError as e:
+        raise ModelLoadError(f"{key}: {e}") from None
+    return model.eval().requires_grad_(False)
+
+
+def _refuse_vocab(key: str, uri: str, theirs: str, base: Base, why: str) -> ModelLoadError:
+    return ModelLoadError(f"{key}: {uri} uses {theirs}, the base model {base.vocabulary()}; {why}")
+
+
+def build_reference(settings: Any, load: LoadModel, base: Base) -> nn.Module:
+    """rho1-wmtp's frozen reference: anything with ``next_token_logits(ids)`` over the base
+    vocabulary (its per-token losses are compared with the base model's, token for token)."""
+    key, uri = "paths.models.ref", settings.config.paths.models.ref
+    source = locate(uri, key, settings, load)
+    why = "a reference model must share the base model's vocabulary (rho1-wmtp compares per-token losses)"
+    if source.info is None:
+        if base.is_hf:
+            raise _refuse_vocab(key, uri, BYTES, base, why)
+        return _byte_model(source, key)
+    info, trust = source.info, settings.config.paths.models.trust_remote_code
+    if not base.is_hf:
+        raise _refuse_vocab(key, uri, f"a vocabulary of {info.vocab_size or '?'} tokens ({info.architecture})",
+                            base, why)
+    if info.is_classifier:
+        raise ModelLoadError(f"{key}: {uri} is a {info.architecture}; rho1-wmtp's reference is a causal LM")
+    try:
+        if info.has_tokenizer:
+            tok = hf.load_tokenizer(source.folder, key, trust)
+            if tok.get_vocab() != base.tokenizer.get_vocab():
+                raise _refuse_vocab(key, uri, hf.vocabulary(tok), base, why)
+        elif (info.vocab_size or 0) < len(base.tokenizer):
+            raise _refuse_vocab(key, uri, f"a vocabulary of {info.vocab_size or '?'} tokens and no tokenizer",
+                                base, why)
+        from transformers import AutoModelForCausalLM
+
+        lm = hf.from_pretrained(AutoModelForCausalLM, source.folder, key, trust)
+    finally:
+        source.release()
+    return hf.ReferenceLM(lm).eval().requires_grad_(False)
+
+
+def build_reward(settings: Any, load: LoadModel, base: Base) -> nn.Module:
+    """critic-wmtp's reward model: anything with ``score(ids, lengths) -> [B]``. A Hugging Face
+    sequence classifier scores the text re-tokenized with its own tokenizer; a causal LM scores
+    minus its mean next-token loss, on the base tokens when it shares their vocabulary, else on
+    the text re-tokenized with its own tokenizer."""
+    from wmtp_core.engine.algorithms import LMReward
+
+    key, uri = "paths.models.rm", settings.config.paths.models.rm
+    source = locate(uri, key, settings, load)
+    if source.info is None:
+        if base.is_hf:
+            raise _refuse_vocab(key, uri, BYTES, base, "a byte-level reward model cannot read the base "
+                                "model's tokens, and has no tokenizer to re-tokenize the text with")
+        return LMReward(_byte_model(source, key))
+    try:
+        return _reward(source, key, uri, settings, base)
+    finally:
+        source.release()
+
+
+def _reward(source: Source, key: str, uri: str, settings: Any, base: Base) -> nn.Module:
+    from wmtp_core.engine.algorithms import LMReward
+
+    info, trust = source.info, settings.config.paths.models.trust_remote_code
+    tok = hf.load_tokenizer(source.folder, key, trust) if info.has_tokenizer else None
+    shares = base.is_hf and (tok.get_vocab() == base.tokenizer.get_vocab() if tok is not None
+                             else (info.vocab_size or 0) >= len(base.tokenizer))
+    if info.is_classifier:
+        from transformers import AutoModelForSequenceClassification
+
+        if tok is None and not base.is_hf:
+            raise _refuse_vocab(key, uri, f"a vocabulary of {info.vocab_size or '?'} tokens and no tokenizer",
+                                base, "it cannot be given the text to score")
+        model = hf.from_pretrained(AutoModelForSequenceClassification, source.folder, key, trust)
+        return hf.TextReward(model, tok or base.tokenizer, base.tokenizer, causal=False).eval()
+    from transformers import AutoModelForCausalLM
+
+    lm = hf.from_pretrained(AutoModelForCausalLM, source.folder, key, trust)
+    if shares:
+        return LMReward(hf.ReferenceLM(lm))
+    if tok is None:
+        raise _refuse_vocab(key, uri, f"a vocabulary of {info.vocab_size or '?'} tokens and no tokenizer",
+                            base, "it can neither read the base tokens nor re-tokenize the text")
+    return hf.TextReward(lm, tok, base.tokenizer, causal=True).eval()
+
+
+def rebuild(record: Mapping[str, Any], weights: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """The trained module from a stored architecture record and its weights (both untrusted)."""
+    if isinstance(record, Mapping) and record.get("kind") == "hf":
+        return hf.rebuild(record, weights, source)
+    return model_from_weights(dict(record), dict(weights), source)
+
+
+@attrs.frozen
+class Checked:
+    """What the dry run knows of a run's models without loading any of them."""
+
+    descriptions: Mapping[str, str]
+    """``paths.models.*`` key (or ``model``) -> what it is."""
+    parameters: int | None
+    """Parameters of the model being trained (``None`` for a registered base model: it is
+    resolved when the run starts)."""
+    max_positions: int
+    vocab: int | None
+
+
+def check(settings: Any) -> Checked:
+    """Check every model a run uses from listings and ``config.json`` files only: each path
+    exists, names an architecture WMTP can train or consult, holds safetensors weights, runs no
+    code without ``trust_remote_code``, and, where the configs tell, shares the vocabulary it
+    must. Loads no model."""
+    from wmtp_core.engine.model import count_parameters
+
+    paths, algo = settings.config.paths.models, settings.recipe.train.algo
+    trust = paths.trust_remote_code
+    out: dict[str, str] = {}
+    if not paths.base:
+        cfg = byte_config(settings)
+        params, positions, vocab = count_parameters(cfg), cfg.max_seq_len, cfg.vocab_size
+        out["model"] = f"WMTP byte-level model ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_future} heads)"
+    elif paths.base.startswith("models:/"):
+        params, positions, vocab = None, 1 << 30, None
+        out["paths.models.base"] = describe(paths.base, "paths.models.base", settings)
+    else:
+        key = "paths.models.base"
+        if not is_folder(paths.base, key, settings):
+            describe(paths.base, key, settings)  # does not exist, or the reason it is not a folder
+            raise ModelLoadError(f"{key}: {paths.base} is a WMTP byte-level checkpoint; paths.models.base "
+                                 "names a Hugging Face causal LM folder (config.json, safetensors, tokenizer files)")
+        info = hf.inspect(paths.base, key, trust, options_for(paths.base, settings))
+        if info.is_classifier:
+            raise ModelLoadError(f"{key}: {paths.base} is a {info.architecture}, not a causal language model")
+        if not info.has_tokenizer:
+            raise ModelLoadError(f"{key}: {paths.base} has no tokenizer files (tokenizer.json, vocab.json or "
+                                 "tokenizer.model); the base model tokenizes the training data")
+        n_future, head = n_future_for(settings, info), settings.recipe.model.head
+        params, vocab = hf.meta_parameters(info, n_future, head), info.vocab_size
+        positions = next((info.config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                          if isinstance(info.config.get(k), int)), 1 << 30)
+        out[key] = f"{info.describe()}, {n_future} heads" + (" (its code runs: trust_remote_code)" if info.code else "")
+    for key, uri, used in (("paths.models.ref", paths.ref, algo == "rho1-wmtp"),
+                           ("paths.models.rm", paths.rm, algo == "critic-wmtp")):
+        if not used or not uri:
+            continue
+        out[key] = describe(uri, key, settings)
+        if key.endswith("ref") and paths.base and not uri.startswith("models:/") and not is_folder(uri, key, settings):
+            raise ModelLoadError(f"{key}: {uri} is a WMTP byte-level model (byte-level tokens), the base model "
+                                 f"a Hugging Face model; a reference model must share the base model's vocabulary")
+        if key.endswith("ref") and not paths.base and is_folder(uri, key, settings):
+            raise ModelLoadError(f"{key}: {uri} is a Hugging Face model, the base model the byte-level one "
+                                 f"({BYTES}); a reference model must share the base model's vocabulary")
+    return Checked(descriptions=out, parameters=params, max_positions=positions, vocab=vocab)
