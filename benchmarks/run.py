@@ -19,6 +19,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import hf  # noqa: E402
 import scale  # noqa: E402
 import storage  # noqa: E402
 
@@ -30,6 +31,7 @@ SUITES = {
     "s3": scale.bench_s3,
     "throughput": scale.bench_throughput,
     "ranks": scale.bench_ranks,
+    "hf": hf.bench_hf,
 }
 
 

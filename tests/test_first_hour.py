@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from builders import TINY_RECIPE, files, merge, tiny_config, write
 from conftest import ROOT
+from hf_models import ORIGIN_MODELS
 
 from wmtp_core import ConfigError, hookimpl
 
@@ -39,9 +40,12 @@ REFUSED = {
     "distributed without a launcher": (
         {"devices": {"distributed": {"enabled": True}}}, {}, {},
         "devices.distributed.enabled is true but no launcher set RANK/WORLD_SIZE"),
-    "critic under FSDP": (
-        {"devices": {"fsdp": {"enabled": True}}}, {"train": {"algo": "critic-wmtp"}}, {},
-        "critic-wmtp is not supported under FSDP yet"),
+    "an MLflow file store MLflow would refuse": (
+        {"mlflow": {"tracking_uri": "file:///tmp/wmtp-never-created"}}, {}, {"MLFLOW_ALLOW_FILE_STORE": "false"},
+        "mlflow.tracking_uri: 'file:///tmp/wmtp-never-created' is a file store, which MLflow"),
+    "a base model folder without weights (the origin's own)": (
+        {"paths": {"models": {"base": str(ORIGIN_MODELS / "tiny-reward-model")}}}, {}, {},
+        "holds no weights (model.safetensors or model.safetensors.index.json)"),
     "an s3:// tracking URI": (
         {"mlflow": {"tracking_uri": "s3://wmtp-artifacts/mlflow"}}, {}, {},
         "mlflow.tracking_uri: 's3://wmtp-artifacts/mlflow' cannot be used by MLflow as a tracking store"),

@@ -236,8 +236,10 @@ def test_sigkill_and_resume_of_a_pretrained_model_is_bit_exact(zoo, tmp_path, mo
 
 
 def test_two_fsdp_ranks_shard_the_pretrained_model_and_register_it_once(zoo, tmp_path):
+    """critic-wmtp with the DistilBERT reward model: decoder layers, extra heads and the value head
+    sharded; the final model gathered once."""
     write(tmp_path / "c.yaml", config(tmp_path, zoo, devices={"fsdp": {"enabled": True, "auto_wrap": True}}))
-    write(tmp_path / "r.yaml", recipe(steps=8))
+    write(tmp_path / "r.yaml", recipe("critic-wmtp", steps=8))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -254,7 +256,7 @@ def test_two_fsdp_ranks_shard_the_pretrained_model_and_register_it_once(zoo, tmp
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-    versions = client.search_model_versions("name='wmtp_baseline-mtp'")
+    versions = client.search_model_versions("name='wmtp_critic-wmtp'")
     assert [str(v.version) for v in versions] == ["1"], (proc.stdout[-3000:], proc.stderr[-3000:])
 
 

@@ -55,18 +55,24 @@ def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | No
 
 def verified_folder(store: CheckpointStore, path: str) -> str:
     """A committed Hugging Face folder (a final model WMTP stored), every file checked against
-    its manifest (streamed): the folder itself on local disk, else a private verified copy."""
+    its manifest: on local disk the folder itself, its files hashed in parallel; elsewhere a
+    private copy (``wmtp-model-*``), checked as it landed."""
     import os
     import tempfile
 
     from fsspec.implementations.local import LocalFileSystem
 
-    manifest = store.verify(path)
     if isinstance(store.fs, LocalFileSystem):
+        _, futures = store.verify_async(path)
+        for future in futures.values():
+            future.result()
         return path
+    manifest = store.read_manifest(path)
     target = tempfile.mkdtemp(prefix="wmtp-model-")
+    local = CheckpointStore(LocalFileSystem(), os.path.dirname(target))
     for entry in manifest.files:
         store.fs.get(posixpath.join(path, entry.path), os.path.join(target, entry.path))
+        local.verify_entry(target, entry)
     return target
 
 

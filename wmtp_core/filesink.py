@@ -48,7 +48,8 @@ class torch_writer:
 
 
 class file_copier:
-    """Copy a local file: in chunks into a stream, or with the OS's own copy to a local path."""
+    """A local file into the store: in chunks into a stream, or to a local path as a hard link
+    when it can (the file must not change afterwards), else the OS's own copy."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -58,7 +59,12 @@ class file_copier:
             shutil.copyfileobj(f, stream, 16 << 20)
 
     def save_to_path(self, path: str) -> None:
-        shutil.copyfile(self.source, path)
+        # the source is a folder written for this store and removed after it: on the same
+        # filesystem a hard link stores its bytes without writing them again
+        try:
+            os.link(self.source, path)
+        except OSError:
+            shutil.copyfile(self.source, path)
 
 
 def json_writer(obj: Any):

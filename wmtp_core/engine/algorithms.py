@@ -241,7 +241,8 @@ class ValueHead(nn.Module):
                                  nn.Linear(max(1, d_model // 2), 1))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h).squeeze(-1)
+        # a new tensor rather than a view (squeeze): FSDP hooks its backward on the output
+        return self.net(h).sum(dim=-1)
 
 
 def gae_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
@@ -313,11 +314,18 @@ class CriticWMTP(Algorithm):
     def param_groups(self):
         return [{"params": list(self.value_head.parameters()), "lr": self.cfg.value_lr}]
 
+    value_head_in_model = False
+    """Under FSDP the value head is sharded as a unit of the model and saved with its shards, so
+    it is not part of this state."""
+
     def state_dict(self):
+        if self.value_head_in_model:
+            return {"pretrained": self.pretrained}
         return {"value_head": self.value_head.state_dict(), "pretrained": self.pretrained}
 
     def load_state_dict(self, state):
-        self.value_head.load_state_dict(state["value_head"])
+        if not self.value_head_in_model:
+            self.value_head.load_state_dict(state["value_head"])
         self.pretrained = bool(state["pretrained"])
 
     def rewards(self, model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -273,10 +273,10 @@ def _records(text: str, path: str, where: str) -> Iterable[tuple[Any, str]]:
 
 
 def documents(url: str, split: str, key: str, storage_options: Mapping[str, Any] | None = None,
-              max_bytes: int = DEFAULT_MAX_BYTES) -> list[str]:
+              max_bytes: int | None = None) -> list[str]:
     """The document texts of ``split`` at ``url`` (any fsspec URL: a file, directory or glob),
-    in file order then record order. Reading stops once ``max_bytes`` of UTF-8 text was
-    collected. ``key`` (``paths.datasets.NAME``) is named in every error."""
+    in file order then record order: all of them, or (``max_bytes``) until that much UTF-8 text
+    was collected. ``key`` (``paths.datasets.NAME``) is named in every error."""
     fs, files = source_files(url, split, key, storage_options)
     docs: list[str] = []
     total = 0
@@ -291,12 +291,12 @@ def documents(url: str, split: str, key: str, storage_options: Mapping[str, Any]
                 doc = document_of(rec, where)
                 docs.append(doc)
                 total += len(doc.encode("utf-8"))
-                if total >= max_bytes:
+                if max_bytes is not None and total >= max_bytes:
                     return docs
         else:
             docs.append(text)
             total += len(raw)
-            if total >= max_bytes:
+            if max_bytes is not None and total >= max_bytes:
                 return docs
     return docs
 

@@ -120,9 +120,10 @@ def _checkpoint_group() -> Any:
 def shard(model: torch.nn.Module, fsdp: Any) -> torch.nn.Module:
     """FSDP2: each transformer block its own unit when ``auto_wrap: block`` (the byte-level
     model's trunk and heads; a Hugging Face model's decoder layers and extra heads), then the
-    root (embeddings, final norm, LM head). ``offload_params`` or ``offload_grads`` keeps the
+    root (embeddings, final norm, LM head); critic-wmtp's value head is a unit of its own.
+    ``offload_params`` or ``offload_grads`` keeps the
     shards on the CPU between uses (FSDP2 offloads parameters and their gradients together)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
     offload = fsdp.offload_params or fsdp.offload_grads
     kwargs = {"reshard_after_forward": fsdp.sharding == "full_shard",
@@ -131,7 +132,14 @@ def shard(model: torch.nn.Module, fsdp: Any) -> torch.nn.Module:
         blocks = model.blocks() if hasattr(model, "blocks") else [*model.trunk, *model.heads]
         for block in blocks:
             fully_shard(block, **kwargs)
+    value_head = getattr(model, "value_head", None)
+    if value_head is not None:  # critic-wmtp's, called on its own: always its own unit
+        fully_shard(value_head, **kwargs)
     fully_shard(model, **kwargs)
+    # the algorithms call these as well as forward: each gathers the root's parameters too
+    for method in ("hidden", "logits_and_hidden", "next_token_logits"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     return model
 
 

@@ -25,7 +25,8 @@ from wmtp_core.errors import ModelLoadError
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 HEADS = "mtp_heads.safetensors"
-"""The extra heads of a WMTP final model (keys ``heads.<k>.*``, k = 1..n_future-1)."""
+"""The extra heads of a WMTP final model: keys ``heads.<i>.*``, where ``heads.0`` is head 1
+(it predicts token t+2) and ``heads.<n_future-2>`` the last."""
 METADATA = "wmtp.json"
 """What a WMTP final model folder says about itself: n_future, head kind, algorithm."""
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

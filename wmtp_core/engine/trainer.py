@@ -112,9 +112,6 @@ def check_algorithm(settings: Settings) -> None:
     if algo == "critic-wmtp" and cfg.paths.models.rm is None and not recipe.critic.use_pseudo_rewards:
         raise TrainingError(f"{settings.config_source}: paths.models.rm is null and "
                             "critic.use_pseudo_rewards is false: give a reward model or allow pseudo-rewards")
-    if algo == "critic-wmtp" and cfg.devices.fsdp.enabled:
-        raise TrainingError("devices.fsdp.enabled: critic-wmtp is not supported under FSDP yet "
-                            "(its value head lives outside the sharded model); disable fsdp")
 
 
 def build_algorithm(settings: Settings, load: LoadModel, base: Base) -> Algorithm:
@@ -192,13 +189,17 @@ class Trainer:
         self.model = self.base.model.to(self.device)
         devices = cfg.devices
         self.fsdp = devices.fsdp.enabled
+        self.algo = build_algorithm(self.settings, load, self.base).to(self.device)
         if self.fsdp:
             if devices.fsdp.activation_ckpt and self.base.is_hf:
                 self.model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             elif devices.fsdp.activation_ckpt:
                 self.model.activation_checkpointing = True
+            if isinstance(self.algo, CriticWMTP):
+                # sharded with the model (its gradients reduced across ranks), saved with its shards
+                self.model.value_head = self.algo.value_head
+                self.algo.value_head_in_model = True
             distributed.shard(self.model, devices.fsdp)
-        self.algo = build_algorithm(self.settings, load, self.base).to(self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp is torch.float16)
         self.losses: list[float] = []
         split = recipe.data.train
@@ -213,7 +214,9 @@ class Trainer:
         self.eval_set = data_mod.eval_batches(eval_w, eval_bs)
         per_epoch = self.stream.batches_per_epoch * recipe.train.num_epochs
         self.total_steps = min(recipe.train.max_steps or per_epoch, per_epoch)
-        groups = [{"params": list(self.model.parameters())}, *self.algo.param_groups()]
+        extra = self.algo.param_groups()
+        own = {id(p) for g in extra for p in g["params"]}
+        groups = [{"params": [p for p in self.model.parameters() if id(p) not in own]}, *extra]
         self.optimizer = build_optimizer(groups, recipe.optim)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
 
@@ -362,7 +365,7 @@ class Trainer:
             opt = torch.optim.AdamW(self.algo.value_head.parameters(), lr=pre.lr, foreach=False)
             best, bad = None, 0
             for i in range(1, pre.max_steps + 1):
-                ids, lengths = self._on_device(self.stream.next())
+                ids, lengths = self._local(self.stream.next())
                 vloss, _ = self.algo.value_loss(self.model, ids, lengths=lengths)
                 opt.zero_grad(set_to_none=True)
                 vloss.backward()
@@ -428,6 +431,7 @@ class Trainer:
         weights = distributed.full_weights(self.model) if self.fsdp else cpu_copy(self.model.state_dict())
         if not self.world.is_main:
             return None
+        weights = {k: v for k, v in weights.items() if not k.startswith("value_head.")}
         module = models.rebuild(self.base.record, weights, "the trained model")
         module.eval()
         # two rows, so the exported program keeps a dynamic batch dimension
