@@ -313,3 +313,83 @@ def test_code_in_a_model_folder_runs_only_with_the_flag(zoo, tmp_path, monkeypat
     code, out, err = run(tmp_path, monkeypatch, capsys, "--dry-run")
     assert code == 0, err
     assert "(its code runs: trust_remote_code)" in out
+
+
+# ------------------------------------------------------------------------------ pieces
+def test_transformer_heads_and_the_record_rebuild_the_same_model(zoo, tmp_path):
+    """``model.head: transformer``: one transformer layer per extra head feeding the LM head; the
+    export's folder and the stored record both give back the very same model."""
+    from transformers import AutoTokenizer
+
+    from wmtp_core.engine import hf
+    from wmtp_core.engine.models import rebuild
+
+    info = hf.inspect(str(zoo / "distilgpt2-mtp"), "paths.models.base")
+    model, loaded = hf.build_mtp(info, str(zoo / "distilgpt2-mtp"), 3, "transformer", "paths.models.base")
+    assert not loaded and len(model.heads) == 2
+    model.eval()
+    with torch.no_grad():
+        logits = model(IDS)
+    assert logits.shape == (1, 3, IDS.shape[1], 50257)
+    record = {"kind": "hf", "base": "x", "n_future": 3, "head": "transformer",
+              "config": model.base.config.to_dict()}
+    again = rebuild(record, {k: v.clone() for k, v in model.state_dict().items()}, "test")
+    with torch.no_grad():
+        assert torch.equal(again(IDS), logits)
+    tok = AutoTokenizer.from_pretrained(zoo / "distilgpt2-mtp", local_files_only=True)
+    folder = hf.export(model, tok, str(tmp_path / "out"), {"algo": "baseline-mtp"})
+    info2 = hf.inspect(folder, "paths.models.base")
+    assert info2.declared_heads == 3
+    back, loaded = hf.build_mtp(info2, folder, 3, "transformer", "paths.models.base")
+    assert loaded, "the extra heads are read back from mtp_heads.safetensors"
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(IDS), logits, atol=1e-5)
+
+
+def test_a_record_that_lies_about_its_shapes_is_refused_before_allocation(zoo):
+    from wmtp_core.engine import hf
+    from wmtp_core.engine.models import rebuild
+    from wmtp_core.errors import ModelLoadError
+
+    info = hf.inspect(str(zoo / "distilgpt2-mtp"), "paths.models.base")
+    model, _ = hf.build_mtp(info, str(zoo / "distilgpt2-mtp"), 2, "linear", "paths.models.base")
+    config = model.base.config.to_dict()
+    weights = model.state_dict()
+    with pytest.raises(ModelLoadError, match="do not fit the architecture"):
+        rebuild({"kind": "hf", "n_future": 2, "head": "linear", "config": {**config, "n_embd": 128}}, weights, "x")
+    with pytest.raises(ModelLoadError, match="auto_map"):
+        rebuild({"kind": "hf", "n_future": 2, "head": "linear", "config": {**config, "auto_map": {"a": "b"}}},
+                weights, "x")
+    with pytest.raises(ModelLoadError, match="model type 'evil'"):
+        rebuild({"kind": "hf", "n_future": 2, "head": "linear", "config": {**config, "model_type": "evil"}},
+                weights, "x")
+
+
+def test_wmtp_register_stores_the_final_folder_from_a_resume_checkpoint(zoo, tmp_path, monkeypatch, capsys):
+    """A run that stored no final model: ``wmtp register`` rebuilds the Hugging Face folder from
+    its last resume checkpoint (the tokenizer from the base model it records)."""
+    from wmtp_core.cli import main as wmtp
+
+    paths = config(tmp_path, zoo)["paths"]
+    paths["checkpoints"]["save_final"] = False
+    write(tmp_path / "c.yaml", config(tmp_path, zoo, paths=paths))
+    write(tmp_path / "r.yaml", recipe(steps=4))
+    code, out, err = run(tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert "models:/" not in out
+    write(tmp_path / "reg.yaml", config(tmp_path, zoo))
+    code = wmtp(["register", str(tmp_path / "ck" / "hf" / "step_4"), "--config", str(tmp_path / "reg.yaml")])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "models:/wmtp_baseline-mtp/1" in out
+
+    import mlflow
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    parts = mlflow.transformers.load_model("models:/wmtp_baseline-mtp/1", return_type="components")
+    trained = trained_model(tmp_path, "hf", 4)
+    with torch.no_grad():
+        assert torch.equal(parts["model"].eval()(IDS).logits, trained(IDS)[:, 0])
+    assert parts["tokenizer"].decode(IDS[0]) == "def add(a, b):\n    return"
