@@ -79,6 +79,32 @@ class ModelPaths:
     loaded. Off: such a folder is refused, naming the file."""
 
 
+def _signal_ok(name: Any) -> bool:
+    import signal
+
+    return isinstance(name, str) and name.startswith("SIG") and hasattr(signal, name) \
+        and name not in ("SIGKILL", "SIGSTOP")
+
+
+def duration_seconds(value: Any) -> float | None:
+    """``"90s"``, ``"30m"``, ``"2h"`` (or ``"1.5h"``) in seconds; ``None`` when it is not one."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh])\s*", value) if isinstance(value, str) else None
+    if not m or float(m.group(1)) <= 0:
+        return None
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@attrs.frozen
+class KeepBest:
+    k: int = attrs.field(validator=positive_int)
+    """How many of the best committed checkpoints to keep."""
+    monitor: str = "eval_loss"
+    """The metric, as the run logs it (``eval_loss``, ``loss``...)."""
+    mode: str = attrs.field(default="min", validator=one_of("min", "max"))
+
+
 @attrs.frozen
 class Checkpoints:
     base_path: str = attrs.field(
@@ -97,6 +123,17 @@ class Checkpoints:
     """Store the final model through the final role's sink at the end of the run."""
     async_: bool = attrs.field(default=False, metadata={"key": "async"})
     """Stage the state in memory and write it in the background."""
+    save_on_signal: list[str] = attrs.field(factory=lambda: ["SIGTERM", "SIGUSR1"], validator=check(
+        lambda v: isinstance(v, list) and all(_signal_ok(s) for s in v),
+        "accepted: a list of signal names such as SIGTERM, SIGUSR1, SIGINT (not SIGKILL or SIGSTOP); [] for none"))
+    """On these signals, finish the step, commit a resume checkpoint and exit 4 (preempted,
+    resumable with ``--resume latest``). ``[]``: off."""
+    save_every: str | None = attrs.field(default=None, validator=check(
+        lambda v: v is None or duration_seconds(v) is not None,
+        "accepted: a duration such as '90s', '30m' or '2h', or null"))
+    """Also save when this much training time passed since the last save (beside ``save_interval``)."""
+    keep_best: KeepBest | None = None
+    """Also keep the ``k`` best committed checkpoints by a metric (null: none)."""
 
 
 @attrs.frozen
@@ -174,6 +211,19 @@ class RoleStorage:
     """For file-like sinks: overrides ``paths.checkpoints.base_path``."""
     options: dict[str, Any] = attrs.field(factory=dict)
     """Passed to the sink (fsspec storage options for file-like sinks)."""
+    fast: str | None = None
+    """For the ``tiered`` resume sink: the fast tier's URL (local disk)."""
+    durable: str | None = None
+    """For the ``tiered`` resume sink: the durable tier's URL (``s3://...``)."""
+    fast_keep_last: int | None = attrs.field(default=None, validator=check(
+        lambda v: v is None or (_int(v) and v >= 1), "accepted: an integer >= 1, or null"))
+    """For the ``tiered`` resume sink: committed checkpoints kept on the fast tier."""
+    from_: str = attrs.field(default="last", validator=one_of("last", "best"), metadata={"key": "from"})
+    """For the final role: store the last step's weights, or (``best``) those of the best
+    checkpoint ``paths.checkpoints.keep_best`` ranks first."""
+    dtype: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16", "fp16"))
+    """For the final role: the dtype its weights are stored in (the resume state keeps full
+    precision)."""
 
 
 @attrs.frozen
