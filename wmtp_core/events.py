@@ -29,6 +29,8 @@ class RunStatus(str, enum.Enum):
     FINISHED = "finished"
     STOPPED_EARLY = "stopped_early"
     FAILED = "failed"
+    PREEMPTED = "preempted"
+    """Stopped by a signal after committing its last step: resumable with ``--resume latest``."""
 
     def __str__(self) -> str:
         return self.value

@@ -13,6 +13,7 @@ from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import WmtpError
 from wmtp_core.plan import describe, preflight
 from wmtp_core.plugins import make_plugin_manager
+from wmtp_core.preemption import EXIT_PREEMPTED
 from wmtp_core.session import (
     EXIT_FAILED,
     EXIT_NOT_REGISTERED,
@@ -24,7 +25,8 @@ from wmtp_core.session import (
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT): 128 + the signal number, as shells report it."""
 
-__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NOT_REGISTERED", "EXIT_OK", "EXIT_USAGE", "main", "parser"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NOT_REGISTERED", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_USAGE",
+           "main", "parser"]
 
 
 def parser() -> argparse.ArgumentParser:

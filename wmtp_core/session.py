@@ -31,6 +31,7 @@ from wmtp_core.events import (
     StepEnded,
 )
 from wmtp_core.plan import Plan
+from wmtp_core.preemption import EXIT_PREEMPTED, Preemption
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
 from wmtp_core.tensors import tensor_bytes
@@ -186,15 +187,20 @@ class RunSession:
         status, reason, code = RunStatus.FAILED, "", EXIT_FAILED
         outcome = None
         t0 = t = time.perf_counter()
+        signals = Preemption(self.plan.settings.config.paths.checkpoints.save_on_signal,
+                             lambda text: self.err.print(text, highlight=False))
         try:
-            outcome = self._train(trainer, router, run)
-            t = self._phase("train", t)
-            status, reason, code = RunStatus(outcome.status), outcome.reason, EXIT_OK
-            if status is RunStatus.FAILED:
-                code = EXIT_FAILED  # a diverged state is never committed as "latest"
-            else:
-                self._checkpoint(trainer, router, trainer.step, outcome.metrics)
-                router.wait()  # the last step's resume state is durable before the final model
+            with signals:  # until the last save is committed: a signal never cuts a save short
+                outcome = self._train(trainer, router, run, signals)
+                t = self._phase("train", t)
+                status, reason, code = RunStatus(outcome.status), outcome.reason, EXIT_OK
+                if status is RunStatus.FAILED:
+                    code = EXIT_FAILED  # a diverged state is never committed as "latest"
+                else:
+                    self._checkpoint(trainer, router, trainer.step, outcome.metrics)
+                    router.wait()  # the last step's resume state is durable before the final model
+                if status is RunStatus.PREEMPTED:
+                    code = EXIT_PREEMPTED  # resumable; the final model waits for the real end
             if code == EXIT_OK and Role.FINAL in self.plan.required:
                 status, reason, code = self._store_final(trainer, router, outcome, status, reason, code)
             router.wait()
@@ -265,7 +271,7 @@ class RunSession:
         run = attrs.evolve(fresh, lineage=manifest.lineage, resumed_from=redact.text(uri))
         return run, frozenset({(manifest.run, manifest.step)})
 
-    def _train(self, trainer: Any, router: Router, run: RunInfo):
+    def _train(self, trainer: Any, router: Router, run: RunInfo, signals: Preemption):
         with progress.for_console(self.err, run.name, trainer.total_steps, trainer.step) as shown:
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
@@ -273,7 +279,8 @@ class RunSession:
                 if "loss" in metrics:
                     shown.update(step, metrics)
 
-            return trainer.train(on_step, lambda step, metrics: self._checkpoint(trainer, router, step, metrics))
+            return trainer.train(on_step, lambda step, metrics: self._checkpoint(trainer, router, step, metrics),
+                                 stop=signals.requested)
 
     def _checkpoint(self, trainer: Any, router: Router, step: int, metrics: Mapping[str, float] | None) -> None:
         """Emit this step's resume state, once per step."""
@@ -325,6 +332,10 @@ class RunSession:
             out.print("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
         if code == EXIT_FAILED and reason:
             err.print(error_line(reason))
+        if code == EXIT_PREEMPTED:
+            last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
+            err.print(f"preempted: step {trainer.step} is committed at {last.uri if last else '?'}; "
+                      f"continue with --resume latest (exit status {EXIT_PREEMPTED})", highlight=False)
         if code == EXIT_NOT_REGISTERED:
             last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
             err.print(error_line(f"{reason}. The resume state of step {trainer.step} is "

@@ -45,6 +45,15 @@ class World:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def agree(self, value: float, *flags: bool) -> tuple:
+        """``(mean of value, *flags)`` where each flag is true when it is true on any rank: one
+        collective for the loss and every per-step decision (a signal, a timed save)."""
+        if not dist.is_initialized() or self.size == 1:
+            return (value, *flags)
+        t = torch.tensor([value, *(1.0 if f else 0.0 for f in flags)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return (float(t[0]) / self.size, *(bool(x > 0) for x in t[1:].tolist()))
+
     def mean(self, value: float) -> float:
         if not dist.is_initialized() or self.size == 1:
             return value

@@ -12,6 +12,7 @@ import attrs
 import torch
 
 from wmtp_core.config import Settings
+from wmtp_core.config.schema import duration_seconds
 from wmtp_core.engine import data as data_mod
 from wmtp_core.engine import distributed, models
 from wmtp_core.engine.algorithms import (
@@ -175,6 +176,8 @@ class Trainer:
         self.best: float | None = None
         self.bad_evals = 0
         self.stopped_early = False
+        self.clock = {"trained": 0.0, "last_save": 0.0}
+        """Training time in seconds, and its value at the last save (``save_every``)."""
         self._setup(load)
 
     # -- setup -----------------------------------------------------------------------------
@@ -249,6 +252,7 @@ class Trainer:
                 "early_stopping": {"best": self.best, "bad_evals": self.bad_evals,
                                    "stopped": self.stopped_early},
                 "algo": self.algo.state_dict(),
+                "clock": dict(self.clock),
             },
         }
 
@@ -290,6 +294,8 @@ class Trainer:
         self.best, self.bad_evals, self.stopped_early = es["best"], int(es["bad_evals"]), bool(es["stopped"])
         self.algo.load_state_dict(t["algo"])
         self.losses = [float(x) for x in t["losses"]]
+        clock = t.get("clock") or {}
+        self.clock = {"trained": float(clock.get("trained", 0.0)), "last_save": float(clock.get("last_save", 0.0))}
         if t.get("scaler"):
             self.scaler.load_state_dict(t["scaler"])
         if same_world:
@@ -299,11 +305,19 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------
     def train(self, on_step: Callable[[int, Mapping[str, float]], None],
-              checkpoint: Callable[[int, Mapping[str, float]], None]) -> Outcome:
+              checkpoint: Callable[[int, Mapping[str, float]], None],
+              stop: Callable[[], str | None] = lambda: None) -> Outcome:
         """Train to the end, calling ``on_step(step, metrics)`` after every step (stage-1
-        critic steps too) and ``checkpoint(step, metrics)`` when resume state is due."""
+        critic steps too) and ``checkpoint(step, metrics)`` when resume state is due: every
+        ``save_interval`` steps, or once ``save_every`` of training time passed since the last
+        save. ``stop()`` names a signal that asks the run to stop (preemption): the step is
+        finished, every rank agrees on it, and the outcome is ``preempted`` at that step (the
+        caller commits it)."""
+        import time
+
         recipe, cfg = self.settings.recipe, self.settings.config
         ckpt = cfg.paths.checkpoints
+        every = duration_seconds(ckpt.save_every) if ckpt.save_every else None
         out = Outcome(last_step=self.step)
         self.model.train()
         if self.step == 0 and isinstance(self.algo, CriticWMTP) and not self.algo.pretrained:
@@ -315,6 +329,7 @@ class Trainer:
             out.last_step = self.step
             return self._finish(out)
         while self.step < self.total_steps:
+            started = time.perf_counter()
             ids, lengths = self._local(self.stream.next())
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 loss, metrics = self.algo.loss(self.model, ids, lengths)
@@ -328,7 +343,10 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.step += 1
-            value = self.world.mean(float(loss.detach()))
+            self.clock["trained"] += time.perf_counter() - started
+            timed = every is not None and self.clock["trained"] - self.clock["last_save"] >= every
+            # one collective a step: the mean loss, and whether any rank was signalled or is due
+            value, signalled, timed = self.world.agree(float(loss.detach()), stop() is not None, timed)
             if not math.isfinite(value):
                 out.status, out.reason = "failed", f"loss became {value} at step {self.step}"
                 break
@@ -341,7 +359,12 @@ class Trainer:
             # decide before saving, so the saved state already holds this step's verdict
             if "eval_loss" in metrics and self._should_stop(metrics):
                 self.stopped_early = True
-            if ckpt.save_interval and self.step % ckpt.save_interval == 0:
+            if signalled:
+                out.status = "preempted"
+                out.reason = f"preempted by {stop() or 'a signal to another rank'} at step {self.step}"
+                break
+            if (ckpt.save_interval and self.step % ckpt.save_interval == 0) or timed:
+                self._before_save(metrics)
                 checkpoint(self.step, metrics)
             if self.stopped_early:
                 out.status = "stopped_early"
@@ -352,6 +375,13 @@ class Trainer:
         out.last_step = self.step
         out.losses = list(self.losses)
         return self._finish(out)
+
+    def _before_save(self, metrics: dict[str, float]) -> None:
+        """Every checkpoint records the metric ``keep_best`` ranks it by, and restarts the clock."""
+        best = self.settings.config.paths.checkpoints.keep_best
+        if best is not None and best.monitor == "eval_loss" and "eval_loss" not in metrics:
+            metrics["eval_loss"] = self.evaluate()
+        self.clock["last_save"] = self.clock["trained"]
 
     def _finish(self, out: Outcome) -> Outcome:
         if out.losses:
