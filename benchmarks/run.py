@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import hf  # noqa: E402
+import preempt  # noqa: E402
 import scale  # noqa: E402
 import storage  # noqa: E402
 
@@ -32,6 +33,7 @@ SUITES = {
     "throughput": scale.bench_throughput,
     "ranks": scale.bench_ranks,
     "hf": hf.bench_hf,
+    "preempt": preempt.bench_preempt,
 }
 
 

@@ -74,7 +74,7 @@ class MemorySink:
         self.items[uri] = Manifest(
             run=event.run.name, step=event.step, role=event.role, lineage=event.run.lineage,
             files=[FileEntry(path="x.pt", size=1, digest="0" * 64)],
-            created_at="2026-01-01T00:00:00+00:00",
+            created_at="2026-01-01T00:00:00+00:00", meta={"metrics": dict(event.metrics)},
         )
         return Receipt(role=event.role, run=event.run.name, step=event.step, uri=uri, nbytes=1)
 

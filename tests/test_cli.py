@@ -68,7 +68,7 @@ def test_ls_of_a_base_path_lists_every_run_committed_and_staging(base, capsys):
     code, out, _ = cli(capsys, "checkpoints", "ls", base)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["run", "name", "step", "role", "state", "files", "bytes",
+    assert lines[0].split() == ["run", "name", "step", "role", "state", "files", "bytes", "metric",
                                 "created_at", "lineage"]
     assert [line.split()[:5] for line in lines[1:]] == [
         ["a", "step_2", "2", "resume", "committed"],
@@ -101,12 +101,15 @@ def test_verify_a_run_then_a_flipped_byte_is_named(base, capsys):
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
+    code, out, _ = cli(capsys, "checkpoints", "verify", f"file://{base}/a/step_4/", "--no-quarantine")
+    assert code == 1 and "model.pt does not match the manifest" in out
+    assert target.exists(), "--no-quarantine only reports"
     code, out, _ = cli(capsys, "checkpoints", "verify", base / "a")
     assert code == 1
     assert f"OK      {base}/a/step_2" in out
     assert f"FAILED  {base}/a/step_4: {target} does not match the manifest" in out
-    code, out, _ = cli(capsys, "checkpoints", "verify", f"file://{base}/a/step_4/")
-    assert code == 1 and "model.pt does not match the manifest" in out
+    assert f"quarantined as {base}/a/step_4.quarantined-" in " ".join(out.split())
+    assert not (base / "a" / "step_4").exists() and len(list((base / "a").glob("step_4.quarantined-*"))) == 1
 
 
 def test_verify_of_staging_fails_saying_it_was_never_committed(base, capsys):

@@ -393,3 +393,29 @@ def test_wmtp_register_stores_the_final_folder_from_a_resume_checkpoint(zoo, tmp
     with torch.no_grad():
         assert torch.equal(parts["model"].eval()(IDS).logits, trained(IDS)[:, 0])
     assert parts["tokenizer"].decode(IDS[0]) == "def add(a, b):\n    return"
+
+
+def test_a_bf16_final_model_is_registered_at_half_the_bytes_and_loads_back(zoo, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    sizes = {}
+    for dtype in ("fp32", "bf16"):
+        tmp = tmp_path / dtype
+        tmp.mkdir()
+        write(tmp / "c.yaml", config(tmp, zoo, storage={"final": {"sink": "mlflow_registry", "dtype": dtype}}))
+        write(tmp / "r.yaml", recipe(steps=2))
+        code, out, err = run(tmp, monkeypatch, capsys)
+        assert code == 0, err[-3000:]
+        store = f"sqlite:///{tmp}/mlflow.db"
+        mlflow.set_tracking_uri(store)
+        mlflow.set_registry_uri(store)
+        files = mlflow.artifacts.list_artifacts(artifact_uri="models:/wmtp_baseline-mtp/1/model")
+        sizes[dtype] = sum(f.file_size for f in files if f.path.endswith(".safetensors"))
+        parts = mlflow.transformers.load_model("models:/wmtp_baseline-mtp/1", return_type="components")
+        want = torch.float32 if dtype == "fp32" else torch.bfloat16
+        assert {p.dtype for p in parts["model"].parameters()} == {want}
+        state = trainer_state(tmp, "hf", 2)
+        assert state["model_config"]["kind"] == "hf"
+        resume = torch.load(tmp / "ck" / "hf" / "step_2" / "model.pt", weights_only=True)
+        assert {v.dtype for v in resume.values() if v.is_floating_point()} == {torch.float32}
+    assert 0.45 < sizes["bf16"] / sizes["fp32"] < 0.55, sizes

@@ -278,6 +278,53 @@ def test_retention_never_deletes_the_checkpoint_a_run_resumed_from_nor_another_l
     assert resumed_at in left and 1000 in left
 
 
+@settings(max_examples=150, deadline=None)
+@given(keep=st.integers(1, 3), k=st.integers(1, 3), mode=st.sampled_from(["min", "max"]),
+       losses=st.lists(st.one_of(st.floats(0, 10, allow_nan=False), st.none()), min_size=1, max_size=12),
+       resumed_at=st.integers(0, 11))
+def test_keep_last_with_keep_best_never_deletes_the_newest_the_protected_the_best_or_another_lineage(
+        keep, k, mode, losses, resumed_at):
+    """The combined policy, through the real router: after every save the newest, the one the run
+    resumed from, the k best by the recorded metric (a save without it is never among them) and
+    another lineage's checkpoint remain, and nothing else beyond the newest ``keep``."""
+    from wmtp_core.manifest import best
+
+    pm = make_plugin_manager(entry_points=False)
+    world = World({"alpha": frozenset({Role.RESUME})})
+    policy = {"keep_last": keep, "keep_best": {"k": k, "monitor": "eval_loss", "mode": mode}}
+    bindings = Bindings(sinks=[SinkBinding(role=Role.RESUME, sink="alpha")],
+                        policies=[PolicyBinding(role=Role.RESUME, policy="keep_last", options=policy)])
+    run = run_info()
+    resumed_at = min(resumed_at, len(losses) - 1)
+    other = Router(pm, world.catalog, bindings, run_info(lineage="OTHER"), required=frozenset({Role.RESUME})).open()
+    other.emit(Role.RESUME, step=1000, payload=Payload(parts={}), metrics={"eval_loss": -1.0})
+    other.close()
+    router = Router(pm, world.catalog, bindings, run, required=frozenset({Role.RESUME}),
+                    protected=frozenset({(run.name, resumed_at)})).open()
+    sink = None
+    for step, loss in enumerate(losses):
+        router.emit(Role.RESUME, step=step, payload=Payload(parts={}),
+                    metrics={} if loss is None else {"eval_loss": loss})
+        router.wait()
+        sink = world.instances[("alpha", Role.RESUME)]
+        manifests = [m for _, m in sink.committed()]
+        left = {m.step for m in manifests}
+        mine = [m for m in manifests if m.lineage == run.lineage]
+        assert step in left and 1000 in left
+        if resumed_at <= step:
+            assert resumed_at in left
+        # the best k of everything saved so far are still there (best ones are never deleted)
+        emitted = [(s, x) for s, x in enumerate(losses[: step + 1]) if x is not None]
+        ranked = sorted(emitted, key=lambda sx: ((sx[1] if mode == "min" else -sx[1]), -sx[0]))[:k]
+        assert {s for s, _ in ranked} <= left
+        assert {m.step for m in best(mine, "eval_loss", mode, k)} == {s for s, _ in ranked}
+        expected = set(range(max(0, step + 1 - keep), step + 1)) | {s for s, _ in ranked} | {1000}
+        if resumed_at <= step:
+            expected.add(resumed_at)
+        assert left == expected
+    router.close()
+
+
 @settings(max_examples=300, deadline=None)
 @given(steps=st.integers(1, 400), interval=st.integers(0, 50), keep=st.integers(1, 8),
        every=st.integers(0, 60))

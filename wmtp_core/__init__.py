@@ -11,6 +11,7 @@ from wmtp_core.errors import (
     BindingError,
     CheckpointError,
     ConfigError,
+    CorruptError,
     DataError,
     DeviceError,
     ModelLoadError,

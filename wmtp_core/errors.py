@@ -35,6 +35,11 @@ class UnverifiableError(CheckpointError):
     directory it lies in or with the files beside it. Such a checkpoint is never "committed"."""
 
 
+class CorruptError(CheckpointError):
+    """A committed checkpoint whose files do not match its manifest: a flipped byte, a truncated
+    or missing file. It is quarantined (moved aside), never resumed from."""
+
+
 class ManifestError(UnverifiableError):
     """A manifest that does not follow the schema."""
 

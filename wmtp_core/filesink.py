@@ -18,7 +18,7 @@ import zipfile
 from typing import Any, BinaryIO
 
 from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
-from wmtp_core.errors import CheckpointError
+from wmtp_core.errors import CheckpointError, CorruptError
 from wmtp_core.events import CheckpointEmitted, Payload, Receipt, SinkContext
 from wmtp_core.manifest import Manifest
 from wmtp_core.roles import Role
@@ -311,6 +311,21 @@ class FileSink:
     def delete(self, uri: str) -> None:
         self.checkpoints.delete(self._path(uri))
 
+    def quarantine(self, uri: str, reason: str) -> str | None:
+        """Move the checkpoint ``uri`` names aside, as one that failed verification (see
+        :meth:`wmtp_core.commit.CheckpointStore.quarantine`). Returns where it now is, or None
+        when it is no longer there."""
+        moved = self.checkpoints.quarantine(self._path(uri), reason)
+        return self.checkpoints.uri(moved) if moved else None
+
+    def quarantined(self) -> list[tuple[str, str]]:
+        """This run's quarantined checkpoints as ``(uri, reason)``."""
+        return [(self.checkpoints.uri(i.path), i.problem) for i in self.checkpoints.quarantined(self.run)]
+
+    def lease_store(self) -> CheckpointStore:
+        """Where the run's lease lives (:mod:`wmtp_core.lease`): beside its checkpoints."""
+        return self.checkpoints
+
     def load(self, uri: str, world: Any = None) -> LoadedCheckpoint:
         """Validate the manifest, verify every file against it, then deserialise the parts
         (weights-only). A sharded (DCP) checkpoint gives this rank's trainer state and a reader
@@ -344,7 +359,7 @@ class FileSink:
             try:
                 self.checkpoints.verify_entry(path, e)
             except CheckpointError as err:
-                errors.append(str(err))
+                errors.append((isinstance(err, CorruptError), str(err)))
         if world is not None and size > 1:
             import torch.distributed as dist
 
@@ -352,7 +367,8 @@ class FileSink:
             dist.all_gather_object(gathered, errors)
             errors = [m for ms in gathered for m in ms]
         if errors:
-            raise CheckpointError(errors[0])
+            corrupt, message = errors[0]
+            raise (CorruptError if corrupt else CheckpointError)(message)
         names = {e.path for e in manifest.files}
         same_world = manifest.meta.get("world_size") == size
         own = TRAINER_PART.format(rank=rank)
@@ -384,3 +400,12 @@ class FileSink:
     def _path(self, uri: str) -> str:
         prefix = f"{self.checkpoints.protocol}://"
         return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+    def clean_incomplete(self) -> list[Any]:
+        """Remove this run's own saves that never finished: its staging directories and its
+        incomplete multipart uploads (S3), as a killed process leaves them. Call it once, on
+        rank 0, after the resume point is found and before the first save: no save of this run
+        can be in flight then. Never touches another run's leftovers, a committed checkpoint or
+        a directory WMTP did not write. Returns what was removed
+        (:class:`~wmtp_core.commit.Incomplete`; ``describe()`` says what each was)."""
+        return self.checkpoints.clean_incomplete(self.run)

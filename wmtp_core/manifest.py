@@ -277,3 +277,23 @@ class Manifest:
                        files=entries, created_at=data["created_at"], format_version=version, meta=meta)
         except TypeError as e:  # a value of a type no validator expects (a list as role...)
             raise ManifestError(str(e)) from None
+
+
+def metric_of(manifest: Manifest, name: str) -> float | None:
+    """The value of metric ``name`` a manifest records (``meta.metrics``), if it is a finite number."""
+    import math
+
+    metrics = manifest.meta.get("metrics") if isinstance(manifest.meta, Mapping) else None
+    value = metrics.get(name) if isinstance(metrics, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def best(manifests: Any, monitor: str, mode: str, k: int = 1) -> list[Manifest]:
+    """The ``k`` best of ``manifests`` by the metric they record, best first (``mode``: ``min`` or
+    ``max``); one without a finite value of it is never among them; ties go to the newer step.
+    Retention (``keep_best``) and ``storage.final.from: best`` both choose with this."""
+    scored = [(value, m) for m in manifests if (value := metric_of(m, monitor)) is not None]
+    scored.sort(key=lambda vm: ((vm[0] if mode == "min" else -vm[0]), -vm[1].step))
+    return [m for _, m in scored[:k]]

@@ -56,9 +56,11 @@ class Plan:
     def estimate(self) -> report.Estimate:
         ck = self.settings.config.paths.checkpoints
         keeper = self.policies.get(Role.RESUME)
+        final = self.settings.config.storage.final if self.settings.config.storage is not None else None
         return report.estimate(self.parameters or 0, self.settings.recipe.train.max_steps or 0,
                                ck.save_interval, getattr(keeper, "keep_last", 10**9),
-                               getattr(keeper, "keep_every", 0), ck.save_final)
+                               getattr(keeper, "keep_every", 0), ck.save_final,
+                               2 if final is not None and final.dtype != "fp32" else 4)
 
 
 def parse_tags(recipe_tags: list[str], cli: str | None) -> dict[str, str]:
@@ -107,6 +109,10 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     bindings = bindings_for(settings, catalog)
     required = required_roles(settings)
     validate(bindings, catalog, required)
+    final = settings.config.storage.final if settings.config.storage is not None else None
+    if final is not None and final.from_ == "best" and settings.config.paths.checkpoints.keep_best is None:
+        raise ConfigError(f"{settings.config_source}: storage.final.from: 'best' needs paths.checkpoints.keep_best "
+                          "(the metric that ranks the checkpoints), e.g. keep_best: {k: 1, monitor: eval_loss}")
     policies = build_policies(bindings, catalog)
     name = run_name_for(settings, run_name)
     tag_map = parse_tags(settings.recipe.run.tags, tags)

@@ -1,14 +1,18 @@
-"""The storage estimate shown before a run (``--dry-run``) and the report printed after it."""
+"""The storage estimate shown before a run (``--dry-run``), the summary printed after it, and
+the picture of the bytes a run held over its steps (``wmtp report --plot``, and the MLflow run's
+storage picture). matplotlib is optional and imported only to draw."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import re
+from typing import Any, Iterable
 
 import attrs
 from rich.table import Table
 
 from wmtp_core.bindings import Bindings
+from wmtp_core.errors import UsageError
 from wmtp_core.events import Receipt
 from wmtp_core.roles import Role
 
@@ -39,7 +43,8 @@ class Estimate:
 
 
 def estimate(params: int, steps: int, save_interval: int, keep_last: int, keep_every: int,
-             save_final: bool) -> Estimate:
+             save_final: bool, final_bytes_per_param: int = 4) -> Estimate:
+    """``final_bytes_per_param``: 4 for fp32, 2 for ``storage.final.dtype`` bf16 or fp16."""
     regular = steps // save_interval if save_interval else 0
     saves = regular + (1 if not save_interval or steps % save_interval else 0)  # + the last step
     per_save = 3 * 4 * params + TRAINER_STATE_BYTES
@@ -48,7 +53,7 @@ def estimate(params: int, steps: int, save_interval: int, keep_last: int, keep_e
     milestones = older // (keep_every // math.gcd(save_interval, keep_every)) if keep_every and save_interval else 0
     kept = min(keep_last, saves) + milestones
     return Estimate(params=params, steps=steps, saves=saves, per_save=per_save,
-                    retained=kept * per_save, final=4 * params if save_final else 0)
+                    retained=kept * per_save, final=final_bytes_per_param * params if save_final else 0)
 
 
 def human(n: float) -> str:
@@ -106,3 +111,222 @@ def summary_lines(receipts: Iterable[Receipt], deleted: Iterable[Receipt],
             f"kept; save time {secs:.2f} s ({secs / len(rs):.2f} s each)"
         )
     return lines
+
+
+# -- the picture: bytes held over the steps ------------------------------------------------
+DEFAULT_PRICE_PER_GB_MONTH = 0.023
+"""USD per GB-month: Amazon S3 Standard, first 50 TB a month, us-east-1 (``--price-per-gb-month``
+overrides it)."""
+GB = 10**9
+"""The GB of a price: decimal, like every size WMTP prints."""
+PLOT_INSTALL_HINT = "pip install 'wmtp[plot]' (in a checkout: uv sync --extra plot)"
+DUAL_WRITER = "a trainer that also copies every save to the tracking store"
+
+
+@attrs.frozen
+class Saved:
+    """One checkpoint a run stored, and when retention removed it."""
+
+    role: Role
+    step: int
+    """The step it was saved at (for a final model, the run's last step)."""
+    nbytes: int
+    """Its bytes, as its manifest or its sink's receipt counts them."""
+    deleted_at: int | None = None
+    """The step after whose save retention removed it; ``None``: still held."""
+    inferred: bool = False
+    """No longer held and known only from the save schedule: its size is the nearest kept one's."""
+
+
+@attrs.frozen
+class StorageHistory:
+    """What a run stored, step by step: enough to say what it held after each step."""
+
+    run: str
+    saves: tuple[Saved, ...] = attrs.field(converter=tuple)
+    note: str = ""
+    """How the history was obtained, when not from the run's own receipts."""
+
+    def steps(self) -> list[int]:
+        return sorted({0} | {s.step for s in self.saves}
+                      | {s.deleted_at for s in self.saves if s.deleted_at is not None})
+
+    def held(self, step: int, role: Role | None = None) -> int:
+        """Bytes held after ``step``'s saves and the retention that followed them."""
+        return sum(s.nbytes for s in self.saves if (role is None or s.role is role) and s.step <= step
+                   and (s.deleted_at is None or s.deleted_at > step))
+
+    def dual_writer(self, step: int) -> int:
+        """What :data:`DUAL_WRITER` would hold: the same, plus a copy of every resume save so far
+        (as :attr:`Estimate.dual_writer` counts it before a run)."""
+        return self.held(step) + sum(s.nbytes for s in self.saves if s.role is Role.RESUME and s.step <= step)
+
+    @property
+    def last_step(self) -> int:
+        return self.steps()[-1]
+
+    @property
+    def inferred(self) -> int:
+        return sum(s.inferred for s in self.saves)
+
+
+def history_from_receipts(run: str, receipts: Iterable[Receipt],
+                          deleted: Iterable[tuple[Receipt, int]]) -> StorageHistory:
+    """The history of a run from its own receipts: every commit, and every deletion with the
+    newest step committed when it happened (what the tracking observer sees, in order)."""
+    gone = {r.uri: (r, at) for r, at in deleted}
+    saves = [Saved(r.role, r.step, r.nbytes, gone.pop(r.uri, (None, None))[1]) for r in receipts]
+    # deleted here, stored by an earlier part of the run (before a resume)
+    saves += [Saved(r.role, r.step, r.nbytes, at) for r, at in gone.values()]
+    return StorageHistory(run, sorted(saves, key=lambda s: (s.step, s.role.value)))
+
+
+def reconstruct(run: str, kept: list, finals: list[tuple[int | None, int]], save_interval: int,
+                policy: Any = None) -> StorageHistory:
+    """The history of a run after the fact, from what it holds and the config that ran it.
+
+    :param kept: the manifests of its committed resume checkpoints.
+    :param finals: ``(step, bytes)`` of its final models (a registry records no step: ``None``
+        stands for the run's last step).
+    :param save_interval: the config's; with ``policy``, the retention bound to the resume role.
+
+    The saves the schedule implies but that are gone are replayed through the policy as the
+    router applies it (the newest, and the one a resumed part started from, are never deleted);
+    their sizes are the nearest kept checkpoint's. If a kept checkpoint other than the newest is
+    off the schedule, or the replay does not end with exactly the kept checkpoints, the config
+    does not describe this run: only what it holds is drawn, and the note says why.
+    """
+    kept = sorted(kept, key=lambda m: m.step)
+    last = kept[-1].step if kept else 0
+    out = [Saved(Role.FINAL, last if step is None else step, nbytes) for step, nbytes in finals]
+    if not kept:
+        return StorageHistory(run, out, note="it holds no resume checkpoint")
+    by_step = {m.step: m for m in kept}
+    schedule = sorted(set(range(save_interval, last + 1, save_interval) if save_interval else ()) | set(by_step))
+    alive, deleted_at = _replay(run, kept, schedule, policy)
+    lineages = {m.lineage for m in kept}
+    off = [m.step for m in kept[:-1] if not save_interval or m.step % save_interval]  # the last may be off
+    if alive != set(by_step) or len(lineages) > 1 or off:
+        why = (f"{len(lineages)} lineages" if len(lineages) > 1 else
+               f"it holds steps {off}, which save_interval {save_interval} does not save" if off else
+               f"save_interval {save_interval} and its retention would keep steps {sorted(alive)}, "
+               f"it holds {sorted(by_step)}")
+        return StorageHistory(run, out + [Saved(Role.RESUME, m.step, m.nbytes) for m in kept],
+                              note=f"the config does not describe this run ({why}): only what it holds is drawn")
+    out += [Saved(Role.RESUME, step, (by_step.get(step) or _stand_in(kept, step)).nbytes,
+                  deleted_at.get(step), inferred=step not in by_step) for step in schedule]
+    inferred = len(schedule) - len(kept)
+    note = (f"{inferred} deleted saves inferred from save_interval {save_interval} and the retention "
+            "policy, sized as the nearest kept checkpoint") if inferred else ""
+    return StorageHistory(run, sorted(out, key=lambda s: (s.step, s.role.value)), note=note)
+
+
+def _replay(run: str, kept: list, schedule: list[int], policy: Any) -> tuple[set[int], dict[int, int]]:
+    """Retention over the saves of ``schedule``, as the router prunes after each commit.
+    Returns the steps left and, for the others, the step whose commit deleted them."""
+    by_step = {m.step: m for m in kept}
+    # a resumed part never deletes the checkpoint it resumed from, which its manifests name
+    named = re.compile(rf"/{re.escape(run)}/step_(\d+)/?$")
+    resumed = {int(x.group(1)) for m in kept if (x := named.search(str(m.meta.get("resumed_from") or "")))}
+    alive: dict[int, Any] = {}
+    deleted_at: dict[int, int] = {}
+    for step in schedule:
+        alive[step] = by_step.get(step) or _stand_in(kept, step)
+        spared = {step, max((r for r in resumed if r < step), default=step)}
+        for doomed in set(policy.select(list(alive.values())) if policy else ()) & set(alive) - spared:
+            del alive[doomed]
+            deleted_at[doomed] = step
+    return set(alive), deleted_at
+
+
+def _stand_in(kept: list, step: int) -> Any:
+    """A manifest for a save that is gone: the nearest kept one's, at ``step``, with no metrics
+    (a policy that ranks by a metric cannot be replayed; the check in :func:`reconstruct` sees it)."""
+    nearest = min(kept, key=lambda m: (abs(m.step - step), m.step))
+    return attrs.evolve(nearest, step=step, meta={k: v for k, v in nearest.meta.items() if k != "metrics"})
+
+
+def monthly_cost(nbytes: int, price_per_gb_month: float) -> float:
+    return nbytes / GB * price_per_gb_month
+
+
+def usd(amount: float) -> str:
+    """Cents from 1 USD up; below, four significant digits, never in exponent notation."""
+    if amount >= 1 or amount <= 0:
+        return f"{amount:,.2f} USD"
+    return f"{amount:.{3 - math.floor(math.log10(amount))}f} USD"
+
+
+def storage_summary(history: StorageHistory, price: float) -> dict[str, Any]:
+    """The end of the picture in numbers: bytes held and their monthly cost, both ways."""
+    end = history.last_step
+    held, dual = history.held(end), history.dual_writer(end)
+    return {"price_per_gb_month": price, "last_step": end, "held_bytes": held, "dual_writer_bytes": dual,
+            "held_usd_per_month": monthly_cost(held, price),
+            "dual_writer_usd_per_month": monthly_cost(dual, price),
+            "saves": len(history.saves), "inferred": history.inferred, "note": history.note}
+
+
+def cost_lines(history: StorageHistory, price: float) -> list[str]:
+    s = storage_summary(history, price)
+    ratio = f" ({s['dual_writer_bytes'] / s['held_bytes']:.1f}x)" if s["held_bytes"] else ""
+    rows = [["this run (resume + final)", human(s["held_bytes"]), f"{usd(s['held_usd_per_month'])} a month"],
+            [DUAL_WRITER, human(s["dual_writer_bytes"]),
+             f"{usd(s['dual_writer_usd_per_month'])} a month{ratio}"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"Held after step {s['last_step']}, at {price:g} USD per GB-month (GB = 10^9 bytes):"]
+    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) if i == 1 else c
+                               for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return lines + ([f"  note: {history.note}"] if history.note else [])
+
+
+def require_matplotlib() -> None:
+    """Drawing needs the optional extra; say how to install it, in one line."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--plot needs matplotlib, which is not installed: {PLOT_INSTALL_HINT}") from None
+
+
+def figure_png(history: StorageHistory, price: float) -> bytes:
+    """The picture as PNG bytes: the bytes held per role over the steps, and beside them what
+    :data:`DUAL_WRITER` would hold. Drawn without pyplot, so no global backend is touched."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    steps = history.steps()
+    pad = max(1, round(0.03 * steps[-1]))
+    xs = steps + [steps[-1] + pad]  # the state after the last step, given some width
+    resume = [history.held(s, Role.RESUME) for s in steps]
+    total = [history.held(s) for s in steps]
+    dual = [history.dual_writer(s) for s in steps]
+    top = max(dual + [1])
+    unit, scale = next(((u, 1000 ** i) for i, u in enumerate(("B", "KB", "MB", "GB", "TB"))
+                        if top < 1000 ** (i + 1) or u == "TB"))
+    scaled = {name: [v / scale for v in vals + vals[-1:]]
+              for name, vals in (("resume", resume), ("total", total), ("dual", dual))}
+    s = storage_summary(history, price)
+    fig = Figure(figsize=(7.2, 3.8), dpi=100)
+    ax = fig.subplots()
+    ax.fill_between(xs, 0, scaled["resume"], step="post", alpha=0.55, color="#4c72b0",
+                    label=f"resume held ({human(resume[-1])} now)")
+    ax.fill_between(xs, scaled["resume"], scaled["total"], step="post", alpha=0.55, color="#55a868",
+                    label=f"final held ({human(total[-1] - resume[-1])} now)")
+    ax.step(xs, scaled["total"], where="post", color="black", linewidth=1.2,
+            label=f"this run: {human(s['held_bytes'])}, {usd(s['held_usd_per_month'])}/month")
+    ax.step(xs, scaled["dual"], where="post", color="#c44e52", linestyle="--", linewidth=1.4,
+            label=f"{DUAL_WRITER}: {human(s['dual_writer_bytes'])}, {usd(s['dual_writer_usd_per_month'])}/month")
+    ax.set_xlim(0, xs[-1])
+    ax.set_ylim(0, top / scale * 1.08)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"bytes held ({unit})")
+    ax.set_title(f"Bytes held by run {history.run!r} (at {price:g} USD per GB-month)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=7.5, frameon=False)
+    ax.grid(alpha=0.3)
+    if history.note:
+        fig.text(0.01, 0.01, f"note: {history.note}", fontsize=6.5, color="#555555")
+    fig.tight_layout(rect=(0, 0.04 if history.note else 0, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()

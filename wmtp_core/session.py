@@ -21,7 +21,8 @@ from rich.text import Text
 from wmtp_core import progress, redact, report
 from wmtp_core.bindings import Bindings, build_sink
 from wmtp_core.console import error_line
-from wmtp_core.errors import CheckpointError, ModelLoadError, SaveError, TrainingError
+from wmtp_core.errors import CheckpointError, CorruptError, ModelLoadError, SaveError, TrainingError, UnverifiableError
+from wmtp_core.lease import Lease, LeaseHeldError, LeaseLostError
 from wmtp_core.events import (
     LoadedModel,
     RunEnded,
@@ -30,6 +31,7 @@ from wmtp_core.events import (
     RunStatus,
     StepEnded,
 )
+from wmtp_core.manifest import best, metric_of
 from wmtp_core.plan import Plan
 from wmtp_core.preemption import EXIT_PREEMPTED, Preemption
 from wmtp_core.roles import Role
@@ -60,15 +62,25 @@ def model_loader(pm: pluggy.PluginManager, mlflow: Mapping[str, Any]) -> Callabl
 
 
 def find_resume(sink: Any, spec: str, err: Console, world: Any = None,
-                restore: Callable[[Any, str], None] = lambda loaded, uri: None):
+                restore: Callable[[Any, str], None] = lambda loaded, uri: None, quarantine: bool = False):
     """Load and restore the checkpoint ``spec`` names; for ``latest``, the newest one that
     verifies and restores, saying why each newer one was skipped (a directory whose manifest
     cannot be believed included). ``restore(loaded, uri)`` raises CheckpointError to refuse.
-    Returns ``(uri, manifest)``."""
+    ``quarantine`` (rank 0 of a run that will write): move aside, through the sink, every
+    checkpoint whose files do not match its manifest, and every unbelievable directory at a
+    step after the resume point, so the run can commit those steps again. Returns
+    ``(uri, manifest)``."""
+    moved: set[str] = set()
 
     def load(uri: str):
         # sharded checkpoints are verified by all ranks together; other sinks take the URI alone
-        return sink.load(uri, world=world) if world is not None and world.size > 1 else sink.load(uri)
+        try:
+            return sink.load(uri, world=world) if world is not None and world.size > 1 else sink.load(uri)
+        except CorruptError as e:
+            if quarantine:
+                _quarantine(sink, uri, str(e), err)
+                moved.add(uri)
+            raise
 
     if spec != "latest":
         loaded = load(spec)
@@ -86,10 +98,26 @@ def find_resume(sink: Any, spec: str, err: Console, world: Any = None,
         try:
             loaded = load(uri)
             restore(loaded, uri)
-            return uri, loaded.manifest
         except CheckpointError as e:
             err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {e}"))
-    raise CheckpointError(f"--resume latest: no checkpoint under {sink.location()} verifies")
+            continue
+        if quarantine:  # in the way of the steps this run commits next
+            for other, step, reason in unverifiable:
+                if step > loaded.manifest.step:
+                    _quarantine(sink, other, reason, err)
+        return uri, loaded.manifest
+    raise CheckpointError(f"--resume latest: no checkpoint under {sink.location()} verifies"
+                          + (f" ({len(moved)} quarantined)" if moved else ""))
+
+
+def _quarantine(sink: Any, uri: str, reason: str, err: Console) -> None:
+    move = getattr(sink, "quarantine", None)
+    if move is None:
+        return
+    where = move(uri, reason)
+    if where:
+        err.print(Text.assemble(("quarantined ", "yellow"), f"{uri} as {where}: it failed verification; "
+                                "kept for inspection, `wmtp gc --quarantined` removes it"))
 
 
 def _scalars(metrics: Mapping[str, float] | None) -> dict[str, float]:
@@ -111,6 +139,9 @@ class RunSession:
         self.verbose = verbose
         self.timings: dict[str, float] = {}
         self.last_saved = -1
+        self.lease: Lease | None = None
+        """This run's lease on its resume storage (rank 0 holds it for the job)."""
+        self.world: Any = None
 
     def _phase(self, name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -121,11 +152,15 @@ class RunSession:
         from wmtp_core.engine import distributed
 
         cfg = self.plan.settings.config
-        world = distributed.setup(cfg.devices, self._device())
+        world = self.world = distributed.setup(cfg.devices, self._device())
         try:
             return self._run(world)
         finally:
-            world.close()
+            try:
+                if self.lease is not None:
+                    self.lease.release()
+            finally:
+                world.close()
 
     def _device(self):
         import torch
@@ -252,17 +287,21 @@ class RunSession:
         plan = self.plan
         probe = build_sink(plan.catalog, bindings, Role.RESUME, fresh, plan.mlflow)
         try:
+            self._take_lease(probe, fresh, world)
             if not plan.resume:
                 if probe.committed():
                     raise CheckpointError(
                         f"run {fresh.name!r} already has committed checkpoints at {probe.location()}; "
                         "continue it with --resume latest, or choose another --run-name")
+                self._clean_incomplete(probe, world)
                 return fresh, frozenset()
 
             def restore(loaded, uri: str) -> None:
                 trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
 
-            uri, manifest = find_resume(probe, plan.resume, self.err, world, restore=restore)
+            uri, manifest = find_resume(probe, plan.resume, self.err, world, restore=restore,
+                                        quarantine=world.is_main)
+            self._clean_incomplete(probe, world)
         finally:
             close = getattr(probe, "close", None)
             if close:
@@ -270,6 +309,47 @@ class RunSession:
         self.err.print(f"resuming {fresh.name!r} from {uri} (step {manifest.step})")
         run = attrs.evolve(fresh, lineage=manifest.lineage, resumed_from=redact.text(uri))
         return run, frozenset({(manifest.run, manifest.step)})
+
+    def _take_lease(self, sink: Any, fresh: RunInfo, world: Any) -> None:
+        """One writer per run: rank 0 takes the run's lease on the resume storage (refused while
+        another live process holds it) and renews it until the run ends; every rank learns the
+        refusal. A sink without ``lease_store`` (not file-like) has no lease."""
+        failure = None
+        store = getattr(sink, "lease_store", None)
+        if world.is_main and store is not None:
+            lease = Lease(store(), fresh.name,
+                          warn=lambda text: self.err.print(Text.assemble(("warning: ", "yellow"), text)))
+            try:
+                lease.acquire()
+                self.lease = lease.start()
+            except LeaseHeldError as e:
+                failure = str(e)
+        failure = world.broadcast(failure)
+        if failure:
+            raise LeaseHeldError(failure)
+
+    def _check_lease(self) -> None:
+        """Before a save: stop if another process took this run's lease over (every rank)."""
+        lost = None
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except LeaseLostError as e:
+                lost = str(e)
+        if self.world is not None and self.world.size > 1:
+            lost = self.world.broadcast(lost)
+        if lost:
+            raise LeaseLostError(lost)
+
+    def _clean_incomplete(self, sink: Any, world: Any) -> None:
+        """Before the first save: remove this run's own saves that never finished (staging
+        directories, S3 multipart uploads never completed); never another run's. Rank 0 only:
+        the other ranks' first sharded save waits on rank 0's ``prepare`` anyway."""
+        clean = getattr(sink, "clean_incomplete", None)
+        if clean is None or not world.is_main:
+            return
+        for item in clean():
+            self.err.print(f"removed {item.describe()}: a save of this run that never finished", highlight=False)
 
     def _train(self, trainer: Any, router: Router, run: RunInfo, signals: Preemption):
         with progress.for_console(self.err, run.name, trainer.total_steps, trainer.step) as shown:
@@ -286,6 +366,7 @@ class RunSession:
         """Emit this step's resume state, once per step."""
         if not router.bound(Role.RESUME) or self.last_saved == step:
             return
+        self._check_lease()
         payload = trainer.resume_payload()
         router.emit(Role.RESUME, step=step, payload=payload, metrics=_scalars(metrics),
                     nbytes=tensor_bytes(payload.parts),
@@ -301,19 +382,51 @@ class RunSession:
                 self.err.print(f"the final model of {router.run.name!r} is already stored at {stored}; "
                                "not storing it again", highlight=False)
                 return status, reason, code
-            payload = trainer.final_payload()  # a collective under FSDP: every rank takes part
+            storage = self.plan.settings.config.storage
+            final = storage.final if storage is not None else None
+            last, metrics = trainer.step, _scalars(outcome.metrics)
+            if final is not None and final.from_ == "best":
+                metrics = self._best_into(trainer, router) or metrics
+            # a collective under FSDP: every rank takes part
+            payload = trainer.final_payload(final.dtype if final is not None else "fp32")
             try:
                 if payload is not None:
-                    router.emit(Role.FINAL, step=trainer.step, payload=payload,
-                                metrics=_scalars(outcome.metrics), nbytes=tensor_bytes(payload.parts))
+                    router.emit(Role.FINAL, step=trainer.step, payload=payload, metrics=metrics,
+                                nbytes=tensor_bytes(payload.parts))
                     router.wait()
             finally:
                 discard(payload)
+                trainer.step = last  # the run ended here, whichever weights it stored
         except Exception as e:  # the resume state is committed: nothing is lost
             log.debug("final store failed", exc_info=True)
             return RunStatus.FAILED, f"final model not stored ({type(e).__name__}: {_first_line(e)})", \
                 EXIT_NOT_REGISTERED
         return status, reason, code
+
+    def _best_into(self, trainer: Any, router: Router) -> dict[str, float] | None:
+        """``storage.final.from: best``: put the weights of this lineage's best committed
+        checkpoint (``paths.checkpoints.keep_best`` ranks them) back into the trainer; returns its
+        metrics, or ``None`` (and says so) when no checkpoint records the metric."""
+        keep = self.plan.settings.config.paths.checkpoints.keep_best
+        world, sink = trainer.world, router.sink(Role.RESUME)
+        choice = None
+        if world.is_main:
+            mine = [(u, m) for u, m in sink.committed() if m.lineage == router.run.lineage]
+            top = best([m for _, m in mine], keep.monitor, keep.mode)
+            if top:
+                choice = (next(u for u, m in mine if m is top[0]), top[0].step, metric_of(top[0], keep.monitor),
+                          dict(top[0].meta.get("metrics") or {}))
+        choice = world.broadcast(choice)  # every rank loads the same checkpoint (shards: together)
+        if choice is None:
+            self.err.print(f"storage.final.from: best, but no committed checkpoint records {keep.monitor}; "
+                           "storing the last step's weights", highlight=False)
+            return None
+        uri, step, value, metrics = choice
+        loaded = sink.load(uri, world=world) if world.size > 1 else sink.load(uri)
+        trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
+        self.err.print(f"the final model is the best checkpoint, step {step} ({keep.monitor} {value:.4f}): "
+                       f"{uri}", highlight=False)
+        return _scalars(metrics)
 
     def _summary(self, router: Router, trainer: Any, outcome: Any, status: RunStatus, reason: str,
                  code: int, elapsed: float) -> None:

@@ -1,15 +1,20 @@
 """MLflow tracking observer: params, per-step metrics and tags. Stores no checkpoint bytes.
 
 It owns the MLflow run of a WMTP run: started at ``wmtp_run_started``, ended at
-``wmtp_run_ended``; the registry sink logs the final model into that same run.
+``wmtp_run_ended``; the registry sink logs the final model into that same run. At the end it
+logs one small PNG artifact, the bytes the run held over its steps (when matplotlib is
+installed): a picture drawn from the receipts, not a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+import threading
 import time
 
-from wmtp_core import hookimpl, redact
+from wmtp_core import hookimpl, redact, report
 from wmtp_plugins._mlflow import check_uris, configure
 
 FLUSH_EVERY = 50
@@ -18,6 +23,8 @@ FLUSH_SECONDS = 5.0
 """...or this often, whichever comes first: a run's curves show up while it trains."""
 MAX_PARAM = 6000
 MAX_BUFFER = 200_000
+STORAGE_PICTURE = "wmtp-storage.png"
+"""The run's artifact drawn by ``wmtp_core.report.figure_png`` from this part's receipts."""
 log = logging.getLogger("wmtp.tracking")
 
 
@@ -30,6 +37,9 @@ class MlflowTracking:
         self._logged_through = -1
         """After a resume: the last step the MLflow run already holds. Resume is bit-exact, so
         the steps replayed since the checkpoint are the same values: they are not sent twice."""
+        self._lock = threading.Lock()  # saves and retention report from background threads
+        self._newest: dict = {}  # role -> the newest step committed so far
+        self._deleted: list = []  # (receipt, the newest step of its role when it was deleted)
 
     @hookimpl
     def wmtp_check_config(self, config):
@@ -39,6 +49,7 @@ class MlflowTracking:
     @hookimpl
     def wmtp_run_started(self, event):
         self._logged_through, self._buffer, self._flushed_at = -1, [], time.monotonic()
+        self._newest, self._deleted = {}, []
         if not event.mlflow:
             return  # no mlflow section: nothing to track into
         import mlflow
@@ -86,9 +97,16 @@ class MlflowTracking:
 
     @hookimpl
     def wmtp_checkpoint_committed(self, receipt):
+        with self._lock:
+            self._newest[receipt.role] = max(self._newest.get(receipt.role, receipt.step), receipt.step)
         if self.run_id is not None and receipt.role.value == "resume":
             self._safely("tag the latest resume checkpoint",
                          self.client.set_tag, self.run_id, "wmtp.latest_resume", redact.text(receipt.uri))
+
+    @hookimpl
+    def wmtp_checkpoint_deleted(self, receipt):
+        with self._lock:
+            self._deleted.append((receipt, max(self._newest.get(receipt.role, receipt.step), receipt.step)))
 
     @hookimpl
     def wmtp_run_ended(self, event):
@@ -98,6 +116,7 @@ class MlflowTracking:
 
         try:
             self._safely("log metrics", self._flush)
+            self._safely("log the storage picture", self._log_storage_picture, event)
             self._safely("tag the run status", self.client.set_tag, self.run_id, "wmtp.status",
                          str(event.status))
             if event.reason:
@@ -106,7 +125,8 @@ class MlflowTracking:
             else:  # the tags describe the latest state: an earlier interruption is over
                 self._safely("untag the run", self._untag, "wmtp.reason")
         finally:
-            status = "FAILED" if event.status == "failed" else "FINISHED"
+            # a preempted run is resumable: KILLED, and its next part continues this MLflow run
+            status = {"failed": "FAILED", "preempted": "KILLED"}.get(str(event.status), "FINISHED")
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self.run_id:
                 self._safely("end the MLflow run", mlflow.end_run, status=status)
@@ -126,6 +146,24 @@ class MlflowTracking:
             order_by=["attributes.start_time ASC"], max_results=1,
         )
         return found[0].info.run_id if found else None
+
+    def _log_storage_picture(self, event) -> None:
+        """The bytes this part of the run held over its steps, beside a trainer that also copies
+        every save here, as one PNG artifact. Only when matplotlib (``wmtp[plot]``) is there."""
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return
+        with self._lock:
+            deleted = list(self._deleted)
+        history = report.history_from_receipts(event.run.name, event.receipts, deleted)
+        if not history.saves:
+            return
+        with tempfile.TemporaryDirectory(prefix="wmtp-storage-") as folder:
+            path = os.path.join(folder, STORAGE_PICTURE)
+            with open(path, "wb") as f:
+                f.write(report.figure_png(history, report.DEFAULT_PRICE_PER_GB_MONTH))
+            self.client.log_artifact(self.run_id, path)
 
     def _flush(self) -> None:
         self._flushed_at = time.monotonic()

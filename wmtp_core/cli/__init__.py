@@ -35,13 +35,30 @@ def parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=commands.cmd_ls)
     v = cks.add_parser("verify", parents=[storage], help="check every file against its manifest")
     v.add_argument("uri", help="one checkpoint directory, or a run directory (all committed ones)")
+    v.add_argument("--no-quarantine", action="store_true",
+                   help="only report a checkpoint whose files do not match its manifest; by default "
+                        "it is moved aside as <name>.quarantined-<time>")
     v.set_defaults(func=commands.cmd_verify)
+    cv = cks.add_parser("convert", parents=[storage],
+                        help="write a sharded (FSDP) checkpoint as a single-process one, offline")
+    cv.add_argument("uri", help="a committed sharded step_N directory")
+    cv.add_argument("out", help="the new checkpoint directory, <dir>/<run>/<name> (default: the model "
+                               "weights, e.g. .../final; with --full: the resume state)")
+    cv.add_argument("--full", action="store_true",
+                    help="the full resume state (model, optimizer, trainer), which --resume continues "
+                         "on one process")
+    cv.set_defaults(func=commands.cmd_convert)
 
     gc = sub.add_parser("gc", parents=[storage], help="remove staging left by crashed saves")
     gc.add_argument("uri", help="a run directory or a base path")
     gc.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
                     help="only remove staging whose newest file is older than this (default 3600)")
     gc.add_argument("--dry-run", action="store_true", help="show what would be removed")
+    gc.add_argument("--incomplete", action="store_true",
+                    help="also abort incomplete S3 multipart uploads of killed saves")
+    gc.add_argument("--quarantined", action="store_true",
+                    help="also remove quarantined checkpoints (ones that failed verification and were "
+                         "moved aside); never removed otherwise")
     gc.set_defaults(func=commands.cmd_gc)
 
     reg = sub.add_parser("register", parents=[storage],
@@ -56,6 +73,12 @@ def parser() -> argparse.ArgumentParser:
                      help="a run directory, or a run name under the config's checkpoint base path")
     rep.add_argument("--config", help="config YAML (paths, mlflow); omitted: embedded defaults")
     rep.add_argument("--json", action="store_true", help="machine-readable output")
+    rep.add_argument("--plot", metavar="PNG",
+                     help="draw the bytes held per role over the steps, beside a trainer that copies "
+                          "every save to the tracking store, into this PNG (needs wmtp[plot])")
+    rep.add_argument("--price-per-gb-month", type=float, metavar="USD",
+                     help="price the bytes held at the end, both ways "
+                          "(default with --plot: 0.023, S3 Standard)")
     rep.set_defaults(func=commands.cmd_report)
     return p
 

@@ -4,11 +4,13 @@ the exit status. What they read about stored checkpoints comes from :mod:`.inven
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import time
 from typing import Any
 
 import attrs
+import fsspec
 from rich.console import Console
 
 from wmtp_core.cli.inventory import leftovers, locate, scan
@@ -22,7 +24,8 @@ from wmtp_core.commit import (
 from wmtp_core.config import load_settings
 from wmtp_core.config.routing import resume_base
 from wmtp_core.console import error_line
-from wmtp_core.errors import CheckpointError, UsageError, WmtpError
+from wmtp_core.errors import CheckpointError, CorruptError, UsageError, WmtpError
+from wmtp_core.lease import live_writer
 from wmtp_core.events import RunInfo
 from wmtp_core.plugins import (
     CORE_PLUGINS,
@@ -30,7 +33,15 @@ from wmtp_core.plugins import (
     distributions,
     make_plugin_manager,
 )
-from wmtp_core.report import human
+from wmtp_core.report import (
+    DEFAULT_PRICE_PER_GB_MONTH,
+    cost_lines,
+    figure_png,
+    human,
+    reconstruct,
+    require_matplotlib,
+    storage_summary,
+)
 from wmtp_core.roles import Role
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_REGISTERED = 0, 1, 2, 3
@@ -106,9 +117,9 @@ def cmd_ls(args, out: Console, err: Console) -> int:
         out.print(f"no checkpoints under {args.uri}")
         return EXIT_OK
     rows = [[e.run, e.name, "" if e.step is None else str(e.step), e.role or "-", e.state.value,
-             str(e.files), human(e.bytes), (e.created_at or "-")[:19].replace("T", " "),
+             str(e.files), human(e.bytes), e.metric, (e.created_at or "-")[:19].replace("T", " "),
              (e.lineage or "-")[:8]] for e in entries]
-    header = ["run", "name", "step", "role", "state", "files", "bytes", "created_at", "lineage"]
+    header = ["run", "name", "step", "role", "state", "files", "bytes", "metric", "created_at", "lineage"]
     out.print("\n".join(_columns([header, *rows])))
     for e in entries:
         if e.problem and e.state is not CheckpointState.STAGING:
@@ -143,8 +154,35 @@ def cmd_verify(args, out: Console, err: Console) -> int:
         except CheckpointError as e:
             failed += 1
             out.print(f"FAILED  {store.uri(path)}: {e}")
+            if isinstance(e, CorruptError) and not args.no_quarantine:
+                moved = store.quarantine(path, str(e))
+                if moved:
+                    out.print(f"        quarantined as {store.uri(moved)} (wmtp gc --quarantined removes it)")
     out.print(f"{len(paths) - failed} of {_count(len(paths), 'checkpoint')} verified")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_convert(args, out: Console, err: Console) -> int:
+    """A sharded (FSDP) checkpoint as a single-process one, offline: the model weights (a
+    committed final model), or with ``--full`` the whole resume state. The source is verified
+    first."""
+    from wmtp_core.checkpoint_models import convert_sharded
+
+    options = storage_options(args.storage_option)
+    loc = locate(args.uri, options)
+    if loc.kind != "checkpoint":
+        raise UsageError(f"{args.uri} is not a checkpoint directory; name a sharded step_N directory")
+    source = loc.store.uri(loc.checkpoint)
+    what = "the resume state (model, optimizer, trainer)" if args.full else "the model weights"
+    err.print(f"verifying {source}, then writing {what} as a single-process checkpoint ...", highlight=False)
+    uri, manifest = convert_sharded(source, args.out, full=args.full, storage_options=options)
+    out.print(f"wrote {what} of {source} (step {manifest.step}) to {uri} "
+              f"({_count(len(manifest.files), 'file')}, {human(manifest.nbytes)})")
+    if args.full:
+        out.print(f"continue it on one process with: python -m wmtp_core.run ... --resume {uri}")
+    else:
+        out.print(f"use it as paths.models.ref or rm, or store it as the final model with: wmtp register {uri}")
+    return EXIT_OK
 
 
 def cmd_gc(args, out: Console, err: Console) -> int:
@@ -155,11 +193,25 @@ def cmd_gc(args, out: Console, err: Console) -> int:
         raise UsageError(f"{args.uri} is one checkpoint; gc takes a run directory or a base path")
     fs, now, freed, removed = loc.store.fs, time.time(), 0, 0
     verb = "would remove" if args.dry_run else "removed"
+    dropped = 0
     for run in loc.runs:
+        live = live_writer(loc.store, run)
         for e in leftovers(loc.store, run):
             if e.state is CheckpointState.UNVERIFIABLE:
                 out.print(f"kept    {e.uri}: its {MANIFEST} cannot be believed ({e.problem}); "
                           "inspect it before deleting it by hand")
+                continue
+            if e.state is CheckpointState.QUARANTINED:
+                if not args.quarantined:
+                    out.print(f"kept    {e.uri}: quarantined ({e.problem}); --quarantined removes it")
+                    continue
+                if not args.dry_run:
+                    fs.rm(e.path, recursive=True)
+                freed, dropped = freed + e.bytes, dropped + 1
+                out.print(f"{verb} quarantined {e.uri} ({_count(e.files, 'file')}, {human(e.bytes)})")
+                continue
+            if live is not None:
+                out.print(f"kept    {e.uri}: run {run!r} is being written ({live}); a save may be in flight")
                 continue
             if e.state is CheckpointState.FOREIGN:
                 out.print(f"kept    {e.uri}: not ours (no {MANIFEST} and no {STAGING_MARKER}: "
@@ -179,8 +231,27 @@ def cmd_gc(args, out: Console, err: Console) -> int:
                 fs.rm(e.path, recursive=True)
             freed, removed = freed + e.bytes, removed + 1
             out.print(f"{verb} {e.uri} ({_count(e.files, 'file')}, {human(e.bytes)})")
-    out.print(f"{verb} {_count(removed, 'staging directory', 'staging directories')}; "
-              f"{'would free' if args.dry_run else 'freed'} {human(freed)} ({freed} bytes)")
+    aborted = 0
+    if args.incomplete:  # uploads of killed saves: under the run, or under every run of the base
+        for upload in loc.store.incomplete_uploads(loc.runs[0] if loc.kind == "run" else None):
+            age = now - upload.started if upload.started is not None else None
+            if not upload.ours:
+                out.print(f"kept    incomplete upload of {upload.uri}: not ours ({upload.problem})")
+                continue
+            if args.min_age > 0 and (age is None or age < args.min_age):
+                seen = "age unknown" if age is None else f"begun {age:.0f} s ago"
+                out.print(f"kept    incomplete upload of {upload.uri}: {seen}, under --min-age {args.min_age:g} s")
+                continue
+            if not args.dry_run:
+                loc.store.abort_upload(upload)
+            freed, aborted = freed + (upload.bytes or 0), aborted + 1
+            out.print(f"{'would abort' if args.dry_run else 'aborted'} incomplete upload of {upload.uri} "
+                      f"({human(upload.bytes or 0)} in parts)")
+    out.print(f"{verb} {_count(removed, 'staging directory', 'staging directories')}"
+              + (f", {'would abort' if args.dry_run else 'aborted'} {_count(aborted, 'incomplete upload')}"
+                 if args.incomplete else "")
+              + (f", {verb} {_count(dropped, 'quarantined checkpoint')}" if args.quarantined else "")
+              + f"; {'would free' if args.dry_run else 'freed'} {human(freed)} ({freed} bytes)")
     return EXIT_OK
 
 
@@ -237,7 +308,11 @@ def _not_registered(err: Console, e: Exception, source: str) -> int:
 
 def cmd_report(args, out: Console, err: Console) -> int:
     """The bytes a run holds: its resume checkpoints (from the inventory of the URI) and what
-    the final sink the config binds holds for the run's lineages (asked, not guessed)."""
+    the final sink the config binds holds for the run's lineages (asked, not guessed). With
+    ``--plot`` or a price: those bytes over the steps, and what they cost a month."""
+    price = _price(args)
+    if args.plot:
+        require_matplotlib()  # before any work: one line saying how to install it
     settings = load_settings(args.config)
     uri = args.run
     if "/" not in uri and "://" not in uri:  # a bare run name, under the configured base path
@@ -269,11 +344,46 @@ def cmd_report(args, out: Console, err: Console) -> int:
     }
     report["total_bytes"] = (report["resume"]["bytes"] + report["staging"]["bytes"]
                              + report["unverifiable"]["bytes"] + sum(f["bytes"] or 0 for f in finals))
+    history = None
+    if price is not None:
+        history = _storage_history(settings, store, run, finals)
+        report["storage"] = storage_summary(history, price)
     if args.json:
         out.out(json.dumps(report, indent=2))
     else:
-        out.print("\n".join(_report_lines(report)))
+        out.print("\n".join(_report_lines(report) + (cost_lines(history, price) if history else [])))
+    if args.plot:
+        png = figure_png(history, price)
+        try:
+            with fsspec.open(args.plot, "wb") as f:
+                f.write(png)
+        except (OSError, ValueError, ImportError) as e:  # no such folder, an unknown protocol
+            raise UsageError(f"--plot {args.plot}: cannot be written ({type(e).__name__}: {e})") from None
+        err.print(f"wrote {args.plot}", highlight=False)
     return EXIT_OK
+
+
+def _price(args) -> float | None:
+    """USD per GB-month to price the report at: given, the default under ``--plot``, or none."""
+    price = args.price_per_gb_month
+    if price is not None and not (math.isfinite(price) and price >= 0):
+        raise UsageError(f"--price-per-gb-month: {price:g} is not accepted; use a price in USD >= 0, "
+                         f"e.g. {DEFAULT_PRICE_PER_GB_MONTH} (S3 Standard)")
+    return DEFAULT_PRICE_PER_GB_MONTH if price is None and args.plot else price
+
+
+def _storage_history(settings, store: CheckpointStore, run: str, finals: list[dict[str, Any]]):
+    """What the run held over its steps, reconstructed from its kept checkpoints, the final
+    models found, and the save schedule and retention policy of the config (no file of its own:
+    the run directory holds checkpoints only)."""
+    from wmtp_core.config.routing import bindings_for
+
+    catalog = build_catalog(make_plugin_manager())
+    binding = next((p for p in bindings_for(settings, catalog).policies if p.role is Role.RESUME), None)
+    policy = catalog.policies[binding.policy].factory(dict(binding.options)) if binding else None
+    kept = [m for _, m in store.list(run)]
+    held = [(f["step"], f["bytes"] or 0) for f in finals]
+    return reconstruct(run, kept, held, settings.config.paths.checkpoints.save_interval, policy)
 
 
 def _final_holdings(settings, run: str, lineages: set[str], seen: set[str], err: Console) -> list[dict[str, Any]]:

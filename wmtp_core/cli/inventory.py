@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import posixpath
 import re
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import attrs
 import fsspec
@@ -89,7 +89,9 @@ class Entry:
     state: CheckpointState = attrs.field(converter=CheckpointState)
     """``committed``; ``unverifiable`` (a manifest that cannot be believed: never resumed from,
     never counted, never deleted); ``staging`` (WMTP's marker, no manifest: a save that did not
-    finish, which ``gc`` removes); ``foreign`` (neither: not written by WMTP, never touched)."""
+    finish, which ``gc`` removes); ``foreign`` (neither: not written by WMTP, never touched);
+    ``quarantined`` (failed verification and moved aside as ``<name>.quarantined-<time>``: never
+    resumed from, counted or deleted by retention; ``gc --quarantined`` removes it)."""
     files: int
     bytes: int
     created_at: str | None
@@ -100,6 +102,16 @@ class Entry:
     """Not committed only: the newest file's modification time (the age ``gc`` tests)."""
     problem: str = ""
     """Not committed only: why."""
+    metrics: dict[str, float] = attrs.field(factory=dict)
+    """Committed only: the metrics its manifest records (``keep_best`` ranks by one of them)."""
+
+    @property
+    def metric(self) -> str:
+        """The metric ``ls`` shows: ``eval_loss`` if recorded, else ``loss``."""
+        for name in ("eval_loss", "loss"):
+            if isinstance(self.metrics.get(name), (int, float)):
+                return f"{name}={self.metrics[name]:.4f}"
+        return "-"
 
     def to_json(self) -> dict[str, Any]:
         out = attrs.asdict(self, filter=lambda a, _: a.name != "path")
@@ -113,6 +125,7 @@ def scan(store: CheckpointStore, run: str) -> list[Entry]:
     final = store.path_of(run, FINAL_DIR)
     if store.fs.isdir(final):
         found.append(store.inspect_dir(final))
+    found.extend(store.quarantined(run))
     entries = [_entry(store, run, i) for i in found]
     # final after the step_N of its step; a final without a step last
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name == FINAL_DIR))
@@ -132,11 +145,13 @@ def _entry(store: CheckpointStore, run: str, i: Inspected) -> Entry:
     name = posixpath.basename(i.path)
     if i.state is CheckpointState.COMMITTED:
         m = i.manifest
+        metrics = m.meta.get("metrics") if isinstance(m.meta, Mapping) else None
         return Entry(run=run, name=name, step=m.step, role=m.role.value, state="committed",
                      files=len(m.files), bytes=m.nbytes, created_at=m.created_at, lineage=m.lineage,
-                     uri=store.uri(i.path), path=i.path)
+                     uri=store.uri(i.path), path=i.path,
+                     metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))})
     files, nbytes, newest = _contents(store.fs, i.path)
-    step = int(name.removeprefix("step_")) if name.startswith("step_") else None
+    step = int(re.match(r"step_(\d+)", name).group(1)) if name.startswith("step_") else None
     return Entry(run=run, name=name, step=step, role=None, state=i.state, files=files, bytes=nbytes,
                  created_at=None, lineage=None, uri=store.uri(i.path), path=i.path, modified=newest,
                  problem=i.problem)

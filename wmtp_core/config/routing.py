@@ -44,6 +44,17 @@ def required_roles(settings: Settings) -> frozenset[Role]:
     return frozenset(roles)
 
 
+TIER_KEYS = ("fast", "durable", "fast_keep_last")
+"""``storage.<role>`` keys of the ``tiered`` sink, handed to the sink with its options."""
+
+
+def sink_options(role_cfg) -> dict:
+    """``storage.<role>.options``, plus the tier keys that are set (the ``tiered`` sink reads
+    ``fast``, ``durable`` and ``fast_keep_last`` there)."""
+    tiers = {k: getattr(role_cfg, k) for k in TIER_KEYS if getattr(role_cfg, k, None) is not None}
+    return {**role_cfg.options, **tiers}
+
+
 def bindings_for(settings: Settings, catalog: Catalog) -> Bindings:
     """The run's bindings. Explicit ``storage.<role>`` wins; otherwise resume follows the base
     path's protocol and final goes to the MLflow registry when ``mlflow`` is configured."""
@@ -55,7 +66,7 @@ def bindings_for(settings: Settings, catalog: Catalog) -> Bindings:
     for role in (Role.RESUME, Role.FINAL):
         explicit = getattr(st, role.value, None) if st is not None else None
         if explicit is not None:
-            sinks.append(SinkBinding(role=role, sink=explicit.sink, options=explicit.options,
+            sinks.append(SinkBinding(role=role, sink=explicit.sink, options=sink_options(explicit),
                                      origin=f"{src}: storage.{role.value}.sink",
                                      base_path=base_path_for(role, settings)))
         elif role in roles:
@@ -68,8 +79,10 @@ def bindings_for(settings: Settings, catalog: Catalog) -> Bindings:
         ]
     else:
         ck = cfg.paths.checkpoints
-        policies = [PolicyBinding(role=Role.RESUME, policy="keep_last",
-                                  options={"keep_last": ck.keep_last, "keep_every": ck.keep_every},
+        options = {"keep_last": ck.keep_last, "keep_every": ck.keep_every}
+        if ck.keep_best is not None:
+            options["keep_best"] = {"k": ck.keep_best.k, "monitor": ck.keep_best.monitor, "mode": ck.keep_best.mode}
+        policies = [PolicyBinding(role=Role.RESUME, policy="keep_last", options=options,
                                   origin=f"{src}: paths.checkpoints.keep_last")]
     return Bindings(sinks=sinks, policies=policies)
 

@@ -164,6 +164,10 @@ def load_documents(settings: Settings, sources: list[str], split: str, key: str)
     return docs
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``storage.final.dtype``: what the final model's floating-point weights are stored in."""
+
+
 class Trainer:
     """One run's model, optimiser, data and algorithm, stepping. It holds no run identity, no
     router and no plugin manager: what it produces leaves through the callbacks of
@@ -360,6 +364,8 @@ class Trainer:
             if "eval_loss" in metrics and self._should_stop(metrics):
                 self.stopped_early = True
             if signalled:
+                self._before_save(metrics)  # the caller commits this step
+                out.metrics = metrics
                 out.status = "preempted"
                 out.reason = f"preempted by {stop() or 'a signal to another rank'} at step {self.step}"
                 break
@@ -454,15 +460,18 @@ class Trainer:
         """This step's resume state, as the router hands it to the resume sink."""
         return Payload(parts=self.state(), world=self.world if self.fsdp else None)
 
-    def final_payload(self) -> Payload | None:
-        """The full weights for the final role; under FSDP a collective whose result only
-        rank 0 keeps (``None`` elsewhere). A Hugging Face model also comes as a folder (see
-        :func:`wmtp_core.engine.hf.export`), which the caller removes once it is stored."""
+    def final_payload(self, dtype: str = "fp32") -> Payload | None:
+        """The full weights for the final role, in ``dtype`` (``fp32``, ``bf16``, ``fp16``); under
+        FSDP a collective whose result only rank 0 keeps (``None`` elsewhere). A Hugging Face
+        model also comes as a folder (see :func:`wmtp_core.engine.hf.export`), which the caller
+        removes once it is stored."""
         weights = distributed.full_weights(self.model) if self.fsdp else cpu_copy(self.model.state_dict())
         if not self.world.is_main:
             return None
-        weights = {k: v for k, v in weights.items() if not k.startswith("value_head.")}
-        module = models.rebuild(self.base.record, weights, "the trained model")
+        cast = DTYPES[dtype]
+        weights = {k: v.to(cast) if v.is_floating_point() else v for k, v in weights.items()
+                   if not k.startswith("value_head.")}
+        module = models.rebuild(self.base.record, weights, "the trained model").to(cast)
         module.eval()
         # two rows, so the exported program keeps a dynamic batch dimension
         example = self.eval_set[0][0][:2].cpu() if self.eval_set else torch.zeros(2, 8, dtype=torch.long)
@@ -472,6 +481,6 @@ class Trainer:
 
             folder = hf.export(module, self.base.tokenizer, tempfile.mkdtemp(prefix="wmtp-final-"),
                                {"algo": self.settings.recipe.train.algo, "base_model": self.base.record["base"],
-                                "step": self.step})
+                                "step": self.step, "dtype": dtype})
         return Payload(parts={"model": weights}, model=module, example_input=example,
                        model_config=self.base.record, folder=folder)

@@ -1,0 +1,346 @@
+"""One writer per run: a lease on the run's directory, renewed by a heartbeat.
+
+A run that writes checkpoints holds ``<base>/<run>/.wmtp-lease`` on its resume storage (local
+disk or S3, through fsspec like every other byte) for as long as it writes: a small JSON object
+naming the host, the process, when it started and its last heartbeat. A second process that
+starts or resumes the same run while that lease is live is refused at start, with a message
+naming the holder, before it trains a step.
+
+A lease is live while its heartbeat is younger than :data:`TIMEOUT_S` (the holder renews it
+every :data:`HEARTBEAT_S`). An older one is taken over with a warning: its holder is gone, or
+cannot reach the storage and will find out at its next save. On the holder's own host a lease
+whose process no longer runs is taken over at once (a crashed or killed run is resumed without
+waiting). Hosts compare heartbeats by their clocks: keep them in sync (NTP) to well within the
+timeout.
+
+Taking a lease is atomic: on S3 a conditional write (``If-None-Match: *`` to create one,
+``If-Match`` on the ETag to renew or take over a stale one); on local disk every change happens
+under an exclusive ``flock`` on the run directory. A holder whose lease was taken over learns it at its next heartbeat
+and stops at its next save with :class:`LeaseLostError`; it never overwrites the new holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+import attrs
+from fsspec.implementations.local import LocalFileSystem
+
+from wmtp_core.errors import CheckpointError
+
+LEASE_FILE = ".wmtp-lease"
+HEARTBEAT_S = 10.0
+"""How often the holder renews its lease."""
+TIMEOUT_S = 60.0
+"""A lease whose last heartbeat is older than this is stale and taken over."""
+
+log = logging.getLogger("wmtp")
+
+
+class LeaseHeldError(CheckpointError):
+    """Another live process holds the run's lease: this one is refused at start."""
+
+
+class LeaseLostError(CheckpointError):
+    """This process's lease was taken over by another one: it must stop writing."""
+
+
+def _proc_start(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), to tell a reused PID
+    from the process that wrote the lease; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@attrs.frozen
+class Holder:
+    """Who holds a lease, as its lease file says."""
+
+    host: str
+    pid: int
+    started_at: str
+    heartbeat: float
+    """POSIX time of the last heartbeat, by the holder's clock."""
+    token: str
+    proc_start: int | None = None
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Holder | None:
+        try:
+            d = json.loads(raw)
+            return cls(host=str(d["host"]), pid=int(d["pid"]), started_at=str(d["started_at"]),
+                       heartbeat=float(d["heartbeat"]), token=str(d["token"]),
+                       proc_start=d.get("proc_start"))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def to_bytes(self) -> bytes:
+        d = attrs.asdict(self)
+        d["heartbeat_at"] = dt.datetime.fromtimestamp(self.heartbeat, dt.timezone.utc).isoformat()
+        return json.dumps(d, sort_keys=True).encode()
+
+    def age(self, now: float | None = None) -> float:
+        return (time.time() if now is None else now) - self.heartbeat
+
+    def gone(self) -> bool:
+        """True when this host can see that the holder's process no longer runs."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # someone else's process: alive
+        start = _proc_start(self.pid)
+        return self.proc_start is not None and start is not None and start != self.proc_start
+
+    def describe(self) -> str:
+        return (f"host {self.host}, pid {self.pid}, started {self.started_at[:19].replace('T', ' ')} UTC, "
+                f"last heartbeat {max(self.age(), 0):.0f} s ago")
+
+
+class Lease:
+    """The lease of one run on one store (a :class:`~wmtp_core.commit.CheckpointStore`).
+
+    ``acquire()`` takes it or raises :class:`LeaseHeldError`; ``start()`` begins the heartbeat;
+    ``check()`` raises :class:`LeaseLostError` once another process took it over; ``release()``
+    stops the heartbeat and removes the lease if it is still this process's.
+    """
+
+    def __init__(self, store: Any, run: str, *, timeout: float = TIMEOUT_S, heartbeat: float = HEARTBEAT_S,
+                 warn: Callable[[str], None] = log.warning) -> None:
+        self.store = store
+        self.fs = store.fs
+        self.run = run
+        self.path = posixpath.join(store.run_dir(run), LEASE_FILE)
+        self.uri = store.uri(self.path)
+        self.timeout = timeout
+        self.interval = heartbeat
+        self.warn = warn
+        self.me = Holder(host=socket.gethostname(), pid=os.getpid(),
+                         started_at=dt.datetime.now(dt.timezone.utc).isoformat(), heartbeat=time.time(),
+                         token=uuid.uuid4().hex, proc_start=_proc_start(os.getpid()))
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._local = isinstance(self.fs, LocalFileSystem)
+        self._s3 = callable(getattr(self.fs, "call_s3", None))
+
+    # -- taking and giving back ----------------------------------------------------------
+    def acquire(self) -> Holder | None:
+        """Take the lease. Returns the previous holder when a stale lease was taken over (after
+        warning), None when there was none. Raises :class:`LeaseHeldError` naming a live holder."""
+        for _ in range(5):  # another process may be doing the same: look again after a race
+            if self._create():
+                return None
+            current, tag = self._read()
+            if current is None and tag is None:
+                continue  # removed since: try to create it again
+            if current is not None and current.token == self.me.token:
+                return None
+            if current is not None and current.age() < self.timeout and not current.gone():
+                raise LeaseHeldError(
+                    f"run {self.run!r} is being written by another process ({current.describe()}; "
+                    f"lease {self.uri}). Only one process may write a run: wait for it to end or stop "
+                    f"it, or choose another --run-name. A lease whose heartbeat is older than "
+                    f"{self.timeout:.0f} s is taken over.")
+            if self._take_over(tag):
+                why = ("its lease file cannot be read" if current is None else
+                       f"its process no longer runs ({current.describe()})" if current.gone() else
+                       f"its heartbeat is older than {self.timeout:.0f} s ({current.describe()})")
+                self.warn(f"taking over the lease of run {self.run!r} at {self.uri}: {why}")
+                return current
+        raise LeaseHeldError(f"run {self.run!r}: could not take its lease at {self.uri}: other "
+                             "processes keep taking it at the same time")
+
+    def start(self) -> Lease:
+        """Renew the lease every ``heartbeat`` seconds until :meth:`release`."""
+        self._thread = threading.Thread(target=self._beat, name="wmtp-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLostError` if another process took this run's lease over. Reads
+        the lease (one small read): called before each save, it does not wait for a heartbeat.
+        A lease file that vanished is written again; storage that cannot be read now is left to
+        the heartbeat."""
+        if not self._lost:
+            try:
+                current, _ = self._read()
+                if current is None and not self._create():
+                    current, _ = self._read()
+                if current is not None and current.token != self.me.token:
+                    self._lost = (f"run {self.run!r}: another process took over its lease "
+                                  f"({current.describe()}; {self.uri}); this process stops writing")
+            except Exception as e:
+                log.warning("could not read the lease %s: %s: %s", self.uri, type(e).__name__, e)
+        if self._lost:
+            raise LeaseLostError(self._lost)
+
+    def release(self) -> None:
+        """Stop the heartbeat; remove the lease if it is still this process's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 30)
+        if self._lost:
+            return
+        try:
+            self._remove()
+        except Exception as e:  # storage unreachable at the very end: the lease goes stale
+            log.warning("could not remove the lease %s: %s: %s", self.uri, type(e).__name__, e)
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    # -- the heartbeat --------------------------------------------------------------------
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.renew()
+            except LeaseLostError as e:
+                self._lost = str(e)
+                self.warn(str(e))
+                return
+            except Exception as e:  # storage briefly unreachable: the next beat tries again
+                log.warning("lease heartbeat of run %r failed: %s: %s", self.run, type(e).__name__, e)
+
+    def renew(self) -> None:
+        """Write a fresh heartbeat, only over this process's own lease."""
+        current, tag = self._read()
+        if current is None or current.token != self.me.token:
+            who = current.describe() if current is not None else "its lease file is gone or unreadable"
+            raise LeaseLostError(f"run {self.run!r}: another process took over its lease ({who}; "
+                                 f"{self.uri}); this process stops writing")
+        self.me = attrs.evolve(self.me, heartbeat=time.time())
+        if not self._replace(tag):
+            raise LeaseLostError(f"run {self.run!r}: another process took over its lease at {self.uri} "
+                                 "during a heartbeat; this process stops writing")
+
+    # -- atomic operations per filesystem -------------------------------------------------
+    def _read(self) -> tuple[Holder | None, str | None]:
+        """The current holder (None if unreadable) and a version tag (None if there is no lease):
+        the ETag on S3, a digest of the content elsewhere."""
+        try:
+            if self._s3:  # the version first: a content newer than it makes a later If-Match fail
+                bucket, key, _ = self.fs.split_path(self.path)
+                tag = self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
+            self.fs.invalidate_cache(self.path)
+            raw = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None, None
+        if not self._s3:
+            tag = hashlib.sha256(raw).hexdigest()
+        return Holder.parse(raw), tag
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Local disk: every change of the lease happens under an exclusive ``flock`` on the run
+        directory, so a read, a check and a write are one step (and no lock file is left)."""
+        os.makedirs(self.store.run_dir(self.run), exist_ok=True)
+        fd = os.open(self.store.run_dir(self.run), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write_local(self, data: bytes) -> None:
+        tmp = f"{self.path}.{self.me.token}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def _create(self) -> bool:
+        """Write this process's lease where there is none; False if there is one."""
+        self.me = attrs.evolve(self.me, heartbeat=time.time())
+        data = self.me.to_bytes()
+        if self._local:
+            with self._locked():
+                if os.path.exists(self.path):
+                    return False
+                self._write_local(data)
+                return True
+        if self._s3:
+            bucket, key, _ = self.fs.split_path(self.path)
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except FileExistsError:
+                return False
+            return True
+        if self.fs.exists(self.path):  # other filesystems: best effort
+            return False
+        self.fs.pipe_file(self.path, data)
+        return True
+
+    def _replace(self, tag: str | None) -> bool:
+        """Write this process's lease over the version ``tag`` read just before; False if it
+        changed meanwhile."""
+        data = self.me.to_bytes()
+        if self._s3:
+            bucket, key, _ = self.fs.split_path(self.path)
+            try:
+                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+            except (FileNotFoundError, OSError) as e:
+                if isinstance(e, FileNotFoundError) or "Precondition" in str(e) or \
+                        getattr(e, "errno", None) == errno.EINVAL:
+                    return False
+                raise
+            return True
+        if self._local:
+            with self._locked():
+                if self._read()[1] != tag:
+                    return False
+                self._write_local(data)
+                return True
+        self.fs.pipe_file(self.path, data)
+        return True
+
+    def _take_over(self, tag: str | None) -> bool:
+        """Replace a stale lease (version ``tag``); False when another process got there first."""
+        return self._replace(tag)
+
+    def _remove(self) -> None:
+        """Remove the lease if it is still this process's."""
+        if self._local:
+            with self._locked():
+                current, _ = self._read()
+                if current is not None and current.token == self.me.token:
+                    os.unlink(self.path)
+            return
+        current, _ = self._read()
+        if current is not None and current.token == self.me.token:
+            self.fs.rm_file(self.path)
+
+def live_writer(store: Any, run: str, timeout: float = TIMEOUT_S) -> str | None:
+    """Who is writing ``run`` now (its lease is live), described in words; None if nobody is."""
+    try:
+        holder, _ = Lease(store, run, timeout=timeout)._read()
+    except Exception:  # unreadable lease storage: nobody known to be writing
+        return None
+    if holder is None or holder.age() >= timeout or holder.gone():
+        return None
+    return holder.describe()

@@ -1,0 +1,428 @@
+"""Tiered sink: resume state committed on a fast tier (local disk), copied in the background to
+a durable tier (S3), where each copy commits with its own verified manifest.
+
+``storage.resume: {sink: tiered, fast: <URL>, durable: <URL>, fast_keep_last: N}``. A save
+commits on the fast tier (the commit protocol of :class:`~wmtp_core.FileSink`) and returns; one
+background thread then streams the committed files to the durable tier, hashing every byte as
+it passes and refusing a file that does not match the fast manifest, and commits the copy with
+a manifest written last. After each copy the fast tier keeps its newest ``fast_keep_last``
+checkpoints (never one that has no durable copy yet). The role's retention policy decides which
+checkpoints exist at all: the router's deletions remove both copies. Resume takes the newest
+checkpoint that verifies in either tier, preferring the fast copy. A copy that still fails
+after the S3 client's own retries is raised as :class:`~wmtp_core.SaveError` at the next save
+or when the run closes the sink. (After MosaicML Composer's ``RemoteUploader``.)
+
+Every other ``storage.resume.options`` key is a storage option of the durable tier (for S3:
+s3fs options; ``config_kwargs.retries`` sets botocore's retries, standard mode with 5 attempts
+unless given).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import posixpath
+import re
+import threading
+import time
+from typing import Any
+
+import attrs
+import fsspec
+from fsspec.core import split_protocol
+
+from wmtp_core import BindingError, CheckpointError, CorruptError, FileSink, Role, SaveError, SinkSpec, hookimpl
+from wmtp_core.commit import CHUNK, CheckpointState, step_dirname
+from wmtp_core.manifest import new_hasher
+from wmtp_plugins import s3
+
+FAST_KEEP_LAST = 1
+"""Committed checkpoints kept on the fast tier when ``fast_keep_last`` is not set."""
+MAX_PENDING = 2
+"""Copies to the durable tier waiting or in flight; a save beyond them first waits for the
+oldest, so a durable tier slower than the saves cannot fill the fast one."""
+RETRIES = {"max_attempts": 5, "mode": "standard"}
+"""botocore's retries for an S3 durable tier, unless ``config_kwargs.retries`` is given."""
+TIER_KEYS = ("fast", "durable", "fast_keep_last")
+_STEP = re.compile(r"step_(\d+)")
+
+log = logging.getLogger(__name__)
+
+
+def tiers(options: Any, where: str = "storage.resume") -> tuple[str, str, int]:
+    """``(fast, durable, fast_keep_last)`` from the sink's options, or a :class:`BindingError`
+    naming the key (``where``: the config key of the binding)."""
+    urls = []
+    for key, example in (("fast", "file:///local/disk/checkpoints"), ("durable", "s3://bucket/checkpoints")):
+        url = options.get(key)
+        if not url or not isinstance(url, str):
+            raise BindingError(f"{where}.{key}: sink 'tiered' needs a {key} tier; set {where}.{key} to "
+                               f"a URL (e.g. {example!r}), got {url!r}")
+        protocol = split_protocol(url)[0] or "file"
+        if protocol not in fsspec.available_protocols():
+            raise BindingError(f"{where}.{key}: {url!r} uses protocol {protocol!r}, which fsspec does "
+                               "not know; use a local path or an s3:// URL")
+        urls.append(url)
+    if urls[0].rstrip("/") == urls[1].rstrip("/"):
+        raise BindingError(f"{where}.durable: {urls[1]!r} is the fast tier too; the durable tier is "
+                           "another place (for example s3://)")
+    keep = options.get("fast_keep_last")
+    if keep is None:
+        keep = FAST_KEEP_LAST
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise BindingError(f"{where}.fast_keep_last: {keep!r} is not accepted; an integer >= 1")
+    return urls[0], urls[1], keep
+
+
+def _where(binding: Any) -> str:
+    """``c.yaml: storage.resume`` from the binding's origin ``c.yaml: storage.resume.sink``."""
+    origin = binding.origin
+    return origin.removesuffix(".sink") if origin.endswith(".sink") else f"{origin}: storage.{binding.role.value}"
+
+
+def check(binding) -> None:
+    """``tiered`` needs both tiers: a missing ``fast`` or ``durable`` is refused before anything
+    is written (also under ``--dry-run``)."""
+    tiers(binding.options, _where(binding))
+
+
+def durable_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options of the durable tier: for S3, the ``s3`` sink's multipart block size and
+    botocore's retries (:data:`RETRIES`) unless given."""
+    options = dict(options)
+    if (split_protocol(url)[0] or "file") in s3.PROTOCOLS:
+        options.setdefault("default_block_size", s3.BLOCK_SIZE)
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", dict(RETRIES))
+        options["config_kwargs"] = config
+    return options
+
+
+class verified_copy:
+    """One file of a committed fast checkpoint, streamed into a durable-tier file and hashed as
+    it passes: a file that does not match its manifest entry stops the copy before the durable
+    manifest exists."""
+
+    def __init__(self, fs: Any, path: str, entry: Any, uri: str) -> None:
+        self.fs, self.path, self.entry, self.uri = fs, path, entry, uri
+
+    def __call__(self, stream: Any) -> None:
+        sha = new_hasher(self.entry.algorithm, self.entry.size)
+        size = 0
+        try:
+            source = self.fs.open(self.path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.uri} is missing; not copied to the durable tier") from None
+        with source:
+            while chunk := source.read(CHUNK):
+                sha.update(chunk)
+                stream.write(chunk)
+                size += len(chunk)
+        digest = sha.hexdigest()
+        if size != self.entry.size or digest != self.entry.digest:
+            raise CheckpointError(f"{self.uri} does not match its manifest (size {size} vs {self.entry.size}, "
+                                  f"{self.entry.algorithm} {digest[:12]}… vs {self.entry.digest[:12]}…); "
+                                  "not copied to the durable tier")
+
+
+def _fsync(f: Any) -> None:
+    """A durable tier on local disk: the file reaches the disk before the manifest is written."""
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    except (OSError, AttributeError, ValueError, TypeError):
+        pass  # object stores commit on close
+
+
+class TieredSink:
+    """Resume state on a fast tier, copied to a durable tier in the background (the module's
+    docstring). Implements :class:`wmtp_core.ResumableSink` and ``unverifiable``. URIs are the
+    durable tier's (``<durable>/<run>/step_<N>``), also while only the fast copy exists."""
+
+    def __init__(self, context) -> None:
+        if context.role is not Role.RESUME:
+            raise BindingError(f"sink 'tiered' serves the resume role only, not {context.role.value!r}")
+        options = dict(context.options)
+        fast, durable, self.fast_keep_last = tiers(options)
+        rest = {k: v for k, v in options.items() if k not in TIER_KEYS}
+        self.fast = FileSink(attrs.evolve(context, base_path=fast, options={}))
+        """The fast tier: where a save commits before it returns."""
+        self.durable = FileSink(attrs.evolve(context, base_path=durable, options=durable_options(durable, rest)))
+        """The durable tier: where each committed checkpoint is copied in the background."""
+        self.run = context.run.name
+        self.lineage = context.run.lineage
+        resumed = context.run.resumed_from
+        self.resumed_from = self._own_step(resumed, strict=False) if resumed else None
+        """The step this run resumed from, if it is one of this run's: never pruned."""
+        self._copier = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-tier-copy")
+        self._copies: dict[int, cf.Future] = {}
+        self._lock = threading.RLock()
+        self._caught_up = False
+
+    # -- the sink interface --------------------------------------------------------------
+    def location(self) -> str:
+        """The durable tier's run directory (no credentials)."""
+        return self.durable.location()
+
+    def store(self, event, payload):
+        """Commit on the fast tier, queue the copy to the durable tier, return. A copy that
+        failed since the last save is raised here, before anything of this step is written."""
+        if event.role is not Role.RESUME:
+            raise CheckpointError(f"sink 'tiered' serves the resume role only, not {event.role.value!r}")
+        world = payload.world
+        main = world is None or world.is_main  # under FSDP rank 0 alone copies and prunes
+        failure = self._failure() if main else None
+        if world is not None:
+            failure = world.broadcast(failure)  # every rank stops, or none
+        if failure:
+            raise SaveError(failure)
+        if main:
+            self._throttle()
+        receipt = self.fast.store(event=event, payload=payload)
+        if main:
+            if not self._caught_up:
+                self._catch_up(event.step)
+            self._queue(event.step)
+        return attrs.evolve(receipt, uri=self._uri(event.step))
+
+    def committed(self) -> list[tuple[str, Any]]:
+        """This run's checkpoints committed in either tier, oldest first, under their durable
+        URIs (the durable copy's manifest where there is one)."""
+        by_step = {m.step: m for _, m in self.fast.committed()}
+        try:
+            by_step.update({m.step: m for _, m in self.durable.committed()})
+        except Exception as e:  # unreachable, no permission: say where, in one line
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"the durable tier {self.durable.location()} cannot be listed: "
+                                  f"{type(e).__name__}: {e}") from None
+        return [(self._uri(step), by_step[step]) for step in sorted(by_step)]
+
+    def unverifiable(self) -> list[tuple[str, int, str]]:
+        """Step directories of either tier whose manifest cannot be believed."""
+        return self.fast.unverifiable() + self.durable.unverifiable()
+
+    def load(self, uri: str, world: Any = None):
+        """The fast copy of the step if it verifies, else the durable one; a checkpoint of
+        another run through the tier whose protocol its URI names."""
+        step = self._own_step(uri, strict=False)
+        if step is None:
+            return self._tier_of(uri).load(uri, world=world)
+        errors, corrupt = [], True
+        for name, tier in (("fast", self.fast), ("durable", self.durable)):
+            path = tier.checkpoints.path_of(self.run, step_dirname(step))
+            try:
+                return tier.load(path, world=world)
+            except CheckpointError as e:
+                errors.append(f"{name}: {e}")
+                # a tier without this step is not a corrupt copy of it
+                corrupt = corrupt and (isinstance(e, CorruptError) or "never committed" in str(e))
+        raise (CorruptError if corrupt else CheckpointError)(
+            f"step {step} verifies in neither tier ({'; '.join(errors)})")
+
+    def quarantine(self, uri: str, reason: str) -> str | None:
+        """Move aside every copy of the step ``uri`` names whose files do not match its
+        manifest (see :meth:`wmtp_core.FileSink.quarantine`); returns where the durable one went
+        (else the fast one)."""
+        step = self._own_step(uri, strict=False)
+        if step is None:
+            return self._tier_of(uri).quarantine(uri, reason)
+        moved = None
+        with self._lock:
+            for tier in (self.fast, self.durable):
+                path = tier.checkpoints.path_of(self.run, step_dirname(step))
+                try:
+                    tier.checkpoints.verify(path)
+                except CorruptError as e:
+                    moved = tier.quarantine(tier.checkpoints.uri(path), f"{reason} ({e})") or moved
+                except CheckpointError:
+                    pass  # no copy here, or one that is not in the way
+        return moved
+
+    def quarantined(self) -> list[tuple[str, str]]:
+        """Quarantined checkpoints of this run in either tier, as ``(uri, reason)``."""
+        return self.fast.quarantined() + self.durable.quarantined()
+
+    def lease_store(self):
+        """The run's lease lives on the durable tier, the one every host of a job shares."""
+        return self.durable.checkpoints
+
+    def delete(self, uri: str) -> None:
+        """Remove both copies (the durable one first); a copy still queued is dropped, one in
+        flight finishes first. Called on the router's retention thread."""
+        step = self._own_step(uri)
+        with self._lock:
+            copying = self._copies.get(step)
+        if copying is not None and copying.cancel():
+            with self._lock:
+                self._copies.pop(step, None)
+        elif copying is not None:
+            cf.wait([copying])  # its failure, if any, still surfaces
+        with self._lock:
+            for tier in (self.durable, self.fast):
+                path = tier.checkpoints.path_of(self.run, step_dirname(step))
+                if tier.checkpoints.inspect_dir(path).state is CheckpointState.COMMITTED:
+                    tier.checkpoints.delete(path)
+
+    def clean_incomplete(self) -> list[Any]:
+        """This run's saves that never finished, removed from both tiers (see
+        :meth:`wmtp_core.FileSink.clean_incomplete`); called before the first save."""
+        return [item for tier in (self.fast, self.durable)
+                for item in (getattr(tier, "clean_incomplete", lambda: [])())]
+
+    def wait(self) -> None:
+        """Block until every copy queued so far is done; raise :class:`SaveError` for one that
+        failed."""
+        with self._lock:
+            pending = list(self._copies.values())
+        cf.wait(pending)
+        failure = self._failure()
+        if failure:
+            raise SaveError(failure)
+
+    def close(self) -> None:
+        """Wait for the copies still queued (the end of a run keeps the last checkpoint's
+        durable copy), then raise any failure."""
+        try:
+            self.wait()
+        finally:
+            self._copier.shutdown(wait=True)
+
+    # -- copying ---------------------------------------------------------------------------
+    def _queue(self, step: int) -> None:
+        with self._lock:
+            self._copies[step] = self._copier.submit(self._copy_and_prune, step)
+
+    def _throttle(self) -> None:
+        with self._lock:
+            pending = [f for f in self._copies.values() if not f.done()]
+        if len(pending) < MAX_PENDING:
+            return
+        t0 = time.perf_counter()
+        cf.wait(pending[: len(pending) - MAX_PENDING + 1])
+        log.info("tiered: the save waited %.2f s for the durable tier", time.perf_counter() - t0)
+
+    def _catch_up(self, step: int) -> None:
+        """Once per run: queue the copies an earlier process committed on the fast tier but
+        never finished (it was killed)."""
+        self._caught_up = True
+        try:
+            durable = {m.step for _, m in self.durable.committed()}
+        except Exception as e:  # the copy of this step will fail too, and say so
+            log.warning("tiered: the durable tier cannot be listed: %s: %s", type(e).__name__, e)
+            return
+        for _, m in self.fast.committed():
+            if m.lineage == self.lineage and m.step != step and m.step not in durable:
+                self._queue(m.step)
+
+    def _failure(self) -> str | None:
+        """The failed copies so far, as one message (each reported once)."""
+        with self._lock:
+            failed = {s: f for s, f in self._copies.items() if f.done() and not f.cancelled() and f.exception()}
+            for s in [s for s, f in self._copies.items() if f.done()]:
+                del self._copies[s]
+        if not failed:
+            return None
+        return "; ".join(
+            f"the durable copy of step {s} to {self._uri(s)} failed ({type(f.exception()).__name__}: "
+            f"{f.exception()}); its fast copy {self._fast_uri(s)} is committed and kept"
+            for s, f in sorted(failed.items()))
+
+    def _copy_and_prune(self, step: int) -> None:
+        try:
+            self._copy(step)
+        except Exception as e:  # said now, raised at the next save or at the end
+            log.warning("the durable copy of step %d to %s failed: %s: %s", step, self._uri(step),
+                        type(e).__name__, e)
+            raise
+        self._prune_fast()
+
+    def _copy(self, step: int) -> None:
+        """Stream the committed fast copy of ``step`` to the durable tier and commit it there."""
+        fast, durable = self.fast.checkpoints, self.durable.checkpoints
+        name = step_dirname(step)
+        src = fast.path_of(self.run, name)
+        manifest = fast.read_manifest(src)  # validated: names exactly the files beside it
+        copies = {e.path: verified_copy(fast.fs, posixpath.join(src, e.path), e, fast.uri(posixpath.join(src, e.path)))
+                  for e in manifest.files}
+        common = dict(step=manifest.step, role=manifest.role, lineage=manifest.lineage, meta=dict(manifest.meta))
+        if all(not n.startswith(".") and "/" not in n for n in copies):
+            durable.write(self.run, name, copies, **common)
+            return
+        # sharded (DCP's .metadata): the files into staging, then commit what landed
+        path = durable.prepare(self.run, name)
+        for n, copy in copies.items():
+            with durable.fs.open(posixpath.join(path, n), "wb") as f:
+                copy(f)
+                _fsync(f)
+        committed = durable.commit_existing(self.run, name, expected={e.path: e.size for e in manifest.files},
+                                            **common)
+        if {(e.path, e.digest) for e in committed.files} != {(e.path, e.digest) for e in manifest.files}:
+            durable.delete(path)
+            raise CheckpointError(f"{durable.uri(path)}: what landed differs from the fast copy; removed")
+
+    def _prune_fast(self) -> None:
+        """Keep the newest ``fast_keep_last`` of this lineage on the fast tier; never the
+        newest, the resumed-from one, or one without a committed durable copy."""
+        with self._lock:
+            mine = [(p, m) for p, m in self.fast.checkpoints.list(self.run) if m.lineage == self.lineage]
+            doomed = mine[: max(0, len(mine) - self.fast_keep_last)]
+            if not doomed:
+                return
+            newest = mine[-1][1].step
+            durable = {m.step for _, m in self.durable.committed()}
+            for path, m in doomed:
+                if m.step not in (newest, self.resumed_from) and m.step in durable:
+                    self.fast.checkpoints.delete(path)
+
+    # -- URIs ------------------------------------------------------------------------------
+    def _uri(self, step: int) -> str:
+        store = self.durable.checkpoints
+        return store.uri(store.path_of(self.run, step_dirname(step)))
+
+    def _fast_uri(self, step: int) -> str:
+        store = self.fast.checkpoints
+        return store.uri(store.path_of(self.run, step_dirname(step)))
+
+    def _own_step(self, uri: str, strict: bool = True) -> int | None:
+        """The step of this run's checkpoint ``uri`` names in either tier."""
+        for tier in (self.durable, self.fast):
+            store = tier.checkpoints
+            if (split_protocol(uri)[0] or "file") not in _protocols(store.fs):
+                continue
+            path = type(store.fs)._strip_protocol(uri).rstrip("/")
+            step = _STEP.fullmatch(posixpath.basename(path))
+            if step and posixpath.dirname(path) == store.run_dir(self.run):
+                return int(step.group(1))
+        if strict:
+            raise CheckpointError(f"{uri} is not a checkpoint of run {self.run!r} in either tier "
+                                  f"({self.fast.location()}, {self.durable.location()})")
+        return None
+
+    def _tier_of(self, uri: str) -> FileSink:
+        protocol = split_protocol(uri)[0] or "file"
+        for tier in (self.durable, self.fast):
+            if protocol in _protocols(tier.checkpoints.fs):
+                return tier
+        raise CheckpointError(f"{uri}: neither tier reads {protocol}:// ({self.fast.location()}, "
+                              f"{self.durable.location()})")
+
+
+def _protocols(fs: Any) -> set[str]:
+    p = fs.protocol
+    names = set(p) if isinstance(p, (tuple, list)) else {p}
+    return names | {"file", "local"} if names & {"file", "local"} else names
+
+
+@hookimpl
+def wmtp_register_sinks(register):
+    register(SinkSpec(
+        name="tiered",
+        roles={Role.RESUME},
+        factory=TieredSink,
+        protocols=(),
+        description="resume state committed on a fast tier (local disk), copied in the background "
+                    "to a durable tier (S3) with its own manifest",
+        check=check,
+    ))
