@@ -172,3 +172,47 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(tmp_path):
     assert on_two.returncode == 0, on_two.stderr[-4000:]
     hist = losses(tmp_path / "ck" / "b" / "step_8")
     assert len(hist) == 8 and abs(hist[4] - hist[3]) < 0.5 * abs(hist[0] - hist[3])
+
+
+FAIL_RANK1_MID_SAVE = """
+import errno, sys
+import torch
+import torch.distributed as dist
+from wmtp_core.run import main
+
+# One rank's disk fails inside the sharded save of step 4, after its shards were written: a
+# fault of one rank on a shared directory cannot be produced for real here, so rank 1's write of
+# its trainer state raises the error a full disk gives.
+real = torch.save
+
+def save(obj, f, *args, **kwargs):
+    if dist.is_initialized() and dist.get_rank() == 1 and "step_4/trainer_rank1" in str(getattr(f, "path", f)):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(obj, f, *args, **kwargs)
+
+torch.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_failing_mid_save_ends_the_job_within_the_bound_and_commits_nothing(tmp_path):
+    import time
+
+    # a process-group timeout far longer than the bound: the job must not wait for it
+    write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL,
+                                      devices={"distributed": {"timeout": 900}}))
+    write(tmp_path / "r.yaml", recipe_of(8))
+    t0 = time.monotonic()
+    proc = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "f"], tmp_path,
+                    script=FAIL_RANK1_MID_SAVE)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert took < 300, f"the job took {took:.0f} s: it waited for the process group's timeout"
+    err = " ".join(proc.stderr.split())
+    assert "the sharded save of step 4" in err and "rank 1: OSError: [Errno 28] No space left on device" in err
+    run_dir = tmp_path / "ck" / "f"
+    assert (run_dir / "step_2" / "manifest.json").exists(), "the previous checkpoint stays"
+    assert not (run_dir / "step_4").exists(), "nothing of the failed save is left, nothing committed"
+    from wmtp_core.commit import CheckpointStore
+
+    CheckpointStore.from_url(f"file://{tmp_path}/ck").verify(str(run_dir / "step_2"))

@@ -18,7 +18,7 @@ import zipfile
 from typing import Any, BinaryIO
 
 from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
-from wmtp_core.errors import CheckpointError, CorruptError
+from wmtp_core.errors import CheckpointError, CorruptError, SaveError
 from wmtp_core.events import CheckpointEmitted, Payload, Receipt, SinkContext
 from wmtp_core.manifest import Manifest
 from wmtp_core.roles import Role
@@ -249,12 +249,27 @@ class FileSink:
         failure = world.broadcast(failure)
         if failure:
             raise CheckpointError(failure)
-        writer = FsspecWriter(self.checkpoints.uri(path), sync_files=True, **dict(self.context.options))
-        metadata = dcp.save({"model": payload.parts["model"], "optimizer": payload.parts["optimizer"]},
-                            storage_writer=writer, process_group=world.group)
-        with self.checkpoints.fs.open(f"{path}/{TRAINER_PART.format(rank=world.rank)}", "wb") as f:
-            torch.save(payload.parts["trainer"], f)
-        world.barrier()
+        # Every rank reaches the check below whether its own part failed or not, so a failure on
+        # one rank stops the others as soon as they finish their own writes, never after the
+        # process group's timeout. (DCP itself gathers every rank's write result.)
+        metadata, failure = None, None
+        try:
+            writer = FsspecWriter(self.checkpoints.uri(path), sync_files=True, **dict(self.context.options))
+            metadata = dcp.save({"model": payload.parts["model"], "optimizer": payload.parts["optimizer"]},
+                                storage_writer=writer, process_group=world.group)
+            with self.checkpoints.fs.open(f"{path}/{TRAINER_PART.format(rank=world.rank)}", "wb") as f:
+                torch.save(payload.parts["trainer"], f)
+        except Exception as e:
+            failure = f"rank {world.rank}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        failures = [f for f in world.gather(failure) if f]
+        if failures:
+            if world.is_main:  # nothing of this save is committed: its staging goes at once
+                try:
+                    self.checkpoints.fs.rm(path, recursive=True)
+                except Exception:
+                    pass  # the next run's clean start removes it
+            raise SaveError(f"the sharded save of step {event.step} to {self.checkpoints.uri(path)} "
+                                  f"failed, nothing of it was committed: {failures[0]}")
         nbytes = None
         if world.is_main:
             expected: dict[str, int] = {}

@@ -45,6 +45,14 @@ class World:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (the checkpoint group)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def agree(self, value: float, *flags: bool) -> tuple:
         """``(mean of value, *flags)`` where each flag is true when it is true on any rank: one
         collective for the loss and every per-step decision (a signal, a timed save)."""
