@@ -139,6 +139,7 @@ class Lease:
                          started_at=dt.datetime.now(dt.timezone.utc).isoformat(), heartbeat=time.time(),
                          token=uuid.uuid4().hex, proc_start=_proc_start(os.getpid()))
         self._lost: str | None = None
+        self._made_dirs: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._local = isinstance(self.fs, LocalFileSystem)
@@ -258,8 +259,15 @@ class Lease:
     def _locked(self) -> Iterator[None]:
         """Local disk: every change of the lease happens under an exclusive ``flock`` on the run
         directory, so a read, a check and a write are one step (and no lock file is left)."""
-        os.makedirs(self.store.run_dir(self.run), exist_ok=True)
-        fd = os.open(self.store.run_dir(self.run), os.O_RDONLY)
+        run_dir = self.store.run_dir(self.run)
+        if not os.path.isdir(run_dir):
+            missing, d = [], run_dir
+            while d and not os.path.isdir(d):
+                missing.append(d)
+                d = os.path.dirname(d)
+            os.makedirs(run_dir, exist_ok=True)
+            self._made_dirs = missing  # deepest first
+        fd = os.open(run_dir, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -330,6 +338,11 @@ class Lease:
                 current, _ = self._read()
                 if current is not None and current.token == self.me.token:
                     os.unlink(self.path)
+            for d in self._made_dirs:  # a run that stopped before its first save leaves no trace
+                try:
+                    os.rmdir(d)
+                except OSError:  # not empty: it holds checkpoints (or anything else)
+                    break
             return
         current, _ = self._read()
         if current is not None and current.token == self.me.token:

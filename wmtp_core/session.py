@@ -451,9 +451,11 @@ class RunSession:
                       f"continue with --resume latest (exit status {EXIT_PREEMPTED})", highlight=False)
         if code == EXIT_NOT_REGISTERED:
             last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
+            from wmtp_core.cli.commands import register_command  # with this run's registry settings
+
             err.print(error_line(f"{reason}. The resume state of step {trainer.step} is "
                                  f"committed at {last.uri if last else '?'}; register it later with:\n"
-                                 f"  wmtp register {last.uri if last else '<checkpoint URI>'}"))
+                                 f"  {register_command(last.uri if last else '<checkpoint URI>', self.plan.settings)}"))
 
     def _observers_off(self) -> None:
         """On ranks other than 0: observers (tracking, progress, reports) see the run once, on rank 0."""

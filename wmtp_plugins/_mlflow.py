@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Mapping
@@ -11,6 +12,16 @@ STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "dat
                  "file", "uc")
 """What MLflow accepts as a tracking store or model registry (database drivers such as
 ``postgresql+psycopg2`` included); object stores like ``s3://`` hold artifacts only."""
+REQUEST_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+"""MLflow's own retry settings for every request to a tracking server or registry, where the
+environment does not set them. MLflow's defaults (7 retries, backoff factor 2, 120 s) make an
+unreachable server take minutes per request to report; these give up on a refused connection
+within about 10 s (3 retries after 0, 2 and 4 s, plus up to 1 s of jitter each), and on a
+server that accepts but never answers within about 2 minutes (4 tries of 30 s)."""
 
 
 def check_uris(section: Mapping[str, Any] | None) -> None:
@@ -38,6 +49,51 @@ def check_uris(section: Mapping[str, Any] | None) -> None:
                 "To keep artifacts on S3, start the server with --artifacts-destination s3://...")
 
 
+@contextlib.contextmanager
+def one_try():
+    """Requests get a single try: for a server that has just failed every retry, when nothing
+    else is talking to MLflow (the end of a run)."""
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def request_bounds() -> str:
+    """The retry settings in force, for messages: ``3 retries, 30 s timeout``."""
+    return (f"{os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '7')} retries, "
+            f"{os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s timeout")
+
+
+UNREACHABLE = ("Connection refused", "timed out", "Name or service not known",
+               "Temporary failure in name resolution", "Connection reset by peer", "Connection aborted",
+               "Remote end closed connection", "too many 5")
+"""What a request that never reached a working server says, the first one found is reported."""
+
+
+def unreachable(error: BaseException) -> str | None:
+    """Why a server could not be reached (``Connection refused``, ``timed out``, ...), when that
+    is what ``error`` says (an MLflow or HTTP error, or one it was raised from); ``None`` for any
+    other failure: a request the server refused, a bad value."""
+    import requests
+
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    if not any(isinstance(e, (requests.ConnectionError, requests.Timeout))
+               or "Max retries exceeded" in str(e) or "failed with timeout exception" in str(e) for e in chain):
+        return None
+    text = " ".join(str(e) for e in chain)
+    found = next((k for k in UNREACHABLE if k in text), "no answer")
+    return "too many error responses" if found == "too many 5" else found
+
+
 def _version() -> str:
     from importlib.metadata import version
 
@@ -61,6 +117,13 @@ def configure(settings: Mapping[str, Any]) -> None:
     logging.getLogger("torch._export").setLevel(logging.ERROR)
     # its download progress bars are not WMTP's output (a user's own setting wins)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # an unreachable server is reported in seconds, not after minutes of retries, and once: by
+    # WMTP with the outcome, not by urllib3 at every retry (a level the user set wins)
+    for key, value in REQUEST_BOUNDS.items():
+        os.environ.setdefault(key, value)
+    retries = logging.getLogger("urllib3.connectionpool")
+    if retries.level == logging.NOTSET:
+        retries.setLevel(logging.ERROR)
     tracking = settings.get("tracking_uri") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(settings.get("registry_uri") or tracking)

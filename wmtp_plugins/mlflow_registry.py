@@ -4,12 +4,19 @@ Stores the weights only, no optimizer, no pickle: the byte-level model as a ``to
 program (pytorch flavor), a Hugging Face model as its folder (transformers flavor: safetensors,
 config, tokenizer, extra heads). Registers a version of ``wmtp_{algo}``, logs the final metrics, and tags the run with where the resume state
 lives: a reference, never a copy.
+
+Storing is two steps: log the model (an MLflow logged model tagged with the run's lineage and
+step), then create the version from it, with its description and tags in the same request. A
+registration that failed between the two is completed from the logged model, never logged
+twice: exactly one version per run lineage, fully tagged.
 """
 
 from __future__ import annotations
 
+import attrs
+
 from wmtp_core import BindingError, Holding, Receipt, Role, SinkSpec, hookimpl, redact
-from wmtp_plugins._mlflow import configure
+from wmtp_plugins._mlflow import DEFAULT_TRACKING_URI, configure, request_bounds, unreachable
 
 
 def logged_model_bytes(client, model_id: str | None) -> int | None:
@@ -34,19 +41,58 @@ def _model_id(version) -> str | None:
     return version.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
 
 
-def _describe(client, name: str, version: str, event) -> None:
-    """Make the version answer "where did this come from" on its own registry page: a
+def _description(event) -> tuple[str, dict[str, str]]:
+    """What makes a version answer "where did this come from" on its own registry page: a
     description and the tags wmtp.lineage, wmtp.run, wmtp.algo, wmtp.step, wmtp.resume_location."""
     where = redact.text(event.resume_location) if event.resume_location else "not stored"
     loss = event.metrics.get("loss")
-    client.update_model_version(name, version, description=(
-        f"Final model of WMTP run '{event.run.name}' ({event.run.algo}) after {event.step} steps"
-        + (f", final loss {loss:.4f}" if loss is not None else "")
-        + f". Resume state: {where} (lineage {event.run.lineage})."))
+    description = (f"Final model of WMTP run '{event.run.name}' ({event.run.algo}) after {event.step} steps"
+                   + (f", final loss {loss:.4f}" if loss is not None else "")
+                   + f". Resume state: {where} (lineage {event.run.lineage}).")
     tags = {"wmtp.lineage": event.run.lineage, "wmtp.run": event.run.name, "wmtp.algo": event.run.algo,
             "wmtp.step": str(event.step), "wmtp.resume_location": where}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    return description, tags
+
+
+def _logged_before(client, experiment_id: str, event):
+    """A model this lineage logged at this step whose registration never happened (the
+    registry failed after the upload), the newest if several, or ``None``. Only a complete
+    upload (``READY``) counts."""
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`wmtp.lineage` = '{event.run.lineage}' AND tags.`wmtp.step` = '{event.step}'")
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return max(ready, key=lambda m: m.creation_timestamp) if ready else None
+
+
+def _register(client, name: str, model_id: str, run_id: str, event):
+    """One version of ``name`` from the logged model ``model_id``, created with its description
+    and tags in one request: a version that exists is complete."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    description, tags = _description(event)
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+                                          description=description, model_id=model_id, await_creation_for=60)
+    try:  # the logged model's page links its version, as MLflow's own registration does
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [{"name": name, "version": version.version}])})
+    except MlflowException as e:
+        import logging
+
+        logging.getLogger("wmtp").warning("registered %s version %s; could not link it from logged model "
+                                          "%s: %s", name, version.version, model_id, e.message)
+    return version
 
 
 class MlflowRegistrySink:
@@ -64,6 +110,8 @@ class MlflowRegistrySink:
         return f"wmtp_{algo}"
 
     def store(self, event, payload) -> Receipt:  # noqa: C901
+        """Log the model (unless a failed registration of this lineage and step logged it
+        already), then register its version."""
         if event.role is not Role.FINAL:
             raise BindingError(f"mlflow_registry serves the final role only, got {event.role.value!r}")
         import mlflow
@@ -71,44 +119,57 @@ class MlflowRegistrySink:
         configure(self.settings)
         name = self.model_name(event.run.algo)
         owns_run = mlflow.active_run() is None
+        ended = "FINISHED"
         if owns_run:
-            # registering later (wmtp register): log into the run's own MLflow run if it exists
+            # registering later (wmtp register): log into the run's own MLflow run if it exists,
+            # and leave it ended as it was
             found = mlflow.search_runs(filter_string=f"tags.`wmtp.lineage` = '{event.run.lineage}'",
                                        output_format="list", max_results=1)
             if found:
+                ended = found[0].info.status if found[0].info.status != "RUNNING" else ended
                 mlflow.start_run(run_id=found[0].info.run_id)
             else:
                 mlflow.start_run(run_name=event.run.name, tags={"wmtp.lineage": event.run.lineage})
         try:
+            client = mlflow.MlflowClient()
+            run = mlflow.active_run().info
+            logged = _logged_before(client, run.experiment_id, event)
+            model_id = logged.model_id if logged is not None else None
+            if logged is not None and not event.resume_location:  # wmtp register: as recorded at the upload
+                event = attrs.evolve(event, resume_location=logged.tags.get("wmtp.resume_location"))
             if event.resume_location:
                 mlflow.set_tag("wmtp.resume_location", redact.text(event.resume_location))
-            if event.metrics:
-                mlflow.log_metrics({f"final_{k}": float(v) for k, v in event.metrics.items()},
-                                   step=event.step)
-            if payload.folder:
-                info = _log_folder(payload, event, name)
-            else:
-                info = _log_program(payload, event, name)
-            version = info.registered_model_version
-            _describe(mlflow.MlflowClient(), name, str(version), event)
-            nbytes = logged_model_bytes(mlflow.MlflowClient(), info.model_id) or 0
+            if model_id is None:  # the first try: the final metrics, then the model
+                if event.metrics:
+                    mlflow.log_metrics({f"final_{k}": float(v) for k, v in event.metrics.items()},
+                                       step=event.step)
+                log = _log_folder if payload.folder else _log_program
+                model_id = log(payload, event).model_id
+            version = _register(client, name, model_id, run.run_id, event).version
+            nbytes = logged_model_bytes(client, model_id) or 0
         finally:
             if owns_run:
-                mlflow.end_run()
+                mlflow.end_run(status=ended)
         return Receipt(role=Role.FINAL, run=event.run.name, step=event.step,
-                       uri=f"models:/{name}/{version}", nbytes=nbytes, meta={"model_uri": info.model_uri})
+                       uri=f"models:/{name}/{version}", nbytes=nbytes, meta={"model_uri": f"models:/{model_id}"})
 
     def stored_final(self, run) -> str | None:
-        """A registered version already made from this run's lineage, if any."""
+        """A registered version already made from this run's lineage, if any. A registry that
+        cannot be asked raises: whether it holds one is not known."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        configure(self.settings)
         name = self.model_name(run.algo)
         try:
+            configure(self.settings)
             versions = MlflowClient().search_model_versions(f"name='{name}'")
-        except MlflowException:
-            return None
+        except MlflowException as e:  # "not stored" would be a guess: the caller says it is not registered
+            why = unreachable(e)
+            if why is None:
+                raise
+            registry = self.settings.get("registry_uri") or self.settings.get("tracking_uri") or DEFAULT_TRACKING_URI
+            raise ConnectionError(f"the MLflow registry at {redact.text(registry)} cannot be reached ({why}; "
+                                  f"gave up after {request_bounds()})") from None
         for v in versions:
             if (v.tags or {}).get("wmtp.lineage") == run.lineage:
                 return f"models:/{name}/{v.version}"
@@ -147,7 +208,7 @@ class MlflowRegistrySink:
         pass
 
 
-def _log_program(payload, event, name: str):
+def _log_program(payload, event):
     """The byte-level model as a ``torch.export`` program (MLflow's pytorch flavor, pt2)."""
     import mlflow.pytorch
     import torch
@@ -159,17 +220,16 @@ def _log_program(payload, event, name: str):
         name="model",
         input_example=example.numpy() if isinstance(example, torch.Tensor) else example,
         signature=_signature(payload),
-        registered_model_name=name,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        tags=_model_tags(event),
         metadata={"wmtp_run": event.run.name, "wmtp_step": event.step,
                   "wmtp_model_config": dict(payload.model_config)},
-        await_registration_for=60,
         # MLflow's JSON serving check does not apply to a tensor-in export; skip its noise
         validate_serving_input=False,
     )
 
 
-def _log_folder(payload, event, name: str):
+def _log_folder(payload, event):
     """A Hugging Face model folder with MLflow's transformers flavor (task text-generation):
     ``mlflow.transformers.load_model`` gives back the model and tokenizer, and the folder's
     extra heads and ``wmtp.json`` travel with it under ``model/``."""
@@ -188,16 +248,23 @@ def _log_folder(payload, event, name: str):
             transformers_model=payload.folder,
             name="model",
             task="text-generation",
-            registered_model_name=name,
+            tags=_model_tags(event),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"transformers=={transformers.__version__}"],
             metadata={"wmtp_run": event.run.name, "wmtp_step": event.step,
                       "wmtp_model_config": {k: record[k] for k in ("kind", "base", "n_future", "head")
                                             if k in record}},
-            await_registration_for=60,
         )
     finally:
         quiet.setLevel(level)
+
+
+def _model_tags(event) -> dict[str, str]:
+    """The logged model's tags: what finds it again if its registration fails."""
+    tags = {"wmtp.lineage": event.run.lineage, "wmtp.run": event.run.name, "wmtp.step": str(event.step)}
+    if event.resume_location:
+        tags["wmtp.resume_location"] = redact.text(event.resume_location)
+    return tags
 
 
 def _signature(payload):

@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     reg.add_argument("uri", help="a committed step_N or final checkpoint directory")
     reg.add_argument("--config", help="config YAML (mlflow, storage); omitted: embedded defaults")
     reg.add_argument("--run-name", help="the run to register it for (default: the manifest's run)")
+    reg.add_argument("-C", dest="directory", metavar="DIR",
+                     help="run as if started in DIR, where the config's relative paths and stores "
+                          "(sqlite:///mlflow.db) resolve; the command a run prints sets it when needed")
     reg.set_defaults(func=commands.cmd_register)
 
     rep = sub.add_parser("report", parents=[storage], help="bytes a run holds, per role and sink")

@@ -3,9 +3,12 @@ the exit status. What they read about stored checkpoints comes from :mod:`.inven
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import posixpath
+import shlex
 import time
 from typing import Any
 
@@ -258,9 +261,16 @@ def cmd_gc(args, out: Console, err: Console) -> int:
 def cmd_register(args, out: Console, err: Console) -> int:
     """Store the final model from a committed checkpoint through the final sink the config binds,
     exactly as the end of a run does: the same router decides that it is stored at most once."""
+    with working_directory(getattr(args, "directory", None)):
+        return _register(args, out, err)
+
+
+def _register(args, out: Console, err: Console) -> int:
     from wmtp_core.session import discard, final_payload_from, final_router
 
-    options = storage_options(args.storage_option)
+    settings = load_settings(args.config)
+    # the checkpoint is read as the run wrote it: the config's storage options, unless given here
+    options = storage_options(args.storage_option) or _resume_options(settings)
     loc = locate(args.uri, options)
     if loc.kind != "checkpoint":
         raise UsageError(f"{args.uri} is not a checkpoint directory; name a step_N or final directory")
@@ -268,7 +278,6 @@ def cmd_register(args, out: Console, err: Console) -> int:
     algo = manifest.meta.get("algo")
     if not algo:
         raise CheckpointError(f"{args.uri}: its manifest records no algo (meta.algo)")
-    settings = load_settings(args.config)
     mlflow_settings = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
     run = RunInfo(name=check_run_name(args.run_name or manifest.run), algo=algo,
                   lineage=manifest.lineage, experiment=mlflow_settings.get("experiment", "wmtp"))
@@ -304,6 +313,56 @@ def _not_registered(err: Console, e: Exception, source: str) -> int:
     err.print(error_line(f"final model not stored ({type(e).__name__}: {e}). {source} is unchanged; "
                          "run this command again once the final sink is reachable"))
     return EXIT_NOT_REGISTERED
+
+
+@contextlib.contextmanager
+def working_directory(path: str | None):
+    """``-C DIR``: run as if started in ``DIR`` (relative paths and stores resolve there)."""
+    if not path:
+        yield
+        return
+    before = os.getcwd()
+    try:
+        os.chdir(path)
+    except OSError as e:
+        raise UsageError(f"-C: {path!r} is not a directory this process can enter ({e.strerror})") from None
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _resume_options(settings: Any) -> dict[str, Any]:
+    st = settings.config.storage
+    return dict(st.resume.options) if st is not None and st.resume is not None else {}
+
+
+def register_command(uri: str, settings: Any, cwd: str | None = None) -> str:
+    """The ``wmtp register`` command that stores the final model of the checkpoint ``uri``
+    where the run itself would have: with the run's config file (an absolute path), and ``-C``
+    with the run's working directory when that config names a store relative to it (the
+    default ``sqlite:///mlflow.db``). Names no secret: credentials stay in the config or the
+    environment."""
+    cwd = cwd or os.getcwd()
+
+    def here(path: str) -> str:
+        return path if "://" in path or os.path.isabs(path) else os.path.join(cwd, path)
+
+    args = ["wmtp", "register", here(uri)]
+    if settings.config_source != "<defaults>":
+        args += ["--config", here(settings.config_source)]
+    mlflow = settings.config.mlflow
+    if mlflow is not None and any(_relative_store(u) for u in (mlflow.tracking_uri, mlflow.registry_uri) if u):
+        args += ["-C", cwd]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _relative_store(uri: str) -> bool:
+    """A tracking or registry URI that means a different store in another working directory."""
+    for prefix in ("sqlite:///", "file://", "file:"):
+        if uri.startswith(prefix):
+            return not uri[len(prefix):].startswith("/")
+    return "://" not in uri and not os.path.isabs(uri)
 
 
 def cmd_report(args, out: Console, err: Console) -> int:
