@@ -131,7 +131,7 @@ def test_a_fast_copy_that_does_not_match_its_manifest_is_never_committed_on_the_
         sink.close()
     durable = sink.durable.checkpoints
     assert steps(durable) == [4]
-    assert durable.staging("r") == [durable.path_of("r", "step_2")]  # begun, never committed
+    assert durable.staging("r") == []  # begun, never committed, and removed by the failed copy
     assert steps(sink.fast.checkpoints) == [2, 4]  # the only copy of step 2 is kept
 
 

@@ -46,6 +46,8 @@ class BackgroundSaver:
         self._inflight = None
         try:
             future.result()
+        except SaveError as e:  # already names the step, the operation and the error
+            raise SaveError(f"the background save of step {step} failed: {e}") from e
         except Exception as e:
             raise SaveError(f"the background save of step {step} failed, nothing of it was "
                             f"committed: {type(e).__name__}: {e}") from e

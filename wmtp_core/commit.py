@@ -15,11 +15,14 @@ from __future__ import annotations
 import concurrent.futures as cf
 import datetime as dt
 import enum
+import errno
 import io
 import json
+import logging
 import os
 import posixpath
 import re
+import shutil
 import socket
 from typing import Any, BinaryIO, Callable, Mapping
 
@@ -31,7 +34,9 @@ from wmtp_core.errors import (
     CheckpointError,
     ConfigError,
     CorruptError,
+    DiskFullError,
     ManifestError,
+    SaveError,
     UnverifiableError,
 )
 from wmtp_core.manifest import (
@@ -45,6 +50,7 @@ from wmtp_core.manifest import (
 )
 from wmtp_core.roles import Role
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STAGING_MARKER = ".wmtp-staging"
 """Written first into every directory a save creates; only directories carrying it (and no
@@ -261,19 +267,66 @@ class CheckpointStore:
         role: Role,
         lineage: str,
         meta: Mapping[str, Any] | None = None,
+        nbytes: int | None = None,
     ) -> Manifest:
         """Write ``files`` under ``<run>/<name>/``, then commit them with a manifest.
 
         A staging directory left by an earlier crash at the same name is cleared first; a
-        committed checkpoint at that name is never overwritten.
+        committed checkpoint at that name is never overwritten. ``nbytes``: at least what the
+        files will hold (the payload's tensor bytes), when known; on local disk a save that
+        cannot fit is refused before a file is written.
+
+        A save that fails commits nothing and removes its own staging, then raises naming the
+        operation, the URL and the error: :class:`~wmtp_core.errors.DiskFullError` for a full
+        local disk, :class:`~wmtp_core.errors.SaveError` for a storage failure (on S3: once the
+        clients' retries ran out).
         """
-        path = self.prepare(run, name)
+        path = self.path_of(run, name)
+        doing = _Doing(f"preparing the staging directory {self.uri(path)}")
+        try:
+            self.prepare(run, name)
+        except CheckpointError:
+            raise  # committed, or not WMTP's: nothing of this save to remove
+        except Exception as e:
+            failure = _failed(self, e, doing, path, step, nbytes)
+            if failure is e:
+                raise
+            raise failure from e
+        try:
+            entries = self._write_files(path, files, doing, nbytes)
+            manifest = Manifest(
+                run=run,
+                step=step,
+                role=role,
+                lineage=lineage,
+                files=entries,
+                created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                meta=meta or {},
+            )
+            doing.now(f"committing the manifest {self.uri(posixpath.join(path, MANIFEST))}")
+            self._write_manifest(path, manifest)
+        except Exception as e:
+            failure = _failed(self, e, doing, path, step, nbytes)
+            if failure is e:
+                raise
+            raise failure from e
+        return manifest
+
+    def _write_files(self, path: str, files: Mapping[str, Writer], doing: _Doing,
+                     nbytes: int | None) -> list[FileEntry]:
+        """Write every file into the staging directory ``path``; returns their entries."""
         entries, hashing = [], {}
         local = isinstance(self.fs, LocalFileSystem)
+        if local and nbytes:
+            doing.now(f"checking the free space at {path}")
+            free = _free_bytes(path)
+            if free is not None and free < nbytes:
+                raise _NoRoom(nbytes, free)
         for fname, writer in files.items():
             if fname == MANIFEST or "/" in fname or fname.startswith("."):
                 raise CheckpointError(f"file name {fname!r} is reserved or not allowed")
             fpath = posixpath.join(path, fname)
+            doing.now(f"writing {fname} to {self.uri(fpath)}")
             if local and hasattr(writer, "save_to_path"):
                 # Local disk: the serialiser writes the file itself (its fast path); while the next
                 # file is being written, this one is made durable (fsync) and hashed from the page
@@ -281,29 +334,28 @@ class CheckpointStore:
                 writer.save_to_path(fpath)
                 hashing[fname] = _HASHER.submit(_durable_digest, fpath)
                 continue
-            with self.fs.open(fpath, "wb") as f:
+            f = self.fs.open(fpath, "wb")
+            try:
                 hw = HashingWriter(f)
                 writer(hw)
                 _fsync(f)
+                f.close()  # an object store's upload completes (or its last part fails) here
+            except BaseException as e:
+                # never let closing complete an upload of what was written so far; abort it
+                # (a request to the store) unless the process is being interrupted
+                _abandon(f, abort=isinstance(e, Exception))
+                raise
             # Object-store writers have dropped buffered bytes silently before: check what landed.
+            doing.now(f"checking the size of {fname} at {self.uri(fpath)}")
             landed = self.fs.size(fpath)
             if landed != hw.size:
                 raise CheckpointError(f"{self.uri(fpath)}: wrote {hw.size} bytes but {landed} landed")
             hashing[fname] = hw
         for fname, h in hashing.items():
+            doing.now(f"writing {fname} to {self.uri(posixpath.join(path, fname))}")
             digest, size = h.result() if isinstance(h, cf.Future) else (h.hexdigest(), h.size)
             entries.append(FileEntry(path=fname, size=size, digest=digest, algorithm=HASH))
-        manifest = Manifest(
-            run=run,
-            step=step,
-            role=role,
-            lineage=lineage,
-            files=entries,
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
-            meta=meta or {},
-        )
-        self._write_manifest(path, manifest)
-        return manifest
+        return entries
 
     def prepare(self, run: str, name: str) -> str:
         """The staging directory for ``<run>/<name>``, marked as WMTP's before anything else is
@@ -337,25 +389,35 @@ class CheckpointStore:
                         meta: Mapping[str, Any] | None = None) -> Manifest:
         """Commit files that other writers (every rank, through DCP) already put in the staging
         directory: hash what landed, check it against ``expected`` minimum sizes, then write
-        the manifest."""
+        the manifest. Call it once every writer is done: a failure removes the staging and
+        raises as :meth:`write` does."""
         path = self.path_of(run, name)
-        self.fs.invalidate_cache(path)
-        names = sorted(n for n in (posixpath.relpath(p, path) for p in self.fs.find(path))
-                       if n != MANIFEST and n not in _OWN_FILES)
-        entries = []
-        hashing = {n: _HASHER.submit(self._hash, posixpath.join(path, n)) for n in names}
-        for n in names:
-            digest, size = hashing[n].result()
-            if expected and size < expected.get(n, 0):
-                raise CheckpointError(f"{self.uri(posixpath.join(path, n))}: {size} bytes landed, "
-                                      f"the checkpoint's metadata needs {expected[n]}")
-            entries.append(FileEntry(path=n, size=size, digest=digest, algorithm=HASH))
-        missing = set(expected or {}) - set(names)
-        if missing:
-            raise CheckpointError(f"{self.uri(path)}: shard files missing: {sorted(missing)}")
-        manifest = Manifest(run=run, step=step, role=role, lineage=lineage, files=entries,
-                            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {})
-        self._write_manifest(path, manifest)
+        doing = _Doing(f"listing {self.uri(path)}")
+        try:
+            self.fs.invalidate_cache(path)
+            names = sorted(n for n in (posixpath.relpath(p, path) for p in self.fs.find(path))
+                           if n != MANIFEST and n not in _OWN_FILES)
+            entries = []
+            hashing = {n: _HASHER.submit(self._hash, posixpath.join(path, n)) for n in names}
+            for n in names:
+                doing.now(f"reading {n} at {self.uri(posixpath.join(path, n))}")
+                digest, size = hashing[n].result()
+                if expected and size < expected.get(n, 0):
+                    raise CheckpointError(f"{self.uri(posixpath.join(path, n))}: {size} bytes landed, "
+                                          f"the checkpoint's metadata needs {expected[n]}")
+                entries.append(FileEntry(path=n, size=size, digest=digest, algorithm=HASH))
+            missing = set(expected or {}) - set(names)
+            if missing:
+                raise CheckpointError(f"{self.uri(path)}: shard files missing: {sorted(missing)}")
+            manifest = Manifest(run=run, step=step, role=role, lineage=lineage, files=entries,
+                                created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {})
+            doing.now(f"committing the manifest {self.uri(posixpath.join(path, MANIFEST))}")
+            self._write_manifest(path, manifest)
+        except Exception as e:
+            failure = _failed(self, e, doing, path, step, None)
+            if failure is e:
+                raise
+            raise failure from e
         return manifest
 
     def _hash(self, path: str, algorithm: str = HASH) -> tuple[str, int]:
@@ -385,6 +447,11 @@ class CheckpointStore:
             self.fs.rm_file(posixpath.join(path, STAGING_MARKER))
         except FileNotFoundError:
             pass
+        except Exception as e:  # so does a failure: the checkpoint is committed all the same
+            if not _is_storage_error(e):
+                raise
+            log.warning("%s is committed; its staging marker stays (%s: %s)", self.uri(path),
+                        type(e).__name__, _first_line(e))
 
     # --- reading -----------------------------------------------------------------------------
     def read_manifest(self, path: str, *, contents: list[dict[str, Any]] | None = None) -> Manifest:
@@ -756,3 +823,136 @@ class Incomplete:
         if self.kind == "upload":
             return f"incomplete upload of {self.uri}"
         return f"staging {self.uri}"
+
+
+# --- a save that fails: what it did, what it leaves, what it says ------------------------------
+class _Doing:
+    """What a save is doing, so that its failure names the operation and the URL."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def now(self, what: str) -> None:
+        self.what = what
+
+
+class _NoRoom(Exception):
+    """A local disk without room for the save: found before a file was written."""
+
+    def __init__(self, needed: int, free: int) -> None:
+        super().__init__(f"{needed} bytes needed, {free} free")
+        self.needed, self.free = needed, free
+
+
+def _free_bytes(path: str) -> int | None:
+    """Bytes free to this process on the local filesystem holding ``path`` (``None``: unknown)."""
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path.rstrip("/"))
+        if parent == path:
+            break
+        path = parent
+    try:
+        return shutil.disk_usage(path or "/").free
+    except OSError:
+        return None
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    """An error of the storage rather than of WMTP: an OS or network error, an S3 client's error
+    once its retries ran out, or torch's writer failing on a short write (it drops the errno)."""
+    if isinstance(e, OSError):
+        return True
+    if isinstance(e, RuntimeError) and "inline_container" in str(e):
+        return True
+    return type(e).__module__.split(".", 1)[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _abandon(f: Any, abort: bool = True) -> None:
+    """Give up a file being written after a failure: an object store's file is marked closed,
+    so that closing it later cannot complete an upload of what was written so far, and with
+    ``abort`` its multipart upload is aborted (``discard``; a failure to is the original
+    failure's echo: the run's next start aborts it)."""
+    if isinstance(f, fsspec.spec.AbstractBufferedFile):
+        if abort:
+            try:
+                f.discard()
+            except Exception as e:
+                log.debug("could not abort the upload of %s: %s", getattr(f, "path", "?"), e)
+        f.closed = True
+        return
+    try:
+        f.close()
+    except Exception:
+        pass
+
+
+def _disk_full(store: CheckpointStore, e: BaseException, path: str, nbytes: int | None) -> bool:
+    """Whether a local save failed because its disk is full: ENOSPC or EDQUOT, or torch's writer
+    failing with the disk then fuller than the save needs."""
+    if not isinstance(store.fs, LocalFileSystem):
+        return False
+    if isinstance(e, _NoRoom):
+        return True
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError) and "inline_container" in str(e):
+        free = _free_bytes(path)
+        return free is not None and free < max(nbytes or 0, 1 << 20)
+    return False
+
+
+def _discard_staging(store: CheckpointStore, path: str) -> str:
+    """Remove a failed save's staging directory (its marker present, no manifest), and abort
+    the multipart uploads into it. Returns what became of it, for the failure's message."""
+    try:
+        store.fs.invalidate_cache(path)
+        if store.fs.exists(posixpath.join(path, MANIFEST)):
+            return (f"its manifest may have landed, so nothing was removed: `wmtp checkpoints verify "
+                    f"{store.uri(path)}` tells whether it is committed")
+        if store.protocol in ("s3", "s3a"):
+            for upload in store.incomplete_uploads(posixpath.basename(posixpath.dirname(path))):
+                if upload.path.startswith(path.rstrip("/") + "/"):
+                    store.abort_upload(upload)
+        contents = store._files(path)
+        if contents and not store.fs.exists(posixpath.join(path, STAGING_MARKER)):
+            return "its directory holds files WMTP did not write, so nothing was removed"
+        if store.fs.exists(path):
+            store.fs.rm(path, recursive=True)
+        return "its staging was removed"
+    except Exception as e:
+        if not _is_storage_error(e):
+            raise
+        return (f"its staging could not be removed ({type(e).__name__}: {_first_line(e)}); the run's "
+                "next start removes it, or `wmtp gc`")
+
+
+def _failed(store: CheckpointStore, e: Exception, doing: _Doing, path: str, step: int,
+            nbytes: int | None) -> Exception:
+    """The error a failed save raises, once its staging is removed: a full local disk becomes
+    :class:`DiskFullError` (the path, the bytes needed, the bytes free), another storage failure
+    :class:`SaveError` (the operation, the URL, the last error); anything else stays as it is."""
+    full = _disk_full(store, e, path, nbytes)
+    left = _discard_staging(store, path)
+    if full:
+        free = _free_bytes(path)
+        if isinstance(e, _NoRoom):
+            free = free if free is not None else e.free
+            need = f"needs {e.needed:,} bytes and {free:,} bytes are free"
+        else:  # it failed part-way with what is free now (its staging removed) at its disposal
+            need = (f"needs more than the {free:,} bytes free" if free is not None else "needs more space") + \
+                (f" (its tensors alone hold {nbytes:,} bytes)" if nbytes else "")
+        return DiskFullError(
+            f"{path}: the disk is full: the save of step {step} {need}"
+            f"{'' if isinstance(e, _NoRoom) else f'; {doing.what} failed'}; nothing of step {step} "
+            f"was committed and {left}; committed checkpoints are intact. Free some "
+            "space (or keep fewer checkpoints: paths.checkpoints.keep_last) and continue with "
+            "--resume latest")
+    if not _is_storage_error(e):
+        return e
+    retried = " after the S3 client's retries" if store.protocol in ("s3", "s3a") else ""
+    return SaveError(f"step {step} was not saved: {doing.what} failed{retried} ({type(e).__name__}: "
+                     f"{_first_line(e)}); nothing of step {step} was committed and {left}")

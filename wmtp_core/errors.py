@@ -40,6 +40,12 @@ class CorruptError(CheckpointError):
     or missing file. It is quarantined (moved aside), never resumed from."""
 
 
+class DiskFullError(CheckpointError):
+    """A save that found its local disk full: names the path, the bytes it needed and the bytes
+    free. Nothing of it was committed and its staging was removed. A synchronous save raises it
+    (exit status 2); a background save's is wrapped in :class:`SaveError` (exit status 1)."""
+
+
 class ManifestError(UnverifiableError):
     """A manifest that does not follow the schema."""
 
@@ -62,6 +68,14 @@ class ModelLoadError(WmtpError):
 
 
 class SaveError(Exception):
-    """A checkpoint save that failed while training went on (a background save). Not a
-    :class:`WmtpError`: the run ends with exit status 1, naming the step, and nothing of that
-    save was committed."""
+    """A checkpoint save that failed while training went on (a background save), or whose
+    storage failed (on S3: once the clients' retries ran out), naming the operation, the URL and
+    the last error. Not a :class:`WmtpError`: the run ends with exit status 1, naming the step,
+    and nothing of that save was committed."""
+
+
+class StorageError(Exception):
+    """Storage that failed after the client's own retries while a run or a command read from it
+    (listing checkpoints, reading a manifest, loading a checkpoint, retention, the lease): one
+    line naming the operation, the URL and the last error, exit status 1. Not a
+    :class:`WmtpError`: nothing the user wrote is wrong, and nothing committed was touched."""

@@ -15,7 +15,7 @@ import posixpath
 import re
 import shutil
 import zipfile
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Mapping
 
 from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
 from wmtp_core.errors import CheckpointError, CorruptError, SaveError
@@ -205,17 +205,22 @@ class FileSink:
             # a Hugging Face folder: its files as they are, so from_pretrained reads final/ directly
             name = FINAL_DIR
             paths = [os.path.join(payload.folder, f) for f in os.listdir(payload.folder)]
-            files = {os.path.basename(p): file_copier(p)
-                     for p in sorted(filter(os.path.isfile, paths), key=lambda p: -os.path.getsize(p))}
+            paths = sorted(filter(os.path.isfile, paths), key=lambda p: -os.path.getsize(p))
+            files = {os.path.basename(p): file_copier(p) for p in paths}
+            nbytes = sum(os.path.getsize(p) for p in paths)
         elif event.role is Role.FINAL:
             name = FINAL_DIR
             files = {"model.pt": torch_writer(dict(payload.parts["model"]))}
             files["model_config.json"] = json_writer(dict(payload.model_config))
+            nbytes = stored_bytes(payload.parts["model"])
         else:
             name = step_dirname(event.step)
             # largest first: each file is hashed while the next ones are written
             order = sorted(payload.parts.items(), key=lambda kv: -tensor_bytes(kv[1]))
             files = {f"{part}.pt": torch_writer(obj) for part, obj in order}
+            nbytes = stored_bytes(payload.parts)
+        # a failure commits nothing, removes the staging and names what failed (a full disk:
+        # DiskFullError; storage that failed once the clients' retries ran out: SaveError)
         manifest = self.checkpoints.write(
             self.run,
             name,
@@ -225,6 +230,7 @@ class FileSink:
             lineage=event.run.lineage,
             meta={"algo": event.run.algo, "metrics": dict(event.metrics),
                   "resumed_from": event.run.resumed_from, "torch": torch.__version__},
+            nbytes=nbytes,
         )
         path = self.checkpoints.path_of(self.run, name)
         return Receipt(role=event.role, run=self.run, step=event.step, uri=self.checkpoints.uri(path),
@@ -424,3 +430,30 @@ class FileSink:
         a directory WMTP did not write. Returns what was removed
         (:class:`~wmtp_core.commit.Incomplete`; ``describe()`` says what each was)."""
         return self.checkpoints.clean_incomplete(self.run)
+
+
+def stored_bytes(obj: Any) -> int:
+    """Bytes of tensor data ``torch.save`` writes for the tensors in a nested structure: each
+    storage once and whole (tied weights share one). A lower bound of the files' size: what a
+    save needs on disk at least."""
+    import torch
+
+    sizes: dict[Any, int] = {}
+
+    def visit(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            try:
+                storage = o.untyped_storage()
+                key, size = ("storage", storage.data_ptr(), o.device), storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+                key, size = ("tensor", id(o)), o.numel() * o.element_size()
+            sizes[key] = max(sizes.get(key, 0), size)
+        elif isinstance(o, Mapping):
+            for v in o.values():
+                visit(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                visit(v)
+
+    visit(obj)
+    return sum(sizes.values())

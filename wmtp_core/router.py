@@ -21,7 +21,7 @@ import pluggy
 from wmtp_core.asyncsave import AsyncStats, BackgroundSaver
 from wmtp_core.bindings import Bindings, build_sink, validate
 from wmtp_core.catalog import Catalog
-from wmtp_core.errors import BindingError
+from wmtp_core.errors import BindingError, SaveError, WmtpError
 from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo
 from wmtp_core.roles import Role
 
@@ -219,7 +219,19 @@ class Router:
         return sink.location() if sink is not None else None
 
     def _prune(self, role: Role) -> None:
-        """Apply the role's policy to this lineage's committed checkpoints, never the protected."""
+        """Apply the role's policy to this lineage's committed checkpoints, never the protected.
+        A storage failure (after the client's retries) is a :class:`SaveError` naming it: a
+        deletion that stopped midway left staging, which the next start removes."""
+        try:
+            self._prune_now(role)
+        except (WmtpError, SaveError):
+            raise
+        except Exception as e:
+            raise SaveError(f"retention of the {role.value} checkpoints at {self._sinks[role].location()} "
+                            f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}; every "
+                            "committed checkpoint it did not delete is intact") from e
+
+    def _prune_now(self, role: Role) -> None:
         sink = self._sinks[role]
         policy = self._policies[role]
         committed = [(u, m) for u, m in sink.committed() if m.lineage == self.run.lineage]

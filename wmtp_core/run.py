@@ -10,7 +10,7 @@ import time
 from rich.text import Text
 
 from wmtp_core.console import consoles, error_line
-from wmtp_core.errors import WmtpError
+from wmtp_core.errors import StorageError, WmtpError
 from wmtp_core.plan import describe, preflight
 from wmtp_core.plugins import make_plugin_manager
 from wmtp_core.preemption import EXIT_PREEMPTED
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
     except WmtpError as e:
         err.print(error_line(e))
         return EXIT_USAGE
+    except StorageError as e:
+        err.print(error_line(e))
+        return EXIT_FAILED
     except KeyboardInterrupt:
         err.print(error_line("interrupted (Ctrl-C): committed checkpoints are intact; continue with "
                              "--resume latest"))

@@ -21,7 +21,15 @@ from rich.text import Text
 from wmtp_core import progress, redact, report
 from wmtp_core.bindings import Bindings, build_sink
 from wmtp_core.console import error_line
-from wmtp_core.errors import CheckpointError, CorruptError, ModelLoadError, SaveError, TrainingError, UnverifiableError
+from wmtp_core.errors import (
+    CheckpointError,
+    CorruptError,
+    ModelLoadError,
+    SaveError,
+    StorageError,
+    TrainingError,
+    WmtpError,
+)
 from wmtp_core.lease import Lease, LeaseHeldError, LeaseLostError
 from wmtp_core.events import (
     LoadedModel,
@@ -287,25 +295,36 @@ class RunSession:
         plan = self.plan
         probe = build_sink(plan.catalog, bindings, Role.RESUME, fresh, plan.mlflow)
         try:
-            self._take_lease(probe, fresh, world)
-            if not plan.resume:
-                if probe.committed():
-                    raise CheckpointError(
-                        f"run {fresh.name!r} already has committed checkpoints at {probe.location()}; "
-                        "continue it with --resume latest, or choose another --run-name")
-                self._clean_incomplete(probe, world)
-                return fresh, frozenset()
-
-            def restore(loaded, uri: str) -> None:
-                trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
-
-            uri, manifest = find_resume(probe, plan.resume, self.err, world, restore=restore,
-                                        quarantine=world.is_main)
-            self._clean_incomplete(probe, world)
+            return self._restore_from(probe, trainer, fresh, world)
+        except (WmtpError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # storage that failed after the client's retries: one line, exit 1
+            raise StorageError(f"reading the resume storage {probe.location()} failed (taking the run's "
+                               f"lease, finding or loading its checkpoint): {type(e).__name__}: "
+                               f"{redact.text(_first_line(e))}") from e
         finally:
             close = getattr(probe, "close", None)
             if close:
                 close()
+
+    def _restore_from(self, probe: Any, trainer: Any, fresh: RunInfo, world: Any):
+        """The lease, the resume point and the clean start, through the resume sink ``probe``."""
+        plan = self.plan
+        self._take_lease(probe, fresh, world)
+        if not plan.resume:
+            if probe.committed():
+                raise CheckpointError(
+                    f"run {fresh.name!r} already has committed checkpoints at {probe.location()}; "
+                    "continue it with --resume latest, or choose another --run-name")
+            self._clean_incomplete(probe, world)
+            return fresh, frozenset()
+
+        def restore(loaded, uri: str) -> None:
+            trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
+
+        uri, manifest = find_resume(probe, plan.resume, self.err, world, restore=restore,
+                                    quarantine=world.is_main)
+        self._clean_incomplete(probe, world)
         self.err.print(f"resuming {fresh.name!r} from {uri} (step {manifest.step})")
         run = attrs.evolve(fresh, lineage=manifest.lineage, resumed_from=redact.text(uri))
         return run, frozenset({(manifest.run, manifest.step)})

@@ -12,7 +12,7 @@ import argparse
 from wmtp_core.cli import commands
 from wmtp_core.cli.commands import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_USAGE
 from wmtp_core.console import consoles, error_line
-from wmtp_core.errors import WmtpError
+from wmtp_core.errors import StorageError, WmtpError
 
 __all__ = ["EXIT_FAILED", "EXIT_NOT_REGISTERED", "EXIT_OK", "EXIT_USAGE", "main", "parser"]
 
@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except WmtpError as e:
         err.print(error_line(e))
         return EXIT_USAGE
+    except StorageError as e:
+        err.print(error_line(e))
+        return 1
     except KeyboardInterrupt:
         err.print(error_line("interrupted (Ctrl-C)"))
         return 130
