@@ -216,3 +216,38 @@ def test_a_rank_failing_mid_save_ends_the_job_within_the_bound_and_commits_nothi
     from wmtp_core.commit import CheckpointStore
 
     CheckpointStore.from_url(f"file://{tmp_path}/ck").verify(str(run_dir / "step_2"))
+
+
+def test_a_corrupt_shard_in_the_newest_checkpoint_is_quarantined_and_two_ranks_finish_bit_exact(tmp_path):
+    write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL,
+                                      paths={"checkpoints": {"keep_last": 3}}))
+    write(tmp_path / "r.yaml", recipe_of(6))
+    common = ["--config", "c.yaml", "--recipe", "r.yaml"]
+    full = torchrun(2, [*common, "--run-name", "full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-4000:]
+
+    # a run that stopped after step 4, whose newest checkpoint then lost a byte of a shard
+    import shutil
+
+    run_dir = tmp_path / "ck" / "cut"
+    shutil.copytree(tmp_path / "ck" / "full", run_dir, ignore=shutil.ignore_patterns("final", "step_6"))
+    for step in (2, 4):
+        m = manifest(run_dir / f"step_{step}")
+        m["run"] = "cut"
+        (run_dir / f"step_{step}" / "manifest.json").write_text(json.dumps(m))
+    shard = max((p for p in (run_dir / "step_4").iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    shard.write_bytes(bytes(data))
+
+    resumed = torchrun(2, [*common, "--run-name", "cut", "--resume", "latest"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    err = " ".join(resumed.stderr.split())
+    assert f"quarantined {run_dir}/step_4 as {run_dir}/step_4.quarantined-" in err
+    assert "step_2 (step 2)" in err
+    (aside,) = run_dir.glob("step_4.quarantined-*")
+    assert (aside / shard.name).read_bytes() == bytes(data), "kept as it was found"
+    assert (run_dir / "step_4" / "manifest.json").exists(), "step 4 committed again"
+    a = torch.load(tmp_path / "ck" / "full" / "final" / "model.pt", weights_only=True)
+    b = torch.load(run_dir / "final" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
