@@ -347,3 +347,39 @@ def test_dry_run_estimate_retains_exactly_what_keep_last_leaves(steps, interval,
     e = estimate(10, steps, interval, keep, every, True)
     assert e.saves == len(saved)
     assert e.retained == len(left) * e.per_save
+
+
+@settings(max_examples=40, deadline=None)
+@given(keep=st.integers(1, 3), plan=st.lists(st.booleans(), min_size=1, max_size=10))
+def test_retention_never_counts_nor_deletes_a_quarantined_checkpoint(keep, plan):
+    """On the real local sink: saves, some of them then found corrupt and quarantined (``True``
+    in ``plan``). After every prune, keep_last has kept exactly the newest ``keep`` checkpoints
+    that are still committed (a quarantined one is not counted), and every quarantined
+    checkpoint is still there, byte for byte."""
+    import tempfile
+    from pathlib import Path
+
+    from wmtp_core.plugins import build_catalog
+
+    pm = make_plugin_manager()
+    with tempfile.TemporaryDirectory() as d:
+        bindings = Bindings(sinks=[SinkBinding(role=Role.RESUME, sink="local", base_path=f"file://{d}")],
+                            policies=[PolicyBinding(role=Role.RESUME, policy="keep_last",
+                                                    options={"keep_last": keep})])
+        router = Router(pm, build_catalog(pm), bindings, run_info(), required=frozenset({Role.RESUME})).open()
+        sink = router._sinks[Role.RESUME]
+        alive, aside = [], {}
+        for step, corrupt in enumerate(plan, start=1):
+            receipt = router.emit(Role.RESUME, step=step, payload=Payload(parts={"state": {"step": step}}))
+            router.wait()
+            alive = (alive + [step])[-keep:]  # quarantined ones are not counted
+            assert sorted(m.step for _, m in sink.committed()) == alive
+            if corrupt:
+                moved = Path(sink.quarantine(receipt.uri, "a flipped byte"))
+                aside[moved] = {p.name: p.read_bytes() for p in moved.iterdir()}
+                alive.remove(step)
+                assert sorted(m.step for _, m in sink.committed()) == alive
+            for moved, files in aside.items():  # never deleted, never changed
+                assert {p.name: p.read_bytes() for p in moved.iterdir()} == files
+        router.close()
+        assert len(list(Path(d).glob("*/step_*.quarantined-*"))) == sum(plan)
