@@ -212,9 +212,12 @@ class MotoProcess:
         return self
 
     def bucket(self, name: str) -> str:
-        import boto3
+        def create():
+            import boto3
 
-        boto3.client("s3", endpoint_url=self.endpoint, **_creds()).create_bucket(Bucket=name)
+            boto3.client("s3", endpoint_url=self.endpoint, **_creds()).create_bucket(Bucket=name)
+
+        in_child(create)
         return name
 
     def __exit__(self, *exc: Any) -> None:
@@ -248,23 +251,64 @@ def _files(work: Path, base: str, steps: int, *, async_: bool, options: dict | N
     return ["--config", str(work / "c.yaml"), "--recipe", str(work / "r.yaml")]
 
 
-def _intact(store: CheckpointStore, run: str) -> tuple[dict[int, bool], list[str]]:
-    """Every committed step of ``run`` and whether it verifies."""
-    out, problems = {}, []
-    for i in store.inspect(run):
-        if i.state is CheckpointState.COMMITTED:
-            try:
-                store.verify(i.path)
-                out[i.manifest.step] = True
-            except Exception as e:  # noqa: BLE001 - counted, named
-                out[i.manifest.step] = False
-                problems.append(f"{i.path}: {e}")
-    return out, problems
+def in_child(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run in a forked child, its (picklable) result returned. Every look at storage
+    goes through here: this process never opens a connection or a thread pool that the
+    processes it forks would inherit half-used."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            result = ("ok", fn())
+        except BaseException as e:  # noqa: BLE001 - handed back
+            result = ("error", f"{type(e).__name__}: {e}")
+        with os.fdopen(w, "wb") as f:
+            pickle.dump(result, f)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise RuntimeError(value)
+    return value
 
 
-def kill_chain(tally: Tally, kills: int, *, base: str, store: CheckpointStore, work: Path, async_: bool,
+@attrs.frozen
+class Place:
+    """Where a run's checkpoints are: a base URL and its storage options."""
+
+    url: str
+    options: dict = attrs.field(factory=dict, hash=False)
+
+    def store(self) -> CheckpointStore:
+        return CheckpointStore.from_url(self.url, skip_instance_cache=True, **self.options)
+
+
+def _intact(place: Place, run: str) -> tuple[dict[int, bool], list[str], list[str]]:
+    """Every committed step of ``run`` and whether it verifies, the problems, the staging left."""
+
+    def look():
+        store = place.store()
+        out, problems = {}, []
+        for i in store.inspect(run):
+            if i.state is CheckpointState.COMMITTED:
+                try:
+                    store.verify(i.path)
+                    out[i.manifest.step] = True
+                except Exception as e:  # noqa: BLE001 - counted, named
+                    out[i.manifest.step] = False
+                    problems.append(f"{i.path}: {e}")
+        return out, problems, store.staging(run)
+
+    return in_child(look)
+
+
+def kill_chain(tally: Tally, kills: int, *, base: str, place: Place, work: Path, async_: bool,
                options: dict | None, env: dict | None, rng: random.Random, log: Callable[[str], None]) -> None:
-    steps = 40 + 3 * kills
+    steps = 40 + 10 * kills  # never reached before the last kill: each cycle gains a few steps at most
     args = _files(work, base, steps, async_=async_, options=options)
     run = "chain"
     journal = work / "journal"
@@ -279,11 +323,11 @@ def kill_chain(tally: Tally, kills: int, *, base: str, store: CheckpointStore, w
     span = spans[len(spans) // 2] if spans else 0.2
     # start the chain again from a fresh run of the same shape, killed from its first saves on
     shutil.rmtree(work / "final", ignore_errors=True)
-    store.fs.rm(store.run_dir(run), recursive=True)
+    in_child(lambda: place.store().fs.rm(place.store().run_dir(run), recursive=True))
     journal.unlink()
     resumed = False
     for n in range(kills):
-        before, _ = _intact(store, run)
+        before, _, _ = _intact(place, run)
         expected = max((s for s, ok in before.items() if ok), default=None)
         at = rng.randint(1, 3)
         delay = rng.uniform(0.0, span * 1.5 + 0.05)
@@ -313,7 +357,7 @@ def kill_chain(tally: Tally, kills: int, *, base: str, store: CheckpointStore, w
         everything = journal_of(journal)
         committed = {s for k, s, _ in everything if k == "committed"}
         deleted = {s for k, s, _ in everything if k == "deleted"}
-        now, problems = _intact(store, run)
+        now, problems, _ = _intact(place, run)
         for s in sorted(committed - deleted)[-KEEP_LAST:]:
             if not now.get(s):
                 tally.lost += 1
@@ -366,14 +410,14 @@ def scenario_kills(total: int, out: Path, rng: random.Random, log) -> list[Tally
             work = Path(tempfile.mkdtemp(prefix="wmtp-kills-", dir=out))
             if where == "local":
                 base = f"file://{work}/ck"
-                store = CheckpointStore.from_url(base)
+                place = Place(base)
                 options = None
             else:
                 bucket = moto.bucket(f"kills-{rng.randrange(1 << 30):x}")
                 base = f"s3://{bucket}/ck"
                 options = {"default_block_size": 5 << 20}  # several parts per file: kills mid-upload
-                store = CheckpointStore.from_url(base, endpoint_url=moto.endpoint)
-            kill_chain(tally, quarter, base=base, store=store, work=work, async_=async_, options=options,
+                place = Place(base, {"endpoint_url": moto.endpoint})
+            kill_chain(tally, quarter, base=base, place=place, work=work, async_=async_, options=options,
                        env=env, rng=rng, log=log)
             tallies.append(tally)
             log(_line(tally))
@@ -397,8 +441,7 @@ def scenario_s3_faults(rates: list[float], runs: int, out: Path, rng: random.Ran
                 code, err = forked([*args, "--run-name", "f"], cwd=work, env=env)
                 proxy.stop()
                 tally.tried += 1
-                store = CheckpointStore.from_url(f"s3://{bucket}/ck", endpoint_url=moto.endpoint)
-                now, problems = _intact(store, "f")
+                now, problems, _ = _intact(Place(f"s3://{bucket}/ck", {"endpoint_url": moto.endpoint}), "f")
                 ok = code in (0, 1)
                 if code is None:
                     tally.hangs += 1
@@ -464,9 +507,7 @@ def scenario_full_disk(runs: int, out: Path, rng: random.Random, log) -> list[Ta
                 args = _files(work, f"file://{disk}/ck", 40, async_=async_)
                 code, err = forked([*args, "--run-name", "d"], cwd=work)
                 tally.tried += 1
-                store = CheckpointStore.from_url(f"file://{disk}/ck")
-                now, problems = _intact(store, "d")
-                staging = store.staging("d")
+                now, problems, staging = _intact(Place(f"file://{disk}/ck"), "d")
                 want = 1 if async_ else 2
                 ok = code in (0, want)
                 if code is None:

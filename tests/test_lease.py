@@ -69,17 +69,24 @@ def files(tmp_path):
     return tmp_path
 
 
-def test_a_second_process_on_a_live_run_is_refused_at_start_and_a_killed_holder_is_taken_over(files):
-    tmp = files
-    release = tmp / "release"
+def holding(tmp: Path, release: Path) -> subprocess.Popen:
+    """A run of ``r`` that holds its lease: it waits after committing step 4 until ``release``
+    exists. Returns once it waits."""
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, "4", str(release), "--config", "c.yaml",
                                "--recipe", "r.yaml", "--run-name", "r"], cwd=tmp,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not Path(f"{release}.held").exists():
+        assert holder.poll() is None and time.time() < deadline, holder.stderr.read()[-3000:]
+        time.sleep(0.1)
+    return holder
+
+
+def test_a_second_process_on_a_live_run_is_refused_at_start_and_a_killed_holder_is_taken_over(files):
+    tmp = files
+    release = tmp / "release"
+    holder = holding(tmp, release)
     try:
-        deadline = time.time() + 240
-        while not Path(f"{release}.held").exists():
-            assert holder.poll() is None and time.time() < deadline, holder.stderr.read()[-3000:]
-            time.sleep(0.1)
         lease = json.loads((tmp / "ck" / "r" / LEASE_FILE).read_text())
         assert lease["pid"] == holder.pid and lease["host"] == socket.gethostname()
 
@@ -134,13 +141,7 @@ def test_a_live_foreign_lease_refuses_and_a_stale_one_is_taken_over(files):
 def test_a_holder_whose_lease_was_taken_over_stops_at_its_next_save(files):
     tmp = files
     release = tmp / "release"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, "4", str(release), "--config", "c.yaml",
-                               "--recipe", "r.yaml", "--run-name", "r"], cwd=tmp,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not Path(f"{release}.held").exists():
-        assert holder.poll() is None and time.time() < deadline, holder.stderr.read()[-3000:]
-        time.sleep(0.1)
+    holder = holding(tmp, release)
     # another process took the lease over (as one would after this holder's heartbeat went stale)
     (tmp / "ck" / "r" / LEASE_FILE).write_bytes(foreign_lease(age=0))
     release.touch()
