@@ -448,6 +448,8 @@ def scenario_s3_faults(rates: list[float], runs: int, out: Path, rng: random.Ran
                 if "Traceback" in err:
                     tally.tracebacks += 1
                     ok = False
+                if code not in (0, 1, None):
+                    tally.bad(f"rate {rate}: exit {code}: {err.strip().splitlines()[-1:]}")
                 if code == 1 and len([l for l in err.splitlines() if l.startswith("error:")]) != 1:
                     ok = False
                     tally.bad(f"rate {rate}: exit 1 without one error line: {err[-300:]}")

@@ -216,3 +216,30 @@ def test_under_torchrun_rank_0_holds_the_lease_and_every_rank_is_refused(tmp_pat
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert not (tmp_path / "ck" / "r" / LEASE_FILE).exists()
+
+
+def test_a_heartbeat_whose_response_was_lost_is_not_taken_for_a_takeover(s3_server, bucket):
+    """The renewal lands, its response is lost (the connection reset after S3 carried it out),
+    botocore retries it and the retry's If-Match fails, since the lease changed: by this very
+    write. The holder must see its own heartbeat there, not a takeover."""
+    from faultproxy import FaultProxy
+
+    from wmtp_core.commit import CheckpointStore
+    from wmtp_core.lease import LeaseLostError
+
+    with FaultProxy(s3_server) as proxy:
+        store = CheckpointStore.from_url(f"s3://{bucket}/lost", endpoint_url=proxy.url, skip_instance_cache=True)
+        lease = Lease(store, "r")
+        lease.acquire()
+        lost = iter(["reset-after"])
+        draw = proxy.draw
+        proxy.draw = lambda method, target: next(lost, None) if method == "PUT" and LEASE_FILE in target \
+            else draw(method, target)
+        lease.renew()
+        assert next(lost, "spent") == "spent", "the renewal met the lost response"
+        lease.check()
+        assert Holder.parse(store.fs.cat_file(lease.path)).heartbeat == lease.me.heartbeat
+        # a real takeover is still one
+        store.fs.pipe_file(lease.path, foreign_lease(age=0))
+        with pytest.raises(LeaseLostError):
+            lease.renew()

@@ -235,9 +235,15 @@ class Lease:
             raise LeaseLostError(f"run {self.run!r}: another process took over its lease ({who}; "
                                  f"{self.uri}); this process stops writing")
         self.me = attrs.evolve(self.me, heartbeat=time.time())
-        if not self._replace(tag):
+        if not self._replace(tag) and not self._landed():
             raise LeaseLostError(f"run {self.run!r}: another process took over its lease at {self.uri} "
                                  "during a heartbeat; this process stops writing")
+
+    def _landed(self) -> bool:
+        """True when the lease holds exactly this process's last write: a conditional write whose
+        response was lost and whose retry then failed its own condition did land."""
+        current, _ = self._read()
+        return current is not None and current.token == self.me.token and current.heartbeat == self.me.heartbeat
 
     # -- atomic operations per filesystem -------------------------------------------------
     def _read(self) -> tuple[Holder | None, str | None]:
