@@ -428,6 +428,7 @@ def scenario_kills(total: int, out: Path, rng: random.Random, log) -> list[Tally
 # ----------------------------------------------------------------------------- S3 faults
 def scenario_s3_faults(rates: list[float], runs: int, out: Path, rng: random.Random, log) -> list[Tally]:
     tallies = []
+    os.environ.update(S3_ENV)  # for the looks at the bucket (the runs get it in their env too)
     with MotoProcess() as moto:
         for rate in rates:
             tally = Tally(f"s3 faults, {rate:.0%} of requests")
