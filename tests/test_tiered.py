@@ -14,7 +14,7 @@ import fsspec
 import pytest
 import torch
 from builders import merge, recipe, write
-from conftest import KILLER, S3_ENV
+from conftest import S3_ENV
 
 from wmtp_core import BindingError, CheckpointError, Role, RunInfo, SaveError, SinkContext, hookimpl
 from wmtp_core.bindings import SinkBinding
@@ -113,6 +113,46 @@ def test_each_tier_keeps_its_own_copies_and_load_prefers_the_fast_one_that_verif
         assert_same(dict(payloads[4].parts), dict(again.load(f"s3://{bucket}/t/r/step_4").parts))
     finally:
         again.close()
+
+
+def test_retention_never_leaves_the_durable_tier_without_a_checkpoint_while_newer_ones_are_copied(
+        tmp_path, s3_server, bucket):
+    """Retention deletes step 2 while step 4 is still on its way to a slow durable tier: step 2's
+    durable copy stays (the router no longer sees it) until step 4's commits there; a machine
+    lost in between resumes from step 2, not from nothing."""
+    from faultproxy import FaultProxy
+
+    with FaultProxy(s3_server, slow_s=3.0) as proxy:
+        sink = sink_for(tmp_path, f"s3://{bucket}/t", endpoint_url=proxy.url, fast_keep_last=1)
+        try:
+            save(sink, 2)
+            sink.wait()
+            durable = CheckpointStore.from_url(f"s3://{bucket}/t", endpoint_url=s3_server, skip_instance_cache=True)
+            assert steps(durable) == [2]
+            proxy.configure(rate=1.0, kinds=("slow",), match=r"^PUT /[^/]+/t/r/step_4/manifest\.json")
+            payload4, _ = save(sink, 4)
+            sink.delete(f"s3://{bucket}/t/r/step_2")  # what retention with keep_last: 1 does now
+            assert [m.step for _, m in sink.committed()] == [4]
+            with pytest.raises(CheckpointError, match="deleted by the retention policy"):
+                sink.load(f"s3://{bucket}/t/r/step_2")
+            durable.fs.invalidate_cache()
+            assert steps(durable) == [2], "the only durable checkpoint is kept while step 4 is copied"
+
+            # a new machine now (the fast tier is lost) resumes from step 2
+            other = sink_for(tmp_path / "other", f"s3://{bucket}/t", endpoint_url=s3_server)
+            try:
+                assert [m.step for _, m in other.committed()] == [2]
+                other.load(f"s3://{bucket}/t/r/step_2")
+            finally:
+                other.close()
+
+            sink.wait()
+            assert proxy.counts["slow"] >= 1
+            durable.fs.invalidate_cache()
+            assert steps(durable) == [4], "released once a newer durable copy committed"
+            assert_same(dict(payload4.parts), dict(sink.load(f"s3://{bucket}/t/r/step_4").parts))
+        finally:
+            sink.close()
 
 
 def test_a_fast_copy_that_does_not_match_its_manifest_is_never_committed_on_the_durable_tier(tmp_path):
@@ -239,6 +279,28 @@ def test_the_tier_keys_reach_the_sink_through_its_binding(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real runs
+DURABLE_KILLER = """
+import os, signal, sys, time
+from wmtp_core import hookimpl
+from wmtp_core.commit import CheckpointStore
+from wmtp_core.run import main
+
+class Killer:
+    # SIGKILLs this process after training step argv[1], once run argv[3] under argv[2] has a
+    # committed checkpoint
+    @hookimpl
+    def wmtp_step_ended(self, event):
+        if event.step == int(sys.argv[1]) and "loss" in event.metrics:
+            store = CheckpointStore.from_url("s3://" + sys.argv[2], skip_instance_cache=True)
+            deadline = time.monotonic() + 120
+            while not list(store.list(sys.argv[3])) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                store.fs.invalidate_cache()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.exit(main(sys.argv[4:], plugins=(Killer(),)))
+"""
+
 RECIPE = recipe(8, optim={"lr": 0.003, "scheduler": "constant", "warmup_ratio": 0.0})
 
 
@@ -287,8 +349,9 @@ def test_a_run_keeps_each_tier_within_its_retention_and_resumes_bit_exact_from_s
     assert wmtp(["checkpoints", "verify", f"s3://{bucket}/runs/full"]) == 0
     assert "2 of 2 checkpoints verified" in capsys.readouterr().out
 
-    # killed after step 7: steps 2..6 were committed on the fast tier, some of them copied
-    cut = subprocess.run([sys.executable, "-c", KILLER, "7", *common, "--run-name", "cut"],
+    # killed after step 7 once a durable copy is committed: steps 2..6 were committed on the fast
+    # tier, some of them copied (a slow machine may still be copying; the kill waits for one)
+    cut = subprocess.run([sys.executable, "-c", DURABLE_KILLER, "7", f"{bucket}/runs", "cut", *common, "--run-name", "cut"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert cut.returncode == -signal.SIGKILL, cut.stderr[-3000:]
     assert steps(durable, "cut")  # at least one durable copy committed before the kill

@@ -7,7 +7,9 @@ background thread then streams the committed files to the durable tier, hashing 
 it passes and refusing a file that does not match the fast manifest, and commits the copy with
 a manifest written last. After each copy the fast tier keeps its newest ``fast_keep_last``
 checkpoints (never one that has no durable copy yet). The role's retention policy decides which
-checkpoints exist at all: the router's deletions remove both copies. Resume takes the newest
+checkpoints exist at all: the router's deletions remove both copies, the durable one once a newer
+durable copy has committed (the durable tier is never left without a checkpoint while newer ones
+are only on the fast tier). Resume takes the newest
 checkpoint that verifies in either tier, preferring the fast copy. A copy that still fails
 after the S3 client's own retries is raised as :class:`~wmtp_core.SaveError` at the next save
 or when the run closes the sink. (After MosaicML Composer's ``RemoteUploader``.)
@@ -159,6 +161,8 @@ class TieredSink:
         self._copies: dict[int, cf.Future] = {}
         self._lock = threading.RLock()
         self._caught_up = False
+        self._held: set[int] = set()
+        """Steps retention deleted whose durable copy waits for a newer one (see ``delete``)."""
 
     # -- the sink interface --------------------------------------------------------------
     def location(self) -> str:
@@ -188,7 +192,8 @@ class TieredSink:
 
     def committed(self) -> list[tuple[str, Any]]:
         """This run's checkpoints committed in either tier, oldest first, under their durable
-        URIs (the durable copy's manifest where there is one)."""
+        URIs (the durable copy's manifest where there is one); not those retention deleted whose
+        durable copy is still held (see :meth:`delete`)."""
         by_step = {m.step: m for _, m in self.fast.committed()}
         try:
             by_step.update({m.step: m for _, m in self.durable.committed()})
@@ -197,7 +202,9 @@ class TieredSink:
                 raise
             raise CheckpointError(f"the durable tier {self.durable.location()} cannot be listed: "
                                   f"{type(e).__name__}: {e}") from None
-        return [(self._uri(step), by_step[step]) for step in sorted(by_step)]
+        with self._lock:  # a durable copy retention deleted but that is still held: gone here
+            held = set(self._held)
+        return [(self._uri(step), by_step[step]) for step in sorted(by_step) if step not in held]
 
     def unverifiable(self) -> list[tuple[str, int, str]]:
         """Step directories of either tier whose manifest cannot be believed."""
@@ -209,6 +216,10 @@ class TieredSink:
         step = self._own_step(uri, strict=False)
         if step is None:
             return self._tier_of(uri).load(uri, world=world)
+        with self._lock:
+            if step in self._held:
+                raise CheckpointError(f"{uri}: step {step} was deleted by the retention policy (its durable "
+                                      "copy stays only until a newer one commits there)")
         errors, corrupt = [], True
         for name, tier in (("fast", self.fast), ("durable", self.durable)):
             path = tier.checkpoints.path_of(self.run, step_dirname(step))
@@ -249,8 +260,10 @@ class TieredSink:
         return self.durable.checkpoints
 
     def delete(self, uri: str) -> None:
-        """Remove both copies (the durable one first); a copy still queued is dropped, one in
-        flight finishes first. Called on the router's retention thread."""
+        """Remove both copies; a copy still queued is dropped, one in flight finishes first.
+        The durable copy goes once a newer durable copy has committed (until then it is the
+        only checkpoint a new machine could resume from). Called on the router's retention
+        thread."""
         step = self._own_step(uri)
         with self._lock:
             copying = self._copies.get(step)
@@ -260,10 +273,30 @@ class TieredSink:
         elif copying is not None:
             cf.wait([copying])  # its failure, if any, still surfaces
         with self._lock:
-            for tier in (self.durable, self.fast):
-                path = tier.checkpoints.path_of(self.run, step_dirname(step))
-                if tier.checkpoints.inspect_dir(path).state is CheckpointState.COMMITTED:
-                    tier.checkpoints.delete(path)
+            path = self.fast.checkpoints.path_of(self.run, step_dirname(step))
+            if self.fast.checkpoints.inspect_dir(path).state is CheckpointState.COMMITTED:
+                self.fast.checkpoints.delete(path)
+            self._held.add(step)
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """Delete the durable copies retention asked for once the durable tier holds a
+        checkpoint retention keeps; until then they stay: the durable tier is never left
+        without a checkpoint while the kept ones are still only on the fast tier (a machine
+        lost then would lose every step)."""
+        with self._lock:
+            if not self._held:
+                return
+            durable = self.durable.checkpoints
+            if not {m.step for _, m in self.durable.committed()} - self._held:
+                log.info("tiered: the durable copies of steps %s are kept until a newer one commits there",
+                         ", ".join(map(str, sorted(self._held))))
+                return
+            for step in sorted(self._held):
+                path = durable.path_of(self.run, step_dirname(step))
+                if durable.inspect_dir(path).state is CheckpointState.COMMITTED:
+                    durable.delete(path)
+                self._held.discard(step)
 
     def clean_incomplete(self) -> list[Any]:
         """This run's saves that never finished, removed from both tiers (see
@@ -336,6 +369,7 @@ class TieredSink:
             log.warning("the durable copy of step %d to %s failed: %s: %s", step, self._uri(step),
                         type(e).__name__, e)
             raise
+        self._release_held()
         self._prune_fast()
 
     def _copy(self, step: int) -> None:
