@@ -13,6 +13,7 @@ manifest first, so a half-deleted checkpoint is never loadable.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import enum
 import errno
@@ -287,29 +288,33 @@ class CheckpointStore:
             self.prepare(run, name)
         except CheckpointError:
             raise  # committed, or not WMTP's: nothing of this save to remove
-        except Exception as e:
-            failure = _failed(self, e, doing, path, step, nbytes)
-            if failure is e:
+        except Exception:
+            with self._failing_as_a_save(doing, path, step, nbytes):
                 raise
-            raise failure from e
-        try:
+        with self._failing_as_a_save(doing, path, step, nbytes):
             entries = self._write_files(path, files, doing, nbytes)
-            manifest = Manifest(
-                run=run,
-                step=step,
-                role=role,
-                lineage=lineage,
-                files=entries,
-                created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
-                meta=meta or {},
-            )
-            doing.now(f"committing the manifest {self.uri(posixpath.join(path, MANIFEST))}")
-            self._write_manifest(path, manifest)
+            return self._commit(path, doing, entries, run=run, step=step, role=role, lineage=lineage, meta=meta)
+
+    @contextlib.contextmanager
+    def _failing_as_a_save(self, doing: _Doing, path: str, step: int, nbytes: int | None):
+        """A failure inside removes the staging at ``path`` and is raised as a save's failure
+        naming what was being done (see :func:`_failed`)."""
+        try:
+            yield
         except Exception as e:
             failure = _failed(self, e, doing, path, step, nbytes)
             if failure is e:
                 raise
             raise failure from e
+
+    def _commit(self, path: str, doing: _Doing, entries: list[FileEntry], *, run: str, step: int, role: Role,
+                lineage: str, meta: Mapping[str, Any] | None) -> Manifest:
+        """Write the manifest naming ``entries`` into the staging directory ``path``: the
+        checkpoint is committed."""
+        manifest = Manifest(run=run, step=step, role=role, lineage=lineage, files=entries,
+                            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {})
+        doing.now(f"committing the manifest {self.uri(posixpath.join(path, MANIFEST))}")
+        self._write_manifest(path, manifest)
         return manifest
 
     def _write_files(self, path: str, files: Mapping[str, Writer], doing: _Doing,
@@ -393,7 +398,7 @@ class CheckpointStore:
         raises as :meth:`write` does."""
         path = self.path_of(run, name)
         doing = _Doing(f"listing {self.uri(path)}")
-        try:
+        with self._failing_as_a_save(doing, path, step, None):
             self.fs.invalidate_cache(path)
             names = sorted(n for n in (posixpath.relpath(p, path) for p in self.fs.find(path))
                            if n != MANIFEST and n not in _OWN_FILES)
@@ -409,16 +414,7 @@ class CheckpointStore:
             missing = set(expected or {}) - set(names)
             if missing:
                 raise CheckpointError(f"{self.uri(path)}: shard files missing: {sorted(missing)}")
-            manifest = Manifest(run=run, step=step, role=role, lineage=lineage, files=entries,
-                                created_at=dt.datetime.now(dt.timezone.utc).isoformat(), meta=meta or {})
-            doing.now(f"committing the manifest {self.uri(posixpath.join(path, MANIFEST))}")
-            self._write_manifest(path, manifest)
-        except Exception as e:
-            failure = _failed(self, e, doing, path, step, None)
-            if failure is e:
-                raise
-            raise failure from e
-        return manifest
+            return self._commit(path, doing, entries, run=run, step=step, role=role, lineage=lineage, meta=meta)
 
     def _hash(self, path: str, algorithm: str = HASH) -> tuple[str, int]:
         return digest_file(path, algorithm) if isinstance(self.fs, LocalFileSystem) \
