@@ -5,10 +5,12 @@ matches the uninterrupted run tensor for tensor; timed saves keep their schedule
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.slow
 RANK_SIGNALLER = """
 import os, signal, sys
 from wmtp_core.engine import distributed
-from wmtp_core.run import main
+from wmtp_core.run import leave, main
 
 # Observer plugins run on rank 0 only, so on rank 1 the real SIGTERM is sent from the step's one
 # collective (World.agree), after its step AT: the only change to WMTP is where the signal
@@ -38,13 +40,13 @@ def agree_then_signal(self, *args):
     return out
 
 distributed.World.agree = agree_then_signal
-sys.exit(main(sys.argv[3:]))
+leave(main(sys.argv[3:]))
 """
 
 SIGNALLER = """
 import os, signal, sys
 from wmtp_core import hookimpl
-from wmtp_core.run import main
+from wmtp_core.run import leave, main
 
 AT, RANK = int(sys.argv[1]), sys.argv[2]
 
@@ -61,7 +63,7 @@ class Signaller:
         if event.step == AT + 1 and os.environ.get("RANK", "0") == RANK:
             os.kill(os.getpid(), signal.SIGTERM)
 
-sys.exit(main(sys.argv[3:], plugins=(Signaller(),)))
+leave(main(sys.argv[3:], plugins=(Signaller(),)))
 """
 
 
@@ -129,6 +131,41 @@ def test_sigterm_between_interval_saves_commits_that_step_exits_4_and_resumes_bi
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert trainer_part(tmp_path / "ck" / "full" / "step_12")["losses"] == \
         trainer_part(tmp_path / "ck" / "cut" / "step_12")["losses"]
+
+
+def test_the_command_leaves_at_once_after_a_preemption_and_nothing_it_said_is_lost(tmp_path):
+    """``python -m wmtp_core.run`` skips the interpreter's teardown after a preemption, but only
+    once the exit handlers ran and the streams were flushed: into pipes, where nothing is
+    line-buffered, every line still arrives, and the MLflow run is ended and tagged."""
+    write(tmp_path / "c.yaml", config(tmp_path))
+    write(tmp_path / "r.yaml", recipe_of(10**6))
+    proc = subprocess.Popen([sys.executable, "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml",
+                             "--run-name", "cmd"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "ck" / "cmd" / "step_4" / "manifest.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    said = re.search(r"preempted: step (\d+) is committed at (\S+);", err)
+    assert said and "Traceback" not in err, err[-3000:]
+    step = int(said.group(1))
+    assert "Where this run's bytes went" in out and f"run 'cmd': preempted at step {step}" in out, out
+    from wmtp_core.commit import CheckpointStore
+
+    assert CheckpointStore.from_url(f"file://{tmp_path}/ck").verify(said.group(2)).step == step
+    import mlflow
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    (mrun,) = client.search_runs([client.get_experiment_by_name("pre").experiment_id],
+                                 filter_string="attributes.run_name = 'cmd'")
+    assert mrun.info.status == "KILLED" and mrun.data.tags["wmtp.status"] == "preempted"
 
 
 def test_a_signal_to_one_of_two_ranks_makes_both_save_the_same_step(tmp_path):

@@ -161,14 +161,22 @@ class RunSession:
 
         cfg = self.plan.settings.config
         world = self.world = distributed.setup(cfg.devices, self._device())
+        code = None
         try:
-            return self._run(world)
+            code = self._run(world)
+            return code
         finally:
             try:
                 if self.lease is not None:
                     self.lease.release()
             finally:
-                world.close()
+                try:
+                    if code is not None:
+                        # no rank leaves before rank 0 has released the lease: a launcher stops
+                        # the other ranks as soon as one exits with a status other than 0
+                        world.barrier()
+                finally:
+                    world.close()
 
     def _device(self):
         import torch
