@@ -98,7 +98,7 @@ def leave(code: int) -> NoReturn:
     A preempted run (:data:`EXIT_PREEMPTED`) leaves at once: by then its checkpoint is committed
     and every sink, tracker and lease is closed, so once the exit handlers have run (MLflow's
     among them) and the streams are flushed, the interpreter's teardown is skipped. That
-    teardown (unloading torch and its libraries: about a second here) is time a scheduler's
+    teardown (unloading torch and its libraries: about 0.75 s here) is time a scheduler's
     grace period would otherwise spend after the save. Every other status exits as usual.
     """
     if code == EXIT_PREEMPTED:

@@ -7,9 +7,9 @@ background thread then streams the committed files to the durable tier, hashing 
 it passes and refusing a file that does not match the fast manifest, and commits the copy with
 a manifest written last. After each copy the fast tier keeps its newest ``fast_keep_last``
 checkpoints (never one that has no durable copy yet). The role's retention policy decides which
-checkpoints exist at all: the router's deletions remove both copies, the durable one once a newer
-durable copy has committed (the durable tier is never left without a checkpoint while newer ones
-are only on the fast tier). Resume takes the newest
+checkpoints exist at all: the router's deletions remove both copies, the durable one once a
+checkpoint the policy keeps has committed there (the durable tier is never left without a
+checkpoint while the kept ones are only on the fast tier). Resume takes the newest
 checkpoint that verifies in either tier, preferring the fast copy. A copy that still fails
 after the S3 client's own retries is raised as :class:`~wmtp_core.SaveError` at the next save
 or when the run closes the sink. (After MosaicML Composer's ``RemoteUploader``.)
@@ -162,7 +162,7 @@ class TieredSink:
         self._lock = threading.RLock()
         self._caught_up = False
         self._held: set[int] = set()
-        """Steps retention deleted whose durable copy waits for a newer one (see ``delete``)."""
+        """Steps retention deleted whose durable copy waits for a kept one to commit (see ``delete``)."""
 
     # -- the sink interface --------------------------------------------------------------
     def location(self) -> str:
@@ -261,8 +261,8 @@ class TieredSink:
 
     def delete(self, uri: str) -> None:
         """Remove both copies; a copy still queued is dropped, one in flight finishes first.
-        The durable copy goes once a newer durable copy has committed (until then it is the
-        only checkpoint a new machine could resume from). Called on the router's retention
+        The durable copy goes once a checkpoint retention keeps has committed there (until then
+        it is the only checkpoint a new machine could resume from). Called on the router's retention
         thread."""
         step = self._own_step(uri)
         with self._lock:
