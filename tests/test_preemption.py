@@ -133,15 +133,32 @@ def test_sigterm_between_interval_saves_commits_that_step_exits_4_and_resumes_bi
         trainer_part(tmp_path / "ck" / "cut" / "step_12")["losses"]
 
 
+LEAVER = """
+import atexit, sys
+from wmtp_core import hookimpl
+from wmtp_core.run import leave, main
+
+class Said:
+    # a plugin that prints with print() (block-buffered into a pipe) and leaves an exit handler
+    @hookimpl
+    def wmtp_run_ended(self, event):
+        print("plugin: the run ended", event.status.value)
+        atexit.register(lambda: print("plugin: exit handler"))  # the last line the process writes
+
+leave(main(sys.argv[1:], plugins=(Said(),)))  # what python -m wmtp_core.run does, with a plugin
+"""
+
+
 def test_the_command_leaves_at_once_after_a_preemption_and_nothing_it_said_is_lost(tmp_path):
-    """``python -m wmtp_core.run`` skips the interpreter's teardown after a preemption, but only
+    """After a preemption the process skips the interpreter's teardown (``leave``), but only
     once the exit handlers ran and the streams were flushed: into pipes, where nothing is
-    line-buffered, every line still arrives, and the MLflow run is ended and tagged."""
+    line-buffered, every line still arrives, a plugin's exit handler runs, and the MLflow run
+    is ended and tagged."""
     write(tmp_path / "c.yaml", config(tmp_path))
     write(tmp_path / "r.yaml", recipe_of(10**6))
-    proc = subprocess.Popen([sys.executable, "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml",
+    proc = subprocess.Popen([sys.executable, "-c", LEAVER, "--config", "c.yaml", "--recipe", "r.yaml",
                              "--run-name", "cmd"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
     try:
         deadline = time.monotonic() + 240
         while not (tmp_path / "ck" / "cmd" / "step_4" / "manifest.json").exists():
@@ -156,6 +173,8 @@ def test_the_command_leaves_at_once_after_a_preemption_and_nothing_it_said_is_lo
     assert said and "Traceback" not in err, err[-3000:]
     step = int(said.group(1))
     assert "Where this run's bytes went" in out and f"run 'cmd': preempted at step {step}" in out, out
+    assert "plugin: the run ended preempted" in out, out
+    assert out.rstrip().endswith("plugin: exit handler"), "the exit handlers ran, then the streams were flushed"
     from wmtp_core.commit import CheckpointStore
 
     assert CheckpointStore.from_url(f"file://{tmp_path}/ck").verify(said.group(2)).step == step
