@@ -9,8 +9,9 @@ Scenarios (each row of the table):
 
 - ``kills``: SIGKILLs at random moments of saves (writing a file, a multipart upload, the
   manifest, retention, a background save), on local disk and on S3 (a moto server process on
-  loopback), synchronous and asynchronous saves. Each killed process is followed by
-  ``--resume latest`` in a new process, which is itself the next one killed. After every kill,
+  loopback), synchronous and asynchronous saves. Every launch of the chain is the same command,
+  with ``--resume auto`` (as a scheduler reruns it): it starts fresh while nothing is committed
+  and resumes the newest checkpoint that verifies afterwards; each launch is the next one killed. After every kill,
   every checkpoint the killed process reported committed (and retention did not delete) must
   still be committed and verify; every resume must start from the newest checkpoint that
   verifies. At the end the chain trains to its last step and its final model must equal, tensor
@@ -325,14 +326,13 @@ def kill_chain(tally: Tally, kills: int, *, base: str, place: Place, work: Path,
     shutil.rmtree(work / "final", ignore_errors=True)
     in_child(lambda: place.store().fs.rm(place.store().run_dir(run), recursive=True))
     journal.unlink()
-    resumed = False
     for n in range(kills):
         before, _, _ = _intact(place, run)
         expected = max((s for s, ok in before.items() if ok), default=None)
         at = rng.randint(1, 3)
         delay = rng.uniform(0.0, span * 1.5 + 0.05)
         mark = len(journal_of(journal))
-        cmd = [*args, "--run-name", run] + (["--resume", "latest"] if resumed else [])
+        cmd = [*args, "--run-name", run, "--resume", "auto"]  # the same command every launch
         code, err = forked(cmd, (Chaos(journal, at, delay),), cwd=work, env=env)
         tally.tried += 1
         mine = journal_of(journal)[mark:]
@@ -347,10 +347,10 @@ def kill_chain(tally: Tally, kills: int, *, base: str, place: Place, work: Path,
             if "Traceback" in err:
                 tally.tracebacks += 1
             tally.bad(f"kill {n}: exit {code} instead of being killed: {err.strip().splitlines()[-1:] }")
-        if resumed and started is not None and expected is not None and started != expected:
+        if started is not None and started != (expected or 0):  # nothing intact yet: a fresh start
             tally.torn += 1
             ok = False
-            tally.bad(f"kill {n}: resumed at step {started}, the newest intact checkpoint was {expected}")
+            tally.bad(f"kill {n}: started at step {started}, the newest intact checkpoint was {expected}")
         # what was reported committed, not deleted by retention, and among the newest keep_last
         # (which retention never deletes: a kill may land between a retention delete and its
         # journal line) must be there, intact
@@ -366,11 +366,10 @@ def kill_chain(tally: Tally, kills: int, *, base: str, place: Place, work: Path,
         for p in problems:
             tally.bad(f"kill {n}: {p}")
         tally.survived += ok
-        resumed = resumed or bool(now)
         if (n + 1) % 10 == 0:
             log(f"  {tally.scenario}: {n + 1}/{kills} kills, {tally.survived} survived")
     # the chain ends: train to the last step; the result must equal the uninterrupted run's
-    code, err = forked([*args, "--run-name", run, "--resume", "latest"], (Chaos(journal, None, 0.0),),
+    code, err = forked([*args, "--run-name", run, "--resume", "auto"], (Chaos(journal, None, 0.0),),
                        cwd=work, env=env)
     ref_code, ref_err = forked([*args, "--run-name", "reference"], cwd=work, env=env)
     if code != 0 or ref_code != 0:

@@ -38,8 +38,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="recipe YAML (what): run, train, optim, data, loss, model")
     p.add_argument("--run-name", help="overrides recipe run.name")
     p.add_argument("--tags", help="comma-separated tags, each NAME or NAME=VALUE")
-    p.add_argument("--resume", "--resume-checkpoint", dest="resume", metavar="latest|URI",
-                   help="continue from the newest committed checkpoint of the run, or from URI")
+    p.add_argument("--resume", "--resume-checkpoint", dest="resume", metavar="auto|latest|URI",
+                   help="latest: continue from the run's newest committed checkpoint that verifies "
+                        "(an error when it has none); auto: the same, or start fresh when the run has "
+                        "no committed checkpoint (for a scheduler that reruns one command); URI: that "
+                        "checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, show bindings and a storage estimate; write nothing")
     p.add_argument("--verbose", "-v", action="store_true")

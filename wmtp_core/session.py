@@ -319,7 +319,13 @@ class RunSession:
         """The lease, the resume point and the clean start, through the resume sink ``probe``."""
         plan = self.plan
         self._take_lease(probe, fresh, world)
-        if not plan.resume:
+        resume = plan.resume
+        if resume == "auto":  # the newest checkpoint that verifies, or a fresh start when there is none
+            resume = "latest" if probe.committed() else None
+            if resume is None:
+                self.err.print(f"--resume auto: run {fresh.name!r} has no committed checkpoint at "
+                               f"{probe.location()}; starting fresh", highlight=False)
+        if not resume:
             if probe.committed():
                 raise CheckpointError(
                     f"run {fresh.name!r} already has committed checkpoints at {probe.location()}; "
@@ -330,7 +336,7 @@ class RunSession:
         def restore(loaded, uri: str) -> None:
             trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
 
-        uri, manifest = find_resume(probe, plan.resume, self.err, world, restore=restore,
+        uri, manifest = find_resume(probe, resume, self.err, world, restore=restore,
                                     quarantine=world.is_main)
         self._clean_incomplete(probe, world)
         self.err.print(f"resuming {fresh.name!r} from {uri} (step {manifest.step})")
