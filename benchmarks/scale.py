@@ -203,13 +203,13 @@ RANKS_SCRIPT = textwrap.dedent("""
     opt = torch.optim.AdamW(model.parameters())
     model(torch.zeros(1, n)).sum().backward(); opt.step()
     run = RunInfo(name="ranks", algo="baseline-mtp", lineage="bench")
-    sink = LocalSink(SinkContext(role=Role.RESUME, run=run, base_path="file://" + sys.argv[1]))
+    sink = LocalSink(SinkContext(role=Role.RESUME, run=run, base_path="file://" + sys.argv[1], coordinator=world))
     times = []
     for i in range(int(sys.argv[3])):
         parts = {**sharded_state(model, opt), "trainer": {"step": i}}
         dist.barrier(); t0 = time.perf_counter()
         ev = CheckpointEmitted(run=run, role=Role.RESUME, step=i + 1, parts=tuple(parts), nbytes=0)
-        sink.store(ev, Payload(parts=parts, world=world))
+        sink.store(ev, Payload(parts=parts, sharded=("model", "optimizer")))
         dist.barrier(); times.append(time.perf_counter() - t0)
     if world.is_main:
         json.dump(times, open(os.path.join(sys.argv[1], "times.json"), "w"))

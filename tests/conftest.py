@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from wmtp_core import Manifest, Receipt, Role, RunInfo
+from wmtp_core import Manifest, Receipt, ResumableSink, Role, RunInfo
 from wmtp_core.manifest import FileEntry
 from wmtp_core.plugins import make_plugin_manager
 
@@ -54,7 +54,7 @@ def run_info(name="run", lineage="L1", algo="baseline-mtp"):
     return RunInfo(name=name, algo=algo, lineage=lineage)
 
 
-class MemorySink:
+class MemorySink(ResumableSink):
     """A sink that keeps committed checkpoints in memory and records every store call."""
 
     def __init__(self, context, name="memory", items=None):
@@ -84,9 +84,6 @@ class MemorySink:
     def delete(self, uri):
         self.deleted.append(uri)
         del self.items[uri]
-
-    def close(self):
-        pass
 
 
 def run_cli(args, cwd, env=None, timeout=300):

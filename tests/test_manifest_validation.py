@@ -101,7 +101,7 @@ def test_a_broken_manifest_is_unverifiable_everywhere(base, capsys, case):
 
     from wmtp_core.events import RunInfo, SinkContext
     from wmtp_core.filesink import FileSink
-    from wmtp_core.session import find_resume as _find_resume
+    from wmtp_core.resume import find_resume as _find_resume
 
     sink = FileSink(SinkContext(role=Role.RESUME, run=RunInfo(name="a", algo="baseline-mtp", lineage="L1"),
                                 base_path=f"file://{base}"))

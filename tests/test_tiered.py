@@ -47,6 +47,16 @@ class TestTieredSink(SinkContract):
             "fast": f"file://{tmp_path}/fast", "durable": f"s3://{self.bucket}/contract",
             **self.storage_options(tmp_path)})
 
+    def corrupt(self, sink, receipt):
+        """A flipped byte in the largest file of both copies: the step verifies in neither tier."""
+        sink.wait()  # the durable copy is there
+        for tier in (sink.fast, sink.durable):
+            path = tier.checkpoints.path_of(sink.run, f"step_{receipt.step}")
+            entry = max(tier.checkpoints.read_manifest(path).files, key=lambda f: f.size)
+            data = bytearray(tier.checkpoints.fs.cat_file(f"{path}/{entry.path}"))
+            data[len(data) // 2] ^= 0xFF
+            tier.checkpoints.fs.pipe_file(f"{path}/{entry.path}", bytes(data))
+
 
 # ----------------------------------------------------------------------------- the sink on its own
 def sink_for(tmp_path: Path, durable: str, run: RunInfo | None = None, **options) -> tiered.TieredSink:

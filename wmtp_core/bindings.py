@@ -118,16 +118,25 @@ def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) ->
 
 
 def build_sink(catalog: Catalog, bindings: Bindings, role: Role, run: Any,
-               mlflow: Mapping[str, Any] | None = None) -> Any:
+               mlflow: Mapping[str, Any] | None = None, *, coordinator: Any = None) -> Any:
     """The sink bound to ``role``, built from its binding outside any router: for reading what a
     run committed before the run's own router exists (its resume point), and for the ``wmtp``
     command. The router builds its sinks the same way."""
+    from wmtp_core.coordination import ALONE
     from wmtp_core.events import SinkContext
+    from wmtp_core.sinks import ResumableSink, Sink
 
     b = bindings.sink_for(role)
-    return catalog.sinks[b.sink].factory(SinkContext(role=role, run=run, base_path=b.base_path,
+    sink = catalog.sinks[b.sink].factory(SinkContext(role=role, run=run, base_path=b.base_path,
                                                      options=copy.deepcopy(dict(b.options)),
-                                                     mlflow=dict(mlflow or {})))
+                                                     mlflow=dict(mlflow or {}),
+                                                     coordinator=coordinator or ALONE))
+    base = ResumableSink if role is Role.RESUME else Sink
+    if not isinstance(sink, base):
+        raise BindingError(f"{b.origin}: sink {b.sink!r} built a {type(sink).__name__}, which is not a "
+                           f"wmtp_core.{base.__name__}; a sink subclasses {base.__name__} (which declares "
+                           "every operation and its default, see docs/plugins.md)")
+    return sink
 
 
 def build_policies(bindings: Bindings, catalog: Catalog) -> dict[Role, Any]:

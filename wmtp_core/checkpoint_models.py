@@ -24,9 +24,9 @@ from typing import Any, Mapping
 import fsspec
 
 from wmtp_core.commit import CheckpointStore, check_run_name, verified_source
-from wmtp_core.errors import CheckpointError, ConfigError, UsageError
+from wmtp_core.errors import CheckpointError, ConfigError, UsageError, first_line
 from wmtp_core.events import LoadedModel
-from wmtp_core.filesink import TRAINER_PART, json_writer, load_part, safe_dcp_reader, torch_writer
+from wmtp_core.filesink import RANK_FILE, RANK_PART, json_writer, load_part, safe_dcp_reader, torch_writer
 from wmtp_core.hookspecs import hookimpl
 from wmtp_core.manifest import Manifest
 from wmtp_core.roles import Role
@@ -126,7 +126,7 @@ def read_sharded(store: CheckpointStore, path: str, manifest: Manifest,
     where = store.uri(path)
     verify_files(store, path, manifest)
     names = {e.path for e in manifest.files}
-    own = TRAINER_PART.format(rank=0)
+    own = RANK_PART.format(part="trainer", rank=0)
     entry = next((e for e in manifest.files if e.path == own), None)
     if entry is None:
         raise CheckpointError(f"{where} holds no {own}: it does not record its model architecture")
@@ -149,7 +149,7 @@ def read_sharded(store: CheckpointStore, path: str, manifest: Manifest,
         first = next((f for f in failures if isinstance(f, CheckpointError)), failures[0] if failures else e)
         if isinstance(first, CheckpointError):
             raise first from None
-        detail = (str(first).strip().splitlines() or [""])[0][:300]
+        detail = first_line(first)
         raise CheckpointError(f"{where} could not be read ({type(first).__name__}: {detail})") from None
     return state, trainer
 
@@ -176,7 +176,7 @@ def _check_claims(metadata: Any, manifest: Manifest, where: str) -> None:
         path = (getattr(metadata, "planner_data", None) or {}).get(fqn, ())
         if any(isinstance(k, int) and not 0 <= k < len(entries) for k in path):
             raise CheckpointError(f"{where}/.metadata places {fqn!r} at {path!r}")
-    stored = sum(e.size for e in manifest.files if not e.path.startswith("trainer_rank"))
+    stored = sum(e.size for e in manifest.files if not RANK_FILE.fullmatch(e.path))
     if claimed > stored:
         raise CheckpointError(f"{where}/.metadata describes {claimed} bytes of tensors, more than the "
                               f"{stored} bytes its shard files hold")

@@ -1,9 +1,10 @@
 """Every error a user can cause, in one family.
 
-Both entry points catch :class:`WmtpError` and nothing else: its message is printed as one line
-and the exit status is 2. Any other exception is a bug in WMTP or a plugin: it ends the process
-with its traceback and exit status 1. Raise one of these (or a subclass) from a plugin for input
-the user can fix.
+Both entry points print a :class:`WmtpError` as one line with exit status 2, and a
+:class:`StorageError` (storage that failed after the client's retries) as one line with exit
+status 1; the exit statuses are in :mod:`wmtp_core.exits`. Any other exception is a bug in WMTP
+or a plugin: it ends the process with its traceback and exit status 1. Raise one of these (or a
+subclass) from a plugin for input the user can fix.
 """
 
 from __future__ import annotations
@@ -79,3 +80,9 @@ class StorageError(Exception):
     (listing checkpoints, reading a manifest, loading a checkpoint, retention, the lease): one
     line naming the operation, the URL and the last error, exit status 1. Not a
     :class:`WmtpError`: nothing the user wrote is wrong, and nothing committed was touched."""
+
+
+def first_line(e: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message, at most ``limit`` characters: what a one-line
+    error shows of an exception raised by a library (whose messages can run to pages)."""
+    return (str(e).strip().splitlines() or [""])[0][:limit]

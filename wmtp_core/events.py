@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import attrs
 
+from wmtp_core.coordination import ALONE
 from wmtp_core.roles import Role
 from wmtp_core.validators import check, frozen_copy, is_int
 
@@ -69,6 +70,9 @@ class SinkContext:
     """Sink options from ``storage.<role>.options`` (for file-like sinks: fsspec storage options)."""
     mlflow: Mapping[str, Any] = attrs.field(factory=dict, converter=frozen_copy, hash=False)
     """The ``mlflow`` config section: ``experiment``, ``tracking_uri``, ``registry_uri``."""
+    coordinator: Any = attrs.field(factory=lambda: ALONE, hash=False, eq=False)
+    """How the ranks of this job agree (:class:`~wmtp_core.coordination.Coordinator`): a sharded
+    save or load goes through it; :data:`~wmtp_core.coordination.ALONE` for one process."""
 
 
 @attrs.frozen
@@ -151,9 +155,11 @@ class Payload:
     """For the final role: a batch of token ids the model accepts (used to trace or sign it)."""
     model_config: Mapping[str, Any] = attrs.field(factory=dict, converter=frozen_copy, hash=False)
     """For the final role: the architecture, enough to rebuild the module from the weights."""
-    world: Any = attrs.field(default=None, hash=False, eq=False)
-    """Set when the state is sharded across ranks: every rank hands its shards to the sink
-    (``torch.distributed.checkpoint``) and the manifest is committed once, by rank 0."""
+    sharded: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """The parts every rank holds a shard of (under FSDP: ``model``, ``optimizer``): every rank
+    hands its shards to the sink together, through the sink context's coordinator, and the
+    manifest is committed once, by rank 0. Every other part is this rank's own. Empty: nothing
+    is sharded."""
     folder: str | None = None
     """For the final role of a Hugging Face model: a local directory holding the model as a
     Hugging Face folder (safetensors weights, ``config.json``, tokenizer files, the extra heads

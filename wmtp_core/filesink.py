@@ -18,14 +18,17 @@ import zipfile
 from typing import Any, BinaryIO, Mapping
 
 from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
-from wmtp_core.errors import CheckpointError, CorruptError, SaveError
+from wmtp_core.errors import CheckpointError, CorruptError, SaveError, first_line
 from wmtp_core.events import CheckpointEmitted, Payload, Receipt, SinkContext
 from wmtp_core.manifest import Manifest
 from wmtp_core.roles import Role
-from wmtp_core.sinks import Holding, LoadedCheckpoint
+from wmtp_core.sinks import Holding, LoadedCheckpoint, ResumableSink
 
 FINAL_DIR = "final"
-TRAINER_PART = "trainer_rank{rank}.pt"
+RANK_PART = "{part}_rank{rank}.pt"
+"""A part of a sharded checkpoint that each rank keeps whole (its counters, RNG streams and
+data position: ``trainer``), one file per rank."""
+RANK_FILE = re.compile(r"(?P<part>\w+?)_rank(?P<rank>\d+)\.pt")
 
 
 class torch_writer:
@@ -178,7 +181,7 @@ def safe_dcp_reader(url: str, where: str, files: set[str] | None = None, **stora
     return SafeReader(url, **storage_options)
 
 
-class FileSink:
+class FileSink(ResumableSink):
     """Stores checkpoints as files under ``<base_path>/<run>/`` through fsspec: resume state in
     ``step_<N>/``, the final model in ``final/``. Implements :class:`wmtp_core.sinks.ResumableSink`
     and the optional ``stored_final``, ``held`` and ``unverifiable``."""
@@ -199,7 +202,7 @@ class FileSink:
 
         from wmtp_core.tensors import tensor_bytes
 
-        if payload.world is not None and event.role is Role.RESUME:
+        if payload.sharded and event.role is Role.RESUME:
             return self._store_sharded(event, payload)
         if event.role is Role.FINAL and payload.folder:
             # a Hugging Face folder: its files as they are, so from_pretrained reads final/ directly
@@ -237,13 +240,14 @@ class FileSink:
                        nbytes=manifest.nbytes)
 
     def _store_sharded(self, event: CheckpointEmitted, payload: Payload) -> Receipt:
-        """Every rank writes its own shards through DCP's fsspec writer and its own trainer
-        state; once all are done, rank 0 hashes what landed and commits the manifest."""
+        """Every rank writes its shards of the payload's ``sharded`` parts through DCP's fsspec
+        writer and its own copy of every other part; once all are done, rank 0 hashes what
+        landed and commits the manifest. The ranks agree through the context's coordinator."""
         import torch
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        world = payload.world
+        world = self.context.coordinator
         name = step_dirname(event.step)
         path = self.checkpoints.path_of(self.run, name)
         failure = None
@@ -261,12 +265,14 @@ class FileSink:
         metadata, failure = None, None
         try:
             writer = FsspecWriter(self.checkpoints.uri(path), sync_files=True, **dict(self.context.options))
-            metadata = dcp.save({"model": payload.parts["model"], "optimizer": payload.parts["optimizer"]},
+            metadata = dcp.save({part: payload.parts[part] for part in payload.sharded},
                                 storage_writer=writer, process_group=world.group)
-            with self.checkpoints.fs.open(f"{path}/{TRAINER_PART.format(rank=world.rank)}", "wb") as f:
-                torch.save(payload.parts["trainer"], f)
+            for part, obj in payload.parts.items():
+                if part not in payload.sharded:
+                    with self.checkpoints.fs.open(f"{path}/{RANK_PART.format(part=part, rank=world.rank)}", "wb") as f:
+                        torch.save(obj, f)
         except Exception as e:
-            failure = f"rank {world.rank}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            failure = f"rank {world.rank}: {type(e).__name__}: {first_line(e)}"
         failures = [f for f in world.gather(failure) if f]
         if failures:
             if world.is_main:  # nothing of this save is committed: its staging goes at once
@@ -347,7 +353,7 @@ class FileSink:
         """Where the run's lease lives (:mod:`wmtp_core.lease`): beside its checkpoints."""
         return self.checkpoints
 
-    def load(self, uri: str, world: Any = None) -> LoadedCheckpoint:
+    def load(self, uri: str) -> LoadedCheckpoint:
         """Validate the manifest, verify every file against it, then deserialise the parts
         (weights-only). A sharded (DCP) checkpoint gives this rank's trainer state and a reader
         the engine loads the shards through, into whatever world it runs in."""
@@ -359,7 +365,7 @@ class FileSink:
                 "it holds weights only, no optimizer or training state; resume from one of the "
                 "run's step_N checkpoints")
         if manifest.meta.get("format") == "dcp":
-            return self._load_sharded(path, manifest, world)
+            return self._load_sharded(path, manifest)
         manifest, pending = self.checkpoints.verify_async(path, manifest)
         try:
             # each part is deserialised as soon as its own bytes verified
@@ -370,37 +376,34 @@ class FileSink:
                 fut.cancel()
         return LoadedCheckpoint(manifest=manifest, parts=parts)
 
-    def _load_sharded(self, path: str, manifest: Manifest, world: Any) -> LoadedCheckpoint:
-        rank = world.rank if world is not None else 0
-        size = world.size if world is not None else 1
-        # each rank verifies a share of the files; every rank learns of any failure
-        mine = [e for i, e in enumerate(manifest.files) if i % size == rank]
+    def _load_sharded(self, path: str, manifest: Manifest) -> LoadedCheckpoint:
+        """Every rank of the context's coordinator calls this together: each verifies a share of
+        the files and every rank learns of any failure. Returns this rank's own parts (another
+        world size: rank 0's) and a DCP reader for the sharded ones."""
+        world = self.context.coordinator
+        rank, size = world.rank, world.size
         errors = []
-        for e in mine:
+        for e in [e for i, e in enumerate(manifest.files) if i % size == rank]:
             try:
                 self.checkpoints.verify_entry(path, e)
             except CheckpointError as err:
                 errors.append((isinstance(err, CorruptError), str(err)))
-        if world is not None and size > 1:
-            import torch.distributed as dist
-
-            gathered: list = [None] * size
-            dist.all_gather_object(gathered, errors)
-            errors = [m for ms in gathered for m in ms]
+        errors = [m for ms in world.gather(errors) for m in ms]
         if errors:
             corrupt, message = errors[0]
             raise (CorruptError if corrupt else CheckpointError)(message)
         names = {e.path for e in manifest.files}
         same_world = manifest.meta.get("world_size") == size
-        own = TRAINER_PART.format(rank=rank)
-        if own not in names or not same_world:
-            own = TRAINER_PART.format(rank=0)  # another world size: rank 0's counters and data position
-        trainer = load_part(self.checkpoints.fs.cat_file(f"{path}/{own}"), self.checkpoints.uri(f"{path}/{own}"))
+        own = {}
+        for name in sorted(names):
+            found = RANK_FILE.fullmatch(name)
+            if found and int(found["rank"]) == (rank if same_world else 0):  # else rank 0's position
+                own[found["part"]] = load_part(self.checkpoints.fs.cat_file(f"{path}/{name}"),
+                                               self.checkpoints.uri(f"{path}/{name}"))
         where = self.checkpoints.uri(path)
         reader = safe_dcp_reader(where, where, names, **dict(self.context.options))
         self._check_objects(path, reader.read_metadata())  # refuse now, with a plain error
-        return LoadedCheckpoint(manifest=manifest, parts={"trainer": trainer}, shards=reader,
-                                same_world=same_world)
+        return LoadedCheckpoint(manifest=manifest, parts=own, shards=reader, same_world=same_world)
 
     def _check_objects(self, path: str, metadata: Any) -> None:
         """Every non-tensor item (optimizer settings, counters) must pass weights-only loading."""
@@ -414,9 +417,6 @@ class FileSink:
             with self.checkpoints.fs.open(f"{path}/{info.relative_path}", "rb") as f:
                 f.seek(info.offset)
                 load_part(f.read(info.length), f"{self.checkpoints.uri(path)} ({index.fqn})")
-
-    def close(self) -> None:
-        pass
 
     def _path(self, uri: str) -> str:
         prefix = f"{self.checkpoints.protocol}://"

@@ -21,7 +21,8 @@ import pluggy
 from wmtp_core.asyncsave import AsyncStats, BackgroundSaver
 from wmtp_core.bindings import Bindings, build_sink, validate
 from wmtp_core.catalog import Catalog
-from wmtp_core.errors import BindingError, SaveError, WmtpError
+from wmtp_core.coordination import ALONE, Coordinator
+from wmtp_core.errors import BindingError, SaveError, WmtpError, first_line
 from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo
 from wmtp_core.roles import Role
 
@@ -33,25 +34,16 @@ _EMIT_HOOK = {
 }
 
 
-class _Alone:
-    """The coordinator of a single process: it is the main one and agrees with itself."""
-
-    is_main = True
-
-    @staticmethod
-    def broadcast(obj: Any) -> Any:
-        return obj
-
-
 class Router:
     """Dispatch emitted checkpoints to the sinks the configuration bound.
 
     :param required: roles this run will emit; each must be bound (checked at construction).
     :param mlflow: the ``mlflow`` config section, handed to every sink in its context.
     :param protected: ``(run, step)`` pairs retention must never delete (the resumed-from one).
-    :param coordinator: under several ranks, an object with ``is_main`` and ``broadcast(obj)``
-        (rank 0's value everywhere): rank 0 alone asks the final sink, every rank learns the
-        answer, so all of them take part in gathering the weights, or none does.
+    :param coordinator: how the ranks agree (:class:`~wmtp_core.coordination.Coordinator`),
+        handed to every sink in its context: rank 0 alone asks the final sink whether the final
+        model is stored and every rank learns the answer, so all of them take part in gathering
+        the weights, or none does.
     """
 
     def __init__(
@@ -64,7 +56,7 @@ class Router:
         required: frozenset[Role],
         mlflow: Mapping[str, Any] | None = None,
         protected: frozenset[tuple[str, int]] = frozenset(),
-        coordinator: Any = None,
+        coordinator: Coordinator = ALONE,
     ) -> None:
         validate(bindings, catalog, required)
         self.pm = pm
@@ -73,7 +65,7 @@ class Router:
         self.run = run
         self.mlflow = dict(mlflow or {})
         self.protected = frozenset(protected)
-        self.coordinator = coordinator or _Alone()
+        self.coordinator = coordinator
         self._sinks: dict[Role, Any] = {}
         self._policies: dict[Role, Any] = {}
         self.receipts: list[Receipt] = []
@@ -89,7 +81,8 @@ class Router:
         """Build each bound sink (from its binding: :func:`wmtp_core.bindings.build_sink`) and
         policy. Called after validation, before the first step."""
         for b in self.bindings.sinks:
-            self._sinks[b.role] = build_sink(self.catalog, self.bindings, b.role, self.run, self.mlflow)
+            self._sinks[b.role] = build_sink(self.catalog, self.bindings, b.role, self.run, self.mlflow,
+                                             coordinator=self.coordinator)
         for p in self.bindings.policies:
             self._policies[p.role] = self.catalog.policies[p.policy].factory(copy.deepcopy(dict(p.options)))
         self._opened = True
@@ -116,9 +109,7 @@ class Router:
             self._saver.close()
             self._pruner.shutdown(wait=True)
             for sink in self._sinks.values():
-                close = getattr(sink, "close", None)
-                if close:
-                    close()
+                sink.close()
 
     def wait(self) -> None:
         """Block until every save and prune started so far is done; raise the first failure."""
@@ -153,8 +144,7 @@ class Router:
         mine = next((r.uri for r in self.receipts if r.role is Role.FINAL), None)
         if mine is not None:
             return mine
-        find = getattr(self._sinks.get(Role.FINAL), "stored_final", None)
-        return find(self.run) if find is not None else None
+        return self._sinks[Role.FINAL].stored_final(self.run) if Role.FINAL in self._sinks else None
 
     # -- dispatch --------------------------------------------------------------------------
     def emit(
@@ -228,7 +218,7 @@ class Router:
             raise
         except Exception as e:
             raise SaveError(f"retention of the {role.value} checkpoints at {self._sinks[role].location()} "
-                            f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}; every "
+                            f"failed: {type(e).__name__}: {first_line(e)}; every "
                             "committed checkpoint it did not delete is intact") from e
 
     def _prune_now(self, role: Role) -> None:

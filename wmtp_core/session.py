@@ -16,21 +16,20 @@ from typing import Any, Callable, Mapping
 import attrs
 import pluggy
 from rich.console import Console
-from rich.text import Text
 
 from wmtp_core import progress, redact, report
 from wmtp_core.bindings import Bindings, build_sink
 from wmtp_core.console import error_line
 from wmtp_core.errors import (
     CheckpointError,
-    CorruptError,
     ModelLoadError,
     SaveError,
     StorageError,
     TrainingError,
     WmtpError,
+    first_line,
 )
-from wmtp_core.lease import Lease, LeaseHeldError, LeaseLostError
+from wmtp_core.lease import Lease, LeaseLostError
 from wmtp_core.events import (
     LoadedModel,
     RunEnded,
@@ -42,6 +41,7 @@ from wmtp_core.events import (
 from wmtp_core.manifest import best, metric_of
 from wmtp_core.plan import Plan
 from wmtp_core.preemption import EXIT_PREEMPTED, Preemption
+from wmtp_core.resume import open_resume
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
 from wmtp_core.tensors import tensor_bytes
@@ -69,71 +69,8 @@ def model_loader(pm: pluggy.PluginManager, mlflow: Mapping[str, Any]) -> Callabl
     return load
 
 
-def find_resume(sink: Any, spec: str, err: Console, world: Any = None,
-                restore: Callable[[Any, str], None] = lambda loaded, uri: None, quarantine: bool = False):
-    """Load and restore the checkpoint ``spec`` names; for ``latest``, the newest one that
-    verifies and restores, saying why each newer one was skipped (a directory whose manifest
-    cannot be believed included). ``restore(loaded, uri)`` raises CheckpointError to refuse.
-    ``quarantine`` (rank 0 of a run that will write): move aside, through the sink, every
-    checkpoint whose files do not match its manifest, and every unbelievable directory at a
-    step after the resume point, so the run can commit those steps again. Returns
-    ``(uri, manifest)``."""
-    moved: set[str] = set()
-
-    def load(uri: str):
-        # sharded checkpoints are verified by all ranks together; other sinks take the URI alone
-        try:
-            return sink.load(uri, world=world) if world is not None and world.size > 1 else sink.load(uri)
-        except CorruptError as e:
-            if quarantine:
-                _quarantine(sink, uri, str(e), err)
-                moved.add(uri)
-            raise
-
-    if spec != "latest":
-        loaded = load(spec)
-        restore(loaded, spec)
-        return spec, loaded.manifest
-    committed = sink.committed()
-    if not committed:
-        raise CheckpointError(f"--resume latest: no committed checkpoint under {sink.location()}")
-    unverifiable = getattr(sink, "unverifiable", lambda: [])()
-    newest = committed[-1][1].step
-    for uri, step, reason in unverifiable:  # newer than anything committed: say why it is not used
-        if step > newest:
-            err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {reason}"))
-    for uri, _ in reversed(committed):
-        try:
-            loaded = load(uri)
-            restore(loaded, uri)
-        except CheckpointError as e:
-            err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {e}"))
-            continue
-        if quarantine:  # in the way of the steps this run commits next
-            for other, step, reason in unverifiable:
-                if step > loaded.manifest.step:
-                    _quarantine(sink, other, reason, err)
-        return uri, loaded.manifest
-    raise CheckpointError(f"--resume latest: no checkpoint under {sink.location()} verifies"
-                          + (f" ({len(moved)} quarantined)" if moved else ""))
-
-
-def _quarantine(sink: Any, uri: str, reason: str, err: Console) -> None:
-    move = getattr(sink, "quarantine", None)
-    if move is None:
-        return
-    where = move(uri, reason)
-    if where:
-        err.print(Text.assemble(("quarantined ", "yellow"), f"{uri} as {where}: it failed verification; "
-                                "kept for inspection, `wmtp gc --quarantined` removes it"))
-
-
 def _scalars(metrics: Mapping[str, float] | None) -> dict[str, float]:
     return {k: float(v) for k, v in (metrics or {}).items()}
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0][:500]
 
 
 class RunSession:
@@ -229,7 +166,7 @@ class RunSession:
             self._abandon(router, run, trainer, "interrupted" if isinstance(e, KeyboardInterrupt) else str(e))
             if isinstance(e, Exception):  # nothing was trained yet
                 raise TrainingError(f"a plugin failed as the run started, before any step: "
-                                    f"{type(e).__name__}: {redact.text(_first_line(e))}") from None
+                                    f"{type(e).__name__}: {redact.text(first_line(e, 500))}") from None
             raise
 
     def _train_to_the_end(self, trainer: Any, router: Router, run: RunInfo) -> int:
@@ -299,67 +236,30 @@ class RunSession:
 
     def _restore(self, trainer: Any, fresh: RunInfo, bindings: Bindings, world: Any):
         """The resume point (if any) and the run's identity: its lineage continues the
-        checkpoint's. Returns ``(run, protected)``."""
+        checkpoint's. One call to the resume service (:mod:`wmtp_core.resume`), through the
+        resume sink the bindings name. Returns ``(run, protected)``."""
         plan = self.plan
-        probe = build_sink(plan.catalog, bindings, Role.RESUME, fresh, plan.mlflow)
+        probe = build_sink(plan.catalog, bindings, Role.RESUME, fresh, plan.mlflow, coordinator=world)
+
+        def restore(loaded, uri: str) -> None:
+            trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
+
         try:
-            return self._restore_from(probe, trainer, fresh, world)
+            point = open_resume(probe, fresh.name, plan.resume, self.err, coordinator=world, restore=restore)
         except (WmtpError, KeyboardInterrupt):
             raise
         except Exception as e:  # storage that failed after the client's retries: one line, exit 1
             raise StorageError(f"reading the resume storage {probe.location()} failed (taking the run's "
                                f"lease, finding or loading its checkpoint): {type(e).__name__}: "
-                               f"{redact.text(_first_line(e))}") from e
+                               f"{redact.text(first_line(e, 500))}") from e
         finally:
-            close = getattr(probe, "close", None)
-            if close:
-                close()
-
-    def _restore_from(self, probe: Any, trainer: Any, fresh: RunInfo, world: Any):
-        """The lease, the resume point and the clean start, through the resume sink ``probe``."""
-        plan = self.plan
-        self._take_lease(probe, fresh, world)
-        resume = plan.resume
-        if resume == "auto":  # the newest checkpoint that verifies, or a fresh start when there is none
-            resume = "latest" if probe.committed() else None
-            if resume is None:
-                self.err.print(f"--resume auto: run {fresh.name!r} has no committed checkpoint at "
-                               f"{probe.location()}; starting fresh", highlight=False)
-        if not resume:
-            if probe.committed():
-                raise CheckpointError(
-                    f"run {fresh.name!r} already has committed checkpoints at {probe.location()}; "
-                    "continue it with --resume latest, or choose another --run-name")
-            self._clean_incomplete(probe, world)
+            probe.close()
+        self.lease = point.lease
+        if point.manifest is None:
             return fresh, frozenset()
-
-        def restore(loaded, uri: str) -> None:
-            trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
-
-        uri, manifest = find_resume(probe, resume, self.err, world, restore=restore,
-                                    quarantine=world.is_main)
-        self._clean_incomplete(probe, world)
-        self.err.print(f"resuming {fresh.name!r} from {uri} (step {manifest.step})")
-        run = attrs.evolve(fresh, lineage=manifest.lineage, resumed_from=redact.text(uri))
-        return run, frozenset({(manifest.run, manifest.step)})
-
-    def _take_lease(self, sink: Any, fresh: RunInfo, world: Any) -> None:
-        """One writer per run: rank 0 takes the run's lease on the resume storage (refused while
-        another live process holds it) and renews it until the run ends; every rank learns the
-        refusal. A sink without ``lease_store`` (not file-like) has no lease."""
-        failure = None
-        store = getattr(sink, "lease_store", None)
-        if world.is_main and store is not None:
-            lease = Lease(store(), fresh.name,
-                          warn=lambda text: self.err.print(Text.assemble(("warning: ", "yellow"), text)))
-            try:
-                lease.acquire()
-                self.lease = lease.start()
-            except LeaseHeldError as e:
-                failure = str(e)
-        failure = world.broadcast(failure)
-        if failure:
-            raise LeaseHeldError(failure)
+        self.err.print(f"resuming {fresh.name!r} from {point.uri} (step {point.manifest.step})")
+        run = attrs.evolve(fresh, lineage=point.manifest.lineage, resumed_from=redact.text(point.uri))
+        return run, frozenset({(point.manifest.run, point.manifest.step)})
 
     def _check_lease(self) -> None:
         """Before a save: stop if another process took this run's lease over (every rank)."""
@@ -373,16 +273,6 @@ class RunSession:
             lost = self.world.broadcast(lost)
         if lost:
             raise LeaseLostError(lost)
-
-    def _clean_incomplete(self, sink: Any, world: Any) -> None:
-        """Before the first save: remove this run's own saves that never finished (staging
-        directories, S3 multipart uploads never completed); never another run's. Rank 0 only:
-        the other ranks' first sharded save waits on rank 0's ``prepare`` anyway."""
-        clean = getattr(sink, "clean_incomplete", None)
-        if clean is None or not world.is_main:
-            return
-        for item in clean():
-            self.err.print(f"removed {item.describe()}: a save of this run that never finished", highlight=False)
 
     def _train(self, trainer: Any, router: Router, run: RunInfo, signals: Preemption):
         with progress.for_console(self.err, run.name, trainer.total_steps, trainer.step) as shown:
@@ -432,7 +322,7 @@ class RunSession:
                 trainer.step = last  # the run ended here, whichever weights it stored
         except Exception as e:  # the resume state is committed: nothing is lost
             log.debug("final store failed", exc_info=True)
-            return RunStatus.FAILED, f"final model not stored ({type(e).__name__}: {_first_line(e)})", \
+            return RunStatus.FAILED, f"final model not stored ({type(e).__name__}: {first_line(e, 500)})", \
                 EXIT_NOT_REGISTERED
         return status, reason, code
 
@@ -455,7 +345,7 @@ class RunSession:
                            "storing the last step's weights", highlight=False)
             return None
         uri, step, value, metrics = choice
-        loaded = sink.load(uri, world=world) if world.size > 1 else sink.load(uri)
+        loaded = sink.load(uri)  # a sharded checkpoint: every rank together
         trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
         self.err.print(f"the final model is the best checkpoint, step {step} ({keep.monitor} {value:.4f}): "
                        f"{uri}", highlight=False)
@@ -557,5 +447,5 @@ def discard(payload: Any) -> None:
     """Remove the folder a final payload was written to, once it is stored."""
     import shutil
 
-    if payload is not None and getattr(payload, "folder", None):
+    if payload is not None and payload.folder:
         shutil.rmtree(payload.folder, ignore_errors=True)

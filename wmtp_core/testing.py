@@ -74,7 +74,7 @@ from wmtp_core.manifest import Manifest
 from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
-from wmtp_core.sinks import FileLikeSink, LoadedCheckpoint
+from wmtp_core.sinks import FileLikeSink, LoadedCheckpoint, ResumableSink, Sink
 from wmtp_core.tensors import tensor_bytes
 
 TINY = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_future=2, max_seq_len=16)
@@ -203,12 +203,13 @@ class SinkContract:
     def opened(self, tmp_path: Path, role: Role, run: RunInfo) -> Iterator[Any]:
         """The sink for ``role`` of ``run``, closed afterwards as the router would."""
         sink = self.make_sink(self.make_context(tmp_path, role, run))
+        base = ResumableSink if role is Role.RESUME else Sink
+        assert isinstance(sink, base), (
+            f"make_sink() built a {type(sink).__name__}, which is not a wmtp_core.{base.__name__}")
         try:
             yield sink
         finally:
-            close = getattr(sink, "close", None)
-            if close is not None:
-                close()
+            sink.close()
 
     def store(self, sink: Any, run: RunInfo, role: Role, step: int) -> tuple[Payload, Receipt]:
         payload = payload_for(role, step)
@@ -308,6 +309,110 @@ class SinkContract:
             with pytest.raises(CheckpointError):
                 sink.load(old)
 
+    def corrupt(self, sink: Any, receipt: Receipt) -> None:
+        """Make the checkpoint of ``receipt`` fail verification: by default a flipped byte in its
+        largest file, for a file-like sink. Override it for a sink whose files the default cannot
+        reach (the quarantine check is skipped otherwise)."""
+        store = self.checkpoint_store(sink)
+        path = type(store.fs)._strip_protocol(receipt.uri)
+        entry = max(store.read_manifest(path).files, key=lambda f: f.size)
+        target = posixpath.join(path, entry.path)
+        data = bytearray(store.fs.cat_file(target))
+        data[len(data) // 2] ^= 0xFF
+        store.fs.pipe_file(target, bytes(data))
+
+    def overriding(self, sink: Any, operation: str) -> None:
+        """Skip unless the sink implements ``operation`` itself (the default needs no check)."""
+        if not type(sink).overrides(operation):
+            pytest.skip(f"{self.sink_name} keeps the default {operation}()")
+
+    def test_quarantine_moves_a_checkpoint_aside_and_lists_it(self, tmp_path: Path):
+        """``quarantine(uri, reason)``, when overridden, of a checkpoint that fails verification
+        (see :meth:`corrupt`): it is no longer committed, it is kept (listed by ``quarantined()``
+        with the reason) and the others are untouched."""
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            self.overriding(sink, "quarantine")
+            kept = self.store(sink, run, Role.RESUME, 2)[1].uri
+            receipt = self.store(sink, run, Role.RESUME, 4)[1]
+            bad = receipt.uri
+            self.corrupt(sink, receipt)
+            where = sink.quarantine(bad, "the contract's reason")
+            assert isinstance(where, str) and where and where != bad, f"quarantine() returned {where!r}"
+            assert [u for u, _ in sink.committed()] == [kept], "a quarantined checkpoint is still committed"
+            listed = list(sink.quarantined())
+            assert where in [u for u, _ in listed], f"quarantined() lists {listed}, moved to {where!r}"
+            assert all("the contract's reason" in why for _, why in listed), f"the reason is not kept: {listed}"
+            assert sink.quarantine(bad, "again") is None, "quarantining what is gone returns None"
+
+    def test_unverifiable_names_a_manifest_that_cannot_be_believed(self, tmp_path: Path):
+        """``unverifiable()``, when overridden: a step directory whose manifest is not valid JSON
+        is listed with its step and a reason, and is never committed."""
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            self.overriding(sink, "unverifiable")
+            store = self.checkpoint_store(sink)
+            self.store(sink, run, Role.RESUME, 2)
+            store.fs.makedirs(store.path_of(run.name, step_dirname(6)), exist_ok=True)
+            store.fs.pipe_file(posixpath.join(store.path_of(run.name, step_dirname(6)), "manifest.json"), b"{not json")
+            found = list(sink.unverifiable())
+            assert [m.step for _, m in sink.committed()] == [2]
+        assert [(step, bool(reason)) for _, step, reason in found] == [(6, True)], f"unverifiable() gave {found}"
+
+    def test_clean_incomplete_removes_this_runs_staging_only(self, tmp_path: Path):
+        """``clean_incomplete()``, when overridden: this run's unfinished save is removed and
+        reported; its committed checkpoints and another run's staging stay."""
+        self.require(Role.RESUME)
+        run, other = self.run_info(), self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            self.overriding(sink, "clean_incomplete")
+            store = self.checkpoint_store(sink)
+            self.store(sink, run, Role.RESUME, 2)
+            mine = store.prepare(run.name, step_dirname(4))
+            theirs = store.prepare(other.name, step_dirname(4))
+            removed = list(sink.clean_incomplete())
+            assert len(removed) == 1 and str(removed[0].describe()), f"clean_incomplete() gave {removed}"
+            assert not store.fs.exists(mine), "this run's staging is still there"
+            assert store.fs.exists(theirs), "another run's staging was removed"
+            assert [m.step for _, m in sink.committed()] == [2]
+
+    def test_lease_store_holds_one_writer_per_run(self, tmp_path: Path):
+        """``lease_store()``, when overridden: a lease taken there refuses a second holder until
+        it is released."""
+        from wmtp_core.lease import Lease, LeaseHeldError
+
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            self.overriding(sink, "lease_store")
+            first = Lease(sink.lease_store(), run.name)
+            first.acquire()
+            try:
+                with pytest.raises(LeaseHeldError):
+                    Lease(sink.lease_store(), run.name).acquire()
+            finally:
+                first.release()
+            second = Lease(sink.lease_store(), run.name)
+            second.acquire()
+            second.release()
+
+    def test_held_lists_what_was_stored(self, tmp_path: Path):
+        """``held(run_name)``, when overridden: every stored checkpoint of each declared role,
+        with its role and its step (or ``None`` where the sink cannot tell it)."""
+        run = self.run_info()
+        stored = set()
+        for step, role in enumerate(self.declared(), start=3):
+            with self.opened(tmp_path, role, run) as sink:
+                self.overriding(sink, "held")
+                self.store(sink, run, role, step)
+                stored.add((role, step))
+        with self.opened(tmp_path, self.declared()[-1], run) as sink:
+            held = [(h.role, h.step) for h in sink.held(run.name, {run.lineage})]
+        for role, step in stored:  # a step of None: the sink cannot tell it
+            assert (role, step) in held or (role, None) in held, f"held() lists {held}, stored {sorted(stored)}"
+
     def test_staging_is_never_listed(self, tmp_path: Path):
         """A step directory WMTP began without committing (a crashed save) is invisible, and a
         later save of the same step replaces it."""
@@ -358,7 +463,7 @@ class SinkContract:
         self.require(Role.FINAL)
         run = self.run_info()
         with self.opened(tmp_path, Role.FINAL, run) as sink:
-            find = getattr(sink, "stored_final", None)
+            find = sink.stored_final if type(sink).overrides("stored_final") else None
             if find is not None:
                 assert find(run) is None, "stored_final() names a model before any was stored"
             _, receipt = self.store(sink, run, Role.FINAL, 6)
@@ -376,7 +481,7 @@ class SinkContract:
         run = self.run_info()
         calls: list[dict[str, Any]] = []
 
-        class Counting:
+        class Counting(ResumableSink):
             """Forwards to the sink under test, counting store() calls."""
 
             def __init__(self, sink: Any) -> None:
@@ -387,8 +492,20 @@ class SinkContract:
                 calls.append(kwargs)
                 return self.sink.store(**kwargs)
 
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self.sink, name)
+            def location(self) -> str:
+                return self.sink.location()
+
+            def close(self) -> None:
+                self.sink.close()
+
+            def stored_final(self, run: Any) -> str | None:
+                return self.sink.stored_final(run)
+
+            def committed(self) -> list:
+                return self.sink.committed()
+
+            def delete(self, uri: str) -> None:
+                self.sink.delete(uri)
 
         catalog = Catalog()
         # the router builds its context from the binding; the test's own context (credentials,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import attrs
 
-from wmtp_core import BindingError, Holding, Receipt, Role, SinkSpec, hookimpl, redact
+from wmtp_core import BindingError, Holding, Receipt, Role, Sink, SinkSpec, hookimpl, redact
 from wmtp_plugins._mlflow import DEFAULT_TRACKING_URI, configure, request_bounds, unreachable
 
 
@@ -95,7 +95,7 @@ def _register(client, name: str, model_id: str, run_id: str, event):
     return version
 
 
-class MlflowRegistrySink:
+class MlflowRegistrySink(Sink):
     """The final role's sink: a registered version of ``wmtp_<algo>`` per run lineage."""
 
     def __init__(self, context) -> None:

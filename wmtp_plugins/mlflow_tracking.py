@@ -21,6 +21,7 @@ import threading
 import time
 
 from wmtp_core import TrainingError, hookimpl, redact, report
+from wmtp_core.errors import first_line
 from wmtp_plugins._mlflow import (
     DEFAULT_TRACKING_URI,
     check_uris,
@@ -325,7 +326,7 @@ class MlflowTracking:
 
     def _warn(self, what: str, e: Exception) -> None:
         log.warning("tracking: could not %s in MLflow run %s: %s", what, self.run_id,
-                    redact.text((str(e).splitlines() or [""])[0][:300]))
+                    redact.text(first_line(e)))
 
 
 plugin = MlflowTracking()

@@ -34,7 +34,17 @@ import attrs
 import fsspec
 from fsspec.core import split_protocol
 
-from wmtp_core import BindingError, CheckpointError, CorruptError, FileSink, Role, SaveError, SinkSpec, hookimpl
+from wmtp_core import (
+    BindingError,
+    CheckpointError,
+    CorruptError,
+    FileSink,
+    ResumableSink,
+    Role,
+    SaveError,
+    SinkSpec,
+    hookimpl,
+)
 from wmtp_core.commit import CHUNK, CheckpointState, step_dirname
 from wmtp_core.manifest import new_hasher
 from wmtp_plugins import s3
@@ -137,7 +147,7 @@ def _fsync(f: Any) -> None:
         pass  # object stores commit on close
 
 
-class TieredSink:
+class TieredSink(ResumableSink):
     """Resume state on a fast tier, copied to a durable tier in the background (the module's
     docstring). Implements :class:`wmtp_core.ResumableSink` and ``unverifiable``. URIs are the
     durable tier's (``<durable>/<run>/step_<N>``), also while only the fast copy exists."""
@@ -154,6 +164,7 @@ class TieredSink:
         """The durable tier: where each committed checkpoint is copied in the background."""
         self.run = context.run.name
         self.lineage = context.run.lineage
+        self.coordinator = context.coordinator
         resumed = context.run.resumed_from
         self.resumed_from = self._own_step(resumed, strict=False) if resumed else None
         """The step this run resumed from, if it is one of this run's: never pruned."""
@@ -174,11 +185,9 @@ class TieredSink:
         failed since the last save is raised here, before anything of this step is written."""
         if event.role is not Role.RESUME:
             raise CheckpointError(f"sink 'tiered' serves the resume role only, not {event.role.value!r}")
-        world = payload.world
-        main = world is None or world.is_main  # under FSDP rank 0 alone copies and prunes
-        failure = self._failure() if main else None
-        if world is not None:
-            failure = world.broadcast(failure)  # every rank stops, or none
+        world = self.coordinator
+        main = world.is_main  # under FSDP rank 0 alone copies and prunes
+        failure = world.broadcast(self._failure() if main else None)  # every rank stops, or none
         if failure:
             raise SaveError(failure)
         if main:
@@ -210,12 +219,12 @@ class TieredSink:
         """Step directories of either tier whose manifest cannot be believed."""
         return self.fast.unverifiable() + self.durable.unverifiable()
 
-    def load(self, uri: str, world: Any = None):
+    def load(self, uri: str):
         """The fast copy of the step if it verifies, else the durable one; a checkpoint of
         another run through the tier whose protocol its URI names."""
         step = self._own_step(uri, strict=False)
         if step is None:
-            return self._tier_of(uri).load(uri, world=world)
+            return self._tier_of(uri).load(uri)
         with self._lock:
             if step in self._held:
                 raise CheckpointError(f"{uri}: step {step} was deleted by the retention policy (its durable "
@@ -224,7 +233,7 @@ class TieredSink:
         for name, tier in (("fast", self.fast), ("durable", self.durable)):
             path = tier.checkpoints.path_of(self.run, step_dirname(step))
             try:
-                return tier.load(path, world=world)
+                return tier.load(path)
             except CheckpointError as e:
                 errors.append(f"{name}: {e}")
                 # a tier without this step is not a corrupt copy of it
@@ -301,8 +310,7 @@ class TieredSink:
     def clean_incomplete(self) -> list[Any]:
         """This run's saves that never finished, removed from both tiers (see
         :meth:`wmtp_core.FileSink.clean_incomplete`); called before the first save."""
-        return [item for tier in (self.fast, self.durable)
-                for item in (getattr(tier, "clean_incomplete", lambda: [])())]
+        return [item for tier in (self.fast, self.durable) for item in tier.clean_incomplete()]
 
     def wait(self) -> None:
         """Block until every copy queued so far is done; raise :class:`SaveError` for one that

@@ -459,11 +459,8 @@ def _final_holdings(settings, run: str, lineages: set[str], seen: set[str], err:
     mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
     info = RunInfo(name=run, algo="-", lineage=sorted(lineages)[0])
     sink = build_sink(catalog, bindings, Role.FINAL, info, mlflow)
-    held = getattr(sink, "held", None)
-    if held is None:
-        return []
     try:
-        found = held(run, lineages)
+        found = sink.held(run, lineages)
     except WmtpError as e:
         err.print(f"note: could not ask the final sink {binding.sink!r}: {e}")
         return []

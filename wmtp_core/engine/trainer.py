@@ -34,6 +34,7 @@ from wmtp_core.errors import (
     ModelLoadError,
     TrainingError,
     WmtpError,
+    first_line,
 )
 from wmtp_core.events import LoadedModel, Payload
 from wmtp_core.tensors import cpu_copy
@@ -274,10 +275,10 @@ class Trainer:
         except CheckpointException as e:  # a BaseException: it would escape every handler
             failures = [exc for exc, _ in e.failures.values()]
             first = next((f for f in failures if isinstance(f, CheckpointError)), failures[0] if failures else e)
-            detail = (str(first).strip().splitlines() or [""])[0][:300]
+            detail = first_line(first)
             raise CheckpointError(f"{source} could not be loaded ({detail})") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            detail = (str(e).strip().splitlines() or [""])[0][:300]
+            detail = first_line(e)
             raise CheckpointError(f"{source} does not hold resume state this run can continue "
                                   f"from ({type(e).__name__}: {detail})") from None
 
@@ -458,7 +459,7 @@ class Trainer:
     # -- what leaves -----------------------------------------------------------------------
     def resume_payload(self) -> Payload:
         """This step's resume state, as the router hands it to the resume sink."""
-        return Payload(parts=self.state(), world=self.world if self.fsdp else None)
+        return Payload(parts=self.state(), sharded=("model", "optimizer") if self.fsdp else ())
 
     def final_payload(self, dtype: str = "fp32") -> Payload | None:
         """The full weights for the final role, in ``dtype`` (``fp32``, ``bf16``, ``fp16``); under

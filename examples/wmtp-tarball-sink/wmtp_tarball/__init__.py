@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from wmtp_core import BindingError, CheckpointError, CheckpointStore, Receipt, Role, SinkSpec, hookimpl
+from wmtp_core import BindingError, CheckpointError, CheckpointStore, Receipt, Role, Sink, SinkSpec, hookimpl
 
 EXPORT = "export"
 
@@ -23,8 +23,9 @@ def _add(tar, name, data):
     tar.addfile(info, io.BytesIO(data))
 
 
-class TarballSink:
-    """A :class:`wmtp_core.Sink` for the final role, on WMTP's file toolkit."""
+class TarballSink(Sink):
+    """A :class:`wmtp_core.Sink` for the final role, on WMTP's file toolkit: it overrides
+    ``store``, ``location`` and ``stored_final``; the base class gives the rest their defaults."""
 
     def __init__(self, context):
         self.run = context.run.name
@@ -56,9 +57,6 @@ class TarballSink:
         except CheckpointError:
             return None
         return self.location()
-
-    def close(self):
-        pass
 
 
 @hookimpl
