@@ -1,12 +1,15 @@
-"""The layers, read from the code: what may import what (see docs/architecture.md).
+"""The map is the test: the layer table of docs/architecture.md, read from the code.
 
-The imports of every module are read with ``ast`` (including imports inside functions), so a
-rule cannot be broken by a lazy import either.
+The table in the doc places every module of ``wmtp_core`` in one layer and says what each layer
+may import; the imports of every module are read with ``ast`` (including imports inside
+functions, but not those under ``if TYPE_CHECKING:``, which never run), so a rule cannot be
+broken by a lazy import either. Each rule is also shown to fail on a module that breaks it.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,26 +17,50 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE = "wmtp_core.engine"
-STORAGE = ("wmtp_core.commit", "wmtp_core.filesink", "wmtp_core.router", "wmtp_core.asyncsave",
-           "wmtp_core.checkpoint_models")
-"""Where bytes are written and read. (``wmtp_core.tensors`` is shared by storage and engine.)"""
+DOC = ROOT / "docs" / "architecture.md"
+
+MAY_IMPORT = {
+    "values": {"values"},
+    "storage": {"values", "storage"},
+    "engine": {"values", "engine"},
+    "orchestration": {"values", "storage", "engine", "orchestration"},
+    "faces": {"values", "storage", "engine", "orchestration", "faces"},
+    "kit": {"values", "storage", "engine", "kit"},
+    "public": {"values", "storage"},
+}
+"""Which layers a module of each layer may import (the table's last column, as data)."""
+
+DCP = "torch.distributed.checkpoint"
+"""The one part of ``torch.distributed`` storage uses: DCP's readers and writers of shards.
+Every collective goes through the coordinator the engine hands in."""
+
+SINK_HANDLERS = ("wmtp_core.router", "wmtp_core.resume", "wmtp_core.session", "wmtp_core.bindings",
+                 "wmtp_core.cli.commands", "wmtp_core.cli.inventory", "wmtp_core.testing", "wmtp_plugins.tiered")
+"""Modules that hold sinks: none of them asks a sink whether it has a method."""
 
 
 def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts = parts[:-1]
-    return ".".join(parts)
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, absolute, at any depth of the code."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skip
+
+
+def imports_of(source: str, name: str, is_package: bool = False) -> set[str]:
+    """Every module ``source`` (the module ``name``) imports, absolute, at any depth."""
+    tree = ast.parse(source)
+    skip = _type_checking_only(tree)
+    package = name if is_package else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -49,7 +76,28 @@ def imports(path: Path) -> set[str]:
 
 
 def modules(package: str) -> dict[str, set[str]]:
-    return {module_name(p): imports(p) for p in (ROOT / package.replace(".", "/")).rglob("*.py")}
+    return {module_name(p): imports_of(p.read_text(), module_name(p), p.name == "__init__.py")
+            for p in (ROOT / package).rglob("*.py")}
+
+
+def layer_table(text: str) -> dict[str, str]:
+    """``{module prefix: layer}`` from the doc's layer table: each row names its layer in bold
+    (its first word) and its modules in backticks."""
+    layers = {}
+    for row in re.findall(r"^\| \*\*(\w+)\*\*[^|]*\| ([^|]+) \|", text, re.M):
+        for module in re.findall(r"`([\w./*]+)`", row[1]):
+            layers[module.removesuffix("/*").removesuffix(".py").replace("/", ".")] = row[0]
+    return layers
+
+
+def layer_of(module: str, table: dict[str, str]) -> str | None:
+    """The layer of a ``wmtp_core`` module: the longest entry of the table that names it or a
+    package above it."""
+    if module == "wmtp_core":
+        return "public"  # __init__.py: the names a plugin imports
+    rel = module.removeprefix("wmtp_core").removeprefix(".")
+    best = max((p for p in table if rel == p or rel.startswith(p + ".")), key=len, default=None)
+    return table[best] if best is not None else None
 
 
 def within(name: str, prefixes) -> bool:
@@ -57,41 +105,120 @@ def within(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def violations(core: dict[str, set[str]], plugins: dict[str, set[str]], table: dict[str, str]) -> list[str]:
+    """Every broken rule, one line each."""
+    out = []
+    for module, imported in core.items():
+        layer = layer_of(module, table)
+        if layer is None:
+            out.append(f"{module}: placed in no layer of docs/architecture.md")
+            continue
+        for dep in sorted(imported):
+            if within(dep, ("mlflow", "wmtp_plugins")):
+                out.append(f"{module} imports {dep}: wmtp_core never imports mlflow or the built-in plugins")
+            target = layer_of(dep, table) if _is_module(dep, core) else None
+            if target is not None and target not in MAY_IMPORT[layer]:
+                out.append(f"{module} ({layer}) imports {dep} ({target})")
+            if layer == "storage" and within(dep, "torch.distributed") and not within(dep, DCP):
+                out.append(f"{module} (storage) imports {dep}: storage agrees with other ranks only "
+                           "through its Coordinator")
+    for module, imported in plugins.items():
+        for dep in sorted(imported):
+            if within(dep, "wmtp_plugins") and dep != module and not _private(dep) and _is_module(dep, plugins):
+                out.append(f"{module} imports {dep}: a plugin imports no other plugin")
+            if dep.startswith("wmtp_core.") and _is_module(dep, core):
+                target = layer_of(dep, table)
+                if target not in MAY_IMPORT["storage"]:
+                    out.append(f"{module} (plugin) imports {dep} ({target})")
+            if within(dep, "torch.distributed") and not within(dep, DCP):
+                out.append(f"{module} (plugin) imports {dep}: a sink agrees with other ranks only "
+                           "through its Coordinator")
+    return out
+
+
+def _is_module(name: str, known: dict[str, set[str]]) -> bool:
+    """A module of the package (not the package itself: ``from wmtp_core import redact`` is
+    read as an import of ``wmtp_core.redact``)."""
+    return name in known and "." in name
+
+
+def _private(name: str) -> bool:
+    return name.split(".")[1].startswith("_") if name.count(".") >= 1 else False
+
+
 CORE = modules("wmtp_core")
 PLUGINS = modules("wmtp_plugins")
+TABLE = layer_table(DOC.read_text())
 
 
-def test_the_engine_imports_no_storage_module():
-    bad = {m: sorted(i for i in imps if within(i, STORAGE))
-           for m, imps in CORE.items() if within(m, ENGINE)}
-    assert not {m: i for m, i in bad.items() if i}, bad
+def test_every_module_is_on_the_map_and_every_rule_holds():
+    assert not violations(CORE, PLUGINS, TABLE), "\n".join(violations(CORE, PLUGINS, TABLE))
 
 
-def test_storage_imports_no_engine_module():
-    storage = {m: imps for m, imps in {**CORE, **PLUGINS}.items()
-               if within(m, STORAGE) or within(m, "wmtp_plugins")}
-    bad = {m: sorted(i for i in imps if within(i, ENGINE)) for m, imps in storage.items()}
-    assert not {m: i for m, i in bad.items() if i}, bad
+def test_the_map_places_no_module_that_does_not_exist():
+    missing = [p for p in TABLE if not any(layer_of(m, {p: "x"}) for m in CORE)]
+    assert not missing, f"docs/architecture.md places modules that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("forbidden", ["mlflow", "wmtp_plugins"])
-def test_wmtp_core_imports_neither_mlflow_nor_the_built_in_plugins(forbidden):
-    bad = {m: sorted(i for i in imps if within(i, forbidden)) for m, imps in CORE.items()}
-    assert not {m: i for m, i in bad.items() if i}, bad
+@pytest.mark.parametrize("module, dep, rule", [
+    ("wmtp_core.session", "wmtp_core.cli.commands", "orchestration) imports wmtp_core.cli.commands (faces"),
+    ("wmtp_core.events", "wmtp_core.commit", "values) imports wmtp_core.commit (storage"),
+    ("wmtp_core.manifest", "wmtp_core.engine.trainer", "values) imports wmtp_core.engine.trainer (engine"),
+    ("wmtp_core.filesink", "wmtp_core.engine.distributed", "storage) imports wmtp_core.engine.distributed (engine"),
+    ("wmtp_core.engine.trainer", "wmtp_core.router", "engine) imports wmtp_core.router (storage"),
+    ("wmtp_core.filesink", "torch.distributed", "through its Coordinator"),
+    ("wmtp_core.router", "mlflow", "never imports mlflow"),
+    ("wmtp_plugins.tiered", "wmtp_plugins.s3", "a plugin imports no other plugin"),
+    ("wmtp_plugins.tiered", "wmtp_core.session", "(plugin) imports wmtp_core.session"),
+])
+def test_each_rule_fails_when_it_is_broken(module, dep, rule):
+    core = {m: set(i) for m, i in CORE.items()}
+    plugins = {m: set(i) for m, i in PLUGINS.items()}
+    (plugins if module.startswith("wmtp_plugins") else core)[module].add(dep)
+    assert any(rule in v for v in violations(core, plugins, TABLE)), (module, dep)
 
 
-def test_the_rules_can_fail():
-    """The reader sees lazy and relative imports, so the rules above are not vacuous."""
+def test_an_unplaced_module_fails():
+    core = {**CORE, "wmtp_core.newthing": set()}
+    assert "wmtp_core.newthing: placed in no layer of docs/architecture.md" in violations(core, PLUGINS, TABLE)
+
+
+def test_the_reader_sees_lazy_imports_and_skips_type_checking_ones():
+    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from wmtp_core.commit import X\n"
+              "def f():\n    from wmtp_core.engine import trainer\n")
+    found = imports_of(source, "wmtp_core.x")
+    assert "wmtp_core.engine.trainer" in found and "wmtp_core.commit" not in found
     assert "wmtp_core.engine.trainer" in CORE["wmtp_core.session"]  # imported inside a method
-    assert within("wmtp_core.engine.model", ENGINE) and not within("wmtp_core.engineering", ENGINE)
-    assert "mlflow" in PLUGINS["wmtp_plugins.mlflow_registry"]
+
+
+def _probes(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    return [f"{path.relative_to(ROOT)}:{n.lineno}" for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("getattr", "hasattr")]
+
+
+def test_no_module_that_holds_sinks_probes_one():
+    """Every operation is declared by ``Sink``/``ResumableSink`` with its default: a caller
+    calls it, it never asks whether it exists (``getattr``/``hasattr``)."""
+    found = [hit for m in SINK_HANDLERS for hit in _probes(ROOT / (m.replace(".", "/") + ".py"))]
+    assert not found, found
+
+
+def test_the_probe_check_can_fail(tmp_path):
+    probe = tmp_path / "x.py"
+    probe.write_text("def close(sink):\n    f = getattr(sink, 'close', None)\n    return hasattr(sink, 'held')\n")
+    probe = probe.rename(ROOT / f".probe-{tmp_path.name}.py")
+    try:
+        assert len(_probes(probe)) == 2
+    finally:
+        probe.unlink()
 
 
 def test_the_public_names_a_third_party_sink_needs_are_exported():
     import wmtp_core
 
     for name in ("hookimpl", "SinkSpec", "Role", "Receipt", "Sink", "ResumableSink", "LoadedCheckpoint",
-                 "FileSink", "CheckpointStore", "CheckpointError", "WmtpError", "Manifest"):
+                 "FileSink", "CheckpointStore", "CheckpointError", "WmtpError", "Manifest", "Coordinator"):
         assert getattr(wmtp_core, name) is not None
 
 

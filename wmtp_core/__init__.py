@@ -7,6 +7,7 @@ toolkit (``FileSink`` over ``CheckpointStore``) and the error family.
 
 from wmtp_core.catalog import PolicySpec, SinkSpec
 from wmtp_core.commit import CheckpointStore
+from wmtp_core.coordination import ALONE, Coordinator
 from wmtp_core.errors import (
     BindingError,
     CheckpointError,
@@ -54,11 +55,15 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ALONE",
     "BindingError",
     "CheckpointEmitted",
     "CheckpointError",
     "CheckpointStore",
     "ConfigError",
+    "Coordinator",
+    "CorruptError",
+    "DiskFullError",
     "DataError",
     "DeviceError",
     "FileEntry",
@@ -83,6 +88,7 @@ __all__ = [
     "SinkContext",
     "SinkSpec",
     "StepEnded",
+    "StorageError",
     "TrainingError",
     "UnverifiableError",
     "UsageError",

@@ -15,8 +15,7 @@ import signal
 import threading
 from typing import Any
 
-EXIT_PREEMPTED = 4
-"""Preempted, resumable: run the same command again with ``--resume latest``."""
+from wmtp_core.exits import EXIT_PREEMPTED
 
 log = logging.getLogger("wmtp")
 

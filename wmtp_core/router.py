@@ -28,11 +28,6 @@ from wmtp_core.roles import Role
 
 log = logging.getLogger(__name__)
 
-_EMIT_HOOK = {
-    Role.RESUME: "wmtp_resume_checkpoint_emitted",
-    Role.FINAL: "wmtp_final_model_emitted",
-}
-
 
 class Router:
     """Dispatch emitted checkpoints to the sinks the configuration bound.
@@ -181,7 +176,8 @@ class Router:
             metrics=metrics or {},
             resume_location=self._resume_location() if role is Role.FINAL else None,
         )
-        getattr(self.pm.hook, _EMIT_HOOK[role])(event=event)
+        emitted = self.pm.hook.wmtp_final_model_emitted if role is Role.FINAL else self.pm.hook.wmtp_resume_checkpoint_emitted
+        emitted(event=event)
         if not background:
             self._saver.drain()  # a synchronous save never overtakes one in flight
             return self._store(role, sink, event, payload)

@@ -8,25 +8,25 @@ import logging
 import os
 import sys
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from rich.console import Console
 from rich.text import Text
 
+from wmtp_core import report
 from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import StorageError, WmtpError
 from wmtp_core.plan import describe, preflight
 from wmtp_core.plugins import make_plugin_manager
-from wmtp_core.preemption import EXIT_PREEMPTED
-from wmtp_core.session import (
+from wmtp_core.exits import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_NOT_REGISTERED,
     EXIT_OK,
+    EXIT_PREEMPTED,
     EXIT_USAGE,
-    RunSession,
 )
-
-EXIT_INTERRUPTED = 130
-"""Ctrl-C (SIGINT): 128 + the signal number, as shells report it."""
+from wmtp_core.session import RunSession, Summary
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_NOT_REGISTERED", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_USAGE",
            "leave", "main", "parser"]
@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
             return EXIT_OK
         session = RunSession(plan, pm, out, err, verbose=args.verbose)
         session.timings["preflight"] = time.perf_counter() - t0
-        return session.run()
+        code = session.run()
+        if session.summary is not None:
+            summarise(session.summary, plan.settings, session.out, session.err, verbose=args.verbose)
+        return code
     except WmtpError as e:
         err.print(error_line(e))
         return EXIT_USAGE
@@ -93,6 +96,35 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
         err.print(error_line("interrupted (Ctrl-C): committed checkpoints are intact; continue with "
                              "--resume latest"))
         return EXIT_INTERRUPTED
+
+
+def summarise(summary: Summary, settings: Any, out: Console, err: Console, *, verbose: bool = False) -> None:
+    """What a run prints when it ended: where each role's checkpoints went, the loss, the
+    asynchronous saves, and for an exit other than 0 the one line that says what to do next."""
+    ending = summary.ending
+    out.print("\n".join(report.summary_lines(summary.receipts, summary.deleted, summary.locations)))
+    if summary.losses:
+        out.print(f"run {summary.run!r}: {ending.status.value} at step {summary.step} in {summary.elapsed:.1f} s; "
+                  f"loss {summary.losses[0]:.3f} -> {summary.losses[1]:.3f}"
+                  + (f"; {ending.reason}" if ending.reason else ""))
+    stats = summary.async_stats
+    if stats:
+        out.print(f"asynchronous saves: {len(stats)}; training paused {sum(s.staged_s for s in stats):.2f} s "
+                  f"to stage them and waited {sum(s.waited_s for s in stats):.2f} s for saves in flight")
+    if verbose and summary.timings:
+        out.print("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in summary.timings.items()))
+    last = summary.last_resume
+    if ending.code == EXIT_FAILED and ending.reason:
+        err.print(error_line(ending.reason))
+    if ending.code == EXIT_PREEMPTED:
+        err.print(f"preempted: step {summary.step} is committed at {last or '?'}; "
+                  f"continue with --resume latest (exit status {EXIT_PREEMPTED})", highlight=False)
+    if ending.code == EXIT_NOT_REGISTERED:
+        from wmtp_core.cli.commands import register_command  # with this run's registry settings
+
+        err.print(error_line(f"{ending.reason}. The resume state of step {summary.step} is "
+                             f"committed at {last or '?'}; register it later with:\n"
+                             f"  {register_command(last or '<checkpoint URI>', settings)}"))
 
 
 def leave(code: int) -> NoReturn:

@@ -17,9 +17,8 @@ import attrs
 import pluggy
 from rich.console import Console
 
-from wmtp_core import progress, redact, report
+from wmtp_core import progress, redact
 from wmtp_core.bindings import Bindings, build_sink
-from wmtp_core.console import error_line
 from wmtp_core.errors import (
     CheckpointError,
     ModelLoadError,
@@ -32,6 +31,7 @@ from wmtp_core.errors import (
 from wmtp_core.lease import Lease, LeaseLostError
 from wmtp_core.events import (
     LoadedModel,
+    Receipt,
     RunEnded,
     RunInfo,
     RunStarted,
@@ -40,13 +40,57 @@ from wmtp_core.events import (
 )
 from wmtp_core.manifest import best, metric_of
 from wmtp_core.plan import Plan
-from wmtp_core.preemption import EXIT_PREEMPTED, Preemption
+from wmtp_core.exits import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_PREEMPTED
+from wmtp_core.preemption import Preemption
 from wmtp_core.resume import open_resume
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
 from wmtp_core.tensors import tensor_bytes
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_REGISTERED = 0, 1, 2, 3
+
+
+@attrs.frozen
+class Ending:
+    """How a run ended: its status (for observers), why, and the exit status."""
+
+    status: RunStatus = RunStatus.FAILED
+    reason: str = ""
+    code: int = EXIT_FAILED
+
+    @classmethod
+    def of(cls, outcome: Any) -> Ending:
+        """What the training loop's outcome means: a diverged run fails (its state is never
+        committed as "latest"), a preempted one is resumable, every other one finished."""
+        status = RunStatus(outcome.status)
+        code = {RunStatus.FAILED: EXIT_FAILED, RunStatus.PREEMPTED: EXIT_PREEMPTED}.get(status, EXIT_OK)
+        return cls(status, outcome.reason, code)
+
+    @classmethod
+    def failed(cls, reason: str, code: int = EXIT_FAILED) -> Ending:
+        return cls(RunStatus.FAILED, reason, code)
+
+
+@attrs.frozen
+class Summary:
+    """What a run did, for the face to print once it ended (``wmtp_core.run``)."""
+
+    run: str
+    ending: Ending
+    step: int
+    elapsed: float
+    receipts: tuple[Receipt, ...]
+    deleted: tuple[Receipt, ...]
+    locations: Mapping[Role, str]
+    losses: tuple[float, float] | None
+    """The first and last loss, when the run trained a step."""
+    async_stats: tuple[Any, ...] = ()
+    timings: Mapping[str, float] = attrs.field(factory=dict)
+
+    @property
+    def last_resume(self) -> str | None:
+        """The URI of the last resume checkpoint this run committed."""
+        return next((r.uri for r in reversed(self.receipts) if r.role is Role.RESUME), None)
+
 OBSERVER_HOOKS = {"wmtp_run_started", "wmtp_step_ended", "wmtp_run_ended", "wmtp_checkpoint_committed",
                   "wmtp_checkpoint_deleted", "wmtp_resume_checkpoint_emitted", "wmtp_final_model_emitted"}
 
@@ -87,6 +131,8 @@ class RunSession:
         self.lease: Lease | None = None
         """This run's lease on its resume storage (rank 0 holds it for the job)."""
         self.world: Any = None
+        self.summary: Summary | None = None
+        """What the run did, once :meth:`run` returned (``None`` if it stopped before training)."""
 
     def _phase(self, name: str, t0: float) -> float:
         now = time.perf_counter()
@@ -171,9 +217,8 @@ class RunSession:
 
     def _train_to_the_end(self, trainer: Any, router: Router, run: RunInfo) -> int:
         """Train, commit the last step, store the final model, end: whatever happens, the router
-        is closed and the observers hear how the run ended."""
-        status, reason, code = RunStatus.FAILED, "", EXIT_FAILED
-        outcome = None
+        is closed and the observers hear how the run ended. Leaves :attr:`summary` for the face."""
+        ending, outcome = Ending(), None
         t0 = t = time.perf_counter()
         signals = Preemption(self.plan.settings.config.paths.checkpoints.save_on_signal,
                              lambda text: self.err.print(text, highlight=False))
@@ -181,46 +226,47 @@ class RunSession:
             with signals:  # until the last save is committed: a signal never cuts a save short
                 outcome = self._train(trainer, router, run, signals)
                 t = self._phase("train", t)
-                status, reason, code = RunStatus(outcome.status), outcome.reason, EXIT_OK
-                if status is RunStatus.FAILED:
-                    code = EXIT_FAILED  # a diverged state is never committed as "latest"
-                else:
+                ending = Ending.of(outcome)
+                if ending.status is not RunStatus.FAILED:
                     self._checkpoint(trainer, router, trainer.step, outcome.metrics)
                     router.wait()  # the last step's resume state is durable before the final model
-                if status is RunStatus.PREEMPTED:
-                    code = EXIT_PREEMPTED  # resumable; the final model waits for the real end
-            if code == EXIT_OK and Role.FINAL in self.plan.required:
-                status, reason, code = self._store_final(trainer, router, outcome, status, reason, code)
+            if ending.code == EXIT_OK and Role.FINAL in self.plan.required:
+                ending = self._store_final(trainer, router, outcome, ending)  # never while preempted
             router.wait()
             t = self._phase("final", t)
         except SaveError as e:
-            status, reason, code = RunStatus.FAILED, str(e), EXIT_FAILED
+            ending = Ending.failed(str(e))
         except KeyboardInterrupt:
-            reason = "interrupted"
+            ending = attrs.evolve(ending, reason="interrupted")
             raise
         except Exception as e:
-            reason = f"{type(e).__name__}: {e}"
+            ending = attrs.evolve(ending, reason=f"{type(e).__name__}: {e}")
             raise
         finally:
-            status, reason, code = self._end(router, run, trainer, outcome, status, reason, code)
+            ending = self._end(router, run, trainer, outcome, ending)
         self._phase("end", t)
-        self._summary(router, trainer, outcome, status, reason, code, time.perf_counter() - t0)
-        return code
+        losses = (outcome.first_loss, outcome.last_loss) if outcome and outcome.losses else None
+        self.summary = Summary(
+            run=run.name, ending=ending, step=trainer.step, elapsed=time.perf_counter() - t0,
+            receipts=tuple(router.receipts), deleted=tuple(router.deleted),
+            locations={role: router.sink(role).location() for role in self.plan.required},
+            losses=losses, async_stats=tuple(router.async_stats), timings=dict(self.timings))
+        return ending.code
 
-    def _end(self, router: Router, run: RunInfo, trainer: Any, outcome: Any, status, reason, code):
+    def _end(self, router: Router, run: RunInfo, trainer: Any, outcome: Any, ending: Ending) -> Ending:
         try:
             router.close()
         except SaveError as e:
-            status, reason, code = RunStatus.FAILED, str(e), EXIT_FAILED
+            ending = Ending.failed(str(e))
         finally:
             try:
                 self.pm.hook.wmtp_run_ended(event=RunEnded(
-                    run=run, status=status, last_step=trainer.step, reason=redact.text(reason),
+                    run=run, status=ending.status, last_step=trainer.step, reason=redact.text(ending.reason),
                     metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
                 ))
             except Exception as e:  # an observer's failure must not mask the run's outcome
                 log.warning("a plugin failed in wmtp_run_ended: %s: %s", type(e).__name__, redact.text(e))
-        return status, reason, code
+        return ending
 
     def _abandon(self, router: Router, run: RunInfo, trainer: Any, reason: str) -> None:
         """A run that stops before its first step: the router closed, observers told (an MLflow
@@ -296,7 +342,7 @@ class RunSession:
                     background=self.plan.settings.config.paths.checkpoints.async_)
         self.last_saved = step
 
-    def _store_final(self, trainer: Any, router: Router, outcome: Any, status, reason, code):
+    def _store_final(self, trainer: Any, router: Router, outcome: Any, ending: Ending) -> Ending:
         """Store the final model through the router, which stores it at most once. The resume
         state is committed already: a failure here loses nothing (exit 3)."""
         try:
@@ -304,7 +350,7 @@ class RunSession:
             if stored:
                 self.err.print(f"the final model of {router.run.name!r} is already stored at {stored}; "
                                "not storing it again", highlight=False)
-                return status, reason, code
+                return ending
             storage = self.plan.settings.config.storage
             final = storage.final if storage is not None else None
             last, metrics = trainer.step, _scalars(outcome.metrics)
@@ -322,9 +368,9 @@ class RunSession:
                 trainer.step = last  # the run ended here, whichever weights it stored
         except Exception as e:  # the resume state is committed: nothing is lost
             log.debug("final store failed", exc_info=True)
-            return RunStatus.FAILED, f"final model not stored ({type(e).__name__}: {first_line(e, 500)})", \
-                EXIT_NOT_REGISTERED
-        return status, reason, code
+            return Ending.failed(f"final model not stored ({type(e).__name__}: {first_line(e, 500)})",
+                                 EXIT_NOT_REGISTERED)
+        return ending
 
     def _best_into(self, trainer: Any, router: Router) -> dict[str, float] | None:
         """``storage.final.from: best``: put the weights of this lineage's best committed
@@ -350,35 +396,6 @@ class RunSession:
         self.err.print(f"the final model is the best checkpoint, step {step} ({keep.monitor} {value:.4f}): "
                        f"{uri}", highlight=False)
         return _scalars(metrics)
-
-    def _summary(self, router: Router, trainer: Any, outcome: Any, status: RunStatus, reason: str,
-                 code: int, elapsed: float) -> None:
-        out, err, name = self.out, self.err, router.run.name
-        locations = {role: router.sink(role).location() for role in self.plan.required}
-        out.print("\n".join(report.summary_lines(router.receipts, router.deleted, locations)))
-        if outcome and outcome.losses:
-            out.print(f"run {name!r}: {status.value} at step {trainer.step} in {elapsed:.1f} s; "
-                      f"loss {outcome.first_loss:.3f} -> {outcome.last_loss:.3f}"
-                      + (f"; {reason}" if reason else ""))
-        stats = router.async_stats
-        if stats:
-            out.print(f"asynchronous saves: {len(stats)}; training paused {sum(s.staged_s for s in stats):.2f} s "
-                      f"to stage them and waited {sum(s.waited_s for s in stats):.2f} s for saves in flight")
-        if self.verbose and self.timings:
-            out.print("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
-        if code == EXIT_FAILED and reason:
-            err.print(error_line(reason))
-        if code == EXIT_PREEMPTED:
-            last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
-            err.print(f"preempted: step {trainer.step} is committed at {last.uri if last else '?'}; "
-                      f"continue with --resume latest (exit status {EXIT_PREEMPTED})", highlight=False)
-        if code == EXIT_NOT_REGISTERED:
-            last = next((r for r in reversed(router.receipts) if r.role is Role.RESUME), None)
-            from wmtp_core.cli.commands import register_command  # with this run's registry settings
-
-            err.print(error_line(f"{reason}. The resume state of step {trainer.step} is "
-                                 f"committed at {last.uri if last else '?'}; register it later with:\n"
-                                 f"  {register_command(last.uri if last else '<checkpoint URI>', self.plan.settings)}"))
 
     def _observers_off(self) -> None:
         """On ranks other than 0: observers (tracking, progress, reports) see the run once, on rank 0."""

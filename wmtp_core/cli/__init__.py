@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from wmtp_core.cli import commands
-from wmtp_core.cli.commands import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_USAGE
+from wmtp_core.exits import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_USAGE
 from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import StorageError, WmtpError
 

@@ -36,6 +36,7 @@ from wmtp_core.plugins import (
     distributions,
     make_plugin_manager,
 )
+from wmtp_core.exits import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK
 from wmtp_core.report import (
     DEFAULT_PRICE_PER_GB_MONTH,
     cost_lines,
@@ -46,9 +47,6 @@ from wmtp_core.report import (
     storage_summary,
 )
 from wmtp_core.roles import Role
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_REGISTERED = 0, 1, 2, 3
-"""The same meanings as ``python -m wmtp_core.run``'s exit codes."""
 
 
 def tensor_bytes(parts) -> int:
@@ -261,7 +259,7 @@ def cmd_gc(args, out: Console, err: Console) -> int:
 def cmd_register(args, out: Console, err: Console) -> int:
     """Store the final model from a committed checkpoint through the final sink the config binds,
     exactly as the end of a run does: the same router decides that it is stored at most once."""
-    with working_directory(getattr(args, "directory", None)):
+    with working_directory(vars(args).get("directory")):
         return _register(args, out, err)
 
 
