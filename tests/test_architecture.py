@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = "wmtp_core.engine"
 STORAGE = ("wmtp_core.commit", "wmtp_core.store_read", "wmtp_core.store_verify", "wmtp_core.leftovers",
-           "wmtp_core.save_failures", "wmtp_core.filesink", "wmtp_core.router", "wmtp_core.asyncsave",
-           "wmtp_core.checkpoint_models")
+           "wmtp_core.save_failures", "wmtp_core.conditional", "wmtp_core.filesink", "wmtp_core.router",
+           "wmtp_core.asyncsave", "wmtp_core.checkpoint_models")
 """Where bytes are written and read. (``wmtp_core.tensors`` is shared by storage and engine.)"""
 
 

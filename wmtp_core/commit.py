@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
+import functools
 import json
 import logging
 import os
 import posixpath
 import socket
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from wmtp_core.conditional import ConditionalWrites
 from wmtp_core.errors import CheckpointError
 from wmtp_core.hashing import HASH, HashingWriter, digest_path, durable_digest, fsync, in_background
 from wmtp_core.leftovers import Incomplete, Leftovers
@@ -51,9 +53,12 @@ from wmtp_core.store_verify import Verifying, verified_copy, verified_source
 __all__ = [
     "FINAL_NAME", "MANIFEST", "MAX_MANIFEST_BYTES", "QUARANTINED_DIR", "QUARANTINE_NOTE", "STAGING_MARKER",
     "CheckpointError", "CheckpointState", "CheckpointStore", "Incomplete", "Inspected", "Writer",
-    "check_run_name", "step_dirname", "verified_copy", "verified_source",
+    "check_run_name", "protocol_of", "step_dirname", "store_class", "verified_copy", "verified_source",
 ]
 """What other modules import from here: the commit protocol and the names of the format."""
+
+if TYPE_CHECKING:
+    from wmtp_core.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +66,46 @@ Writer = Callable[[BinaryIO], None]
 """Writes one file's content into an open binary stream."""
 
 
-class CheckpointStore(Reading, Verifying, Leftovers):
+class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
     """Stage, commit, list, verify and delete checkpoints under ``root`` on ``fs``. Reading
-    (:class:`~wmtp_core.store_read.Reading`), verifying (:class:`~wmtp_core.store_verify.Verifying`)
-    and leftovers (:class:`~wmtp_core.leftovers.Leftovers`) are its mixins; this class is the
-    commit protocol."""
+    (:class:`~wmtp_core.store_read.Reading`), verifying (:class:`~wmtp_core.store_verify.Verifying`),
+    leftovers (:class:`~wmtp_core.leftovers.Leftovers`) and conditional writes
+    (:class:`~wmtp_core.conditional.ConditionalWrites`) are its mixins; this class is the commit
+    protocol.
+
+    What differs between protocols are hooks with a default here that serves local disk (and
+    any fsspec filesystem at best effort); a store for another protocol is a subclass that
+    overrides them, registered as its sink's ``SinkSpec.store`` (see ``docs/plugins.md``):
+    :meth:`incomplete_uploads`, :meth:`abort_upload`, :meth:`read_tagged`,
+    :meth:`put_if_absent`, :meth:`put_if_unchanged`, :meth:`remove_if_unchanged`,
+    :meth:`with_defaults` and :attr:`client_retries`."""
+
+    client_retries = ""
+    """Hook: who retried a storage request before a save failed, as its error says ("after
+    <client_retries>"); empty (the default) when nobody did."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
         self.fs = fs
         self.root = root.rstrip("/") or "/"
+        self._made_dirs: dict[str, list[str]] = {}
 
     @classmethod
     def from_url(cls, url: str, **storage_options: Any) -> CheckpointStore:
+        """The store for ``url``: of this class, or, called on ``CheckpointStore`` itself, of the
+        class the installed plugins registered for the URL's protocol (:func:`store_class`)."""
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        return cls(fs, root)
+        return (store_class(protocol_of(fs)) if cls is CheckpointStore else cls)(fs, root)
+
+    @classmethod
+    def with_defaults(cls, options: Mapping[str, Any], *, retries: Mapping[str, Any]) -> dict[str, Any]:
+        """Hook: the storage ``options`` with what this protocol's client needs under them (a
+        value the user gives wins): ``retries``, the client's retry settings wanted. Default:
+        the options unchanged."""
+        return dict(options)
 
     @property
     def protocol(self) -> str:
-        p = self.fs.protocol
-        return p[0] if isinstance(p, (tuple, list)) else p
+        return protocol_of(self.fs)
 
     def uri(self, path: str) -> str:
         return path if self.protocol in ("file", "local") else f"{self.protocol}://{path}"
@@ -274,3 +300,26 @@ class CheckpointStore(Reading, Verifying, Leftovers):
         except FileNotFoundError:
             pass
         self.fs.rm(path, recursive=True)
+
+
+def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    """The protocol a filesystem names itself by (its first one)."""
+    p = fs.protocol
+    return p[0] if isinstance(p, (tuple, list)) else p
+
+
+def store_class(protocol: str, catalog: Catalog | None = None) -> type[CheckpointStore]:
+    """The store class for ``protocol``: the ``SinkSpec.store`` of the sink that serves it in
+    ``catalog`` (by default the installed plugins'), else :class:`CheckpointStore`. For
+    ``s3://`` with the built-in plugins: the ``s3`` plugin's ``S3CheckpointStore``, which lists
+    and aborts incomplete multipart uploads and writes the lease conditionally."""
+    found = (catalog or _installed_catalog()).store_for_protocol(protocol)
+    return found if found is not None else CheckpointStore
+
+
+@functools.cache
+def _installed_catalog() -> Catalog:
+    """The installed plugins' catalog, built once per process."""
+    from wmtp_core.plugins import build_catalog, make_plugin_manager
+
+    return build_catalog(make_plugin_manager())

@@ -10,12 +10,10 @@ import json
 import os
 import posixpath
 import socket
-from typing import Any
 
 import attrs
 from fsspec.implementations.local import LocalFileSystem
 
-from wmtp_core.manifest import RUN_NAME
 from wmtp_core.naming import (
     FINAL_NAME,
     MANIFEST,
@@ -23,7 +21,6 @@ from wmtp_core.naming import (
     QUARANTINED_DIR,
     STAGING_MARKER,
     STEP_DIR,
-    check_run_name,
 )
 from wmtp_core.store_read import CheckpointState, Inspected
 
@@ -115,68 +112,18 @@ class Leftovers:
         return sorted(out, key=lambda i: (step(i), i.path))
 
     def incomplete_uploads(self, run: str | None = None) -> list[Incomplete]:
-        """Multipart uploads begun under ``<root>/<run>/`` (every run's: under ``<root>/``) that
-        were never completed nor aborted: what a process killed while it wrote a large file to S3
-        leaves. Their parts are stored (and billed) but no listing shows them. An upload is
-        WMTP's (``ours``) when it is for a file of a run's ``step_N`` or ``final`` directory and
-        that directory is WMTP's (its marker or its manifest) or is gone; one into a directory
-        another tool wrote is listed with ``ours`` false. Empty on filesystems without multipart
-        uploads."""
-        call = getattr(self.fs, "call_s3", None)
-        if call is None or self.protocol not in ("s3", "s3a"):
-            return []
-        bucket, root_key, _ = self.fs.split_path(self.root)
-        root_key = f"{root_key.strip('/')}/" if root_key.strip("/") else ""
-        prefix = root_key + (f"{check_run_name(run)}/" if run is not None else "")
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        out, dirs = [], {}
-        while True:
-            page = call("list_multipart_uploads", **kwargs)
-            for upload in page.get("Uploads") or []:
-                key = upload.get("Key", "")
-                if not key.startswith(prefix):  # another run's: never ours
-                    continue
-                parts = key[len(root_key):].split("/")
-                problem = ""
-                if len(parts) < 3 or not RUN_NAME.fullmatch(parts[0]) or ".." in parts[0] or \
-                        not (STEP_DIR.fullmatch(parts[1]) or parts[1] == FINAL_NAME):
-                    problem = "not a file of a run's step_N or final directory"
-                else:
-                    directory = posixpath.join(self.root, parts[0], parts[1])
-                    if directory not in dirs:
-                        self.fs.invalidate_cache(directory)
-                        dirs[directory] = self.fs.isdir(directory) and \
-                            self.inspect_dir(directory).state is CheckpointState.FOREIGN
-                    if dirs[directory]:
-                        problem = (f"{self.uri(directory)} has no {MANIFEST} and no {STAGING_MARKER}: "
-                                   "WMTP did not write it")
-                started = upload.get("Initiated")
-                path = f"{bucket}/{key}"
-                out.append(Incomplete(kind="upload", uri=self.uri(path), path=path,
-                                      bytes=self._uploaded(bucket, key, upload["UploadId"]),
-                                      started=started.timestamp() if isinstance(started, dt.datetime) else None,
-                                      upload_id=upload["UploadId"], ours=not problem, problem=problem))
-            if not page.get("IsTruncated"):
-                return out
-            kwargs.update(KeyMarker=page.get("NextKeyMarker", ""),
-                          UploadIdMarker=page.get("NextUploadIdMarker", ""))
-
-    def _uploaded(self, bucket: str, key: str, upload_id: str) -> int | None:
-        """Bytes of the parts an incomplete upload holds (its first 1000 parts)."""
-        try:
-            page = self.fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=upload_id)
-        except (FileNotFoundError, OSError):
-            return None
-        return sum(int(p.get("Size") or 0) for p in page.get("Parts") or [])
+        """Hook: multipart uploads begun under ``<root>/<run>/`` (every run's: under ``<root>/``)
+        that were never completed nor aborted: what a process killed while it wrote a large file
+        to an object store leaves, stored (and billed) but shown by no listing. Each is an
+        :class:`Incomplete` of kind ``upload``; it is WMTP's (``ours``) when it is for a file of a
+        run's ``step_N`` or ``final`` directory and that directory is WMTP's (its marker or its
+        manifest) or is gone, else ``ours`` is false and ``problem`` says why. Another run's are
+        never listed. Default: none (a filesystem without multipart uploads)."""
+        return []
 
     def abort_upload(self, upload: Incomplete) -> None:
-        """Abort one incomplete upload: its parts are deleted. One that completed or was aborted
-        meanwhile is left as it is."""
-        bucket, key = upload.path.split("/", 1)
-        try:
-            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
-        except FileNotFoundError:  # NoSuchUpload: completed or aborted since it was listed
-            pass
+        """Hook: abort one upload :meth:`incomplete_uploads` listed, deleting its parts; one that
+        completed or was aborted meanwhile is left as it is (no error). Default: nothing."""
 
     def incomplete(self, run: str) -> list[Incomplete]:
         """``run``'s own saves that never finished: its incomplete multipart uploads (WMTP's, see

@@ -114,10 +114,9 @@ def _discard_staging(store: CheckpointStore, path: str) -> str:
         if store.fs.exists(posixpath.join(path, MANIFEST)):
             return (f"its manifest may have landed, so nothing was removed: `wmtp checkpoints verify "
                     f"{store.uri(path)}` tells whether it is committed")
-        if store.protocol in ("s3", "s3a"):
-            for upload in store.incomplete_uploads(posixpath.basename(posixpath.dirname(path))):
-                if upload.path.startswith(path.rstrip("/") + "/"):
-                    store.abort_upload(upload)
+        for upload in store.incomplete_uploads(posixpath.basename(posixpath.dirname(path))):
+            if upload.path.startswith(path.rstrip("/") + "/"):
+                store.abort_upload(upload)
         contents = store._files(path)
         if contents and not store.fs.exists(posixpath.join(path, STAGING_MARKER)):
             return "its directory holds files WMTP did not write, so nothing was removed"
@@ -154,7 +153,7 @@ def failed(store: CheckpointStore, e: Exception, doing: Doing, path: str, step: 
             "--resume latest")
     if not is_storage_error(e):
         return e
-    retried = " after the S3 client's retries" if store.protocol in ("s3", "s3a") else ""
+    retried = f" after {store.client_retries}" if store.client_retries else ""
     return SaveError(f"step {step} was not saved: {doing.what} failed{retried} ({type(e).__name__}: "
                      f"{first_line(e)}); nothing of step {step} was committed and {left}")
 

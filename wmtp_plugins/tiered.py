@@ -34,9 +34,8 @@ import fsspec
 from fsspec.core import split_protocol
 
 from wmtp_core import BindingError, CheckpointError, CorruptError, FileSink, Role, SaveError, SinkSpec, hookimpl
-from wmtp_core.commit import CheckpointState, step_dirname, verified_copy
+from wmtp_core.commit import CheckpointState, step_dirname, store_class, verified_copy
 from wmtp_core.hashing import fsync
-from wmtp_plugins import s3
 
 FAST_KEEP_LAST = 1
 """Committed checkpoints kept on the fast tier when ``fast_keep_last`` is not set."""
@@ -89,15 +88,10 @@ def check(binding) -> None:
 
 
 def durable_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Storage options of the durable tier: for S3, the ``s3`` sink's multipart block size and
-    botocore's retries (:data:`RETRIES`) unless given."""
-    options = dict(options)
-    if (split_protocol(url)[0] or "file") in s3.PROTOCOLS:
-        options.setdefault("default_block_size", s3.BLOCK_SIZE)
-        config = dict(options.get("config_kwargs") or {})
-        config.setdefault("retries", dict(RETRIES))
-        options["config_kwargs"] = config
-    return options
+    """Storage options of the durable tier: what the store of its protocol needs under them
+    (``with_defaults``; for S3: the ``s3`` sink's multipart block size and botocore's retries,
+    :data:`RETRIES`) unless given."""
+    return store_class(split_protocol(url)[0] or "file").with_defaults(options, retries=RETRIES)
 
 
 class TieredSink:
