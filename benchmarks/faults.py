@@ -696,7 +696,7 @@ def _recommit(path: Path) -> None:
     """Rewrite ``path``'s manifest so that it names the files there with their true digests:
     what an attacker with write access does, so that only weights-only loading stands between
     the file and the code it names."""
-    from wmtp_core.manifest import digest_file
+    from wmtp_core.hashing import digest_file
 
     m = json.loads((path / "manifest.json").read_text())
     for e in m["files"]:

@@ -163,7 +163,7 @@ def trained(tmp_path_factory):
 
 def replace_part(step_dir: Path, name: str, data: bytes) -> None:
     """What an attacker with write access does: swap a file and rewrite the manifest to match."""
-    from wmtp_core.manifest import digest_bytes
+    from wmtp_core.hashing import digest_bytes
 
     (step_dir / name).write_bytes(data)
     manifest = json.loads((step_dir / "manifest.json").read_text())

@@ -193,7 +193,7 @@ def test_metadata_that_lies_about_sizes_is_refused_before_anything_is_allocated(
     import dataclasses
     import pickle
 
-    from wmtp_core.manifest import HASH, digest_bytes
+    from wmtp_core.hashing import HASH, digest_bytes
 
     forged = tmp_path / "forged" / "two" / "step_4"
     shutil.copytree(two / "step_4", forged)

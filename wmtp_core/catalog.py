@@ -52,6 +52,11 @@ class SinkSpec:
     """Optional: called with a :class:`~wmtp_core.bindings.SinkBinding` before anything is built
     (also under ``--dry-run``); raises :class:`~wmtp_core.errors.BindingError` for a binding the
     sink cannot serve (a base path of another protocol, say). Look only at the binding: no I/O."""
+    store: type | None = attrs.field(default=None, hash=False, eq=False)
+    """Optional, for a file-like sink: the :class:`~wmtp_core.commit.CheckpointStore` subclass
+    for its ``protocols``, whose hooks do what differs on them (incomplete uploads, conditional
+    writes). Commands and sinks that open a URL of those protocols use it
+    (:func:`wmtp_core.commit.store_class`); ``None``: ``CheckpointStore`` itself."""
 
 
 @attrs.frozen
@@ -92,6 +97,11 @@ class Catalog:
 
     def sink_for_protocol(self, protocol: str) -> SinkSpec | None:
         return next((s for s in self._sinks.values() if protocol in s.protocols), None)
+
+    def store_for_protocol(self, protocol: str) -> type | None:
+        """The store class a sink serving ``protocol`` registered (``SinkSpec.store``), if any."""
+        return next((s.store for s in self._sinks.values() if protocol in s.protocols and s.store is not None),
+                    None)
 
     def describe_sinks(self) -> str:
         if not self._sinks:

@@ -186,9 +186,14 @@ class FileSink(ResumableSink):
     ``step_<N>/``, the final model in ``final/``. Implements :class:`wmtp_core.sinks.ResumableSink`
     and the optional ``stored_final``, ``held`` and ``unverifiable``."""
 
+    store_class: type[CheckpointStore] = CheckpointStore
+    """The store this sink commits through. ``CheckpointStore`` itself picks, by the base path's
+    protocol, the class the installed plugins registered for it (``SinkSpec.store``); a sink for
+    one protocol names its own subclass (the ``s3`` sink: its ``S3CheckpointStore``)."""
+
     def __init__(self, context: SinkContext) -> None:
         self.context = context
-        self.checkpoints = CheckpointStore.from_url(context.base_path, **dict(context.options))
+        self.checkpoints = self.store_class.from_url(context.base_path, **dict(context.options))
         """Where and how this sink commits: list, verify, read and delete its checkpoints."""
         self.run = context.run.name
 
@@ -282,24 +287,28 @@ class FileSink(ResumableSink):
                     pass  # the next run's clean start removes it
             raise SaveError(f"the sharded save of step {event.step} to {self.checkpoints.uri(path)} "
                                   f"failed, nothing of it was committed: {failures[0]}")
-        nbytes = None
-        if world.is_main:
-            expected: dict[str, int] = {}
-            for info in metadata.storage_data.values():
-                expected[info.relative_path] = max(expected.get(info.relative_path, 0), info.offset + info.length)
-            expected[".metadata"] = 1
-            manifest = self.checkpoints.commit_existing(
-                self.run, name, step=event.step, role=event.role, lineage=event.run.lineage,
-                expected=expected,
-                meta={"algo": event.run.algo, "metrics": dict(event.metrics), "format": "dcp",
-                      "world_size": world.size, "resumed_from": event.run.resumed_from,
-                      "torch": torch.__version__})
-            nbytes = manifest.nbytes
+        nbytes = self._commit_sharded(event, name, metadata, world).nbytes if world.is_main else None
         nbytes = world.broadcast(nbytes)  # a plain value: receipts hold read-only mappings
         if nbytes is None:
             raise CheckpointError(f"rank 0 could not commit {self.checkpoints.uri(path)}")
         return Receipt(role=event.role, run=self.run, step=event.step, uri=self.checkpoints.uri(path),
                        nbytes=nbytes, meta={"world_size": world.size})
+
+    def _commit_sharded(self, event: CheckpointEmitted, name: str, metadata: Any, world: Any) -> Manifest:
+        """Rank 0, once every rank wrote its part: hash what landed, check it against the sizes
+        DCP's metadata needs, commit the manifest."""
+        import torch
+
+        expected: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            expected[info.relative_path] = max(expected.get(info.relative_path, 0), info.offset + info.length)
+        expected[".metadata"] = 1
+        return self.checkpoints.commit_existing(
+            self.run, name, step=event.step, role=event.role, lineage=event.run.lineage,
+            expected=expected,
+            meta={"algo": event.run.algo, "metrics": dict(event.metrics), "format": "dcp",
+                  "world_size": world.size, "resumed_from": event.run.resumed_from,
+                  "torch": torch.__version__})
 
     def stored_final(self, run) -> str | None:
         """The URI of this run's committed final model, if there is one."""
@@ -424,11 +433,12 @@ class FileSink(ResumableSink):
 
     def clean_incomplete(self) -> list[Any]:
         """Remove this run's own saves that never finished: its staging directories and its
-        incomplete multipart uploads (S3), as a killed process leaves them. Call it once, on
+        incomplete multipart uploads (on object stores whose store lists them, S3's), as a killed
+        process leaves them. Call it once, on
         rank 0, after the resume point is found and before the first save: no save of this run
         can be in flight then. Never touches another run's leftovers, a committed checkpoint or
         a directory WMTP did not write. Returns what was removed
-        (:class:`~wmtp_core.commit.Incomplete`; ``describe()`` says what each was)."""
+        (:class:`~wmtp_core.leftovers.Incomplete`; ``describe()`` says what each was)."""
         return self.checkpoints.clean_incomplete(self.run)
 
 

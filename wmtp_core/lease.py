@@ -13,19 +13,18 @@ whose process no longer runs is taken over at once (a crashed or killed run is r
 waiting). Hosts compare heartbeats by their clocks: keep them in sync (NTP) to well within the
 timeout.
 
-Taking a lease is atomic: on S3 a conditional write (``If-None-Match: *`` to create one,
-``If-Match`` on the ETag to renew or take over a stale one); on local disk every change happens
-under an exclusive ``flock`` on the run directory. A holder whose lease was taken over learns it at its next heartbeat
-and stops at its next save with :class:`LeaseLostError`; it never overwrites the new holder.
+Taking a lease is atomic: it goes through the store's conditional writes
+(:mod:`wmtp_core.conditional`: create where there is none, replace only the version read before).
+On local disk every change happens under an exclusive ``flock`` on the run directory; on S3 the
+``s3`` plugin's store writes conditionally (``If-None-Match: *`` to create one, ``If-Match`` on
+the ETag to renew or take over a stale one). A holder whose lease was taken over learns it at its
+next heartbeat and stops at its next save with :class:`LeaseLostError`; it never overwrites the
+new holder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -34,10 +33,9 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import attrs
-from fsspec.implementations.local import LocalFileSystem
 
 from wmtp_core.errors import CheckpointError
 
@@ -139,11 +137,8 @@ class Lease:
                          started_at=dt.datetime.now(dt.timezone.utc).isoformat(), heartbeat=time.time(),
                          token=uuid.uuid4().hex, proc_start=_proc_start(os.getpid()))
         self._lost: str | None = None
-        self._made_dirs: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._local = isinstance(self.fs, LocalFileSystem)
-        self._s3 = callable(getattr(self.fs, "call_s3", None))
 
     # -- taking and giving back ----------------------------------------------------------
     def acquire(self) -> Holder | None:
@@ -245,114 +240,37 @@ class Lease:
         current, _ = self._read()
         return current is not None and current.token == self.me.token and current.heartbeat == self.me.heartbeat
 
-    # -- atomic operations per filesystem -------------------------------------------------
+    # -- atomic operations: the store's conditional writes ------------------------------
     def _read(self) -> tuple[Holder | None, str | None]:
         """The current holder (None if unreadable) and a version tag (None if there is no lease):
-        the ETag on S3, a digest of the content elsewhere."""
-        try:
-            if self._s3:  # the version first: a content newer than it makes a later If-Match fail
-                bucket, key, _ = self.fs.split_path(self.path)
-                tag = self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
-            self.fs.invalidate_cache(self.path)
-            raw = self.fs.cat_file(self.path)
-        except FileNotFoundError:
+        the store's (:meth:`~wmtp_core.conditional.ConditionalWrites.read_tagged`)."""
+        got = self.store.read_tagged(self.path)
+        if got is None:
             return None, None
-        if not self._s3:
-            tag = hashlib.sha256(raw).hexdigest()
+        raw, tag = got
         return Holder.parse(raw), tag
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Local disk: every change of the lease happens under an exclusive ``flock`` on the run
-        directory, so a read, a check and a write are one step (and no lock file is left)."""
-        run_dir = self.store.run_dir(self.run)
-        if not os.path.isdir(run_dir):
-            missing, d = [], run_dir
-            while d and not os.path.isdir(d):
-                missing.append(d)
-                d = os.path.dirname(d)
-            os.makedirs(run_dir, exist_ok=True)
-            self._made_dirs = missing  # deepest first
-        fd = os.open(run_dir, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _write_local(self, data: bytes) -> None:
-        tmp = f"{self.path}.{self.me.token}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def _create(self) -> bool:
         """Write this process's lease where there is none; False if there is one."""
         self.me = attrs.evolve(self.me, heartbeat=time.time())
-        data = self.me.to_bytes()
-        if self._local:
-            with self._locked():
-                if os.path.exists(self.path):
-                    return False
-                self._write_local(data)
-                return True
-        if self._s3:
-            bucket, key, _ = self.fs.split_path(self.path)
-            try:
-                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            except FileExistsError:
-                return False
-            return True
-        if self.fs.exists(self.path):  # other filesystems: best effort
-            return False
-        self.fs.pipe_file(self.path, data)
-        return True
+        return self.store.put_if_absent(self.path, self.me.to_bytes())
 
     def _replace(self, tag: str | None) -> bool:
         """Write this process's lease over the version ``tag`` read just before; False if it
         changed meanwhile."""
-        data = self.me.to_bytes()
-        if self._s3:
-            bucket, key, _ = self.fs.split_path(self.path)
-            try:
-                self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
-            except (FileNotFoundError, OSError) as e:
-                if isinstance(e, FileNotFoundError) or "Precondition" in str(e) or \
-                        getattr(e, "errno", None) == errno.EINVAL:
-                    return False
-                raise
-            return True
-        if self._local:
-            with self._locked():
-                if self._read()[1] != tag:
-                    return False
-                self._write_local(data)
-                return True
-        self.fs.pipe_file(self.path, data)
-        return True
+        return self.store.put_if_unchanged(self.path, self.me.to_bytes(), tag)
 
     def _take_over(self, tag: str | None) -> bool:
         """Replace a stale lease (version ``tag``); False when another process got there first."""
         return self._replace(tag)
 
     def _remove(self) -> None:
-        """Remove the lease if it is still this process's."""
-        if self._local:
-            with self._locked():
-                current, _ = self._read()
-                if current is not None and current.token == self.me.token:
-                    os.unlink(self.path)
-            for d in self._made_dirs:  # a run that stopped before its first save leaves no trace
-                try:
-                    os.rmdir(d)
-                except OSError:  # not empty: it holds checkpoints (or anything else)
-                    break
-            return
-        current, _ = self._read()
-        if current is not None and current.token == self.me.token:
-            self.fs.rm_file(self.path)
+        """Remove the lease if it is still this process's (with the directories made for it, when
+        they hold nothing else: a run that stopped before its first save leaves no trace)."""
+        current, tag = self._read()
+        if current is None or current.token == self.me.token:
+            self.store.remove_if_unchanged(self.path, tag)
+
 
 def live_writer(store: Any, run: str, timeout: float = TIMEOUT_S) -> str | None:
     """Who is writing ``run`` now (its lease is live), described in words; None if nobody is."""

@@ -1,4 +1,4 @@
-"""The manifest: the commit record of a checkpoint, its strict schema, and the file hashes it uses.
+"""The manifest: the commit record of a checkpoint and its strict schema (its hashes: :mod:`wmtp_core.hashing`).
 
 A manifest is untrusted input until it passes: every field is validated when one is built, and
 :meth:`Manifest.from_json` is strict (exact keys, exact types). Two formats are read:
@@ -12,8 +12,6 @@ A manifest is untrusted input until it passes: every field is validated when one
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import os
 import posixpath
 import re
 from typing import Any, Mapping
@@ -21,16 +19,13 @@ from typing import Any, Mapping
 import attrs
 
 from wmtp_core.errors import ManifestError
+from wmtp_core.hashing import HASH, HASHES
 from wmtp_core.roles import Role
 from wmtp_core.validators import frozen_copy, is_int
 
 FORMAT_VERSION = 2
 """Version of the manifest format written now. Bumped on any incompatible change."""
 READABLE = (1, 2)
-HASH = "blake3"
-"""The hash new manifests use: BLAKE3, several times faster than SHA-256 on one core, so hashing
-a checkpoint never costs more than writing it."""
-HASHES = ("sha256", "blake3")
 MANIFEST_KEYS = {1: frozenset({"format_version", "run", "step", "role", "lineage", "created_at", "files", "meta"}),
                  2: frozenset({"format_version", "hash", "run", "step", "role", "lineage", "created_at",
                                "files", "meta"})}
@@ -41,57 +36,6 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")
 can never climb out of its base path or hide from listings."""
 _LINEAGE = re.compile(r"[A-Za-z0-9_.=+-]{1,128}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-_forked = False
-"""True in a process forked from one that may have started BLAKE3's thread pool."""
-
-
-def _mark_forked() -> None:
-    global _forked
-    _forked = True
-
-
-os.register_at_fork(after_in_child=_mark_forked)
-PARALLEL_BYTES = 16 << 20
-"""Files at least this large are hashed by BLAKE3 on every core (its own thread pool)."""
-
-
-def new_hasher(algorithm: str, size: int = 0) -> Any:
-    """A streaming hasher with ``update`` and ``hexdigest``. BLAKE3 runs on the calling thread
-    (7 GB/s on one core here), or on every core for a file of ``PARALLEL_BYTES`` or more: the
-    hash of the last file of a save is the one no write can hide. Its thread pool does not
-    survive a fork, so a forked child always hashes on its own thread."""
-    if algorithm == "blake3":
-        import blake3
-
-        if size >= PARALLEL_BYTES and not _forked:
-            return blake3.blake3(max_threads=blake3.blake3.AUTO)
-        return blake3.blake3()
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    raise ManifestError(f"hash {algorithm!r} is not known (accepted: {', '.join(HASHES)})")
-
-
-def digest_file(path: str, algorithm: str) -> tuple[str, int]:
-    """Digest and size of a local file, hashed straight from the page cache (memory-mapped)."""
-    import mmap
-
-    if algorithm == "blake3":
-        size = os.path.getsize(path)
-        return new_hasher("blake3", size).update_mmap(path).hexdigest() if size else new_hasher("blake3").hexdigest(), size
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return hashlib.sha256(b"").hexdigest(), 0
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return hashlib.sha256(m).hexdigest(), size
-
-
-def digest_bytes(data: bytes, algorithm: str) -> str:
-    h = new_hasher(algorithm)
-    h.update(data)
-    return h.hexdigest()
 
 
 def _count(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

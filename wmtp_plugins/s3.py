@@ -12,16 +12,28 @@ Faults are retried by the clients, never by WMTP: botocore retries each request
 (:data:`S3FS_ATTEMPTS`). Options given in ``storage.<role>.options.config_kwargs`` win over
 these defaults. An option s3fs does not take is refused before the run starts
 (:func:`check`).
+
+What S3 does its own way is :class:`S3CheckpointStore`, the store registered for ``s3://``
+(``SinkSpec.store``): incomplete multipart uploads listed and aborted, and the run's lease
+written with conditional requests. The core finds it for any s3:// URL (``wmtp gc``, ``wmtp
+checkpoints``, a tiered sink's durable tier) through ``wmtp_core.commit.store_class``.
 """
 
+import datetime as dt
 import difflib
+import errno
 import inspect
 import os
+import posixpath
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
-from wmtp_core import BindingError, FileSink, Role, SinkSpec, hookimpl, redact
+from wmtp_core import BindingError, CheckpointStore, FileSink, Role, SinkSpec, hookimpl, redact
+from wmtp_core.commit import FINAL_NAME, MANIFEST, STAGING_MARKER, CheckpointState, Incomplete, check_run_name
+from wmtp_core.manifest import RUN_NAME
+from wmtp_core.naming import STEP_DIR
 
 BLOCK_SIZE = 256 << 20
 PROTOCOLS = ("s3", "s3a")
@@ -133,10 +145,128 @@ def check(binding) -> None:
     check_options(binding.options, _where(binding))
 
 
+class S3CheckpointStore(CheckpointStore):
+    """The commit protocol on S3: :class:`~wmtp_core.CheckpointStore` with the S3 calls its
+    hooks need: incomplete multipart uploads listed and aborted, and the lease written with
+    conditional requests (``If-None-Match: *`` to create, ``If-Match`` on the ETag to replace).
+    Every call goes through s3fs's ``call_s3``, so botocore retries it as the store's options say
+    (:data:`RETRIES`, :data:`TIMEOUTS` for the ``s3`` sink) and s3fs translates its errors."""
+
+    client_retries = "the S3 client's retries"
+
+    @classmethod
+    def with_defaults(cls, options, *, retries):
+        """``options`` with the multipart block size (:data:`BLOCK_SIZE`) and botocore's
+        ``retries`` under them, unless given."""
+        options = dict(options)
+        options.setdefault("default_block_size", BLOCK_SIZE)
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", dict(retries))
+        options["config_kwargs"] = config
+        return options
+
+    # -- incomplete uploads --------------------------------------------------------------
+    def incomplete_uploads(self, run: str | None = None) -> list[Incomplete]:
+        """The multipart uploads S3 lists under ``<root>/<run>/`` (every run's: under ``<root>/``)
+        that were never completed nor aborted (see
+        :meth:`wmtp_core.leftovers.Leftovers.incomplete_uploads`), each with the bytes of its
+        parts."""
+        bucket, root_key, _ = self.fs.split_path(self.root)
+        root_key = f"{root_key.strip('/')}/" if root_key.strip("/") else ""
+        prefix = root_key + (f"{check_run_name(run)}/" if run is not None else "")
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        out, foreign = [], {}
+        while True:
+            page = self.fs.call_s3("list_multipart_uploads", **kwargs)
+            for upload in page.get("Uploads") or []:
+                key = upload.get("Key", "")
+                if not key.startswith(prefix):  # another run's: never ours
+                    continue
+                problem = self._not_ours(key[len(root_key):].split("/"), foreign)
+                started = upload.get("Initiated")
+                path = f"{bucket}/{key}"
+                out.append(Incomplete(kind="upload", uri=self.uri(path), path=path,
+                                      bytes=self._uploaded(bucket, key, upload["UploadId"]),
+                                      started=started.timestamp() if isinstance(started, dt.datetime) else None,
+                                      upload_id=upload["UploadId"], ours=not problem, problem=problem))
+            if not page.get("IsTruncated"):
+                return out
+            kwargs.update(KeyMarker=page.get("NextKeyMarker", ""),
+                          UploadIdMarker=page.get("NextUploadIdMarker", ""))
+
+    def _not_ours(self, parts: list[str], foreign: dict[str, bool]) -> str:
+        """Why an upload to ``<run>/<dir>/<file>`` (``parts``) is not WMTP's; empty when it is.
+        ``foreign``: directories already looked at, and whether WMTP did not write them."""
+        if len(parts) < 3 or not RUN_NAME.fullmatch(parts[0]) or ".." in parts[0] or \
+                not (STEP_DIR.fullmatch(parts[1]) or parts[1] == FINAL_NAME):
+            return "not a file of a run's step_N or final directory"
+        directory = posixpath.join(self.root, parts[0], parts[1])
+        if directory not in foreign:
+            self.fs.invalidate_cache(directory)
+            foreign[directory] = self.fs.isdir(directory) and \
+                self.inspect_dir(directory).state is CheckpointState.FOREIGN
+        if foreign[directory]:
+            return f"{self.uri(directory)} has no {MANIFEST} and no {STAGING_MARKER}: WMTP did not write it"
+        return ""
+
+    def _uploaded(self, bucket: str, key: str, upload_id: str) -> int | None:
+        """Bytes of the parts an incomplete upload holds (its first 1000 parts)."""
+        try:
+            page = self.fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=upload_id)
+        except (FileNotFoundError, OSError):
+            return None
+        return sum(int(p.get("Size") or 0) for p in page.get("Parts") or [])
+
+    def abort_upload(self, upload: Incomplete) -> None:
+        """Abort one incomplete upload: its parts are deleted. One that completed or was aborted
+        meanwhile is left as it is."""
+        bucket, key = upload.path.split("/", 1)
+        try:
+            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
+        except FileNotFoundError:  # NoSuchUpload: completed or aborted since it was listed
+            pass
+
+    # -- conditional writes (the run's lease) --------------------------------------------
+    def read_tagged(self, path: str) -> tuple[bytes, str] | None:
+        """The object and its ETag, the ETag read first: a content newer than it makes a later
+        ``If-Match`` fail."""
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            tag = self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
+            self.fs.invalidate_cache(path)
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        return raw, tag
+
+    def put_if_absent(self, path: str, data: bytes) -> bool:
+        """A PUT with ``If-None-Match: *``."""
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except FileExistsError:
+            return False
+        return True
+
+    def put_if_unchanged(self, path: str, data: bytes, tag: str | None) -> bool:
+        """A PUT with ``If-Match`` on the ETag ``tag``."""
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+        except (FileNotFoundError, OSError) as e:
+            if isinstance(e, FileNotFoundError) or "Precondition" in str(e) or \
+                    getattr(e, "errno", None) == errno.EINVAL:
+                return False
+            raise
+        return True
+
+
 class S3Sink(FileSink):
     """Objects in an S3-compatible store; large files in multipart uploads of ``BLOCK_SIZE``;
     faults retried by botocore and s3fs as :data:`RETRIES`, :data:`TIMEOUTS` and
     :data:`S3FS_ATTEMPTS` say."""
+
+    store_class = S3CheckpointStore
 
     def __init__(self, context):
         super().__init__(attrs.evolve(context, options=storage_options(context.options)))
@@ -151,6 +281,7 @@ def wmtp_register_sinks(register):
         roles={Role.RESUME, Role.FINAL},
         factory=S3Sink,
         protocols=PROTOCOLS,
+        store=S3CheckpointStore,
         description="objects in any S3-compatible store via s3fs (resume, or final without a "
                     "registry; multipart for large files)",
         check=check,

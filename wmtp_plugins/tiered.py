@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
 import posixpath
 import re
 import threading
@@ -45,9 +44,8 @@ from wmtp_core import (
     SinkSpec,
     hookimpl,
 )
-from wmtp_core.commit import CHUNK, CheckpointState, step_dirname
-from wmtp_core.manifest import new_hasher
-from wmtp_plugins import s3
+from wmtp_core.commit import CheckpointState, step_dirname, store_class, verified_copy
+from wmtp_core.hashing import fsync
 
 FAST_KEEP_LAST = 1
 """Committed checkpoints kept on the fast tier when ``fast_keep_last`` is not set."""
@@ -100,51 +98,10 @@ def check(binding) -> None:
 
 
 def durable_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Storage options of the durable tier: for S3, the ``s3`` sink's multipart block size and
-    botocore's retries (:data:`RETRIES`) unless given."""
-    options = dict(options)
-    if (split_protocol(url)[0] or "file") in s3.PROTOCOLS:
-        options.setdefault("default_block_size", s3.BLOCK_SIZE)
-        config = dict(options.get("config_kwargs") or {})
-        config.setdefault("retries", dict(RETRIES))
-        options["config_kwargs"] = config
-    return options
-
-
-class verified_copy:
-    """One file of a committed fast checkpoint, streamed into a durable-tier file and hashed as
-    it passes: a file that does not match its manifest entry stops the copy before the durable
-    manifest exists."""
-
-    def __init__(self, fs: Any, path: str, entry: Any, uri: str) -> None:
-        self.fs, self.path, self.entry, self.uri = fs, path, entry, uri
-
-    def __call__(self, stream: Any) -> None:
-        sha = new_hasher(self.entry.algorithm, self.entry.size)
-        size = 0
-        try:
-            source = self.fs.open(self.path, "rb")
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.uri} is missing; not copied to the durable tier") from None
-        with source:
-            while chunk := source.read(CHUNK):
-                sha.update(chunk)
-                stream.write(chunk)
-                size += len(chunk)
-        digest = sha.hexdigest()
-        if size != self.entry.size or digest != self.entry.digest:
-            raise CheckpointError(f"{self.uri} does not match its manifest (size {size} vs {self.entry.size}, "
-                                  f"{self.entry.algorithm} {digest[:12]}… vs {self.entry.digest[:12]}…); "
-                                  "not copied to the durable tier")
-
-
-def _fsync(f: Any) -> None:
-    """A durable tier on local disk: the file reaches the disk before the manifest is written."""
-    try:
-        f.flush()
-        os.fsync(f.fileno())
-    except (OSError, AttributeError, ValueError, TypeError):
-        pass  # object stores commit on close
+    """Storage options of the durable tier: what the store of its protocol needs under them
+    (``with_defaults``; for S3: the ``s3`` sink's multipart block size and botocore's retries,
+    :data:`RETRIES`) unless given."""
+    return store_class(split_protocol(url)[0] or "file").with_defaults(options, retries=RETRIES)
 
 
 class TieredSink(ResumableSink):
@@ -386,7 +343,9 @@ class TieredSink(ResumableSink):
         name = step_dirname(step)
         src = fast.path_of(self.run, name)
         manifest = fast.read_manifest(src)  # validated: names exactly the files beside it
-        copies = {e.path: verified_copy(fast.fs, posixpath.join(src, e.path), e, fast.uri(posixpath.join(src, e.path)))
+        # each file hashed as it streams to the durable tier: one that does not match stops the copy
+        copies = {e.path: verified_copy(fast.fs, posixpath.join(src, e.path), e, fast.uri(posixpath.join(src, e.path)),
+                                        note="; not copied to the durable tier")
                   for e in manifest.files}
         common = dict(step=manifest.step, role=manifest.role, lineage=manifest.lineage, meta=dict(manifest.meta))
         if all(not n.startswith(".") and "/" not in n for n in copies):
@@ -397,7 +356,7 @@ class TieredSink(ResumableSink):
         for n, copy in copies.items():
             with durable.fs.open(posixpath.join(path, n), "wb") as f:
                 copy(f)
-                _fsync(f)
+                fsync(f)
         committed = durable.commit_existing(self.run, name, expected={e.path: e.size for e in manifest.files},
                                             **common)
         if {(e.path, e.digest) for e in committed.files} != {(e.path, e.digest) for e in manifest.files}:

@@ -19,6 +19,8 @@ from wmtp_core.commit import (
     CheckpointStore,
     Inspected,
     check_run_name,
+    protocol_of,
+    store_class,
 )
 from wmtp_core.errors import ConfigError, UsageError
 
@@ -50,16 +52,17 @@ def locate(uri: str, options: dict[str, Any]) -> Located:
         what = "is a file, not a directory" if fs.exists(path) else "does not exist"
         raise UsageError(f"{uri} {what}")
     name = posixpath.basename(path)
+    store = store_class(protocol_of(fs))  # the protocol's own (for s3://: one that sees incomplete uploads)
     if fs.exists(posixpath.join(path, MANIFEST)) or (
             _CHECKPOINT_DIR.match(name) and not _holds_checkpoints(fs, path)):
         run_dir = posixpath.dirname(path)
-        return Located(CheckpointStore(fs, posixpath.dirname(run_dir)), "checkpoint",
+        return Located(store(fs, posixpath.dirname(run_dir)), "checkpoint",
                        [posixpath.basename(run_dir)], path)
     if _holds_checkpoints(fs, path):
-        return Located(CheckpointStore(fs, posixpath.dirname(path)), "run", [name])
+        return Located(store(fs, posixpath.dirname(path)), "run", [name])
     runs = sorted(posixpath.basename(d) for d in _subdirs(fs, path)
                   if _valid_run(posixpath.basename(d)) and _holds_checkpoints(fs, d))
-    return Located(CheckpointStore(fs, path), "base", runs)
+    return Located(store(fs, path), "base", runs)
 
 
 def _subdirs(fs, path: str) -> list[str]:
