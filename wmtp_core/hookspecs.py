@@ -33,7 +33,7 @@ def wmtp_register_sinks(register: Callable[[SinkSpec], None]) -> None:
     Call ``register(SinkSpec(...))`` once per sink. The spec names the sink, the roles it can
     serve and a factory that builds it for a run. Names must be unique across all plugins.
 
-    :param register: callback that validates and records one :class:`~wmtp_core.roles.SinkSpec`.
+    :param register: callback that validates and records one :class:`~wmtp_core.catalog.SinkSpec`.
     """
 
 
@@ -43,7 +43,7 @@ def wmtp_register_policies(register: Callable[[PolicySpec], None]) -> None:
 
     Call ``register(PolicySpec(...))`` once per policy. At most one policy may be bound to a role.
 
-    :param register: callback that validates and records one :class:`~wmtp_core.roles.PolicySpec`.
+    :param register: callback that validates and records one :class:`~wmtp_core.catalog.PolicySpec`.
     """
 
 
