@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import attrs
 import fsspec
 import pytest
 import torch
@@ -252,7 +253,7 @@ def test_the_check_names_a_missing_tier(missing):
     options = {"fast": "file:///tmp/fast", "durable": "s3://b/ck"}
     del options[missing]
     binding = SinkBinding(role=Role.RESUME, sink="tiered", options=options, origin="c.yaml: storage.resume.sink")
-    with pytest.raises(BindingError, match=f"c.yaml: storage.resume.{missing}: sink 'tiered' needs a {missing} tier"):
+    with pytest.raises(BindingError, match=f"c.yaml: storage.resume.options.{missing}: sink 'tiered' needs a {missing} tier"):
         tiered.check(binding)
 
 
@@ -268,24 +269,48 @@ def test_a_dry_run_refuses_tiered_without_durable_naming_the_key(tmp_path, capsy
     from wmtp_core.run import main
 
     write(tmp_path / "c.yaml", {"mlflow": None, "paths": {"checkpoints": {"save_final": False}},
-                                "storage": {"resume": {"sink": "tiered", "fast": f"file://{tmp_path}/fast"}}})
+                                "storage": {"resume": {"sink": "tiered", "options": {"fast": f"file://{tmp_path}/fast"}}}})
     write(tmp_path / "r.yaml", recipe(2))
     code = main(["--config", str(tmp_path / "c.yaml"), "--recipe", str(tmp_path / "r.yaml"), "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "storage.resume.durable: sink 'tiered' needs a durable tier" in err and "Traceback" not in err
+    assert "storage.resume.options.durable: sink 'tiered' needs a durable tier" in err and "Traceback" not in err
     assert not (tmp_path / "fast").exists()
 
 
-def test_the_tier_keys_reach_the_sink_through_its_binding(tmp_path):
-    from wmtp_core.config.routing import sink_options
+def test_the_tier_keys_reach_the_sink_through_its_options_and_the_old_keys_still_load(tmp_path, capsys):
+    """The core schema knows no tier key: they are the tiered sink's options. A config that sets
+    them where they used to go (storage.resume.fast) still loads, with a one-line notice."""
+    from wmtp_core.config import load_settings
+    from wmtp_core.config.routing import bindings_for
     from wmtp_core.config.schema import RoleStorage
+    from wmtp_core.plugins import build_catalog, make_plugin_manager
+    from wmtp_core.run import main
 
-    cfg = RoleStorage(sink="tiered", fast="file:///f", durable="s3://b/d", fast_keep_last=3,
-                      options={"endpoint_url": "http://x"})
-    assert sink_options(cfg) == {"endpoint_url": "http://x", "fast": "file:///f", "durable": "s3://b/d",
-                                 "fast_keep_last": 3}
-    assert sink_options(RoleStorage(sink="local", options={"a": 1})) == {"a": 1}
+    assert not {"fast", "durable", "fast_keep_last"} & {f.name for f in attrs.fields(RoleStorage)}
+    old = {"sink": "tiered", "fast": "file:///f", "durable": "s3://b/d", "fast_keep_last": 3,
+           "options": {"endpoint_url": "http://x"}}
+    new = {"sink": "tiered", "options": {"endpoint_url": "http://x", "fast": "file:///f", "durable": "s3://b/d",
+                                         "fast_keep_last": 3}}
+    catalog = build_catalog(make_plugin_manager())
+    found = {}
+    for name, section in (("old", old), ("new", new)):
+        write(tmp_path / f"{name}.yaml", {"mlflow": None, "storage": {"resume": section}})
+        settings = load_settings(str(tmp_path / f"{name}.yaml"))
+        found[name] = (dict(bindings_for(settings, catalog).sink_for(Role.RESUME).options), settings.deprecated)
+    assert found["old"][0] == found["new"][0] == new["options"]
+    assert found["new"][1] == ()
+    assert [n.split(": ", 1)[1] for n in found["old"][1]] == [
+        f"storage.resume.{k} is deprecated; write it as storage.resume.options.{k} (read from there now)"
+        for k in ("fast", "durable", "fast_keep_last")]
+    write(tmp_path / "both.yaml", {"storage": {"resume": {"sink": "tiered", "fast": "file:///a",
+                                                          "options": {"fast": "file:///b"}}}})
+    write(tmp_path / "r.yaml", recipe(2))
+    assert main(["--config", str(tmp_path / "both.yaml"), "--recipe", str(tmp_path / "r.yaml"), "--dry-run"]) == 2
+    assert "storage.resume.fast and storage.resume.options.fast are both set" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "old.yaml"), "--recipe", str(tmp_path / "r.yaml"), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("deprecated: ") == 3 and "storage.resume.options.durable" in err
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -314,14 +339,14 @@ sys.exit(main(sys.argv[4:], plugins=(Killer(),)))
 RECIPE = recipe(8, optim={"lr": 0.003, "scheduler": "constant", "warmup_ratio": 0.0})
 
 
-def run_config(tmp_path: Path, bucket: str, **resume) -> dict:
+def run_config(tmp_path: Path, bucket: str, **options) -> dict:
     return {
         "seed": 5,
         "log_interval": 2,
         "mlflow": None,
         "paths": {"checkpoints": {"save_interval": 2, "keep_last": 2, "save_final": False}},
-        "storage": {"resume": {"sink": "tiered", "fast": f"file://{tmp_path}/fast",
-                               "durable": f"s3://{bucket}/runs", "fast_keep_last": 1, **resume}},
+        "storage": {"resume": {"sink": "tiered", "options": {"fast": f"file://{tmp_path}/fast",
+                               "durable": f"s3://{bucket}/runs", "fast_keep_last": 1, **options}}},
     }
 
 
@@ -409,8 +434,8 @@ def test_a_durable_copy_that_cannot_be_made_fails_the_run_and_keeps_the_fast_tie
             if event.step == 3 and "loss" in event.metrics:
                 server.stop()
 
-    config = run_config(tmp_path, name, options={
-        "endpoint_url": endpoint, "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}})
+    config = run_config(tmp_path, name, endpoint_url=endpoint,
+                        config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}})
     config["paths"]["checkpoints"]["async"] = True  # the fast commit itself in the background too
     write(tmp_path / "c.yaml", config)
     write(tmp_path / "r.yaml", recipe(6, optim={"scheduler": "constant"}))

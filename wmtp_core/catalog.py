@@ -48,6 +48,9 @@ class SinkSpec:
     """fsspec protocols this sink serves when ``base_path`` picks the resume sink implicitly."""
     description: str = ""
     """One line shown by ``--dry-run`` and ``wmtp plugins``."""
+    registry: bool = False
+    """A model registry: with an ``mlflow`` section and no ``storage.final``, the final model
+    goes to the sink that declares itself one."""
     check: Callable[..., None] | None = attrs.field(default=None, hash=False, eq=False)
     """Optional: called with a :class:`~wmtp_core.bindings.SinkBinding` before anything is built
     (also under ``--dry-run``); raises :class:`~wmtp_core.errors.BindingError` for a binding the
@@ -95,8 +98,10 @@ class Catalog:
             raise BindingError(f"two plugins register a policy named {spec.name!r}; names must be unique")
         self._policies[spec.name] = spec
 
-    def sink_for_protocol(self, protocol: str) -> SinkSpec | None:
-        return next((s for s in self._sinks.values() if protocol in s.protocols), None)
+    def sink_for_protocol(self, protocol: str, role: Role | None = None) -> SinkSpec | None:
+        """The sink that declares ``protocol`` (and serves ``role``, when given)."""
+        return next((s for s in self._sinks.values()
+                     if protocol in s.protocols and (role is None or role in s.roles)), None)
 
     def store_for_protocol(self, protocol: str) -> type | None:
         """The store class a sink serving ``protocol`` registered (``SinkSpec.store``), if any."""

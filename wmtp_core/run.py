@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
         pm.check_pending()
         plan = preflight(pm, config=args.config, recipe=args.recipe, run_name=args.run_name,
                          tags=args.tags, resume=args.resume)
+        for note in plan.settings.deprecated:
+            err.print(Text.assemble(("deprecated: ", "yellow"), note), highlight=False)
         if args.verbose:
             for key in plan.settings.unused:
                 err.print(Text.assemble(("unused: ", "yellow"),

@@ -288,6 +288,7 @@ def wmtp_register_sinks(register):
         roles={Role.FINAL},
         factory=MlflowRegistrySink,
         description="final weights as a registered MLflow model version (wmtp_{algo})",
+        registry=True,
     ))
 
 

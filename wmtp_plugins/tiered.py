@@ -67,21 +67,21 @@ def tiers(options: Any, where: str = "storage.resume") -> tuple[str, str, int]:
     for key, example in (("fast", "file:///local/disk/checkpoints"), ("durable", "s3://bucket/checkpoints")):
         url = options.get(key)
         if not url or not isinstance(url, str):
-            raise BindingError(f"{where}.{key}: sink 'tiered' needs a {key} tier; set {where}.{key} to "
+            raise BindingError(f"{where}.options.{key}: sink 'tiered' needs a {key} tier; set {where}.options.{key} to "
                                f"a URL (e.g. {example!r}), got {url!r}")
         protocol = split_protocol(url)[0] or "file"
         if protocol not in fsspec.available_protocols():
-            raise BindingError(f"{where}.{key}: {url!r} uses protocol {protocol!r}, which fsspec does "
+            raise BindingError(f"{where}.options.{key}: {url!r} uses protocol {protocol!r}, which fsspec does "
                                "not know; use a local path or an s3:// URL")
         urls.append(url)
     if urls[0].rstrip("/") == urls[1].rstrip("/"):
-        raise BindingError(f"{where}.durable: {urls[1]!r} is the fast tier too; the durable tier is "
+        raise BindingError(f"{where}.options.durable: {urls[1]!r} is the fast tier too; the durable tier is "
                            "another place (for example s3://)")
     keep = options.get("fast_keep_last")
     if keep is None:
         keep = FAST_KEEP_LAST
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise BindingError(f"{where}.fast_keep_last: {keep!r} is not accepted; an integer >= 1")
+        raise BindingError(f"{where}.options.fast_keep_last: {keep!r} is not accepted; an integer >= 1")
     return urls[0], urls[1], keep
 
 

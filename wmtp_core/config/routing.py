@@ -44,17 +44,6 @@ def required_roles(settings: Settings) -> frozenset[Role]:
     return frozenset(roles)
 
 
-TIER_KEYS = ("fast", "durable", "fast_keep_last")
-"""``storage.<role>`` keys of the ``tiered`` sink, handed to the sink with its options."""
-
-
-def sink_options(role_cfg) -> dict:
-    """``storage.<role>.options``, plus the tier keys that are set (the ``tiered`` sink reads
-    ``fast``, ``durable`` and ``fast_keep_last`` there)."""
-    tiers = {k: getattr(role_cfg, k) for k in TIER_KEYS if getattr(role_cfg, k, None) is not None}
-    return {**role_cfg.options, **tiers}
-
-
 def bindings_for(settings: Settings, catalog: Catalog) -> Bindings:
     """The run's bindings. Explicit ``storage.<role>`` wins; otherwise resume follows the base
     path's protocol and final goes to the MLflow registry when ``mlflow`` is configured."""
@@ -66,7 +55,7 @@ def bindings_for(settings: Settings, catalog: Catalog) -> Bindings:
     for role in (Role.RESUME, Role.FINAL):
         explicit = getattr(st, role.value, None) if st is not None else None
         if explicit is not None:
-            sinks.append(SinkBinding(role=role, sink=explicit.sink, options=sink_options(explicit),
+            sinks.append(SinkBinding(role=role, sink=explicit.sink, options=dict(explicit.options),
                                      origin=f"{src}: storage.{role.value}.sink",
                                      base_path=base_path_for(role, settings)))
         elif role in roles:
@@ -102,10 +91,18 @@ def _implied(role: Role, settings: Settings, catalog: Catalog) -> SinkBinding:
         return SinkBinding(role=role, sink=spec.name, origin=f"{src}: paths.checkpoints.base_path",
                            base_path=base)
     base = base_path_for(role, settings)
-    if settings.config.mlflow is not None:
-        return SinkBinding(role=role, sink="mlflow_registry", origin=f"{src}: mlflow (save_final: true)",
-                           base_path=base)
-    spec = catalog.sink_for_protocol(protocol_of(resume_base(settings)))
-    name = spec.name if spec is not None and Role.FINAL in spec.roles else "local"
-    return SinkBinding(role=role, sink=name, origin=f"{src}: paths.checkpoints.save_final (no mlflow)",
-                       base_path=base)
+    if settings.config.mlflow is not None:  # a model registry: the sink that declares itself one
+        spec = next((s for s in catalog.sinks.values() if s.registry and Role.FINAL in s.roles), None)
+        if spec is None:
+            raise BindingError(f"{src}: mlflow: the final model goes to a model registry, but no installed "
+                               f"sink is one; installed sinks: {catalog.describe_sinks()}. Set "
+                               "storage.final.sink, or remove the mlflow section")
+        return SinkBinding(role=role, sink=spec.name, origin=f"{src}: mlflow (save_final: true)", base_path=base)
+    # no registry: files beside the resume state, else on local disk
+    for protocol in (protocol_of(resume_base(settings)), "file"):
+        spec = catalog.sink_for_protocol(protocol, Role.FINAL)
+        if spec is not None:
+            return SinkBinding(role=role, sink=spec.name, origin=f"{src}: paths.checkpoints.save_final (no mlflow)",
+                               base_path=base)
+    raise BindingError(f"{src}: paths.checkpoints.save_final: no installed sink stores a final model as files; "
+                       f"installed sinks: {catalog.describe_sinks()}. Set storage.final.sink")

@@ -211,13 +211,6 @@ class RoleStorage:
     """For file-like sinks: overrides ``paths.checkpoints.base_path``."""
     options: dict[str, Any] = attrs.field(factory=dict)
     """Passed to the sink (fsspec storage options for file-like sinks)."""
-    fast: str | None = None
-    """For the ``tiered`` resume sink: the fast tier's URL (local disk)."""
-    durable: str | None = None
-    """For the ``tiered`` resume sink: the durable tier's URL (``s3://...``)."""
-    fast_keep_last: int | None = attrs.field(default=None, validator=check(
-        lambda v: v is None or (_int(v) and v >= 1), "accepted: an integer >= 1, or null"))
-    """For the ``tiered`` resume sink: committed checkpoints kept on the fast tier."""
     from_: str = attrs.field(default="last", validator=one_of("last", "best"), metadata={"key": "from"})
     """For the final role: store the last step's weights, or (``best``) those of the best
     checkpoint ``paths.checkpoints.keep_best`` ranks first."""
