@@ -20,7 +20,7 @@ from builders import recipe, write
 
 from wmtp_core import hookimpl
 from wmtp_core.commit import CheckpointStore
-from wmtp_core.filesink import stored_bytes
+from wmtp_core.tensors import tensor_bytes
 from wmtp_core.run import main
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ class Filler:
             return
         committed = self.disk / "ck" / "r" / f"step_{self.after}"
         parts = {p.stem: torch.load(p, weights_only=True) for p in committed.glob("*.pt")}
-        self.needed = stored_bytes(parts)
+        self.needed = tensor_bytes(parts, storages=True)
         free = shutil.disk_usage(self.disk).free
         with open(self.disk / "filler", "wb") as f:
             f.truncate(0)
@@ -139,6 +139,6 @@ def test_what_a_save_needs_counts_each_storage_once_and_whole():
     """The free-space check never refuses a save that fits: tied weights count once; a view
     counts as the whole storage torch.save writes for it."""
     w = torch.zeros(10, 10)
-    assert stored_bytes({"a": w, "tied": w, "row": w[0]}) == 400
-    assert stored_bytes({"half": torch.zeros(3, dtype=torch.float16), "n": 1, "l": [torch.zeros(2)]}) == 6 + 8
-    assert stored_bytes({"view": torch.zeros(100)[:10]}) == 400
+    assert tensor_bytes({"a": w, "tied": w, "row": w[0]}, storages=True) == 400
+    assert tensor_bytes({"half": torch.zeros(3, dtype=torch.float16), "n": 1, "l": [torch.zeros(2)]}, storages=True) == 6 + 8
+    assert tensor_bytes({"view": torch.zeros(100)[:10]}, storages=True) == 400

@@ -46,6 +46,9 @@ class Bindings:
 
     sinks: tuple[SinkBinding, ...] = attrs.field(converter=tuple)
     policies: tuple[PolicyBinding, ...] = attrs.field(converter=tuple, default=())
+    checked_for: frozenset[Role] | None = attrs.field(default=None, eq=False)
+    """The roles :func:`validate` checked these bindings for (``None``: not checked): a plan
+    validates once, and the router built from it does not check again."""
 
     def sink_for(self, role: Role) -> SinkBinding | None:
         return next((b for b in self.sinks if b.role is role), None)
@@ -54,8 +57,9 @@ class Bindings:
         return next((p for p in self.policies if p.role is role), None)
 
 
-def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) -> None:
-    """Refuse any plan that could store a checkpoint twice, nowhere, or in the wrong place.
+def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) -> Bindings:
+    """Refuse any plan that could store a checkpoint twice, nowhere, or in the wrong place;
+    return the bindings marked as checked for ``required``.
 
     :param required: the roles this run will emit; each needs exactly one sink.
     """
@@ -115,6 +119,7 @@ def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) ->
             raise BindingError(
                 f"{p.origin}: policy {p.policy!r} prunes role {p.role.value!r}, which has no sink"
             )
+    return attrs.evolve(bindings, checked_for=frozenset(required))
 
 
 def build_sink(catalog: Catalog, bindings: Bindings, role: Role, run: Any,

@@ -15,7 +15,7 @@ import posixpath
 import re
 import shutil
 import zipfile
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
 from wmtp_core.errors import CheckpointError, CorruptError, SaveError, first_line
@@ -220,13 +220,13 @@ class FileSink(ResumableSink):
             name = FINAL_DIR
             files = {"model.pt": torch_writer(dict(payload.parts["model"]))}
             files["model_config.json"] = json_writer(dict(payload.model_config))
-            nbytes = stored_bytes(payload.parts["model"])
+            nbytes = tensor_bytes(payload.parts["model"], storages=True)
         else:
             name = step_dirname(event.step)
             # largest first: each file is hashed while the next ones are written
             order = sorted(payload.parts.items(), key=lambda kv: -tensor_bytes(kv[1]))
             files = {f"{part}.pt": torch_writer(obj) for part, obj in order}
-            nbytes = stored_bytes(payload.parts)
+            nbytes = tensor_bytes(payload.parts, storages=True)
         # a failure commits nothing, removes the staging and names what failed (a full disk:
         # DiskFullError; storage that failed once the clients' retries ran out: SaveError)
         manifest = self.checkpoints.write(
@@ -440,30 +440,3 @@ class FileSink(ResumableSink):
         a directory WMTP did not write. Returns what was removed
         (:class:`~wmtp_core.leftovers.Incomplete`; ``describe()`` says what each was)."""
         return self.checkpoints.clean_incomplete(self.run)
-
-
-def stored_bytes(obj: Any) -> int:
-    """Bytes of tensor data ``torch.save`` writes for the tensors in a nested structure: each
-    storage once and whole (tied weights share one). A lower bound of the files' size: what a
-    save needs on disk at least."""
-    import torch
-
-    sizes: dict[Any, int] = {}
-
-    def visit(o: Any) -> None:
-        if isinstance(o, torch.Tensor):
-            try:
-                storage = o.untyped_storage()
-                key, size = ("storage", storage.data_ptr(), o.device), storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # a tensor without plain storage
-                key, size = ("tensor", id(o)), o.numel() * o.element_size()
-            sizes[key] = max(sizes.get(key, 0), size)
-        elif isinstance(o, Mapping):
-            for v in o.values():
-                visit(v)
-        elif isinstance(o, (list, tuple)):
-            for v in o:
-                visit(v)
-
-    visit(obj)
-    return sum(sizes.values())

@@ -108,7 +108,7 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     catalog = build_catalog(pm)
     bindings = bindings_for(settings, catalog)
     required = required_roles(settings)
-    validate(bindings, catalog, required)
+    bindings = validate(bindings, catalog, required)
     final = settings.config.storage.final if settings.config.storage is not None else None
     if final is not None and final.from_ == "best" and settings.config.paths.checkpoints.keep_best is None:
         raise ConfigError(f"{settings.config_source}: storage.final.from: 'best' needs paths.checkpoints.keep_best "
@@ -151,7 +151,7 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
                     f"it must be <= {limit} ({checked.max_positions})"
                 )
     facts.raise_any()
-    mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
+    mlflow = settings.mlflow
     return Plan(settings=settings, catalog=catalog, bindings=bindings, required=required,
                 policies=policies, run_name=name, tags=tag_map, models=checked.descriptions,
                 parameters=checked.parameters, device=device.type, resume=resume, mlflow=mlflow)

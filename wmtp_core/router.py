@@ -9,7 +9,6 @@ the background, protecting what must stay.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import copy
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ import attrs
 import pluggy
 
 from wmtp_core.asyncsave import AsyncStats, BackgroundSaver
-from wmtp_core.bindings import Bindings, build_sink, validate
+from wmtp_core.bindings import Bindings, build_policies, build_sink, validate
 from wmtp_core.catalog import Catalog
 from wmtp_core.coordination import ALONE, Coordinator
 from wmtp_core.errors import BindingError, SaveError, WmtpError, first_line
@@ -35,6 +34,8 @@ class Router:
     :param required: roles this run will emit; each must be bound (checked at construction).
     :param mlflow: the ``mlflow`` config section, handed to every sink in its context.
     :param protected: ``(run, step)`` pairs retention must never delete (the resumed-from one).
+    :param policies: the retention policy of each role, as the plan built them (built here from
+        the bindings when not given).
     :param coordinator: how the ranks agree (:class:`~wmtp_core.coordination.Coordinator`),
         handed to every sink in its context: rank 0 alone asks the final sink whether the final
         model is stored and every rank learns the answer, so all of them take part in gathering
@@ -52,8 +53,10 @@ class Router:
         mlflow: Mapping[str, Any] | None = None,
         protected: frozenset[tuple[str, int]] = frozenset(),
         coordinator: Coordinator = ALONE,
+        policies: Mapping[Role, Any] | None = None,
     ) -> None:
-        validate(bindings, catalog, required)
+        if bindings.checked_for != frozenset(required):  # a plan's bindings were checked once
+            bindings = validate(bindings, catalog, required)
         self.pm = pm
         self.catalog = catalog
         self.bindings = bindings
@@ -62,7 +65,7 @@ class Router:
         self.protected = frozenset(protected)
         self.coordinator = coordinator
         self._sinks: dict[Role, Any] = {}
-        self._policies: dict[Role, Any] = {}
+        self._policies: dict[Role, Any] = dict(policies) if policies is not None else build_policies(bindings, catalog)
         self.receipts: list[Receipt] = []
         self.deleted: list[Receipt] = []
         self._pruner = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="wmtp-retention")
@@ -78,8 +81,6 @@ class Router:
         for b in self.bindings.sinks:
             self._sinks[b.role] = build_sink(self.catalog, self.bindings, b.role, self.run, self.mlflow,
                                              coordinator=self.coordinator)
-        for p in self.bindings.policies:
-            self._policies[p.role] = self.catalog.policies[p.policy].factory(copy.deepcopy(dict(p.options)))
         self._opened = True
         return self
 

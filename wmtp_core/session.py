@@ -174,7 +174,8 @@ class RunSession:
         # the resume point decides the run's lineage before the router exists
         run, protected = self._restore(trainer, fresh, bindings, world)
         router = Router(self.pm, self.plan.catalog, bindings, run, required=self.plan.required,
-                        mlflow=self.plan.mlflow, protected=protected, coordinator=world).open()
+                        mlflow=self.plan.mlflow, protected=protected, coordinator=world,
+                        policies=self.plan.policies if world.is_main else {}).open()
         self.last_saved = trainer.step if run.resumed_from else -1
         t = self._phase("restore", t)
         self._start(router, run, trainer, bindings)
@@ -414,7 +415,7 @@ def final_router(settings: Any, run: RunInfo, pm: pluggy.PluginManager | None = 
     catalog = build_catalog(pm)
     binding = bindings_for(settings, catalog).sink_for(Role.FINAL)
     bindings = Bindings(sinks=[binding] if binding else [])  # the Router refuses an unbound final
-    mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
+    mlflow = settings.mlflow
     return Router(pm, catalog, bindings, run, required=frozenset({Role.FINAL}), mlflow=mlflow).open()
 
 

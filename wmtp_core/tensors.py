@@ -5,17 +5,35 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes held by the tensors in a nested structure."""
+def tensor_bytes(obj: Any, *, storages: bool = False) -> int:
+    """Bytes of the tensors in a nested structure: their elements, or (``storages``) what
+    ``torch.save`` writes for them, each storage once and whole (tied weights and views share
+    one), a lower bound of the files' size: what a save needs on disk at least."""
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    sizes: dict[Any, int] = {}
+    elements = [0]
+
+    def visit(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            if not storages:
+                elements[0] += o.numel() * o.element_size()
+                return
+            try:
+                storage = o.untyped_storage()
+                key, size = ("storage", storage.data_ptr(), o.device), storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+                key, size = ("tensor", id(o)), o.numel() * o.element_size()
+            sizes[key] = max(sizes.get(key, 0), size)
+        elif isinstance(o, Mapping):
+            for v in o.values():
+                visit(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                visit(v)
+
+    visit(obj)
+    return elements[0] + sum(sizes.values())
 
 
 def cpu_copy(obj: Any) -> Any:

@@ -12,7 +12,6 @@ import shlex
 import time
 from typing import Any
 
-import attrs
 import fsspec
 from rich.console import Console
 
@@ -47,12 +46,7 @@ from wmtp_core.report import (
     storage_summary,
 )
 from wmtp_core.roles import Role
-
-
-def tensor_bytes(parts) -> int:
-    from wmtp_core.tensors import tensor_bytes as count
-
-    return count(dict(parts))
+from wmtp_core.tensors import tensor_bytes
 
 
 def storage_options(items: list[str]) -> dict[str, Any]:
@@ -276,7 +270,7 @@ def _register(args, out: Console, err: Console) -> int:
     algo = manifest.meta.get("algo")
     if not algo:
         raise CheckpointError(f"{args.uri}: its manifest records no algo (meta.algo)")
-    mlflow_settings = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
+    mlflow_settings = settings.mlflow
     run = RunInfo(name=check_run_name(args.run_name or manifest.run), algo=algo,
                   lineage=manifest.lineage, experiment=mlflow_settings.get("experiment", "wmtp"))
     source = loc.store.uri(loc.checkpoint)
@@ -433,11 +427,11 @@ def _storage_history(settings, store: CheckpointStore, run: str, finals: list[di
     """What the run held over its steps, reconstructed from its kept checkpoints, the final
     models found, and the save schedule and retention policy of the config (no file of its own:
     the run directory holds checkpoints only)."""
+    from wmtp_core.bindings import build_policies
     from wmtp_core.config.routing import bindings_for
 
     catalog = build_catalog(make_plugin_manager())
-    binding = next((p for p in bindings_for(settings, catalog).policies if p.role is Role.RESUME), None)
-    policy = catalog.policies[binding.policy].factory(dict(binding.options)) if binding else None
+    policy = build_policies(bindings_for(settings, catalog), catalog).get(Role.RESUME)
     kept = [m for _, m in store.list(run)]
     held = [(f["step"], f["bytes"] or 0) for f in finals]
     return reconstruct(run, kept, held, settings.config.paths.checkpoints.save_interval, policy)
@@ -454,7 +448,7 @@ def _final_holdings(settings, run: str, lineages: set[str], seen: set[str], err:
     binding = bindings.sink_for(Role.FINAL)
     if binding is None or binding.sink not in catalog.sinks:
         return []
-    mlflow = attrs.asdict(settings.config.mlflow) if settings.config.mlflow is not None else {}
+    mlflow = settings.mlflow
     info = RunInfo(name=run, algo="-", lineage=sorted(lineages)[0])
     sink = build_sink(catalog, bindings, Role.FINAL, info, mlflow)
     try:

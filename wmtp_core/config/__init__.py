@@ -31,6 +31,11 @@ class Settings:
     deprecated: tuple[str, ...] = ()
     """One line for each key the user set where it used to go: it was read from there."""
 
+    @property
+    def mlflow(self) -> dict[str, Any]:
+        """The ``mlflow`` section as the sinks and plugins get it (empty when there is none)."""
+        return attrs.asdict(self.config.mlflow) if self.config.mlflow is not None else {}
+
     def params(self) -> dict[str, Any]:
         """The flattened configuration for tracking, secrets redacted."""
         return {**flatten(to_plain(self.config), "config"), **flatten(to_plain(self.recipe), "recipe")}
