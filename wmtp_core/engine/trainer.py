@@ -318,10 +318,7 @@ class Trainer:
         save. ``stop()`` names a signal that asks the run to stop (preemption): the step is
         finished, every rank agrees on it, and the outcome is ``preempted`` at that step (the
         caller commits it)."""
-        import time
-
-        recipe, cfg = self.settings.recipe, self.settings.config
-        ckpt = cfg.paths.checkpoints
+        ckpt = self.settings.config.paths.checkpoints
         every = duration_seconds(ckpt.save_every) if ckpt.save_every else None
         out = Outcome(last_step=self.step)
         self.model.train()
@@ -334,54 +331,75 @@ class Trainer:
             out.last_step = self.step
             return self._finish(out)
         while self.step < self.total_steps:
-            started = time.perf_counter()
-            ids, lengths = self._local(self.stream.next())
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                loss, metrics = self.algo.loss(self.model, ids, lengths)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if recipe.optim.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, recipe.optim.grad_clip))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
-            self.clock["trained"] += time.perf_counter() - started
-            timed = every is not None and self.clock["trained"] - self.clock["last_save"] >= every
-            # one collective a step: the mean loss, and whether any rank was signalled or is due
-            value, signalled, timed = self.world.agree(float(loss.detach()), stop() is not None, timed)
-            if not math.isfinite(value):
-                out.status, out.reason = "failed", f"loss became {value} at step {self.step}"
-                break
-            metrics.update(loss=value, lr=self.scheduler.get_last_lr()[0])
-            self.losses.append(value)
-            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
-                metrics["eval_loss"] = self.evaluate()
-            on_step(self.step, metrics)
-            out.metrics = metrics
-            # decide before saving, so the saved state already holds this step's verdict
-            if "eval_loss" in metrics and self._should_stop(metrics):
-                self.stopped_early = True
-            if signalled:
-                self._before_save(metrics)  # the caller commits this step
-                out.metrics = metrics
-                out.status = "preempted"
-                out.reason = f"preempted by {stop() or 'a signal to another rank'} at step {self.step}"
-                break
-            if (ckpt.save_interval and self.step % ckpt.save_interval == 0) or timed:
-                self._before_save(metrics)
-                checkpoint(self.step, metrics)
-            if self.stopped_early:
-                out.status = "stopped_early"
-                out.reason = (f"early stopping: {recipe.train.early_stopping.monitor} did not improve "
-                              f"by {recipe.train.early_stopping.min_delta} for {self.bad_evals} evaluations "
-                              f"(best {self.best:.4f}) at step {self.step}")
+            loss, metrics = self._step()
+            if not self._after_step(loss, metrics, out, every, on_step, checkpoint, stop):
                 break
         out.last_step = self.step
         out.losses = list(self.losses)
         return self._finish(out)
+
+    def _step(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """One optimisation step on this rank's rows of the next batch; its training time is
+        counted (``save_every``). Returns this rank's loss and the step's metrics."""
+        import time
+
+        optim = self.settings.recipe.optim
+        started = time.perf_counter()
+        ids, lengths = self._local(self.stream.next())
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss, metrics = self.algo.loss(self.model, ids, lengths)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.clock["trained"] += time.perf_counter() - started
+        return loss, metrics
+
+    def _after_step(self, loss: torch.Tensor, metrics: dict[str, float], out: Outcome, every: float | None,
+                    on_step: Callable[[int, Mapping[str, float]], None],
+                    checkpoint: Callable[[int, Mapping[str, float]], None],
+                    stop: Callable[[], str | None]) -> bool:
+        """What follows a step: the ranks agree on the loss and on whether to stop or save (one
+        collective), the step is reported, evaluated, saved when due. Returns ``False`` when the
+        run stops here; ``out`` then says why."""
+        recipe, cfg = self.settings.recipe, self.settings.config
+        ckpt = cfg.paths.checkpoints
+        timed = every is not None and self.clock["trained"] - self.clock["last_save"] >= every
+        # one collective a step: the mean loss, and whether any rank was signalled or is due
+        value, signalled, timed = self.world.agree(float(loss.detach()), stop() is not None, timed)
+        if not math.isfinite(value):
+            out.status, out.reason = "failed", f"loss became {value} at step {self.step}"
+            return False
+        metrics.update(loss=value, lr=self.scheduler.get_last_lr()[0])
+        self.losses.append(value)
+        if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+            metrics["eval_loss"] = self.evaluate()
+        on_step(self.step, metrics)
+        out.metrics = metrics
+        # decide before saving, so the saved state already holds this step's verdict
+        if "eval_loss" in metrics and self._should_stop(metrics):
+            self.stopped_early = True
+        if signalled:
+            self._before_save(metrics)  # the caller commits this step
+            out.status = "preempted"
+            out.reason = f"preempted by {stop() or 'a signal to another rank'} at step {self.step}"
+            return False
+        if (ckpt.save_interval and self.step % ckpt.save_interval == 0) or timed:
+            self._before_save(metrics)
+            checkpoint(self.step, metrics)
+        if self.stopped_early:
+            out.status = "stopped_early"
+            out.reason = (f"early stopping: {recipe.train.early_stopping.monitor} did not improve "
+                          f"by {recipe.train.early_stopping.min_delta} for {self.bad_evals} evaluations "
+                          f"(best {self.best:.4f}) at step {self.step}")
+            return False
+        return True
 
     def _before_save(self, metrics: dict[str, float]) -> None:
         """Every checkpoint records the metric ``keep_best`` ranks it by, and restarts the clock."""
