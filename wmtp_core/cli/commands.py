@@ -411,31 +411,11 @@ def cmd_report(args, out: Console, err: Console) -> int:
         held = f"it holds the runs {', '.join(loc.runs)}; name one" if loc.runs else "it holds no checkpoint"
         raise UsageError(f"{uri} is not a run directory: {held}")
     store, run = loc.store, loc.runs[0]
-    entries = scan(store, run)
-    sink = _file_sink_name(store)
-    resume = [e for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.RESUME.value]
-    staging = [e for e in entries if e.state is CheckpointState.STAGING]
-    others = {state: [e for e in entries if e.state is state]
-              for state in (CheckpointState.UNVERIFIABLE, CheckpointState.FOREIGN)}
-    finals = [{"sink": sink, "uri": e.uri, "step": e.step, "bytes": e.bytes}
-              for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.FINAL.value]
-    lineages = {e.lineage for e in entries if e.lineage}
-    if lineages:
-        finals += _final_holdings(settings, run, lineages, {f["uri"] for f in finals}, err)
-    report = {
-        "run": run,
-        "uri": store.uri(store.run_dir(run)),
-        "resume": {"sink": sink, "committed": len(resume), "bytes": sum(e.bytes for e in resume),
-                   "newest_step": max((e.step for e in resume), default=None)},
-        "staging": {"count": len(staging), "bytes": sum(e.bytes for e in staging)},
-        **{state.value: {"count": len(es), "bytes": sum(e.bytes for e in es)} for state, es in others.items()},
-        "final": finals,
-    }
-    report["total_bytes"] = (report["resume"]["bytes"] + report["staging"]["bytes"]
-                             + report["unverifiable"]["bytes"] + sum(f["bytes"] or 0 for f in finals))
+    catalog = build_catalog(make_plugin_manager())  # one plugin manager for the whole report
+    report = _holdings(settings, catalog, store, run, err)
     history = None
     if price is not None:
-        history = _storage_history(settings, store, run, finals)
+        history = _storage_history(settings, catalog, store, run, report["final"])
         report["storage"] = storage_summary(history, price)
     if args.json:
         out.out(json.dumps(report, indent=2))
@@ -452,6 +432,35 @@ def cmd_report(args, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def _holdings(settings, catalog: Any, store: CheckpointStore, run: str, err: Console) -> dict[str, Any]:
+    """What ``wmtp report`` prints: the run's checkpoints by state, from the inventory, and the
+    final models the final sink holds for the run's lineages."""
+    entries = scan(store, run)
+    spec = catalog.sink_for_protocol(store.protocol)  # what a run would bind
+    sink = spec.name if spec is not None else store.protocol
+    resume = [e for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.RESUME.value]
+    staging = [e for e in entries if e.state is CheckpointState.STAGING]
+    others = {state: [e for e in entries if e.state is state]
+              for state in (CheckpointState.UNVERIFIABLE, CheckpointState.FOREIGN)}
+    finals = [{"sink": sink, "uri": e.uri, "step": e.step, "bytes": e.bytes}
+              for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.FINAL.value]
+    lineages = {e.lineage for e in entries if e.lineage}
+    if lineages:
+        finals += _final_holdings(settings, catalog, run, lineages, {f["uri"] for f in finals}, err)
+    report = {
+        "run": run,
+        "uri": store.uri(store.run_dir(run)),
+        "resume": {"sink": sink, "committed": len(resume), "bytes": sum(e.bytes for e in resume),
+                   "newest_step": max((e.step for e in resume), default=None)},
+        "staging": {"count": len(staging), "bytes": sum(e.bytes for e in staging)},
+        **{state.value: {"count": len(es), "bytes": sum(e.bytes for e in es)} for state, es in others.items()},
+        "final": finals,
+    }
+    report["total_bytes"] = (report["resume"]["bytes"] + report["staging"]["bytes"]
+                             + report["unverifiable"]["bytes"] + sum(f["bytes"] or 0 for f in finals))
+    return report
+
+
 def _price(args) -> float | None:
     """USD per GB-month to price the report at: given, the default under ``--plot``, or none."""
     price = args.price_per_gb_month
@@ -461,27 +470,25 @@ def _price(args) -> float | None:
     return DEFAULT_PRICE_PER_GB_MONTH if price is None and args.plot else price
 
 
-def _storage_history(settings, store: CheckpointStore, run: str, finals: list[dict[str, Any]]):
+def _storage_history(settings, catalog: Any, store: CheckpointStore, run: str, finals: list[dict[str, Any]]):
     """What the run held over its steps, reconstructed from its kept checkpoints, the final
     models found, and the save schedule and retention policy of the config (no file of its own:
     the run directory holds checkpoints only)."""
     from wmtp_core.bindings import build_policies
     from wmtp_core.config.routing import bindings_for
 
-    catalog = build_catalog(make_plugin_manager())
     policy = build_policies(bindings_for(settings, catalog), catalog).get(Role.RESUME)
     kept = [m for _, m in store.list(run)]
     held = [(f["step"], f["bytes"] or 0) for f in finals]
     return reconstruct(run, kept, held, settings.config.paths.checkpoints.save_interval, policy)
 
 
-def _final_holdings(settings, run: str, lineages: set[str], seen: set[str], err: Console) -> list[dict[str, Any]]:
+def _final_holdings(settings, catalog: Any, run: str, lineages: set[str], seen: set[str],
+                    err: Console) -> list[dict[str, Any]]:
     """Ask the final sink the config binds what it holds for these lineages."""
     from wmtp_core.bindings import build_sink
     from wmtp_core.config.routing import bindings_for
 
-    pm = make_plugin_manager()
-    catalog = build_catalog(pm)
     bindings = bindings_for(settings, catalog)
     binding = bindings.sink_for(Role.FINAL)
     if binding is None or binding.sink not in catalog.sinks:
@@ -514,8 +521,3 @@ def _report_lines(r: dict[str, Any]) -> list[str]:
     rows.append(["total", "", "", human(r["total_bytes"])])
     return [f"Bytes held by run {r['run']!r} ({r['uri']}):"] + ["  " + line for line in _columns(rows)]
 
-
-def _file_sink_name(store: CheckpointStore) -> str:
-    """The installed sink that serves this filesystem's protocol (what a run would bind)."""
-    spec = build_catalog(make_plugin_manager()).sink_for_protocol(store.protocol)
-    return spec.name if spec is not None else store.protocol
