@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import posixpath
-import re
 from typing import Any, Mapping
 
 import fsspec
@@ -29,12 +28,12 @@ from wmtp_core.events import LoadedModel
 from wmtp_core.filesink import RANK_FILE, RANK_PART, json_writer, load_part, safe_dcp_reader, torch_writer
 from wmtp_core.hookspecs import hookimpl
 from wmtp_core.manifest import Manifest
+from wmtp_core.naming import FINAL_NAME, step_of
 from wmtp_core.roles import Role
 
 VALUE_HEAD = "value_head."
 """critic-wmtp's value head: under FSDP it is sharded and saved with the model's entries; it is
 no part of the final model, and a single-process resume keeps it in the algorithm's state."""
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def load_model_from_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> LoadedModel:
@@ -296,8 +295,8 @@ def _target(target: str, full: bool, manifest: Manifest,
         raise UsageError(f"{target}: the copy is a checkpoint directory <run>/<name> and its parent "
                          f"directory names the run in its manifest; {run!r}/{name!r} is not allowed "
                          "(letters, digits and '_.=+-', not starting with '.')") from None
-    step = _STEP_DIR.fullmatch(name)
-    if full and name == "final":
+    step = step_of(name) is not None
+    if full and name == FINAL_NAME:
         raise UsageError(f"{target}: a directory named 'final' holds a final model; the full resume "
                          "state (--full) goes in a directory of another name, e.g. step_N or single")
     if not full and step:

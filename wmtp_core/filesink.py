@@ -11,7 +11,6 @@ import io
 import json
 import os
 import pickle
-import posixpath
 import re
 import shutil
 import zipfile
@@ -21,10 +20,11 @@ from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
 from wmtp_core.errors import CheckpointError, CorruptError, SaveError, first_line
 from wmtp_core.events import CheckpointEmitted, Payload, Receipt, SinkContext
 from wmtp_core.manifest import Manifest
+from wmtp_core.naming import FINAL_NAME, step_of
 from wmtp_core.roles import Role
 from wmtp_core.sinks import Holding, LoadedCheckpoint, ResumableSink
 
-FINAL_DIR = "final"
+FINAL_DIR = FINAL_NAME
 RANK_PART = "{part}_rank{rank}.pt"
 """A part of a sharded checkpoint that each rank keeps whole (its counters, RNG streams and
 data position: ``trainer``), one file per rank."""
@@ -341,7 +341,7 @@ class FileSink(ResumableSink):
     def unverifiable(self) -> list[tuple[str, int, str]]:
         """This run's step directories whose manifest cannot be believed, as
         ``(uri, step, reason)``: never resumed from, never counted by retention."""
-        return [(self.checkpoints.uri(i.path), int(posixpath.basename(i.path)[5:]), i.problem)
+        return [(self.checkpoints.uri(i.path), step_of(i.path), i.problem)
                 for i in self.checkpoints.inspect(self.run) if i.state is CheckpointState.UNVERIFIABLE]
 
     def delete(self, uri: str) -> None:

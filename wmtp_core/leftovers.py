@@ -20,7 +20,7 @@ from wmtp_core.naming import (
     QUARANTINE_NOTE,
     QUARANTINED_DIR,
     STAGING_MARKER,
-    STEP_DIR,
+    step_of,
 )
 from wmtp_core.store_read import CheckpointState, Inspected
 
@@ -107,8 +107,10 @@ class Leftovers:
             except (FileNotFoundError, ValueError, KeyError, TypeError):
                 reason = "failed verification (no note)"
             out.append(Inspected(path, CheckpointState.QUARANTINED, problem=reason))
-        step = lambda i: int(STEP_DIR.match(posixpath.basename(i.path)).group(1)) \
-            if posixpath.basename(i.path).startswith("step_") else 1 << 62
+        def step(i: Inspected) -> int:  # step_4.quarantined-<time>: 4; final.quarantined-<time>: last
+            found = step_of(posixpath.basename(i.path).partition(".")[0])
+            return found if found is not None else 1 << 62
+
         return sorted(out, key=lambda i: (step(i), i.path))
 
     def incomplete_uploads(self, run: str | None = None) -> list[Incomplete]:

@@ -35,4 +35,12 @@ def check_run_name(name: str) -> str:
 
 
 def step_dirname(step: int) -> str:
+    """The directory name of the resume checkpoint of ``step``."""
     return f"step_{step}"
+
+
+def step_of(name: str) -> int | None:
+    """The step a directory name (or a path ending in one) names: ``step_12`` -> 12; ``None``
+    for anything else (``final``, a quarantined or foreign directory)."""
+    found = STEP_DIR.fullmatch(name.rstrip("/").rpartition("/")[2])
+    return int(found.group(1)) if found else None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import posixpath
-import re
 import threading
 import time
 from typing import Any
@@ -46,6 +45,7 @@ from wmtp_core import (
 )
 from wmtp_core.commit import CheckpointState, step_dirname, store_class, verified_copy
 from wmtp_core.hashing import fsync
+from wmtp_core.naming import step_of
 
 FAST_KEEP_LAST = 1
 """Committed checkpoints kept on the fast tier when ``fast_keep_last`` is not set."""
@@ -55,7 +55,6 @@ oldest, so a durable tier slower than the saves cannot fill the fast one."""
 RETRIES = {"max_attempts": 5, "mode": "standard"}
 """botocore's retries for an S3 durable tier, unless ``config_kwargs.retries`` is given."""
 TIER_KEYS = ("fast", "durable", "fast_keep_last")
-_STEP = re.compile(r"step_(\d+)")
 
 log = logging.getLogger(__name__)
 
@@ -393,9 +392,9 @@ class TieredSink(ResumableSink):
             if (split_protocol(uri)[0] or "file") not in _protocols(store.fs):
                 continue
             path = type(store.fs)._strip_protocol(uri).rstrip("/")
-            step = _STEP.fullmatch(posixpath.basename(path))
-            if step and posixpath.dirname(path) == store.run_dir(self.run):
-                return int(step.group(1))
+            step = step_of(path)
+            if step is not None and posixpath.dirname(path) == store.run_dir(self.run):
+                return step
         if strict:
             raise CheckpointError(f"{uri} is not a checkpoint of run {self.run!r} in either tier "
                                   f"({self.fast.location()}, {self.durable.location()})")

@@ -23,6 +23,7 @@ from wmtp_core.commit import (
     store_class,
 )
 from wmtp_core.errors import ConfigError, UsageError
+from wmtp_core.naming import step_of
 
 FINAL_DIR = FINAL_NAME
 _CHECKPOINT_DIR = re.compile(rf"(step_\d+|{FINAL_DIR})")
@@ -154,7 +155,7 @@ def _entry(store: CheckpointStore, run: str, i: Inspected) -> Entry:
                      uri=store.uri(i.path), path=i.path,
                      metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))})
     files, nbytes, newest = _contents(store.fs, i.path)
-    step = int(re.match(r"step_(\d+)", name).group(1)) if name.startswith("step_") else None
+    step = step_of(name.partition(".")[0])  # step_8.quarantined-<time>: 8
     return Entry(run=run, name=name, step=step, role=None, state=i.state, files=files, bytes=nbytes,
                  created_at=None, lineage=None, uri=store.uri(i.path), path=i.path, modified=newest,
                  problem=i.problem)
