@@ -27,7 +27,7 @@ from wmtp_core.commit import (
 from wmtp_core.config import load_settings
 from wmtp_core.config.routing import resume_base
 from wmtp_core.console import error_line
-from wmtp_core.errors import CheckpointError, CorruptError, UsageError, WmtpError
+from wmtp_core.errors import CheckpointError, UsageError, WmtpError
 from wmtp_core.lease import live_writer
 from wmtp_core.events import RunInfo
 from wmtp_core.plugins import (
@@ -46,6 +46,7 @@ from wmtp_core.report import (
     require_matplotlib,
     storage_summary,
 )
+from wmtp_core.resume import verify_checkpoint
 from wmtp_core.roles import Role
 from wmtp_core.tensors import tensor_bytes
 
@@ -143,17 +144,16 @@ def cmd_verify(args, out: Console, err: Console) -> int:
     if not paths:
         raise CheckpointError(f"{args.uri} holds no committed checkpoint to verify")
     failed = 0
-    for path in paths:
-        try:
-            m = store.verify(path)
+    for path in paths:  # the resume path's verified read, and its quarantine
+        verdict = verify_checkpoint(store, path, quarantine=not args.no_quarantine)
+        if verdict.manifest is not None:
+            m = verdict.manifest
             out.print(f"OK      {store.uri(path)}  ({_count(len(m.files), 'file')}, {human(m.nbytes)})")
-        except CheckpointError as e:
-            failed += 1
-            out.print(f"FAILED  {store.uri(path)}: {e}")
-            if isinstance(e, CorruptError) and not args.no_quarantine:
-                moved = store.quarantine(path, str(e))
-                if moved:
-                    out.print(f"        quarantined as {store.uri(moved)} (wmtp gc --quarantined removes it)")
+            continue
+        failed += 1
+        out.print(f"FAILED  {store.uri(path)}: {verdict.problem}")
+        if verdict.quarantined:
+            out.print(f"        quarantined as {verdict.quarantined} (wmtp gc --quarantined removes it)")
     out.print(f"{len(paths) - failed} of {_count(len(paths), 'checkpoint')} verified")
     return EXIT_FAILED if failed else EXIT_OK
 
