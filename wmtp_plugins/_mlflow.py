@@ -128,3 +128,14 @@ def configure(settings: Mapping[str, Any]) -> None:
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(settings.get("registry_uri") or tracking)
     mlflow.set_experiment(settings.get("experiment") or "wmtp")
+
+
+def lineage_run(lineage: str):
+    """The MLflow run of a lineage: the first one started with its ``wmtp.lineage`` tag (a run
+    resumed later logs into it), or ``None``. The tracking plugin resumes into it and the
+    registry logs a model registered later into it: both look it up here, the same way."""
+    import mlflow
+
+    found = mlflow.search_runs(filter_string=f"tags.`wmtp.lineage` = '{lineage}'", output_format="list",
+                               order_by=["attributes.start_time ASC"], max_results=1)
+    return found[0] if found else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import attrs
 
 from wmtp_core import BindingError, Holding, Receipt, Role, Sink, SinkSpec, hookimpl, redact
-from wmtp_plugins._mlflow import DEFAULT_TRACKING_URI, configure, request_bounds, unreachable
+from wmtp_plugins._mlflow import DEFAULT_TRACKING_URI, configure, lineage_run, request_bounds, unreachable
 
 
 def logged_model_bytes(client, model_id: str | None) -> int | None:
@@ -123,11 +123,10 @@ class MlflowRegistrySink(Sink):
         if owns_run:
             # registering later (wmtp register): log into the run's own MLflow run if it exists,
             # and leave it ended as it was
-            found = mlflow.search_runs(filter_string=f"tags.`wmtp.lineage` = '{event.run.lineage}'",
-                                       output_format="list", max_results=1)
-            if found:
-                ended = found[0].info.status if found[0].info.status != "RUNNING" else ended
-                mlflow.start_run(run_id=found[0].info.run_id)
+            found = lineage_run(event.run.lineage)
+            if found is not None:
+                ended = found.info.status if found.info.status != "RUNNING" else ended
+                mlflow.start_run(run_id=found.info.run_id)
             else:
                 mlflow.start_run(run_name=event.run.name, tags={"wmtp.lineage": event.run.lineage})
         try:

@@ -26,6 +26,7 @@ from wmtp_plugins._mlflow import (
     DEFAULT_TRACKING_URI,
     check_uris,
     configure,
+    lineage_run,
     one_try,
     request_bounds,
     unreachable,
@@ -284,13 +285,8 @@ class MlflowTracking:
 
     @staticmethod
     def _previous_run(run) -> str | None:
-        import mlflow
-
-        found = mlflow.search_runs(
-            filter_string=f"tags.`wmtp.lineage` = '{run.lineage}'", output_format="list",
-            order_by=["attributes.start_time ASC"], max_results=1,
-        )
-        return found[0].info.run_id if found else None
+        found = lineage_run(run.lineage)
+        return found.info.run_id if found is not None else None
 
     def _log_storage_picture(self, event) -> None:
         """The bytes this part of the run held over its steps, beside a trainer that also copies
