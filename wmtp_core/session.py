@@ -419,46 +419,28 @@ def final_router(settings: Any, run: RunInfo, pm: pluggy.PluginManager | None = 
     return Router(pm, catalog, bindings, run, required=frozenset({Role.FINAL}), mlflow=mlflow).open()
 
 
-EXAMPLE_LENGTH = 128
-"""Tokens per row of the example input of a model registered later: the recipe's default
-``data.*.max_length``, so it accepts what one registered at the end of a default run accepts."""
-
-
 def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = None,
                        meta: Mapping[str, Any] | None = None) -> Any:
-    """What the end of a run hands the final sink, rebuilt from a committed checkpoint whose
-    manifest, files, architecture and weights are all checked first. A Hugging Face model comes
-    back as a folder too, with the tokenizer of the base model its checkpoint records."""
-    import tempfile
-
-    import torch
-
+    """What the end of a run hands the final sink (:func:`wmtp_core.engine.final.final_payload`,
+    the same function), rebuilt from a committed checkpoint whose manifest, files, architecture
+    and weights are all checked first. A Hugging Face model comes back as a folder too, with the
+    tokenizer of the base model its checkpoint records."""
     from wmtp_core.checkpoint_models import load_model_from_checkpoint
     from wmtp_core.engine import hf
-    from wmtp_core.engine.models import rebuild
-    from wmtp_core.events import Payload
+    from wmtp_core.engine.final import final_payload
 
     loaded = load_model_from_checkpoint(uri, storage_options)
     record = dict(loaded.model_config)
+    tokenizer = None
+    if record.get("kind") == "hf":
+        base = str(record.get("base") or "")
+        info = hf.inspect(base, f"{uri} (its base model, for the tokenizer)", need_weights=False)
+        tokenizer = hf.load_tokenizer(hf.local_copy(info), f"{uri} (its base model {base})")
+        meta = {"base_model": base, **dict(meta or {})}
     try:
-        module = rebuild(record, dict(loaded.weights), uri)
+        return final_payload(dict(loaded.weights), record, uri, tokenizer=tokenizer, meta=meta)
     except ModelLoadError as e:
         raise CheckpointError(str(e)) from None
-    module.eval()
-    generator = torch.Generator().manual_seed(0)  # two rows: a dynamic batch dimension
-    if record.get("kind") != "hf":
-        cfg = module.cfg
-        example = torch.randint(0, cfg.vocab_size, (2, min(EXAMPLE_LENGTH, cfg.max_seq_len)), generator=generator)
-        return Payload(parts={"model": dict(loaded.weights)}, model=module, example_input=example,
-                       model_config=attrs.asdict(cfg))
-    base = str(record.get("base") or "")
-    info = hf.inspect(base, f"{uri} (its base model, for the tokenizer)", need_weights=False)
-    tokenizer = hf.load_tokenizer(hf.local_copy(info), f"{uri} (its base model {base})")
-    folder = hf.export(module, tokenizer, tempfile.mkdtemp(prefix="wmtp-final-"),
-                       {"base_model": base, **dict(meta or {})})
-    example = torch.randint(0, len(tokenizer), (2, 16), generator=generator)
-    return Payload(parts={"model": dict(loaded.weights)}, model=module, example_input=example,
-                   model_config=record, folder=folder)
 
 
 def discard(payload: Any) -> None:

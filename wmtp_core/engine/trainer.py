@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import tempfile
 from typing import Any, Callable, Mapping
 
 import attrs
@@ -15,6 +14,7 @@ from wmtp_core.config import Settings
 from wmtp_core.config.schema import duration_seconds
 from wmtp_core.engine import data as data_mod
 from wmtp_core.engine import distributed, models
+from wmtp_core.engine.final import final_payload
 from wmtp_core.engine.algorithms import (
     Algorithm,
     BaselineMTP,
@@ -490,16 +490,9 @@ class Trainer:
         cast = DTYPES[dtype]
         weights = {k: v.to(cast) if v.is_floating_point() else v for k, v in weights.items()
                    if not k.startswith("value_head.")}
-        module = models.rebuild(self.base.record, weights, "the trained model").to(cast)
-        module.eval()
-        # two rows, so the exported program keeps a dynamic batch dimension
         example = self.eval_set[0][0][:2].cpu() if self.eval_set else torch.zeros(2, 8, dtype=torch.long)
-        folder = None
+        meta = {"algo": self.settings.recipe.train.algo, "step": self.step, "dtype": dtype}
         if self.base.is_hf:
-            from wmtp_core.engine import hf
-
-            folder = hf.export(module, self.base.tokenizer, tempfile.mkdtemp(prefix="wmtp-final-"),
-                               {"algo": self.settings.recipe.train.algo, "base_model": self.base.record["base"],
-                                "step": self.step, "dtype": dtype})
-        return Payload(parts={"model": weights}, model=module, example_input=example,
-                       model_config=self.base.record, folder=folder)
+            meta["base_model"] = self.base.record["base"]
+        return final_payload(weights, self.base.record, "the trained model", dtype=cast, example=example,
+                             tokenizer=self.base.tokenizer if self.base.is_hf else None, meta=meta)
