@@ -11,7 +11,8 @@ import torch
 
 from wmtp_core import ConfigError, Role
 from wmtp_core.commit import CheckpointError, CheckpointStore, check_run_name
-from wmtp_core.filesink import load_part, torch_writer
+from wmtp_core.filesink import torch_writer
+from wmtp_core.safe_load import load_part
 
 
 @pytest.fixture

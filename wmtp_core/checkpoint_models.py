@@ -8,7 +8,7 @@ manifest before anything is deserialised, weights-only. A committed Hugging Face
 
 A sharded (FSDP) resume checkpoint is read offline, in one process and without a process group:
 every file is verified against the manifest, then torch's DCP loader rebuilds full tensors from
-the shards through :func:`~wmtp_core.filesink.safe_dcp_reader` (never torch's own unpickling
+the shards through :func:`~wmtp_core.safe_load.safe_dcp_reader` (never torch's own unpickling
 reader). :func:`convert_sharded` writes such a checkpoint as a single-process copy
 (``wmtp checkpoints convert``).
 """
@@ -25,7 +25,8 @@ import fsspec
 from wmtp_core.commit import CheckpointStore, check_run_name, verified_source
 from wmtp_core.errors import CheckpointError, ConfigError, UsageError, first_line
 from wmtp_core.events import LoadedModel
-from wmtp_core.filesink import RANK_FILE, RANK_PART, json_writer, load_part, safe_dcp_reader, torch_writer
+from wmtp_core.filesink import RANK_FILE, RANK_PART, json_writer, torch_writer
+from wmtp_core.safe_load import load_part, safe_dcp_reader
 from wmtp_core.hookspecs import hookimpl
 from wmtp_core.manifest import Manifest
 from wmtp_core.naming import FINAL_NAME, step_of

@@ -20,7 +20,6 @@ from rich.console import Console
 from wmtp_core import progress, redact
 from wmtp_core.bindings import Bindings, build_sink
 from wmtp_core.errors import (
-    CheckpointError,
     ModelLoadError,
     SaveError,
     StorageError,
@@ -42,6 +41,7 @@ from wmtp_core.manifest import best, metric_of
 from wmtp_core.plan import Plan
 from wmtp_core.exits import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_PREEMPTED
 from wmtp_core.preemption import Preemption
+from wmtp_core.registering import discard
 from wmtp_core.resume import open_resume
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
@@ -403,49 +403,3 @@ class RunSession:
         for plugin in list(self.pm.get_plugins()):
             if {h.name for h in self.pm.get_hookcallers(plugin) or []} & OBSERVER_HOOKS:
                 self.pm.unregister(plugin)
-
-
-# -- the same pieces, for ``wmtp register`` ------------------------------------------------
-def final_router(settings: Any, run: RunInfo, pm: pluggy.PluginManager | None = None) -> Router:
-    """A router for the final role alone, bound exactly as a run with this config binds it."""
-    from wmtp_core.config.routing import bindings_for
-    from wmtp_core.plugins import build_catalog, make_plugin_manager
-
-    pm = pm or make_plugin_manager()
-    catalog = build_catalog(pm)
-    binding = bindings_for(settings, catalog).sink_for(Role.FINAL)
-    bindings = Bindings(sinks=[binding] if binding else [])  # the Router refuses an unbound final
-    mlflow = settings.mlflow
-    return Router(pm, catalog, bindings, run, required=frozenset({Role.FINAL}), mlflow=mlflow).open()
-
-
-def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = None,
-                       meta: Mapping[str, Any] | None = None) -> Any:
-    """What the end of a run hands the final sink (:func:`wmtp_core.engine.final.final_payload`,
-    the same function), rebuilt from a committed checkpoint whose manifest, files, architecture
-    and weights are all checked first. A Hugging Face model comes back as a folder too, with the
-    tokenizer of the base model its checkpoint records."""
-    from wmtp_core.checkpoint_models import load_model_from_checkpoint
-    from wmtp_core.engine import hf
-    from wmtp_core.engine.final import final_payload
-
-    loaded = load_model_from_checkpoint(uri, storage_options)
-    record = dict(loaded.model_config)
-    tokenizer = None
-    if record.get("kind") == "hf":
-        base = str(record.get("base") or "")
-        info = hf.inspect(base, f"{uri} (its base model, for the tokenizer)", need_weights=False)
-        tokenizer = hf.load_tokenizer(hf.local_copy(info), f"{uri} (its base model {base})")
-        meta = {"base_model": base, **dict(meta or {})}
-    try:
-        return final_payload(dict(loaded.weights), record, uri, tokenizer=tokenizer, meta=meta)
-    except ModelLoadError as e:
-        raise CheckpointError(str(e)) from None
-
-
-def discard(payload: Any) -> None:
-    """Remove the folder a final payload was written to, once it is stored."""
-    import shutil
-
-    if payload is not None and payload.folder:
-        shutil.rmtree(payload.folder, ignore_errors=True)

@@ -244,7 +244,7 @@ class _Pt2Archive:
     def _pickled(self, full: str, fqn: str) -> Any:
         import torch
 
-        from wmtp_core.filesink import load_part
+        from wmtp_core.safe_load import load_part
 
         try:
             tensor = load_part(self.archive.read(full), f"{self.uri} ({fqn})")

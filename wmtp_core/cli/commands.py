@@ -296,7 +296,7 @@ def cmd_register(args, out: Console, err: Console) -> int:
 
 
 def _register(args, out: Console, err: Console) -> int:
-    from wmtp_core.session import discard, final_payload_from, final_router
+    from wmtp_core.registering import discard, final_payload_from, final_router
 
     settings = load_settings(args.config)
     # the checkpoint is read as the run wrote it: the config's storage options, unless given here
