@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from wmtp_core.cli import commands
+from wmtp_core.cli import commands, gc, holdings
 from wmtp_core.exits import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_USAGE
 from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import StorageError, WmtpError
@@ -49,17 +49,17 @@ def parser() -> argparse.ArgumentParser:
                          "on one process")
     cv.set_defaults(func=commands.cmd_convert)
 
-    gc = sub.add_parser("gc", parents=[storage], help="remove staging left by crashed saves")
-    gc.add_argument("uri", help="a run directory or a base path")
-    gc.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
-                    help="only remove staging whose newest file is older than this (default 3600)")
-    gc.add_argument("--dry-run", action="store_true", help="show what would be removed")
-    gc.add_argument("--incomplete", action="store_true",
-                    help="also abort incomplete S3 multipart uploads of killed saves")
-    gc.add_argument("--quarantined", action="store_true",
-                    help="also remove quarantined checkpoints (ones that failed verification and were "
-                         "moved aside); never removed otherwise")
-    gc.set_defaults(func=commands.cmd_gc)
+    gc_ = sub.add_parser("gc", parents=[storage], help="remove staging left by crashed saves")
+    gc_.add_argument("uri", help="a run directory or a base path")
+    gc_.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                     help="only remove staging whose newest file is older than this (default 3600)")
+    gc_.add_argument("--dry-run", action="store_true", help="show what would be removed")
+    gc_.add_argument("--incomplete", action="store_true",
+                     help="also abort incomplete S3 multipart uploads of killed saves")
+    gc_.add_argument("--quarantined", action="store_true",
+                     help="also remove quarantined checkpoints (ones that failed verification and were "
+                          "moved aside); never removed otherwise")
+    gc_.set_defaults(func=gc.cmd_gc)
 
     reg = sub.add_parser("register", parents=[storage],
                          help="store the final model from a committed checkpoint through the final sink")
@@ -82,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--price-per-gb-month", type=float, metavar="USD",
                      help="price the bytes held at the end, both ways "
                           "(default with --plot: 0.023, S3 Standard)")
-    rep.set_defaults(func=commands.cmd_report)
+    rep.set_defaults(func=holdings.cmd_report)
     return p
 
 

@@ -5,30 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import posixpath
 import shlex
-import time
 from typing import Any
 
-import attrs
-import fsspec
 from rich.console import Console
 
-from wmtp_core.cli.inventory import leftovers, locate, scan
+from wmtp_core.cli.inventory import locate, scan
 from wmtp_core.commit import (
-    MANIFEST,
-    STAGING_MARKER,
     CheckpointState,
-    CheckpointStore,
     check_run_name,
 )
 from wmtp_core.config import load_settings
-from wmtp_core.config.routing import resume_base
 from wmtp_core.console import error_line
-from wmtp_core.errors import CheckpointError, UsageError, WmtpError
-from wmtp_core.lease import live_writer
+from wmtp_core.errors import CheckpointError, UsageError
 from wmtp_core.events import RunInfo
 from wmtp_core.plugins import (
     CORE_PLUGINS,
@@ -38,13 +28,7 @@ from wmtp_core.plugins import (
 )
 from wmtp_core.exits import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK
 from wmtp_core.report import (
-    DEFAULT_PRICE_PER_GB_MONTH,
-    cost_lines,
-    figure_png,
     human,
-    reconstruct,
-    require_matplotlib,
-    storage_summary,
 )
 from wmtp_core.resume import verify_checkpoint
 from wmtp_core.roles import Role
@@ -181,113 +165,6 @@ def cmd_convert(args, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
-def cmd_gc(args, out: Console, err: Console) -> int:
-    """Remove what WMTP wrote and no run needs, in three subjects: staging directories of saves
-    that never finished, quarantined checkpoints (``--quarantined``) and incomplete uploads
-    (``--incomplete``); never a committed checkpoint, never what WMTP did not write."""
-    if args.min_age < 0:
-        raise UsageError(f"--min-age: {args.min_age:g} is not accepted; use a number of seconds >= 0")
-    loc = locate(args.uri, storage_options(args.storage_option))
-    if loc.kind == "checkpoint":
-        raise UsageError(f"{args.uri} is one checkpoint; gc takes a run directory or a base path")
-    verb = "would remove" if args.dry_run else "removed"
-    staged = quarantined = Freed()
-    for run in loc.runs:
-        staged += _gc_staging(args, loc.store, run, out, verb)
-        quarantined += _gc_quarantined(args, loc.store, run, out, verb)
-    uploads = _gc_uploads(args, loc, out) if args.incomplete else Freed()
-    freed = staged.bytes + quarantined.bytes + uploads.bytes
-    out.print(f"{verb} {_count(staged.count, 'staging directory', 'staging directories')}"
-              + (f", {'would abort' if args.dry_run else 'aborted'} {_count(uploads.count, 'incomplete upload')}"
-                 if args.incomplete else "")
-              + (f", {verb} {_count(quarantined.count, 'quarantined checkpoint')}" if args.quarantined else "")
-              + f"; {'would free' if args.dry_run else 'freed'} {human(freed)} ({freed} bytes)")
-    return EXIT_OK
-
-
-@attrs.frozen
-class Freed:
-    """What one subject of ``wmtp gc`` removed (or would remove): how many, how many bytes."""
-
-    count: int = 0
-    bytes: int = 0
-
-    def __add__(self, other: Freed) -> Freed:
-        return Freed(self.count + other.count, self.bytes + other.bytes)
-
-
-def _young(args, age: float | None, seen: str) -> str | None:
-    """Why something under ``--min-age`` is kept (a save may still be in flight), ``seen``
-    formatted with its age, or ``None``."""
-    if args.min_age > 0 and (age is None or age < args.min_age):
-        return "age unknown" if age is None else seen.format(age=age)
-    return None
-
-
-def _gc_staging(args, store: CheckpointStore, run: str, out: Console, verb: str) -> Freed:
-    """This run's staging directories, unless the run is being written; what cannot be
-    believed and what WMTP did not write are kept and named."""
-    live, freed = live_writer(store, run), Freed()
-    for e in leftovers(store, run):
-        if e.state is CheckpointState.QUARANTINED:
-            continue
-        if e.state is CheckpointState.UNVERIFIABLE:
-            out.print(f"kept    {e.uri}: its {MANIFEST} cannot be believed ({e.problem}); "
-                      "inspect it before deleting it by hand")
-        elif live is not None:
-            out.print(f"kept    {e.uri}: run {run!r} is being written ({live}); a save may be in flight")
-        elif e.state is CheckpointState.FOREIGN:
-            out.print(f"kept    {e.uri}: not ours (no {MANIFEST} and no {STAGING_MARKER}: WMTP did not write it)")
-        elif young := _young(args, time.time() - e.modified if e.modified is not None else None,
-                             "newest file {age:.0f} s old"):
-            # young staging may be a save still in flight in another process
-            out.print(f"kept    {e.uri}: {young}, under --min-age {args.min_age:g} s")
-        # the save may have committed since the listing: look again just before removing
-        elif not store.fs.exists(posixpath.join(e.path, MANIFEST)) and \
-                store.fs.exists(posixpath.join(e.path, STAGING_MARKER)):
-            if not args.dry_run:
-                store.fs.rm(e.path, recursive=True)
-            freed += Freed(1, e.bytes)
-            out.print(f"{verb} {e.uri} ({_count(e.files, 'file')}, {human(e.bytes)})")
-    return freed
-
-
-def _gc_quarantined(args, store: CheckpointStore, run: str, out: Console, verb: str) -> Freed:
-    """This run's quarantined checkpoints: named, and removed with ``--quarantined``."""
-    freed = Freed()
-    for e in leftovers(store, run):
-        if e.state is not CheckpointState.QUARANTINED:
-            continue
-        if not args.quarantined:
-            out.print(f"kept    {e.uri}: quarantined ({e.problem}); --quarantined removes it")
-            continue
-        if not args.dry_run:
-            store.fs.rm(e.path, recursive=True)
-        freed += Freed(1, e.bytes)
-        out.print(f"{verb} quarantined {e.uri} ({_count(e.files, 'file')}, {human(e.bytes)})")
-    return freed
-
-
-def _gc_uploads(args, loc: Any, out: Console) -> Freed:
-    """Uploads of killed saves, under the run or under every run of the base: aborted when
-    they are WMTP's and older than ``--min-age``."""
-    freed = Freed()
-    for upload in loc.store.incomplete_uploads(loc.runs[0] if loc.kind == "run" else None):
-        if not upload.ours:
-            out.print(f"kept    incomplete upload of {upload.uri}: not ours ({upload.problem})")
-            continue
-        if young := _young(args, time.time() - upload.started if upload.started is not None else None,
-                           "begun {age:.0f} s ago"):
-            out.print(f"kept    incomplete upload of {upload.uri}: {young}, under --min-age {args.min_age:g} s")
-            continue
-        if not args.dry_run:
-            loc.store.abort_upload(upload)
-        freed += Freed(1, upload.bytes or 0)
-        out.print(f"{'would abort' if args.dry_run else 'aborted'} incomplete upload of {upload.uri} "
-                  f"({human(upload.bytes or 0)} in parts)")
-    return freed
-
-
 def cmd_register(args, out: Console, err: Console) -> int:
     """Store the final model from a committed checkpoint through the final sink the config binds,
     exactly as the end of a run does: the same router decides that it is stored at most once."""
@@ -394,130 +271,4 @@ def _relative_store(uri: str) -> bool:
             return not uri[len(prefix):].startswith("/")
     return "://" not in uri and not os.path.isabs(uri)
 
-
-def cmd_report(args, out: Console, err: Console) -> int:
-    """The bytes a run holds: its resume checkpoints (from the inventory of the URI) and what
-    the final sink the config binds holds for the run's lineages (asked, not guessed). With
-    ``--plot`` or a price: those bytes over the steps, and what they cost a month."""
-    price = _price(args)
-    if args.plot:
-        require_matplotlib()  # before any work: one line saying how to install it
-    settings = load_settings(args.config)
-    uri = args.run
-    if "/" not in uri and "://" not in uri:  # a bare run name, under the configured base path
-        uri = f"{resume_base(settings).rstrip('/')}/{check_run_name(uri)}"
-    loc = locate(uri, storage_options(args.storage_option))
-    if loc.kind == "base":
-        held = f"it holds the runs {', '.join(loc.runs)}; name one" if loc.runs else "it holds no checkpoint"
-        raise UsageError(f"{uri} is not a run directory: {held}")
-    store, run = loc.store, loc.runs[0]
-    catalog = build_catalog(make_plugin_manager())  # one plugin manager for the whole report
-    report = _holdings(settings, catalog, store, run, err)
-    history = None
-    if price is not None:
-        history = _storage_history(settings, catalog, store, run, report["final"])
-        report["storage"] = storage_summary(history, price)
-    if args.json:
-        out.out(json.dumps(report, indent=2))
-    else:
-        out.print("\n".join(_report_lines(report) + (cost_lines(history, price) if history else [])))
-    if args.plot:
-        png = figure_png(history, price)
-        try:
-            with fsspec.open(args.plot, "wb") as f:
-                f.write(png)
-        except (OSError, ValueError, ImportError) as e:  # no such folder, an unknown protocol
-            raise UsageError(f"--plot {args.plot}: cannot be written ({type(e).__name__}: {e})") from None
-        err.print(f"wrote {args.plot}", highlight=False)
-    return EXIT_OK
-
-
-def _holdings(settings, catalog: Any, store: CheckpointStore, run: str, err: Console) -> dict[str, Any]:
-    """What ``wmtp report`` prints: the run's checkpoints by state, from the inventory, and the
-    final models the final sink holds for the run's lineages."""
-    entries = scan(store, run)
-    spec = catalog.sink_for_protocol(store.protocol)  # what a run would bind
-    sink = spec.name if spec is not None else store.protocol
-    resume = [e for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.RESUME.value]
-    staging = [e for e in entries if e.state is CheckpointState.STAGING]
-    others = {state: [e for e in entries if e.state is state]
-              for state in (CheckpointState.UNVERIFIABLE, CheckpointState.FOREIGN)}
-    finals = [{"sink": sink, "uri": e.uri, "step": e.step, "bytes": e.bytes}
-              for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.FINAL.value]
-    lineages = {e.lineage for e in entries if e.lineage}
-    if lineages:
-        finals += _final_holdings(settings, catalog, run, lineages, {f["uri"] for f in finals}, err)
-    report = {
-        "run": run,
-        "uri": store.uri(store.run_dir(run)),
-        "resume": {"sink": sink, "committed": len(resume), "bytes": sum(e.bytes for e in resume),
-                   "newest_step": max((e.step for e in resume), default=None)},
-        "staging": {"count": len(staging), "bytes": sum(e.bytes for e in staging)},
-        **{state.value: {"count": len(es), "bytes": sum(e.bytes for e in es)} for state, es in others.items()},
-        "final": finals,
-    }
-    report["total_bytes"] = (report["resume"]["bytes"] + report["staging"]["bytes"]
-                             + report["unverifiable"]["bytes"] + sum(f["bytes"] or 0 for f in finals))
-    return report
-
-
-def _price(args) -> float | None:
-    """USD per GB-month to price the report at: given, the default under ``--plot``, or none."""
-    price = args.price_per_gb_month
-    if price is not None and not (math.isfinite(price) and price >= 0):
-        raise UsageError(f"--price-per-gb-month: {price:g} is not accepted; use a price in USD >= 0, "
-                         f"e.g. {DEFAULT_PRICE_PER_GB_MONTH} (S3 Standard)")
-    return DEFAULT_PRICE_PER_GB_MONTH if price is None and args.plot else price
-
-
-def _storage_history(settings, catalog: Any, store: CheckpointStore, run: str, finals: list[dict[str, Any]]):
-    """What the run held over its steps, reconstructed from its kept checkpoints, the final
-    models found, and the save schedule and retention policy of the config (no file of its own:
-    the run directory holds checkpoints only)."""
-    from wmtp_core.bindings import build_policies
-    from wmtp_core.config.routing import bindings_for
-
-    policy = build_policies(bindings_for(settings, catalog), catalog).get(Role.RESUME)
-    kept = [m for _, m in store.list(run)]
-    held = [(f["step"], f["bytes"] or 0) for f in finals]
-    return reconstruct(run, kept, held, settings.config.paths.checkpoints.save_interval, policy)
-
-
-def _final_holdings(settings, catalog: Any, run: str, lineages: set[str], seen: set[str],
-                    err: Console) -> list[dict[str, Any]]:
-    """Ask the final sink the config binds what it holds for these lineages."""
-    from wmtp_core.bindings import build_sink
-    from wmtp_core.config.routing import bindings_for
-
-    bindings = bindings_for(settings, catalog)
-    binding = bindings.sink_for(Role.FINAL)
-    if binding is None or binding.sink not in catalog.sinks:
-        return []
-    mlflow = settings.mlflow
-    info = RunInfo(name=run, algo="-", lineage=sorted(lineages)[0])
-    sink = build_sink(catalog, bindings, Role.FINAL, info, mlflow)
-    try:
-        found = sink.held(run, lineages)
-    except WmtpError as e:
-        err.print(f"note: could not ask the final sink {binding.sink!r}: {e}")
-        return []
-    return [{"sink": binding.sink, "uri": h.uri, "step": h.step, "bytes": h.nbytes}
-            for h in found if h.role is Role.FINAL and h.uri not in seen]
-
-
-def _report_lines(r: dict[str, Any]) -> list[str]:
-    res, stg = r["resume"], r["staging"]
-    newest = f", newest step {res['newest_step']}" if res["newest_step"] is not None else ""
-    rows = [["resume", res["sink"], f"{res['committed']} committed{newest}", human(res["bytes"])]]
-    if stg["count"]:
-        rows.append(["resume", res["sink"], f"{stg['count']} staging (wmtp gc removes)", human(stg["bytes"])])
-    if r["unverifiable"]["count"]:
-        rows.append(["resume", res["sink"], f"{r['unverifiable']['count']} unverifiable (kept; see "
-                     "wmtp checkpoints verify)", human(r["unverifiable"]["bytes"])])
-    rows += [["final", f["sink"], f["uri"], "?" if f["bytes"] is None else human(f["bytes"])]
-             for f in r["final"]]
-    if not r["final"]:
-        rows.append(["final", "-", "nothing stored", human(0)])
-    rows.append(["total", "", "", human(r["total_bytes"])])
-    return [f"Bytes held by run {r['run']!r} ({r['uri']}):"] + ["  " + line for line in _columns(rows)]
 
