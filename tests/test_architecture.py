@@ -34,8 +34,9 @@ DCP = "torch.distributed.checkpoint"
 """The one part of ``torch.distributed`` storage uses: DCP's readers and writers of shards.
 Every collective goes through the coordinator the engine hands in."""
 
-SINK_HANDLERS = ("wmtp_core.router", "wmtp_core.resume", "wmtp_core.session", "wmtp_core.bindings",
-                 "wmtp_core.cli.commands", "wmtp_core.cli.inventory", "wmtp_core.testing", "wmtp_plugins.tiered")
+SINK_HANDLERS = ("wmtp_core.router", "wmtp_core.resume", "wmtp_core.session", "wmtp_core.registering",
+                 "wmtp_core.bindings", "wmtp_core.cli.commands", "wmtp_core.cli.gc", "wmtp_core.cli.holdings",
+                 "wmtp_core.cli.inventory", "wmtp_core.testing", "wmtp_plugins.tiered")
 """Modules that hold sinks: none of them asks a sink whether it has a method."""
 
 
