@@ -57,100 +57,39 @@ import contextlib
 import posixpath
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
-import attrs
 import pytest
-import torch
 
 from wmtp_core import redact
 from wmtp_core.bindings import Bindings, SinkBinding
 from wmtp_core.catalog import Catalog, SinkSpec
 from wmtp_core.commit import CheckpointStore, step_dirname
-from wmtp_core.engine.model import ModelConfig, MTPModel
 from wmtp_core.errors import CheckpointError
-from wmtp_core.events import CheckpointEmitted, Payload, Receipt, RunInfo, SinkContext
+from wmtp_core.events import Payload, Receipt, RunInfo, SinkContext
 from wmtp_core.manifest import Manifest
 from wmtp_core.plugins import build_catalog, make_plugin_manager
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
 from wmtp_core.sinks import FileLikeSink, LoadedCheckpoint, ResumableSink, Sink
 from wmtp_core.tensors import tensor_bytes
+from wmtp_core.testing_optional import OptionalOperations
+from wmtp_core.testing_payloads import (  # noqa: F401  (public: for plugin authors' own tests)
+    TINY,
+    assert_same,
+    event_for,
+    final_payload,
+    payload_for,
+    resume_payload,
+    tiny_model,
+)
 
-TINY = ModelConfig(d_model=16, n_layers=1, n_heads=2, n_future=2, max_seq_len=16)
-"""The architecture of every model the contract stores."""
-
-__all__ = ["TINY", "SinkContract", "assert_same", "final_payload",
-           "resume_payload"]
-
-
-# -- payloads -------------------------------------------------------------------------------
-def tiny_model(seed: int) -> MTPModel:
-    """A :data:`TINY` model whose weights depend on ``seed`` (so two steps differ)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MTPModel(TINY)
-
-
-def resume_payload(step: int) -> Payload:
-    """The three parts the engine stores for the resume role, made real at ``step``."""
-    model = tiny_model(step)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for i, p in enumerate(model.parameters()):  # gradients without autograd: quick and fixed
-        p.grad = torch.full_like(p, 0.01 * (i + step))
-    optimizer.step()
-    trainer = {
-        "step": step,
-        "rng": {"torch": torch.random.get_rng_state()},
-        "data": {"epoch": 0, "index": 4 * step, "seed": 7},
-        "early_stopping": {"best": None, "bad_evals": 0},
-        "algo": {},
-    }
-    return Payload(parts={"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "trainer": trainer})
-
-
-def final_payload(step: int) -> Payload:
-    """What the engine hands the final sink: the weights, the module, an input, the architecture."""
-    model = tiny_model(step).eval()
-    return Payload(parts={"model": model.state_dict()}, model=model,
-                   example_input=torch.arange(16).view(2, 8) % TINY.vocab_size,
-                   model_config=attrs.asdict(TINY))
-
-
-def payload_for(role: Role, step: int) -> Payload:
-    return final_payload(step) if role is Role.FINAL else resume_payload(step)
-
-
-def event_for(run: RunInfo, role: Role, step: int, payload: Payload) -> CheckpointEmitted:
-    """The event the router would emit for ``payload``."""
-    return CheckpointEmitted(run=run, role=role, step=step, parts=tuple(payload.parts),
-                             nbytes=tensor_bytes(payload.parts), metrics={"loss": 1.0 / step})
-
-
-def assert_same(expected: Any, actual: Any, where: str = "parts") -> None:
-    """Structural equality, ``torch.equal`` (and the same dtype) for tensors."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor), f"{where}: expected a tensor, got {type(actual).__name__}"
-        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
-        assert torch.equal(actual, expected), f"{where}: the tensor differs from what was stored"
-    elif isinstance(expected, Mapping):
-        assert isinstance(actual, Mapping), f"{where}: expected a mapping, got {type(actual).__name__}"
-        assert set(actual) == set(expected), (
-            f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}")
-        for k in expected:
-            assert_same(expected[k], actual[k], f"{where}[{k!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), (
-            f"{where}: expected a sequence of {len(expected)}, got {actual!r}")
-        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            assert_same(e, a, f"{where}[{i}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+__all__ = ["TINY", "SinkContract", "assert_same", "event_for", "final_payload", "payload_for", "resume_payload",
+           "tiny_model"]
 
 
 # -- the contract ---------------------------------------------------------------------------
-class SinkContract:
+class SinkContract(OptionalOperations):
     """Subclass as ``class TestMySink(SinkContract)`` and override :meth:`make_sink`.
 
     Override :meth:`base_path`, :meth:`storage_options` or :meth:`make_context` when your sink
@@ -308,110 +247,6 @@ class SinkContract:
             assert left == [new], f"after delete({old!r}) committed() lists {left}"
             with pytest.raises(CheckpointError):
                 sink.load(old)
-
-    def corrupt(self, sink: Any, receipt: Receipt) -> None:
-        """Make the checkpoint of ``receipt`` fail verification: by default a flipped byte in its
-        largest file, for a file-like sink. Override it for a sink whose files the default cannot
-        reach (the quarantine check is skipped otherwise)."""
-        store = self.checkpoint_store(sink)
-        path = type(store.fs)._strip_protocol(receipt.uri)
-        entry = max(store.read_manifest(path).files, key=lambda f: f.size)
-        target = posixpath.join(path, entry.path)
-        data = bytearray(store.fs.cat_file(target))
-        data[len(data) // 2] ^= 0xFF
-        store.fs.pipe_file(target, bytes(data))
-
-    def overriding(self, sink: Any, operation: str) -> None:
-        """Skip unless the sink implements ``operation`` itself (the default needs no check)."""
-        if not type(sink).overrides(operation):
-            pytest.skip(f"{self.sink_name} keeps the default {operation}()")
-
-    def test_quarantine_moves_a_checkpoint_aside_and_lists_it(self, tmp_path: Path):
-        """``quarantine(uri, reason)``, when overridden, of a checkpoint that fails verification
-        (see :meth:`corrupt`): it is no longer committed, it is kept (listed by ``quarantined()``
-        with the reason) and the others are untouched."""
-        self.require(Role.RESUME)
-        run = self.run_info()
-        with self.opened(tmp_path, Role.RESUME, run) as sink:
-            self.overriding(sink, "quarantine")
-            kept = self.store(sink, run, Role.RESUME, 2)[1].uri
-            receipt = self.store(sink, run, Role.RESUME, 4)[1]
-            bad = receipt.uri
-            self.corrupt(sink, receipt)
-            where = sink.quarantine(bad, "the contract's reason")
-            assert isinstance(where, str) and where and where != bad, f"quarantine() returned {where!r}"
-            assert [u for u, _ in sink.committed()] == [kept], "a quarantined checkpoint is still committed"
-            listed = list(sink.quarantined())
-            assert where in [u for u, _ in listed], f"quarantined() lists {listed}, moved to {where!r}"
-            assert all("the contract's reason" in why for _, why in listed), f"the reason is not kept: {listed}"
-            assert sink.quarantine(bad, "again") is None, "quarantining what is gone returns None"
-
-    def test_unverifiable_names_a_manifest_that_cannot_be_believed(self, tmp_path: Path):
-        """``unverifiable()``, when overridden: a step directory whose manifest is not valid JSON
-        is listed with its step and a reason, and is never committed."""
-        self.require(Role.RESUME)
-        run = self.run_info()
-        with self.opened(tmp_path, Role.RESUME, run) as sink:
-            self.overriding(sink, "unverifiable")
-            store = self.checkpoint_store(sink)
-            self.store(sink, run, Role.RESUME, 2)
-            store.fs.makedirs(store.path_of(run.name, step_dirname(6)), exist_ok=True)
-            store.fs.pipe_file(posixpath.join(store.path_of(run.name, step_dirname(6)), "manifest.json"), b"{not json")
-            found = list(sink.unverifiable())
-            assert [m.step for _, m in sink.committed()] == [2]
-        assert [(step, bool(reason)) for _, step, reason in found] == [(6, True)], f"unverifiable() gave {found}"
-
-    def test_clean_incomplete_removes_this_runs_staging_only(self, tmp_path: Path):
-        """``clean_incomplete()``, when overridden: this run's unfinished save is removed and
-        reported; its committed checkpoints and another run's staging stay."""
-        self.require(Role.RESUME)
-        run, other = self.run_info(), self.run_info()
-        with self.opened(tmp_path, Role.RESUME, run) as sink:
-            self.overriding(sink, "clean_incomplete")
-            store = self.checkpoint_store(sink)
-            self.store(sink, run, Role.RESUME, 2)
-            mine = store.prepare(run.name, step_dirname(4))
-            theirs = store.prepare(other.name, step_dirname(4))
-            removed = list(sink.clean_incomplete())
-            assert len(removed) == 1 and str(removed[0].describe()), f"clean_incomplete() gave {removed}"
-            assert not store.fs.exists(mine), "this run's staging is still there"
-            assert store.fs.exists(theirs), "another run's staging was removed"
-            assert [m.step for _, m in sink.committed()] == [2]
-
-    def test_lease_store_holds_one_writer_per_run(self, tmp_path: Path):
-        """``lease_store()``, when overridden: a lease taken there refuses a second holder until
-        it is released."""
-        from wmtp_core.lease import Lease, LeaseHeldError
-
-        self.require(Role.RESUME)
-        run = self.run_info()
-        with self.opened(tmp_path, Role.RESUME, run) as sink:
-            self.overriding(sink, "lease_store")
-            first = Lease(sink.lease_store(), run.name)
-            first.acquire()
-            try:
-                with pytest.raises(LeaseHeldError):
-                    Lease(sink.lease_store(), run.name).acquire()
-            finally:
-                first.release()
-            second = Lease(sink.lease_store(), run.name)
-            second.acquire()
-            second.release()
-
-    def test_held_lists_what_was_stored(self, tmp_path: Path):
-        """``held(run_name)``, when overridden: every stored checkpoint of each declared role,
-        with its role and its step (or ``None`` where the sink cannot tell it)."""
-        run = self.run_info()
-        stored = set()
-        for step, role in enumerate(self.declared(), start=3):
-            with self.opened(tmp_path, role, run) as sink:
-                self.overriding(sink, "held")
-                self.store(sink, run, role, step)
-                stored.add((role, step))
-        with self.opened(tmp_path, self.declared()[-1], run) as sink:
-            held = [(h.role, h.step) for h in sink.held(run.name, {run.lineage})]
-        for role, step in stored:  # a step of None: the sink cannot tell it
-            assert (role, step) in held or (role, None) in held, f"held() lists {held}, stored {sorted(stored)}"
 
     def test_staging_is_never_listed(self, tmp_path: Path):
         """A step directory WMTP began without committing (a crashed save) is invisible, and a
