@@ -228,3 +228,15 @@ class Killer:
 
 sys.exit(main(sys.argv[2:], plugins=(Killer(),)))
 """
+
+
+LONGEST_FIRST = ("test_campaign.py", "test_origin_files.py", "test_hf_models.py", "test_lease.py",
+                 "test_distributed.py", "test_e2e.py", "test_preemption.py", "test_mlflow_outages.py",
+                 "test_clean_starts.py", "test_tiered.py", "test_sharded_everywhere.py", "test_quarantine.py")
+"""The modules that take longest (``--durations``), started first: the two workers each take a
+module at a time (``--dist loadscope``), so a long one started last would run alone at the end."""
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept within

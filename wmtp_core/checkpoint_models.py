@@ -296,15 +296,15 @@ def _target(target: str, full: bool, manifest: Manifest,
         raise UsageError(f"{target}: the copy is a checkpoint directory <run>/<name> and its parent "
                          f"directory names the run in its manifest; {run!r}/{name!r} is not allowed "
                          "(letters, digits and '_.=+-', not starting with '.')") from None
-    step = step_of(name) is not None
+    step = step_of(name)
     if full and name == FINAL_NAME:
         raise UsageError(f"{target}: a directory named 'final' holds a final model; the full resume "
                          "state (--full) goes in a directory of another name, e.g. step_N or single")
-    if not full and step:
+    if not full and step is not None:
         raise UsageError(f"{target}: a directory named {name} holds resume state; the weights-only copy "
                          "goes in a directory of another name, e.g. <run>/final (or use --full)")
-    if step and int(step.group(1)) != manifest.step:
-        raise UsageError(f"{target}: a directory named {name} must hold step {int(step.group(1))}, "
+    if step is not None and step != manifest.step:
+        raise UsageError(f"{target}: a directory named {name} must hold step {step}, "
                          f"the source is step {manifest.step}")
     store = CheckpointStore(fs, posixpath.dirname(posixpath.dirname(path)))
     if fs.exists(posixpath.join(path, "manifest.json")):
