@@ -96,7 +96,7 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     :class:`Facts`). Loads no data, allocates no model, loads no reference model, writes nothing."""
     from wmtp_core.config.loader import to_plain
     from wmtp_core.engine import distributed, models
-    from wmtp_core.engine.trainer import (
+    from wmtp_core.engine.parts import (
         autocast_dtype,
         check_algorithm,
         check_source,

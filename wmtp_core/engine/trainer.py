@@ -14,34 +14,24 @@ from wmtp_core.config import Settings
 from wmtp_core.config.schema import duration_seconds
 from wmtp_core.engine import data as data_mod
 from wmtp_core.engine import distributed, models
+from wmtp_core.engine.algorithms import CriticWMTP, head_ce, weighted_loss
 from wmtp_core.engine.final import final_payload
-from wmtp_core.engine.algorithms import (
-    Algorithm,
-    BaselineMTP,
-    CriticWMTP,
-    Rho1WMTP,
-    head_ce,
-    weighted_loss,
-)
-from wmtp_core.engine.model import ModelConfig, MTPModel, model_from_weights
-from wmtp_core.engine.models import Base
 from wmtp_core.engine.optim import build_optimizer, build_scheduler
-from wmtp_core.engine.state import restore_rng, rng_state
-from wmtp_core.errors import (
-    CheckpointError,
-    DataError,
-    DeviceError,
-    ModelLoadError,
-    TrainingError,
-    WmtpError,
-    first_line,
+from wmtp_core.engine.parts import (  # noqa: F401  (also importable from here, as before)
+    LoadModel,
+    autocast_dtype,
+    build_algorithm,
+    check_algorithm,
+    check_source,
+    choose_device,
+    load_documents,
+    model_config,
+    resolve_model,
 )
-from wmtp_core.events import LoadedModel, Payload
+from wmtp_core.engine.state import restore_rng, rng_state
+from wmtp_core.errors import CheckpointError, TrainingError, WmtpError, first_line
+from wmtp_core.events import Payload
 from wmtp_core.tensors import cpu_copy
-
-LoadModel = Callable[[str], LoadedModel]
-"""Resolves a model URI to weights and architecture (the ``wmtp_load_model`` hook); raises a
-:class:`~wmtp_core.errors.WmtpError` when it cannot."""
 
 
 @attrs.define
@@ -54,115 +44,6 @@ class Outcome:
     last_loss: float = math.nan
     metrics: dict[str, float] = attrs.Factory(dict)
     losses: list[float] = attrs.Factory(list)
-
-
-def model_config(settings: Settings) -> ModelConfig:
-    """The byte-level model's architecture (the recipe's ``model`` section)."""
-    return models.byte_config(settings)
-
-
-def choose_device(backend: str) -> torch.device:
-    """Honour ``devices.compute_backend`` or refuse it with the reason."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if backend == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if backend == "cuda" and not cuda:
-        raise DeviceError("devices.compute_backend: 'cuda' was asked for but this machine has no "
-                          "usable CUDA device (torch.cuda.is_available() is False); use cpu or auto")
-    if backend == "mps" and not mps:
-        raise DeviceError("devices.compute_backend: 'mps' was asked for but MPS is not available "
-                          "here; use cpu or auto")
-    return torch.device(backend)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Honour ``devices.mixed_precision`` or refuse it with the reason."""
-    if precision in ("no", "fp32"):
-        return None
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise DeviceError("devices.mixed_precision: 'bf16' is not supported by this GPU; use fp16 or no")
-        return torch.bfloat16
-    if device.type != "cuda":
-        raise DeviceError(f"devices.mixed_precision: 'fp16' needs a CUDA device (this run uses "
-                          f"{device.type}); use bf16 or no")
-    return torch.float16
-
-
-def resolve_model(load: LoadModel, uri: str, key: str) -> MTPModel:
-    """A frozen model from a URI: ``load`` resolves it (plugins, or the core for committed
-    checkpoints); its architecture and weights are checked before the module is built."""
-    try:
-        loaded = load(uri)
-        if not isinstance(loaded, LoadedModel):
-            raise ModelLoadError(f"{uri!r} did not resolve to a model")
-        model = model_from_weights(dict(loaded.model_config), dict(loaded.weights), uri)
-    except WmtpError as e:
-        message = str(e) if uri in str(e) else f"{uri!r} could not be loaded: {e}"
-        raise ModelLoadError(f"{key}: {message}") from None
-    return model.eval().requires_grad_(False)
-
-
-def check_algorithm(settings: Settings) -> None:
-    """Refuse an algorithm whose requirements the configuration does not meet, before anything
-    starts (the dry run calls it too, so it refuses in the same words)."""
-    recipe, cfg = settings.recipe, settings.config
-    algo = recipe.train.algo
-    if algo == "rho1-wmtp" and not cfg.paths.models.ref:
-        raise TrainingError(f"{settings.config_source}: paths.models.ref is required by rho1-wmtp: "
-                            "a models:/NAME/VERSION URI or a committed checkpoint URI")
-    if algo == "critic-wmtp" and cfg.paths.models.rm is None and not recipe.critic.use_pseudo_rewards:
-        raise TrainingError(f"{settings.config_source}: paths.models.rm is null and "
-                            "critic.use_pseudo_rewards is false: give a reward model or allow pseudo-rewards")
-
-
-def build_algorithm(settings: Settings, load: LoadModel, base: Base) -> Algorithm:
-    recipe, cfg = settings.recipe, settings.config
-    algo = recipe.train.algo
-    check_algorithm(settings)
-    loss = recipe.loss
-    if algo == "baseline-mtp":
-        return BaselineMTP(scale=loss.lambda_)
-    if algo == "rho1-wmtp":
-        return Rho1WMTP(models.build_reference(settings, load, base),
-                        mode=recipe.rho1.selection_mode, min_ce_diff=recipe.rho1.min_ce_diff,
-                        skip_percentile=recipe.rho1.skip_threshold_percentile,
-                        temperature=loss.weight_temperature, max_weight=loss.max_weight,
-                        epsilon=loss.epsilon, norm=loss.weight_norm)
-    reward = models.build_reward(settings, load, base) if cfg.paths.models.rm else None
-    return CriticWMTP(base.hidden_size, recipe.critic, loss.weight_temperature, reward,
-                      max_weight=loss.max_weight, epsilon=loss.epsilon, norm=loss.weight_norm)
-
-
-def check_source(settings: Settings, source: str, key: str = "data.train.sources",
-                 split: str = "train") -> None:
-    """The source is built in or named in ``paths.datasets``, and its URL holds data of the
-    split asked for (``train``, ``eval``, or the one ``NAME:SPLIT`` names)."""
-    datasets = settings.config.paths.datasets
-    name, split = data_mod.parse_source(source, split)
-    if name not in datasets and name != data_mod.STDLIB:
-        raise DataError(
-            f"{key}: data source {source!r} is neither built in ({data_mod.STDLIB!r}) nor a key of "
-            f"paths.datasets (defined: {', '.join(sorted(datasets)) or 'none'})"
-        )
-    url = datasets.get(name, data_mod.STDLIB)
-    if url != data_mod.STDLIB:
-        data_mod.source_files(url, split, f"paths.datasets.{name}",
-                              models.options_for(url, settings))
-
-
-def load_documents(settings: Settings, sources: list[str], split: str, key: str) -> list[str]:
-    """The documents of ``split`` from each source, in order."""
-    docs: list[str] = []
-    datasets = settings.config.paths.datasets
-    for source in sources:
-        check_source(settings, source, key, split)
-        name, named = data_mod.parse_source(source, split)
-        url = datasets.get(name, data_mod.STDLIB)
-        docs += data_mod.stdlib_documents() if url == data_mod.STDLIB else \
-            data_mod.documents(url, named, f"paths.datasets.{name}",
-                               models.options_for(url, settings))
-    return docs
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
