@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 
+from wmtp_core.config import spellings
 from wmtp_core.validators import (
     check,
     fraction,
@@ -30,35 +31,6 @@ UNUSED = {"unused": True}
 
 _num = is_number
 _int = is_int
-
-
-def _sharding(v: Any) -> Any:
-    v = v.lower() if isinstance(v, str) else v
-    return {"full": "full_shard", "grad_op": "shard_grad_op"}.get(v, v)
-
-
-def _auto_wrap(v: Any) -> Any:
-    if v is True:
-        return "block"
-    if v is False:
-        return "none"
-    return v.lower() if isinstance(v, str) else v
-
-
-def _monitor(v: Any) -> Any:
-    return "loss" if v == "wmtp_loss" else v
-
-
-def _mode(v: Any) -> Any:
-    return "min" if v == "loss_only" else v
-
-
-def _normalize(v: Any) -> Any:
-    if v is True:
-        return "zscore"
-    if v is False:
-        return "none"
-    return v
 
 
 # ----------------------------------------------------------------------------- config
@@ -153,10 +125,6 @@ class Mlflow:
     """Model registry; null: the tracking store."""
 
 
-def _lower(v: Any) -> Any:
-    return v.lower() if isinstance(v, str) else v
-
-
 @attrs.frozen
 class Distributed:
     enabled: bool | None = None
@@ -165,7 +133,7 @@ class Distributed:
     """How ranks find each other: ``env://``, the variables torchrun sets (the only launcher)."""
     find_unused_parameters: bool = attrs.field(default=False, metadata=UNUSED)
     """A DDP setting; FSDP2 has no unused-parameter search (accepted for compatibility)."""
-    backend: str | None = attrs.field(default=None, converter=_lower,
+    backend: str | None = attrs.field(default=None, converter=spellings.lower,
                                       validator=check(lambda v: v in (None, "gloo", "nccl"),
                                                       "accepted: gloo, nccl, or null (nccl on GPU, gloo on CPU)"))
     timeout: int = attrs.field(default=1800, validator=positive_int)
@@ -177,11 +145,11 @@ class Fsdp:
     enabled: bool = False
     """Shard the trunk and heads with FSDP2 (``fully_shard``); resume state is then written by
     every rank through ``torch.distributed.checkpoint`` (works on one process too)."""
-    sharding: str = attrs.field(default="full_shard", converter=_sharding,
+    sharding: str = attrs.field(default="full_shard", converter=spellings.sharding,
                                 validator=one_of("full_shard", "shard_grad_op"))
     """full_shard (also ``full``): parameters resharded after forward; shard_grad_op (also
     ``grad_op``): kept gathered until backward."""
-    auto_wrap: str | bool = attrs.field(default="block", converter=_auto_wrap, validator=one_of("block", "none"))
+    auto_wrap: str | bool = attrs.field(default="block", converter=spellings.auto_wrap, validator=one_of("block", "none"))
     """block (also ``true``): every transformer block (a Hugging Face model's decoder layers) is
     its own FSDP unit; none (also ``false``): the whole model is one."""
     activation_ckpt: bool = False
@@ -265,10 +233,10 @@ class EarlyStopping:
     patience: int = attrs.field(default=3, validator=positive_int)
     """Evaluations without improvement before the run stops."""
     min_delta: float = attrs.field(default=0.0, validator=non_negative)
-    monitor: str = attrs.field(default="eval_loss", converter=_monitor,
+    monitor: str = attrs.field(default="eval_loss", converter=spellings.monitor,
                                validator=one_of("eval_loss", "loss", "value_loss"))
     """eval_loss, loss (also ``wmtp_loss``: the weighted training loss) or value_loss."""
-    mode: str = attrs.field(default="min", converter=_mode, validator=one_of("min", "max"))
+    mode: str = attrs.field(default="min", converter=spellings.mode, validator=one_of("min", "max"))
     """min or max; ``loss_only`` (the origin's name for watching a loss alone) means min."""
 
 
@@ -351,7 +319,7 @@ class Critic:
     """How a sequence's reward reaches its tokens: ``uniform`` (R/T on every token), ``last`` (all
     on the last token), ``gae`` (on the last token; GAE carries it back: the same as ``last``)."""
     delta_mode: str = attrs.field(default="td", validator=one_of("td", "diff"), metadata=UNUSED)
-    normalize: str | bool = attrs.field(default="zscore", converter=_normalize, validator=one_of("zscore", "none"))
+    normalize: str | bool = attrs.field(default="zscore", converter=spellings.normalize, validator=one_of("zscore", "none"))
     """Standardise rewards over the batch: ``zscore`` (also ``true``) or ``none`` (also ``false``)."""
     discount_lambda: float = attrs.field(default=0.95, validator=fraction)
     gamma: float = attrs.field(default=0.99, validator=fraction)
