@@ -1,5 +1,6 @@
 """Hugging Face models in the engine: a pretrained causal LM with WMTP's multi-token heads on top,
-its tokenizer, reference and reward models, and the final model as a Hugging Face folder.
+its tokenizer, reference and reward models (their modules in :mod:`wmtp_core.engine.hf_frozen`),
+and the final model as a Hugging Face folder.
 
 A model folder is untrusted input. It is read only in formats that cannot run code: its
 ``config.json``, safetensors weights and tokenizer files. A folder that ships Python code
@@ -20,6 +21,7 @@ import attrs
 import torch
 from torch import nn
 
+from wmtp_core.engine.hf_frozen import ReferenceLM, TextReward  # noqa: F401  (also importable from here, as before)
 from wmtp_core.errors import ModelLoadError
 
 WEIGHTS = "model.safetensors"
@@ -246,54 +248,6 @@ def _clone(module: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(module)
-
-
-class ReferenceLM(nn.Module):
-    """A frozen causal LM asked for next-token logits (rho1-wmtp's reference)."""
-
-    def __init__(self, lm: nn.Module) -> None:
-        super().__init__()
-        self.lm = lm
-
-    def next_token_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=ids, use_cache=False).logits
-
-
-class TextReward(nn.Module):
-    """A reward model with its own tokenizer: each sequence's text (its real tokens, decoded with
-    the base tokenizer) re-tokenized with the reward model's tokenizer and scored. A sequence
-    classifier's score is its first logit; a causal LM's is minus its mean next-token loss."""
-
-    def __init__(self, model: nn.Module, tokenizer: Any, base_tokenizer: Any, causal: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        self.base_tokenizer = base_tokenizer
-        self.causal = causal
-        if getattr(tokenizer, "pad_token_id", None) is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        cfg = model.config
-        limit = next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions")
-                      if isinstance(getattr(cfg, k, None), int)), 512)
-        self.max_length = min(int(limit), int(getattr(tokenizer, "model_max_length", limit) or limit))
-
-    def score(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        from wmtp_core.engine.algorithms import next_token_ce, valid_positions
-
-        n = lengths.tolist() if lengths is not None else [ids.shape[1]] * ids.shape[0]
-        texts = [self.base_tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
-                 for row, k in zip(ids.cpu(), n)]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.max_length)
-        device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        if not self.causal:
-            return self.model(**enc).logits[:, 0].float().to(ids.device)
-        tokens, real = enc["input_ids"], enc["attention_mask"].sum(dim=1)
-        ce = next_token_ce(self.model(input_ids=tokens, attention_mask=enc["attention_mask"]).logits,
-                           tokens, real)
-        count = valid_positions(tokens, real)[:, 1:].sum(dim=1).clamp_min(1)
-        return (-ce[:, :-1].sum(dim=1) / count).float().to(ids.device)
 
 
 def build_mtp(info: FolderInfo, folder: str, n_future: int, head: str, key: str,
