@@ -30,7 +30,6 @@ from wmtp_core.errors import (
 from wmtp_core.lease import Lease, LeaseLostError
 from wmtp_core.events import (
     LoadedModel,
-    Receipt,
     RunEnded,
     RunInfo,
     RunStarted,
@@ -39,57 +38,14 @@ from wmtp_core.events import (
 )
 from wmtp_core.manifest import best, metric_of
 from wmtp_core.plan import Plan
-from wmtp_core.exits import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_PREEMPTED
+from wmtp_core.exits import EXIT_NOT_REGISTERED, EXIT_OK
 from wmtp_core.preemption import Preemption
 from wmtp_core.registering import discard
 from wmtp_core.resume import open_resume
 from wmtp_core.roles import Role
 from wmtp_core.router import Router
+from wmtp_core.summary import Ending, Summary
 from wmtp_core.tensors import tensor_bytes
-
-
-
-@attrs.frozen
-class Ending:
-    """How a run ended: its status (for observers), why, and the exit status."""
-
-    status: RunStatus = RunStatus.FAILED
-    reason: str = ""
-    code: int = EXIT_FAILED
-
-    @classmethod
-    def of(cls, outcome: Any) -> Ending:
-        """What the training loop's outcome means: a diverged run fails (its state is never
-        committed as "latest"), a preempted one is resumable, every other one finished."""
-        status = RunStatus(outcome.status)
-        code = {RunStatus.FAILED: EXIT_FAILED, RunStatus.PREEMPTED: EXIT_PREEMPTED}.get(status, EXIT_OK)
-        return cls(status, outcome.reason, code)
-
-    @classmethod
-    def failed(cls, reason: str, code: int = EXIT_FAILED) -> Ending:
-        return cls(RunStatus.FAILED, reason, code)
-
-
-@attrs.frozen
-class Summary:
-    """What a run did, for the face to print once it ended (``wmtp_core.run``)."""
-
-    run: str
-    ending: Ending
-    step: int
-    elapsed: float
-    receipts: tuple[Receipt, ...]
-    deleted: tuple[Receipt, ...]
-    locations: Mapping[Role, str]
-    losses: tuple[float, float] | None
-    """The first and last loss, when the run trained a step."""
-    async_stats: tuple[Any, ...] = ()
-    timings: Mapping[str, float] = attrs.field(factory=dict)
-
-    @property
-    def last_resume(self) -> str | None:
-        """The URI of the last resume checkpoint this run committed."""
-        return next((r.uri for r in reversed(self.receipts) if r.role is Role.RESUME), None)
 
 OBSERVER_HOOKS = {"wmtp_run_started", "wmtp_step_ended", "wmtp_run_ended", "wmtp_checkpoint_committed",
                   "wmtp_checkpoint_deleted", "wmtp_resume_checkpoint_emitted", "wmtp_final_model_emitted"}
