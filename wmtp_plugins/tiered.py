@@ -16,7 +16,7 @@ or when the run closes the sink. (After MosaicML Composer's ``RemoteUploader``.)
 
 Every other ``storage.resume.options`` key is a storage option of the durable tier (for S3:
 s3fs options; ``config_kwargs.retries`` sets botocore's retries, standard mode with 5 attempts
-unless given).
+unless given). The options are read and checked in :mod:`wmtp_plugins._tiered_options`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import time
 from typing import Any
 
 import attrs
-import fsspec
 from fsspec.core import split_protocol
 
 from wmtp_core import (
@@ -43,64 +42,23 @@ from wmtp_core import (
     SinkSpec,
     hookimpl,
 )
-from wmtp_core.commit import CheckpointState, step_dirname, store_class, verified_copy
+from wmtp_core.commit import CheckpointState, step_dirname, verified_copy
 from wmtp_core.hashing import fsync
 from wmtp_core.naming import step_of
+from wmtp_plugins._tiered_options import (  # noqa: F401  (also importable from here, as before)
+    FAST_KEEP_LAST,
+    RETRIES,
+    TIER_KEYS,
+    check,
+    durable_options,
+    tiers,
+)
 
-FAST_KEEP_LAST = 1
-"""Committed checkpoints kept on the fast tier when ``fast_keep_last`` is not set."""
 MAX_PENDING = 2
 """Copies to the durable tier waiting or in flight; a save beyond them first waits for the
 oldest, so a durable tier slower than the saves cannot fill the fast one."""
-RETRIES = {"max_attempts": 5, "mode": "standard"}
-"""botocore's retries for an S3 durable tier, unless ``config_kwargs.retries`` is given."""
-TIER_KEYS = ("fast", "durable", "fast_keep_last")
 
 log = logging.getLogger(__name__)
-
-
-def tiers(options: Any, where: str = "storage.resume") -> tuple[str, str, int]:
-    """``(fast, durable, fast_keep_last)`` from the sink's options, or a :class:`BindingError`
-    naming the key (``where``: the config key of the binding)."""
-    urls = []
-    for key, example in (("fast", "file:///local/disk/checkpoints"), ("durable", "s3://bucket/checkpoints")):
-        url = options.get(key)
-        if not url or not isinstance(url, str):
-            raise BindingError(f"{where}.options.{key}: sink 'tiered' needs a {key} tier; set {where}.options.{key} to "
-                               f"a URL (e.g. {example!r}), got {url!r}")
-        protocol = split_protocol(url)[0] or "file"
-        if protocol not in fsspec.available_protocols():
-            raise BindingError(f"{where}.options.{key}: {url!r} uses protocol {protocol!r}, which fsspec does "
-                               "not know; use a local path or an s3:// URL")
-        urls.append(url)
-    if urls[0].rstrip("/") == urls[1].rstrip("/"):
-        raise BindingError(f"{where}.options.durable: {urls[1]!r} is the fast tier too; the durable tier is "
-                           "another place (for example s3://)")
-    keep = options.get("fast_keep_last")
-    if keep is None:
-        keep = FAST_KEEP_LAST
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise BindingError(f"{where}.options.fast_keep_last: {keep!r} is not accepted; an integer >= 1")
-    return urls[0], urls[1], keep
-
-
-def _where(binding: Any) -> str:
-    """``c.yaml: storage.resume`` from the binding's origin ``c.yaml: storage.resume.sink``."""
-    origin = binding.origin
-    return origin.removesuffix(".sink") if origin.endswith(".sink") else f"{origin}: storage.{binding.role.value}"
-
-
-def check(binding) -> None:
-    """``tiered`` needs both tiers: a missing ``fast`` or ``durable`` is refused before anything
-    is written (also under ``--dry-run``)."""
-    tiers(binding.options, _where(binding))
-
-
-def durable_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Storage options of the durable tier: what the store of its protocol needs under them
-    (``with_defaults``; for S3: the ``s3`` sink's multipart block size and botocore's retries,
-    :data:`RETRIES`) unless given."""
-    return store_class(split_protocol(url)[0] or "file").with_defaults(options, retries=RETRIES)
 
 
 class TieredSink(ResumableSink):
