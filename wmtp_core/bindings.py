@@ -63,6 +63,15 @@ def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) ->
 
     :param required: the roles this run will emit; each needs exactly one sink.
     """
+    seen = _check_sinks(bindings, catalog)
+    _check_required(seen, catalog, required)
+    _check_policies(bindings, catalog, seen)
+    return attrs.evolve(bindings, checked_for=frozenset(required))
+
+
+def _check_sinks(bindings: Bindings, catalog: Catalog) -> dict[Role, SinkBinding]:
+    """Each role bound once, to an installed sink that serves it and accepts its binding (the
+    spec's own ``check``); returns the binding of each bound role."""
     installed = catalog.describe_sinks()
     seen: dict[Role, SinkBinding] = {}
     for b in bindings.sinks:
@@ -89,6 +98,11 @@ def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) ->
             )
         if spec.check is not None:
             spec.check(b)
+    return seen
+
+
+def _check_required(seen: Mapping[Role, SinkBinding], catalog: Catalog, required: frozenset[Role]) -> None:
+    """Every role the run emits has a sink."""
     for role in sorted(required, key=lambda r: r.value):
         if role not in seen:
             able = sorted(s.name for s in catalog.sinks.values() if role in s.roles)
@@ -96,6 +110,11 @@ def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) ->
                 f"role {role.value!r} has no sink but this run emits it; bind one with "
                 f"storage.{role.value}.sink (sinks that serve it: {', '.join(able) or 'none installed'})"
             )
+
+
+def _check_policies(bindings: Bindings, catalog: Catalog, seen: Mapping[Role, SinkBinding]) -> None:
+    """At most one installed policy per role, one that applies to the role, and only to a role
+    that has a sink."""
     policed: dict[Role, PolicyBinding] = {}
     for p in bindings.policies:
         if p.role in policed:
@@ -119,7 +138,6 @@ def validate(bindings: Bindings, catalog: Catalog, required: frozenset[Role]) ->
             raise BindingError(
                 f"{p.origin}: policy {p.policy!r} prunes role {p.role.value!r}, which has no sink"
             )
-    return attrs.evolve(bindings, checked_for=frozenset(required))
 
 
 def build_sink(catalog: Catalog, bindings: Bindings, role: Role, run: Any,

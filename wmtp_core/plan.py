@@ -94,33 +94,50 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     """Load and check everything; raise a :class:`~wmtp_core.errors.WmtpError` for the first
     problem in the files, or for every problem with this machine and its storage (see
     :class:`Facts`). Loads no data, allocates no model, loads no reference model, writes nothing."""
-    from wmtp_core.config.loader import to_plain
-    from wmtp_core.engine import distributed, models
-    from wmtp_core.engine.parts import (
-        autocast_dtype,
-        check_algorithm,
-        check_source,
-        choose_device,
-        model_config,
-    )
-
     settings = load_settings(config, recipe)
     catalog = build_catalog(pm)
     bindings = bindings_for(settings, catalog)
     required = required_roles(settings)
     bindings = validate(bindings, catalog, required)
+    _check_final_from(settings)
+    policies = build_policies(bindings, catalog)
+    name = run_name_for(settings, run_name)
+    tag_map = parse_tags(settings.recipe.run.tags, tags)
+    _check_architecture(settings)
+    device, checked = _check_this_machine(pm, settings)
+    mlflow = settings.mlflow
+    return Plan(settings=settings, catalog=catalog, bindings=bindings, required=required,
+                policies=policies, run_name=name, tags=tag_map, models=checked.descriptions,
+                parameters=checked.parameters, device=device.type, resume=resume, mlflow=mlflow)
+
+
+def _check_final_from(settings: Settings) -> None:
+    """``storage.final.from: best`` needs ``paths.checkpoints.keep_best`` to rank by."""
     final = settings.config.storage.final if settings.config.storage is not None else None
     if final is not None and final.from_ == "best" and settings.config.paths.checkpoints.keep_best is None:
         raise ConfigError(f"{settings.config_source}: storage.final.from: 'best' needs paths.checkpoints.keep_best "
                           "(the metric that ranks the checkpoints), e.g. keep_best: {k: 1, monitor: eval_loss}")
-    policies = build_policies(bindings, catalog)
-    name = run_name_for(settings, run_name)
-    tag_map = parse_tags(settings.recipe.run.tags, tags)
+
+
+def _check_architecture(settings: Settings) -> None:
+    """The byte-level architecture (the recipe's ``model`` section) is consistent."""
+    from wmtp_core.engine.parts import model_config
+
     try:
         if not settings.config.paths.models.base:
-            model_config(settings)  # the byte-level architecture is consistent
+            model_config(settings)
     except (ValueError, ModelLoadError) as e:
         raise ConfigError(f"{settings.recipe_source}: {e}") from None
+
+
+def _check_this_machine(pm: pluggy.PluginManager, settings: Settings) -> tuple[Any, Any]:
+    """What this machine and its storage can do, every check run to the end (:class:`Facts`):
+    the plugins' checks of the config, the device and precision, the algorithm, the models, the
+    data. Returns ``(device, models.Checked)``, or raises every problem found."""
+    from wmtp_core.config.loader import to_plain
+    from wmtp_core.engine import distributed, models
+    from wmtp_core.engine.parts import autocast_dtype, check_algorithm, choose_device
+
     devices = settings.config.devices
     facts = Facts()
     with facts:
@@ -135,6 +152,16 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     checked = None
     with facts:
         checked = models.check(settings)
+    _check_data(settings, checked, facts)
+    facts.raise_any()
+    return device, checked
+
+
+def _check_data(settings: Settings, checked: Any, facts: Facts) -> None:
+    """Each split's sources exist and hold that split; its rows fit the model's positions
+    (``checked``: what the model check found, ``None`` when it failed)."""
+    from wmtp_core.engine.parts import check_source
+
     for split in ("train", "eval"):
         data = getattr(settings.recipe.data, split)
         if data is None:
@@ -150,11 +177,6 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
                     f"{settings.recipe_source}: data.{split}.max_length: {data.max_length} is not accepted; "
                     f"it must be <= {limit} ({checked.max_positions})"
                 )
-    facts.raise_any()
-    mlflow = settings.mlflow
-    return Plan(settings=settings, catalog=catalog, bindings=bindings, required=required,
-                policies=policies, run_name=name, tags=tag_map, models=checked.descriptions,
-                parameters=checked.parameters, device=device.type, resume=resume, mlflow=mlflow)
 
 
 class Facts:

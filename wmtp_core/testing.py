@@ -163,6 +163,19 @@ class SinkContract(OptionalOperations):
                         "so its files cannot be reached to corrupt or stage")
         return store
 
+    def counting_router(self, tmp_path: Path, run: RunInfo, calls: list[dict[str, Any]]) -> Router:
+        """An open router whose catalog holds only this sink, for every declared role, wrapped
+        so that each ``store()`` call is appended to ``calls``."""
+        catalog = Catalog()
+        # the router builds its context from the binding; the test's own context (credentials,
+        # MLflow settings) is what the sink under test is built with
+        catalog.add_sink(SinkSpec(name=self.sink_name, roles=self.declared(), factory=lambda context: _Counting(
+            self.make_sink(self.make_context(tmp_path, context.role, context.run)), calls)))
+        bindings = Bindings(sinks=[SinkBinding(role=r, sink=self.sink_name, base_path=self.base_path(tmp_path))
+                                   for r in self.declared()])
+        return Router(make_plugin_manager(entry_points=False), catalog, bindings, run,
+                      required=frozenset(self.declared())).open()
+
     # -- the checks ----------------------------------------------------------------------
     def test_plugin_registers_the_declared_roles(self):
         """The plugin's SinkSpec has the name and roles this test class says."""
@@ -315,42 +328,7 @@ class SinkContract(OptionalOperations):
     def test_router_calls_store_once_per_emit(self, tmp_path: Path):
         run = self.run_info()
         calls: list[dict[str, Any]] = []
-
-        class Counting(ResumableSink):
-            """Forwards to the sink under test, counting store() calls."""
-
-            def __init__(self, sink: Any) -> None:
-                self.sink = sink
-
-            def store(self, *args, **kwargs):
-                assert not args, "the router calls store() with keyword arguments only"
-                calls.append(kwargs)
-                return self.sink.store(**kwargs)
-
-            def location(self) -> str:
-                return self.sink.location()
-
-            def close(self) -> None:
-                self.sink.close()
-
-            def stored_final(self, run: Any) -> str | None:
-                return self.sink.stored_final(run)
-
-            def committed(self) -> list:
-                return self.sink.committed()
-
-            def delete(self, uri: str) -> None:
-                self.sink.delete(uri)
-
-        catalog = Catalog()
-        # the router builds its context from the binding; the test's own context (credentials,
-        # MLflow settings) is what the sink under test is built with
-        catalog.add_sink(SinkSpec(name=self.sink_name, roles=self.declared(), factory=lambda context: Counting(
-            self.make_sink(self.make_context(tmp_path, context.role, context.run)))))
-        bindings = Bindings(sinks=[SinkBinding(role=r, sink=self.sink_name, base_path=self.base_path(tmp_path))
-                                   for r in self.declared()])
-        router = Router(make_plugin_manager(entry_points=False), catalog, bindings, run,
-                        required=frozenset(self.declared())).open()
+        router = self.counting_router(tmp_path, run, calls)
         try:
             emits = [(r, s) for r in self.declared() for s in ((2, 4) if r is Role.RESUME else (4,))]
             for n, (role, step) in enumerate(emits, start=1):
@@ -366,3 +344,31 @@ class SinkContract(OptionalOperations):
                     f"the router stamped {receipt.sink!r} on the receipt, not {self.sink_name!r}")
         finally:
             router.close()
+
+
+class _Counting(ResumableSink):
+    """Forwards to the sink under test, counting store() calls into ``calls``."""
+
+    def __init__(self, sink: Any, calls: list[dict[str, Any]]) -> None:
+        self.sink = sink
+        self.calls = calls
+
+    def store(self, *args, **kwargs):
+        assert not args, "the router calls store() with keyword arguments only"
+        self.calls.append(kwargs)
+        return self.sink.store(**kwargs)
+
+    def location(self) -> str:
+        return self.sink.location()
+
+    def close(self) -> None:
+        self.sink.close()
+
+    def stored_final(self, run: Any) -> str | None:
+        return self.sink.stored_final(run)
+
+    def committed(self) -> list:
+        return self.sink.committed()
+
+    def delete(self, uri: str) -> None:
+        self.sink.delete(uri)

@@ -18,6 +18,7 @@ __all__ = ["EXIT_FAILED", "EXIT_NOT_REGISTERED", "EXIT_OK", "EXIT_USAGE", "main"
 
 
 def parser() -> argparse.ArgumentParser:
+    """The ``wmtp`` command line: ``plugins``, then each command its ``_add_*`` function adds."""
     p = argparse.ArgumentParser(prog="wmtp", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     storage = argparse.ArgumentParser(add_help=False)
@@ -26,6 +27,15 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="installed plugins, their sinks, policies and hooks"
                    ).set_defaults(func=commands.cmd_plugins)
+    _add_checkpoints(sub, storage)
+    _add_gc(sub, storage)
+    _add_register(sub, storage)
+    _add_report(sub, storage)
+    return p
+
+
+def _add_checkpoints(sub: argparse._SubParsersAction, storage: argparse.ArgumentParser) -> None:
+    """``wmtp checkpoints ls|verify|convert``."""
     ck = sub.add_parser("checkpoints", help="list or verify stored checkpoints")
     cks = ck.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = cks.add_parser("ls", parents=[storage],
@@ -49,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
                          "on one process")
     cv.set_defaults(func=commands.cmd_convert)
 
+
+def _add_gc(sub: argparse._SubParsersAction, storage: argparse.ArgumentParser) -> None:
+    """``wmtp gc``."""
     gc_ = sub.add_parser("gc", parents=[storage], help="remove staging left by crashed saves")
     gc_.add_argument("uri", help="a run directory or a base path")
     gc_.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
@@ -61,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
                           "moved aside); never removed otherwise")
     gc_.set_defaults(func=gc.cmd_gc)
 
+
+def _add_register(sub: argparse._SubParsersAction, storage: argparse.ArgumentParser) -> None:
+    """``wmtp register``."""
     reg = sub.add_parser("register", parents=[storage],
                          help="store the final model from a committed checkpoint through the final sink")
     reg.add_argument("uri", help="a committed step_N or final checkpoint directory")
@@ -71,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
                           "(sqlite:///mlflow.db) resolve; the command a run prints sets it when needed")
     reg.set_defaults(func=commands.cmd_register)
 
+
+def _add_report(sub: argparse._SubParsersAction, storage: argparse.ArgumentParser) -> None:
+    """``wmtp report``."""
     rep = sub.add_parser("report", parents=[storage], help="bytes a run holds, per role and sink")
     rep.add_argument("run", metavar="RUN_OR_URI",
                      help="a run directory, or a run name under the config's checkpoint base path")
@@ -83,7 +102,6 @@ def parser() -> argparse.ArgumentParser:
                      help="price the bytes held at the end, both ways "
                           "(default with --plot: 0.023, S3 Standard)")
     rep.set_defaults(func=holdings.cmd_report)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,19 +229,34 @@ def _value(tp: Any, value: Any, *, source: str, path: str, accepted: str = "") -
     if attrs.has(tp):
         return structure(tp, value, source=source, path=path)
     if origin is list:
-        if isinstance(value, str) and args and args[0] is str:
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a list")
-        return [_value(args[0], v, source=source, path=f"{path}[{i}]") for i, v in enumerate(value)] if args else value
+        return _list(args, value, source=source, path=path)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a mapping")
-        if args and args[1] is str:
-            for k, v in value.items():
-                if not isinstance(v, str):
-                    raise ConfigError(f"{source}: {_join(path, k)}: {v!r} is not accepted; expected a string")
-        return dict(value)
+        return _mapping(args, value, source=source, path=path)
+    return _scalar(tp, value, source=source, path=path, accepted=accepted)
+
+
+def _list(args: tuple, value: Any, *, source: str, path: str) -> list:
+    """A list (a comma-separated string for a list of strings), each item checked."""
+    if isinstance(value, str) and args and args[0] is str:
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a list")
+    return [_value(args[0], v, source=source, path=f"{path}[{i}]") for i, v in enumerate(value)] if args else value
+
+
+def _mapping(args: tuple, value: Any, *, source: str, path: str) -> dict:
+    """A mapping (of strings: each value checked)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a mapping")
+    if args and args[1] is str:
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise ConfigError(f"{source}: {_join(path, k)}: {v!r} is not accepted; expected a string")
+    return dict(value)
+
+
+def _scalar(tp: Any, value: Any, *, source: str, path: str, accepted: str) -> Any:
+    """A bool, an integer, a number or a string as ``tp`` says (any other type: as it is)."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected true or false")
