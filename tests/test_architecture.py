@@ -4,6 +4,9 @@ The table in the doc places every module of ``wmtp_core`` in one layer and says 
 may import; the imports of every module are read with ``ast`` (including imports inside
 functions, but not those under ``if TYPE_CHECKING:``, which never run), so a rule cannot be
 broken by a lazy import either. Each rule is also shown to fail on a module that breaks it.
+
+The sizes are rules too: no module of ``wmtp_core`` or ``wmtp_plugins`` over 420 lines, no function
+or method over 50.
 """
 
 from __future__ import annotations
@@ -209,6 +212,56 @@ def test_the_probe_check_can_fail(tmp_path):
     probe = tmp_path / "x.py"
     probe.write_text("def close(sink):\n    f = getattr(sink, 'close', None)\n    return hasattr(sink, 'held')\n")
     assert _probes(probe) == ["x.py:2", "x.py:3"]
+
+
+MAX_MODULE_LINES = 420
+"""A module of ``wmtp_core`` or ``wmtp_plugins`` is at most this long (about 400 is the aim)."""
+MAX_FUNCTION_LINES = 50
+"""A function or method, counted from its ``def`` line to its last line, docstring included."""
+
+
+def _functions(node: ast.AST, prefix: str = ""):
+    """``(qualified name, node)`` of every function and method under ``node``, in source order."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = f"{prefix}{child.name}"
+            if not isinstance(child, ast.ClassDef):
+                yield name, child
+            yield from _functions(child, name + ".")
+        else:
+            yield from _functions(child, prefix)
+
+
+def _too_long(path: Path) -> list[str]:
+    """The module at ``path`` if it is over :data:`MAX_MODULE_LINES`, then each of its functions
+    over :data:`MAX_FUNCTION_LINES`, one line each."""
+    text = path.read_text()
+    label = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    lines = len(text.splitlines())
+    out = [f"{label}: {lines} lines (at most {MAX_MODULE_LINES} a module)"] if lines > MAX_MODULE_LINES else []
+    for name, node in _functions(ast.parse(text)):
+        size = node.end_lineno - node.lineno + 1
+        if size > MAX_FUNCTION_LINES:
+            out.append(f"{label}:{node.lineno} {name}: {size} lines (at most {MAX_FUNCTION_LINES} a function)")
+    return out
+
+
+def test_no_module_and_no_function_is_too_long():
+    """A long module is split by concept, a long function into helpers that each do one thing."""
+    found = [hit for package in ("wmtp_core", "wmtp_plugins")
+             for path in sorted((ROOT / package).rglob("*.py")) for hit in _too_long(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_size_check_can_fail(tmp_path):
+    long = tmp_path / "long.py"
+    method = "class A:\n    def f(self):\n" + "".join(f"        x = {i}\n" for i in range(50))  # 51 lines
+    function = "def g():\n" + "".join(f"    y = {i}\n" for i in range(49))  # 50 lines: allowed
+    long.write_text(method + function + "z = 0\n" * (421 - 52 - 50))
+    assert _too_long(long) == ["long.py: 421 lines (at most 420 a module)",
+                               "long.py:2 A.f: 51 lines (at most 50 a function)"]
+    long.write_text(function + "z = 0\n" * (420 - 50))
+    assert _too_long(long) == []
 
 
 def test_the_public_names_a_third_party_sink_needs_are_exported():
