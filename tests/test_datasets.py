@@ -277,10 +277,25 @@ def test_batch_stream_resumes_bit_exactly():
     b.load_state_dict(state)
     got = [b.next() for _ in range(len(expected))]
     for (ei, el), (gi, gl) in zip(expected, got):
-        assert gi.dtype == torch.int64 and gi.shape == (3, 4) and gl.dtype == torch.int64
+        assert gi.dtype == torch.int64 and gi.shape == (3, int(gl.max())) and gl.dtype == torch.int64
         assert torch.equal(ei, gi) and torch.equal(el, gl)
     with pytest.raises(DataError, match="data seed"):
         data.BatchStream(w, 3, seed=8).load_state_dict(state)
+
+
+def test_a_batch_is_padded_to_its_longest_row_not_to_max_length():
+    docs = [list(range(1, 41)), list(range(1, 13)), list(range(1, 7)), list(range(1, 200))]
+    w = data.windows(docs, 128, pack=False, pad_id=0)
+    assert w.length == 128 and w.lengths.tolist() == [40, 12, 6, 128, 71]
+    stream = data.BatchStream(w[:3], 3, seed=0)
+    ids, lengths = stream.next()
+    assert ids.shape == (3, 40) and sorted(lengths.tolist()) == [6, 12, 40]
+    for row, n in zip(ids, lengths):  # real tokens kept, the rest is padding
+        assert row[:n].tolist() == list(range(1, n + 1)) and not row[n:].any()
+    (short, ls), = data.eval_batches(w[1:3], 2)
+    assert short.shape == (2, 12) and ls.tolist() == [12, 6]
+    (full, lf), = data.eval_batches(w[3:5], 2)
+    assert full.shape == (2, 128) and lf.tolist() == [128, 71]
 
 
 def test_batch_stream_refuses_too_few_windows_and_eval_batches():

@@ -346,6 +346,28 @@ def test_transformer_heads_and_the_record_rebuild_the_same_model(zoo, tmp_path):
         assert torch.allclose(back.eval()(IDS), logits, atol=1e-5)
 
 
+def test_a_batch_padded_to_its_longest_row_has_the_loss_of_one_padded_to_max_length(zoo):
+    """Trimming a batch's padding columns (``data.trimmed``) changes no row's loss: causal
+    attention keeps every real token from seeing the padding after it."""
+    from wmtp_core.engine import hf
+    from wmtp_core.engine.algorithms import head_ce, weighted_loss
+    from wmtp_core.engine.data import trimmed
+
+    info = hf.inspect(str(zoo / "distilgpt2-mtp"), "paths.models.base")
+    model, _ = hf.build_mtp(info, str(zoo / "distilgpt2-mtp"), 3, "transformer", "paths.models.base")
+    model.eval()
+    torch.manual_seed(0)
+    lengths = torch.tensor([9, 23, 14])
+    ids = torch.randint(1, 50000, (3, 64))
+    ids[torch.arange(64)[None, :] >= lengths[:, None]] = 50256
+    short, same = trimmed(ids, lengths)
+    assert short.shape == (3, 23) and same is lengths
+    with torch.no_grad():
+        full = weighted_loss(*head_ce(model(ids), ids, lengths), torch.ones(3, 3, 64))
+        cut = weighted_loss(*head_ce(model(short), short, lengths), torch.ones(3, 3, 23))
+    assert torch.allclose(full, cut, rtol=1e-5), (float(full), float(cut))
+
+
 def test_a_record_that_lies_about_its_shapes_is_refused_before_allocation(zoo):
     from wmtp_core.engine import hf
     from wmtp_core.engine.models import rebuild

@@ -163,7 +163,8 @@ class BatchStream:
     The order of epoch ``e`` comes from a generator seeded with ``seed + e``, so restoring
     ``(epoch, index)`` reproduces exactly the batches an uninterrupted run would have seen.
     :meth:`next` gives ``(ids, lengths)``: int64 ``[B, L]`` and int64 ``[B]``, or None for
-    lengths when the windows have no padded row.
+    lengths when the windows have no padded row. ``L`` is the batch's longest row (see
+    :func:`trimmed`), at most ``max_length``.
     """
 
     def __init__(self, data: Windows, batch_size: int, seed: int) -> None:
@@ -195,7 +196,7 @@ class BatchStream:
         idx = self._order[self.index : self.index + self.batch_size]
         self.index += self.batch_size
         lengths = self.data.lengths
-        return self.data.ids[idx].long(), (None if lengths is None else lengths[idx].clone())
+        return trimmed(self.data.ids[idx], None if lengths is None else lengths[idx].clone())
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
@@ -215,6 +216,15 @@ def eval_batches(data: Windows, batch_size: int, max_batches: int = 4) -> list[B
         if len(out) == max_batches:
             break
         lengths = data.lengths
-        out.append((data.ids[i : i + batch_size].long(),
-                    None if lengths is None else lengths[i : i + batch_size].clone()))
+        out.append(trimmed(data.ids[i : i + batch_size],
+                           None if lengths is None else lengths[i : i + batch_size].clone()))
     return out
+
+
+def trimmed(ids: torch.Tensor, lengths: torch.Tensor | None) -> Batch:
+    """A batch padded to its own longest row, not to ``max_length`` (what HF's
+    ``DataCollatorWithPadding`` does): the columns after every row's last real token go. A row's
+    real tokens see only what precedes them (causal attention), so its logits do not change."""
+    if lengths is not None and len(lengths):
+        ids = ids[:, : max(2, int(lengths.max()))]
+    return ids.long(), lengths
