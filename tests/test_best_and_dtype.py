@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import merge, recipe, write
+from builders import recipe, write
 
 from wmtp_core.engine.model import model_from_weights
 

@@ -6,11 +6,10 @@ process killed (SIGKILL) while it saved, against a real S3 endpoint on loopback 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import zygote
 from builders import merge, recipe, write
 
 pytestmark = pytest.mark.slow
@@ -95,14 +94,12 @@ sys.exit(main(sys.argv[2:], plugins=(Look(),)))
 
 def script(cwd: Path, name: str, code: str, args: list[str]):
     (cwd / name).write_text(code)
-    return subprocess.run([sys.executable, str(cwd / name), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **ENV})
+    return zygote.run([str(cwd / name), *map(str, args)], cwd=cwd, timeout=600, env={**os.environ, **ENV})
 
 
 def wmtp(*args, cwd: Path):
-    return subprocess.run([sys.executable, "-c", "import sys; from wmtp_core.cli import main; sys.exit(main())",
-                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **ENV})
+    return zygote.run(["-c", "import sys; from wmtp_core.cli import main; sys.exit(main())", *map(str, args)],
+                      cwd=cwd, timeout=600, env={**os.environ, **ENV})
 
 
 def uploads(endpoint: str, bucket: str, prefix: str) -> list[str]:
@@ -195,10 +192,11 @@ def test_a_local_run_removes_its_own_staging_before_its_first_save(tmp_path):
 
 def test_the_sink_toolkit_removes_only_its_own_runs_incomplete_saves(s3_server, bucket, tmp_path):
     """What the session calls before the first save: ``FileSink.clean_incomplete()``."""
+    from conftest import run_info
+
     from wmtp_core import FileSink
     from wmtp_core.events import SinkContext
     from wmtp_core.roles import Role
-    from conftest import run_info
 
     base = f"s3://{bucket}/runs"
     killed_writer(tmp_path, base, "mine", "step_2/optimizer.pt")

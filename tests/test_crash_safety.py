@@ -20,8 +20,8 @@ from wmtp_core import Payload, Role, RunInfo
 from wmtp_core import commit as commit_mod
 from wmtp_core.bindings import Bindings, PolicyBinding, SinkBinding
 from wmtp_core.plugins import build_catalog, make_plugin_manager
-from wmtp_core.router import Router
 from wmtp_core.resume import find_resume as _find_resume
+from wmtp_core.router import Router
 
 RUN = RunInfo(name="crashy", algo="baseline-mtp", lineage="L")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from builders import merge, recipe, write
 from conftest import s3_keys
 
@@ -64,8 +65,7 @@ def torchrun(n: int, args: list[str], cwd: Path, script: str | None = None, env=
 
 
 def single(args, cwd):
-    return subprocess.run([sys.executable, "-m", "wmtp_core.run", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return zygote.run(["-m", "wmtp_core.run", *args], cwd=cwd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def manifest(path: Path) -> dict:

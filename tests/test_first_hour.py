@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import zygote
 from builders import TINY_RECIPE, files, merge, tiny_config, write
 from conftest import ROOT
 from hf_models import ORIGIN_MODELS
@@ -142,8 +143,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_mlflow_run_is_ended(tmp_path, when)
     import mlflow
 
     args = files(tmp_path, tiny_config(tmp_path), {"train": {"max_steps": 8}})
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, when, *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = zygote.run(["-c", KILL_SCRIPT, when, *args], cwd=tmp_path, timeout=300)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -20,8 +20,8 @@ from builders import recipe, write
 
 from wmtp_core import hookimpl
 from wmtp_core.commit import CheckpointStore
-from wmtp_core.tensors import tensor_bytes
 from wmtp_core.run import main
+from wmtp_core.tensors import tensor_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from builders import write
 from conftest import KILLER
 from hf_models import ORIGIN_DATA, causal_lm, origin_models
@@ -218,8 +219,8 @@ def test_sigkill_and_resume_of_a_pretrained_model_is_bit_exact(zoo, tmp_path, mo
                                                                   "warmup_ratio": 0.1}))
     code, _, err = run(tmp_path, monkeypatch, capsys, "--run-name", "full")
     assert code == 0, err[-3000:]
-    cut = subprocess.run([sys.executable, "-c", KILLER, "6", "--config", "c.yaml", "--recipe", "r.yaml",
-                          "--run-name", "cut"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    cut = zygote.run(["-c", KILLER, "6", "--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "cut"],
+                     cwd=tmp_path, timeout=300)
     assert cut.returncode == -signal.SIGKILL, cut.stderr[-3000:]
     code, _, err = run(tmp_path, monkeypatch, capsys, "--run-name", "cut", "--resume", "latest")
     assert code == 0, err[-3000:]

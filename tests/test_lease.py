@@ -6,8 +6,8 @@ warning; a holder whose lease was taken over stops at its next save. Local disk 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zygote
 from builders import merge, recipe, write
 from conftest import KILLER, S3_ENV
 
@@ -52,9 +53,8 @@ def run(tmp: Path, *args: str, env: dict | None = None, script: tuple[str, ...] 
     """The ``wmtp_core.run`` command, or ``script`` (``-c`` source and its own arguments) in front
     of the same arguments."""
     head = ["-c", *script] if script else ["-m", "wmtp_core.run"]
-    cmd = [sys.executable, *head, "--config", "c.yaml", "--recipe", "r.yaml", *args]
-    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return zygote.run([*head, "--config", "c.yaml", "--recipe", "r.yaml", *args], cwd=tmp, timeout=300,
+                      env={**os.environ, **(env or {})})
 
 
 def foreign_lease(age: float, host: str = "node-17.example", pid: int = 4242) -> bytes:
@@ -72,9 +72,8 @@ def files(tmp_path):
 def holding(tmp: Path, release: Path) -> subprocess.Popen:
     """A run of ``r`` that holds its lease: it waits after committing step 4 until ``release``
     exists. Returns once it waits."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, "4", str(release), "--config", "c.yaml",
-                               "--recipe", "r.yaml", "--run-name", "r"], cwd=tmp,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = zygote.Child(["-c", HOLDER, "4", str(release), "--config", "c.yaml", "--recipe", "r.yaml",
+                           "--run-name", "r"], cwd=tmp)
     deadline = time.time() + 240
     while not Path(f"{release}.held").exists():
         assert holder.poll() is None and time.time() < deadline, holder.stderr.read()[-3000:]

@@ -5,8 +5,8 @@ matches the uninterrupted run tensor for tensor; timed saves keep their schedule
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from builders import merge, recipe, write
 
 from wmtp_core.run import EXIT_PREEMPTED
@@ -104,8 +105,8 @@ def test_sigterm_between_interval_saves_commits_that_step_exits_4_and_resumes_bi
     code, _, err = in_process(tmp_path, monkeypatch, capsys, "--run-name", "full")
     assert code == 0, err[-3000:]
 
-    cut = subprocess.run([sys.executable, "-c", SIGNALLER, "5", "0", "--config", "c.yaml", "--recipe", "r.yaml",
-                          "--run-name", "cut"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    cut = zygote.run(["-c", SIGNALLER, "5", "0", "--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "cut"],
+                     cwd=tmp_path, timeout=300)
     assert cut.returncode == EXIT_PREEMPTED, cut.stderr[-3000:]
     assert "Traceback" not in cut.stderr
     assert "SIGTERM received again: the save in progress goes on" in cut.stderr

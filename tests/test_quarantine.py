@@ -6,12 +6,11 @@ counted or deleted by retention, and removed by ``gc --quarantined`` only."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from builders import merge, recipe, write
 from conftest import KILLER, S3_ENV
 
@@ -39,9 +38,8 @@ def in_process(tmp: Path, monkeypatch, capsys, *args: str):
 def killed_after(tmp: Path, step: int, run: str, env: dict | None = None) -> None:
     import os
 
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(step), "--config", "c.yaml", "--recipe", "r.yaml",
-                           "--run-name", run], cwd=tmp, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    proc = zygote.run(["-c", KILLER, str(step), "--config", "c.yaml", "--recipe", "r.yaml", "--run-name", run],
+                      cwd=tmp, timeout=300, env={**os.environ, **(env or {})})
     assert proc.returncode == -9, proc.stderr[-3000:]
 
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import io
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from builders import recipe, write
 from conftest import KILLER, mlflow_environment_restored
 
@@ -77,8 +76,7 @@ def store(tmp_path_factory):
 
 
 def kill_at(step: int, args: list[str], cwd: Path):
-    return subprocess.run([sys.executable, "-c", KILLER, str(step), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return zygote.run(["-c", KILLER, str(step), *args], cwd=cwd, timeout=300)
 
 
 def final_weights(base: Path, run: str) -> dict:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 
 import fsspec
 import pytest
 import torch
+import zygote
 from builders import recipe, write
 from conftest import KILLER, s3_keys
 
@@ -46,8 +45,7 @@ def test_resume_on_s3_final_in_mlflow_sigkill_and_resume_is_bit_exact(s3_server,
     assert code == 0, full_err[-3000:]
     assert "resume  -> s3: s3://" in full_out
 
-    cut = subprocess.run([sys.executable, "-c", KILLER, "7", *common, "--run-name", "cut"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    cut = zygote.run(["-c", KILLER, "7", *common, "--run-name", "cut"], cwd=tmp_path, timeout=600)
     assert cut.returncode == -signal.SIGKILL, cut.stderr[-3000:]
     code, res_out, res_err = in_process([*common, "--run-name", "cut", "--resume", "latest"],
                                         monkeypatch, capsys, tmp_path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from builders import merge, recipe, write
 
 pytestmark = pytest.mark.slow
@@ -42,15 +43,13 @@ def torchrun(args: list[str], cwd: Path):
 
 
 def single(args: list[str], cwd: Path):
-    return subprocess.run([sys.executable, "-m", "wmtp_core.run", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **ENV})
+    return zygote.run(["-m", "wmtp_core.run", *args], cwd=cwd, timeout=600, env={**os.environ, **ENV})
 
 
 def wmtp(*args, cwd: Path):
     """The ``wmtp`` command in a process of its own."""
-    return subprocess.run([sys.executable, "-c", "import sys; from wmtp_core.cli import main; sys.exit(main())",
-                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **ENV})
+    return zygote.run(["-c", "import sys; from wmtp_core.cli import main; sys.exit(main())", *map(str, args)],
+                      cwd=cwd, timeout=600, env={**os.environ, **ENV})
 
 
 def sharded_run(root: Path, algo: str) -> Path:
@@ -143,7 +142,7 @@ def test_convert_full_resumes_on_one_process_and_trains_on(two, tmp_path):
     # number holds that parameter's moments as the shards recorded them
     from wmtp_core.checkpoint_models import read_sharded
     from wmtp_core.commit import CheckpointStore
-    from wmtp_core.engine.model import MTPModel, ModelConfig
+    from wmtp_core.engine.model import ModelConfig, MTPModel
 
     store = CheckpointStore.from_url(str(two.parent))
     state, trainer = read_sharded(store, str(two / "step_4"), store.read_manifest(str(two / "step_4")),

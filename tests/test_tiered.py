@@ -14,6 +14,7 @@ import attrs
 import fsspec
 import pytest
 import torch
+import zygote
 from builders import merge, recipe, write
 from conftest import S3_ENV
 
@@ -386,8 +387,8 @@ def test_a_run_keeps_each_tier_within_its_retention_and_resumes_bit_exact_from_s
 
     # killed after step 7 once a durable copy is committed: steps 2..6 were committed on the fast
     # tier, some of them copied (a slow machine may still be copying; the kill waits for one)
-    cut = subprocess.run([sys.executable, "-c", DURABLE_KILLER, "7", f"{bucket}/runs", "cut", *common, "--run-name", "cut"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    cut = zygote.run(["-c", DURABLE_KILLER, "7", f"{bucket}/runs", "cut", *common, "--run-name", "cut"],
+                     cwd=tmp_path, timeout=600)
     assert cut.returncode == -signal.SIGKILL, cut.stderr[-3000:]
     assert steps(durable, "cut")  # at least one durable copy committed before the kill
     shutil.rmtree(tmp_path / "fast" / "cut")  # a new machine: the fast tier is gone
@@ -482,9 +483,8 @@ def test_two_ranks_write_shards_to_the_fast_tier_and_rank_0_copies_them_to_s3(s3
         assert m.meta["format"] == "dcp" and ".metadata" in names and sum(n.endswith(".distcp") for n in names) == 2
 
     shutil.rmtree(tmp_path / "fast" / "d")
-    one = subprocess.run([sys.executable, "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r6.yaml",
-                          "--run-name", "d", "--resume", "latest"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, env=env)
+    one = zygote.run(["-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r6.yaml", "--run-name", "d",
+                      "--resume", "latest"], cwd=tmp_path, timeout=600, env=env)
     assert one.returncode == 0, one.stderr[-4000:]
     assert f"from s3://{bucket}/runs/d/step_4" in one.stderr
     assert steps(durable, "d")[-1] == 6
