@@ -204,6 +204,7 @@ class MlflowServer:
         import urllib.request
 
         mlflow_bin = Path(sys.executable).parent / "mlflow"
+        migrated_mlflow_db(self.workdir / "server.db")  # a first start would migrate it (seconds)
         self.log = open(self.workdir / f"mlflow-server-{self.port}.log", "ab")
         self.proc = subprocess.Popen(
             [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port),
