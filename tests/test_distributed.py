@@ -118,14 +118,41 @@ def test_two_ranks_write_shards_to_s3(s3_server, bucket, tmp_path):
     assert (tmp_path / "final" / "s3" / "final" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("algo", ["baseline-mtp", "critic-wmtp"])
-def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_is_bit_exact(tmp_path, algo):
-    write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL))
+def uninterrupted(tmp: Path, algo: str) -> Path:
+    """Six steps of ``algo`` on two ranks, never interrupted, with the config and recipe the
+    tests interrupt and resume (``tmp/c.yaml``, ``tmp/r.yaml``): its directory."""
+    write(tmp / "c.yaml", config(f"file://{tmp}/ck", **LOCAL_FINAL, paths={"checkpoints": {"keep_last": 3}}))
     # critic-wmtp: its value head is sharded with the model and resumed from the shards
-    write(tmp_path / "r.yaml", merge(recipe_of(6), {"train": {"algo": algo}, "pretrain": {"max_steps": 2}}))
-    common = ["--config", "c.yaml", "--recipe", "r.yaml"]
-    full = torchrun(2, [*common, "--run-name", "full"], tmp_path)
+    write(tmp / "r.yaml", merge(recipe_of(6), {"train": {"algo": algo}, "pretrain": {"max_steps": 2}}))
+    full = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "full"], tmp)
     assert full.returncode == 0, full.stderr[-4000:]
+    return tmp / "ck" / "full"
+
+
+@pytest.fixture(scope="module")
+def baseline_full(tmp_path_factory) -> Path:
+    """One uninterrupted baseline-mtp run, compared with by every test that cuts one."""
+    return uninterrupted(tmp_path_factory.mktemp("full"), "baseline-mtp")
+
+
+def beside(full: Path, tmp: Path) -> None:
+    """``tmp`` set up like the uninterrupted run's directory: its files, and ``tmp/ck/full``."""
+    import shutil
+
+    for name in ("c.yaml", "r.yaml"):
+        text = (full.parent.parent / name).read_text().replace(str(full.parent.parent), str(tmp))
+        (tmp / name).write_text(text)
+    shutil.copytree(full, tmp / "ck" / "full")
+
+
+@pytest.mark.parametrize("algo", ["baseline-mtp", "critic-wmtp"])
+def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_is_bit_exact(
+        tmp_path, algo, request):
+    if algo == "baseline-mtp":
+        beside(request.getfixturevalue("baseline_full"), tmp_path)
+    else:
+        uninterrupted(tmp_path, algo)
+    common = ["--config", "c.yaml", "--recipe", "r.yaml"]
 
     cut = torchrun(2, ["4", *common, "--run-name", "cut"], tmp_path, script=KILL_RANK1_MID_SAVE)
     assert cut.returncode != 0
@@ -135,7 +162,7 @@ def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_i
     # resumed with asynchronous sharded saves: staged shards written in the background, on a
     # checkpoint process group of their own, must give the very same run
     write(tmp_path / "ca.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL,
-                                       paths={"checkpoints": {"async": True}}))
+                                       paths={"checkpoints": {"async": True, "keep_last": 3}}))
     resumed = torchrun(2, ["--config", "ca.yaml", "--recipe", "r.yaml", "--run-name", "cut",
                            "--resume", "latest"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -218,13 +245,10 @@ def test_a_rank_failing_mid_save_ends_the_job_within_the_bound_and_commits_nothi
     CheckpointStore.from_url(f"file://{tmp_path}/ck").verify(str(run_dir / "step_2"))
 
 
-def test_a_corrupt_shard_in_the_newest_checkpoint_is_quarantined_and_two_ranks_finish_bit_exact(tmp_path):
-    write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL,
-                                      paths={"checkpoints": {"keep_last": 3}}))
-    write(tmp_path / "r.yaml", recipe_of(6))
+def test_a_corrupt_shard_in_the_newest_checkpoint_is_quarantined_and_two_ranks_finish_bit_exact(
+        tmp_path, baseline_full):
+    beside(baseline_full, tmp_path)
     common = ["--config", "c.yaml", "--recipe", "r.yaml"]
-    full = torchrun(2, [*common, "--run-name", "full"], tmp_path)
-    assert full.returncode == 0, full.stderr[-4000:]
 
     # a run that stopped after step 4, whose newest checkpoint then lost a byte of a shard
     import shutil
