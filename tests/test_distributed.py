@@ -55,13 +55,20 @@ def config(base: str, **over) -> dict:
 LOCAL_FINAL = {"mlflow": None, "storage": {"final": {"sink": "local"}}}
 
 
-def torchrun(n: int, args: list[str], cwd: Path, script: str | None = None, env=None):
+def torchrun(n: int, args: list[str], cwd: Path):
+    """The real launcher: ``torchrun --standalone``."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    return subprocess.run([*launcher, "-m", "wmtp_core.run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def ranks(n: int, args: list[str], cwd: Path, script: str | None = None):
+    """The same job with its ranks forked from the zygote, as torchrun would start them
+    (tests/zygote.py: ``ranks``): for tests whose subject is the job, not the launcher."""
     target = [str(cwd / "script.py")] if script else ["-m", "wmtp_core.run"]
     if script:
         (cwd / "script.py").write_text(script)
-    return subprocess.run([*launcher, *target, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return zygote.ranks(n, [*target, *args], cwd=cwd, timeout=600)
 
 
 def single(args, cwd):
@@ -107,7 +114,7 @@ def test_two_ranks_write_shards_to_s3(s3_server, bucket, tmp_path):
     write(tmp_path / "c.yaml", config(f"s3://{bucket}/dist", mlflow=None,
                                       storage={"final": {"sink": "local", "base_path": f"file://{tmp_path}/final"}}))
     write(tmp_path / "r.yaml", recipe_of(4))
-    proc = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "s3"], tmp_path)
+    proc = ranks(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "s3"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     keys = s3_keys(s3_server, bucket, "dist/s3/")
     for step in ("step_2", "step_4"):
@@ -124,7 +131,7 @@ def uninterrupted(tmp: Path, algo: str) -> Path:
     write(tmp / "c.yaml", config(f"file://{tmp}/ck", **LOCAL_FINAL, paths={"checkpoints": {"keep_last": 3}}))
     # critic-wmtp: its value head is sharded with the model and resumed from the shards
     write(tmp / "r.yaml", merge(recipe_of(6), {"train": {"algo": algo}, "pretrain": {"max_steps": 2}}))
-    full = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "full"], tmp)
+    full = ranks(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "full"], tmp)
     assert full.returncode == 0, full.stderr[-4000:]
     return tmp / "ck" / "full"
 
@@ -154,7 +161,7 @@ def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_i
         uninterrupted(tmp_path, algo)
     common = ["--config", "c.yaml", "--recipe", "r.yaml"]
 
-    cut = torchrun(2, ["4", *common, "--run-name", "cut"], tmp_path, script=KILL_RANK1_MID_SAVE)
+    cut = ranks(2, ["4", *common, "--run-name", "cut"], tmp_path, script=KILL_RANK1_MID_SAVE)
     assert cut.returncode != 0
     step4 = tmp_path / "ck" / "cut" / "step_4"
     assert not (step4 / "manifest.json").exists(), "a save killed on one rank was committed"
@@ -163,7 +170,7 @@ def test_sigkill_of_one_rank_mid_save_leaves_nothing_resume_accepts_and_resume_i
     # checkpoint process group of their own, must give the very same run
     write(tmp_path / "ca.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL,
                                        paths={"checkpoints": {"async": True, "keep_last": 3}}))
-    resumed = torchrun(2, ["--config", "ca.yaml", "--recipe", "r.yaml", "--run-name", "cut",
+    resumed = ranks(2, ["--config", "ca.yaml", "--recipe", "r.yaml", "--run-name", "cut",
                            "--resume", "latest"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "step_2 (step 2)" in resumed.stderr
@@ -179,7 +186,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(tmp_path):
     write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL))
     write(tmp_path / "r4.yaml", recipe_of(4))
     write(tmp_path / "r8.yaml", recipe_of(8))
-    first = torchrun(2, ["--config", "c.yaml", "--recipe", "r4.yaml", "--run-name", "a"], tmp_path)
+    first = ranks(2, ["--config", "c.yaml", "--recipe", "r4.yaml", "--run-name", "a"], tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     import shutil
 
@@ -195,7 +202,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_one_on_two(tmp_path):
     first = single(["--config", "c.yaml", "--recipe", "r4.yaml", "--run-name", "b"], tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     shutil.rmtree(tmp_path / "ck" / "b" / "final")
-    on_two = torchrun(2, ["--config", "c.yaml", "--recipe", "r8.yaml", "--run-name", "b", "--resume", "latest"], tmp_path)
+    on_two = ranks(2, ["--config", "c.yaml", "--recipe", "r8.yaml", "--run-name", "b", "--resume", "latest"], tmp_path)
     assert on_two.returncode == 0, on_two.stderr[-4000:]
     hist = losses(tmp_path / "ck" / "b" / "step_8")
     assert len(hist) == 8 and abs(hist[4] - hist[3]) < 0.5 * abs(hist[0] - hist[3])
@@ -230,7 +237,7 @@ def test_a_rank_failing_mid_save_ends_the_job_within_the_bound_and_commits_nothi
                                       devices={"distributed": {"timeout": 900}}))
     write(tmp_path / "r.yaml", recipe_of(8))
     t0 = time.monotonic()
-    proc = torchrun(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "f"], tmp_path,
+    proc = ranks(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "f"], tmp_path,
                     script=FAIL_RANK1_MID_SAVE)
     took = time.monotonic() - t0
     assert proc.returncode != 0
@@ -264,7 +271,7 @@ def test_a_corrupt_shard_in_the_newest_checkpoint_is_quarantined_and_two_ranks_f
     data[len(data) // 3] ^= 0x40
     shard.write_bytes(bytes(data))
 
-    resumed = torchrun(2, [*common, "--run-name", "cut", "--resume", "latest"], tmp_path)
+    resumed = ranks(2, [*common, "--run-name", "cut", "--resume", "latest"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     err = " ".join(resumed.stderr.split())
     assert f"quarantined {run_dir}/step_4 as {run_dir}/step_4.quarantined-" in err

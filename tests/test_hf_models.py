@@ -241,10 +241,8 @@ def test_two_fsdp_ranks_shard_the_pretrained_model_and_register_it_once(zoo, tmp
     sharded; the final model gathered once."""
     write(tmp_path / "c.yaml", config(tmp_path, zoo, devices={"fsdp": {"enabled": True, "auto_wrap": True}}))
     write(tmp_path / "r.yaml", recipe("critic-wmtp", steps=8))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    proc = zygote.ranks(2, ["-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml"], cwd=tmp_path,
+                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "ck" / "hf"
     assert sorted(p.name for p in run_dir.iterdir()) == ["step_4", "step_8"]

@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -197,26 +196,22 @@ def test_conditional_writes_let_exactly_one_of_two_takers_win(tmp_path, s3_serve
         assert not store.fs.exists(path)
 
 
-def test_under_torchrun_rank_0_holds_the_lease_and_every_rank_is_refused(tmp_path):
+def test_with_two_ranks_rank_0_holds_the_lease_and_every_rank_is_refused(tmp_path):
     write(tmp_path / "c.yaml", merge(config(f"file://{tmp_path}/ck", tmp_path), {"devices": {"fsdp": {"enabled": True}}}))
     write(tmp_path / "r.yaml", recipe(4))
     (tmp_path / "ck" / "r").mkdir(parents=True)
     (tmp_path / "ck" / "r" / LEASE_FILE).write_bytes(foreign_lease(age=1))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "r"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = zygote.ranks(2, ["-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "r"],
+                        cwd=tmp_path, timeout=300)
     assert proc.returncode != 0
-    # torchrun adds its own report of failed workers; each worker said why in one line
+    # the launcher adds its own report of failed ranks; each rank said why in one line
     assert "run 'r' is being written by another process (host node-17.example, pid 4242" in \
         " ".join(proc.stderr.split())
     assert not any(p.name.startswith("step_") for p in (tmp_path / "ck" / "r").iterdir())
 
     (tmp_path / "ck" / "r" / LEASE_FILE).unlink()
-    ok = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                         "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "r"],
-                        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ok = zygote.ranks(2, ["-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "r"],
+                        cwd=tmp_path, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert not (tmp_path / "ck" / "r" / LEASE_FILE).exists()
 

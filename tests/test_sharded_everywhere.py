@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,9 +35,8 @@ def config(base: str, **over) -> dict:
 
 
 def torchrun(args: list[str], cwd: Path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    return subprocess.run([*launcher, "-m", "wmtp_core.run", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **ENV})
+    """Two ranks, forked as torchrun would start them (tests/zygote.py: ``ranks``)."""
+    return zygote.ranks(2, ["-m", "wmtp_core.run", *args], cwd=cwd, timeout=600, env={**os.environ, **ENV})
 
 
 def single(args: list[str], cwd: Path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -471,9 +469,8 @@ def test_two_ranks_write_shards_to_the_fast_tier_and_rank_0_copies_them_to_s3(s3
     write(tmp_path / "r4.yaml", recipe(4, optim={"lr": 0.01, "scheduler": "constant", "warmup_ratio": 0.0}))
     write(tmp_path / "r6.yaml", recipe(6, optim={"lr": 0.01, "scheduler": "constant", "warmup_ratio": 0.0}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r4.yaml", "--run-name", "d"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    proc = zygote.ranks(2, ["-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r4.yaml", "--run-name", "d"],
+                        cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     durable = durable_store(bucket, s3_server)
     assert steps(durable, "d") == [2, 4] and steps(CheckpointStore.from_url(f"file://{tmp_path}/fast"), "d") == [4]

@@ -7,6 +7,10 @@ and nothing of the test process's state. What it does not get is a fresh import:
 read of the environment sees the zygote's. Commands that start other programs (torchrun, an
 ``mlflow server``) are not run this way.
 
+``ranks`` starts a job of several ranks the way ``torchrun --standalone`` does (one forked child
+per rank, with the environment torchrun gives its workers, and the other ranks stopped once one
+fails), for tests whose subject is the job, not the launcher.
+
 Protocol (lines of JSON): the client writes ``{"id", "argv", "cwd", "env", "out", "err"}``;
 the zygote answers ``{"id", "pid"}`` once forked and ``{"pid", "code"}`` once the child ended
 (``code`` as ``Popen.returncode``: the exit status, or minus the signal that ended it).
@@ -61,6 +65,10 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        if "OMP_NUM_THREADS" in os.environ:  # read when torch was loaded, in the zygote
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(os.open(request["out"], os.O_WRONLY | os.O_TRUNC), 1)
@@ -232,6 +240,14 @@ class Child:
 
         self.send_signal(signal.SIGTERM)
 
+    def close(self) -> None:
+        """Close and remove what holds its output (read it first)."""
+        import shutil
+
+        self.stdout.close()
+        self.stderr.close()
+        shutil.rmtree(self._files, ignore_errors=True)
+
 
 def run(argv: list[str], cwd: Path | str, env: dict[str, str] | None = None,
         timeout: float = 300) -> subprocess.CompletedProcess:
@@ -243,9 +259,60 @@ def run(argv: list[str], cwd: Path | str, env: dict[str, str] | None = None,
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait(30)
+        child.close()
         raise
+    child.close()
     done = subprocess.CompletedProcess([sys.executable, *argv], child.returncode, out, err)
     done.seconds = time.perf_counter() - child.started
+    return done
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(n: int, argv: list[str], cwd: Path | str, env: dict[str, str] | None = None,
+          timeout: float = 600, grace: float = 30) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=n [python argv]``, with each rank forked from the
+    zygote. Each rank gets torchrun's worker environment (``RANK``, ``LOCAL_RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``, ``OMP_NUM_THREADS=1``, ...). As torchrun
+    does, once a rank fails the others get SIGTERM, then SIGKILL after ``grace`` seconds, and
+    the job's status is 1 with a report naming each failed rank's ``exitcode``. ``stdout`` and
+    ``stderr`` are the ranks' own, rank 0 first."""
+    port, base = free_port(), dict(os.environ if env is None else env)
+    base.setdefault("OMP_NUM_THREADS", "1")
+    common = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1",
+              "ROLE_NAME": "default", "ROLE_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+              "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "False"}
+    children = [Child(argv, cwd, {**base, **common, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)})
+                for r in range(n)]
+    started, stopping = time.perf_counter(), None
+    while any(c.poll() is None for c in children):
+        now = time.perf_counter()
+        if stopping is None and (any(c.returncode not in (None, 0) for c in children) or now - started > timeout):
+            stopping = now
+            for c in children:
+                c.terminate()
+        elif stopping is not None and now - stopping > grace:
+            for c in children:
+                c.kill()
+        time.sleep(0.05)
+    took = time.perf_counter() - started
+    outs = [c.communicate(0) for c in children]
+    report = "".join(f"rank {r} (pid {c.pid}) failed: exitcode: {c.returncode}\n"
+                     for r, c in enumerate(children) if c.returncode != 0)
+    for c in children:
+        c.close()
+    out, err = "".join(o for o, _ in outs), "".join(e for _, e in outs) + report
+    if stopping is not None and stopping - started > timeout:
+        raise subprocess.TimeoutExpired(["torchrun", *argv], timeout, out, err)
+    done = subprocess.CompletedProcess(["torchrun", *argv], 1 if report else 0, out, err)
+    done.seconds = took
     return done
 
 
