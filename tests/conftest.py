@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# Each of pytest's two workers (and each process a test starts) gets one intra-op thread: on two
+# cores, two processes of two OpenMP threads each spin-wait for one another and the suite takes
+# twice as long. Set before torch is first imported (OpenMP reads it when torch is loaded); a
+# user's own setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from wmtp_core import Manifest, Receipt, ResumableSink, Role, RunInfo
 from wmtp_core.manifest import FileEntry
 from wmtp_core.plugins import make_plugin_manager
