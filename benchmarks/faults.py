@@ -312,7 +312,9 @@ def kill_chain(tally: Tally, kills: int, *, base: str, place: Place, work: Path,
                reference: Path) -> None:
     """``reference``: the final model of a run of the same shape that was never interrupted; made
     by the first chain that needs it (every chain trains the same model: only storage differs)."""
-    steps = 40 + 10 * kills  # never reached before the last kill: each cycle gains a few steps at most
+    # never reached before the last kill: each cycle gains at most its three saves' steps (two
+    # each) and what runs in its delay
+    steps = 20 + 10 * kills
     run = "chain"
     journal = work / "journal"
     # calibration: how long a save takes here (emitted -> committed), over six saves

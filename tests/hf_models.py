@@ -15,8 +15,8 @@ ORIGIN_MODELS = ORIGIN / "tests" / "test_models"
 ORIGIN_DATA = ORIGIN / "tests" / "test_dataset"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
                    "spm.model", "special_tokens_map.json", "added_tokens.json")
-GPT2_SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256}
-DISTILBERT_SMALL = {"n_layers": 2, "dim": 64, "hidden_dim": 128, "n_heads": 2}
+GPT2_SMALL = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 256}
+DISTILBERT_SMALL = {"n_layers": 2, "dim": 32, "hidden_dim": 64, "n_heads": 2}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import zygote
 from conftest import run_cli, tree
 
 pytestmark = pytest.mark.slow
@@ -35,7 +34,7 @@ with torch.no_grad():
     out = model(ids)
 json.dump(out.tolist(), sys.stdout)
 """
-    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    proc = zygote.run(["-c", code], cwd=cwd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

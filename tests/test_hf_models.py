@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,14 +89,28 @@ CASES = {"baseline-mtp": ("baseline-mtp", "weighted"), "rho1-weighted": ("rho1-w
          "rho1-token_skip": ("rho1-wmtp", "token_skip"), "critic-wmtp": ("critic-wmtp", "weighted")}
 
 
+FINE_TUNED: dict[str, tuple[Path, str]] = {}
+
+
+def fine_tuned(case: str, zoo: Path, tmp_path_factory, monkeypatch, capsys) -> tuple[Path, str]:
+    """The directory and stdout of one fine-tuning run of ``case`` (8 steps, registered in
+    ``mlflow.db`` beside it), trained by the first test that asks for it."""
+    if case not in FINE_TUNED:
+        algo, mode = CASES[case]
+        tmp = tmp_path_factory.mktemp(case)
+        write(tmp / "c.yaml", config(tmp, zoo))
+        write(tmp / "r.yaml", recipe(algo, mode))
+        code, out, err = run(tmp, monkeypatch, capsys, "--verbose")
+        assert code == 0, err[-3000:]
+        FINE_TUNED[case] = tmp, out
+    return FINE_TUNED[case]
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_algorithm_fine_tunes_the_pretrained_model_and_registers_it(case, zoo, tmp_path, monkeypatch,
+def test_each_algorithm_fine_tunes_the_pretrained_model_and_registers_it(case, zoo, tmp_path_factory, monkeypatch,
                                                                         capsys):
     algo, mode = CASES[case]
-    write(tmp_path / "c.yaml", config(tmp_path, zoo))
-    write(tmp_path / "r.yaml", recipe(algo, mode))
-    code, out, err = run(tmp_path, monkeypatch, capsys, "--verbose")
-    assert code == 0, err[-3000:]
+    tmp_path, out = fine_tuned(case, zoo, tmp_path_factory, monkeypatch, capsys)
     assert "paths.models.base: DistilGPT2MTP (gpt2, 2 layers, vocabulary 50257), 4 heads" in out
     assert f"models:/wmtp_{algo}/1" in out
     losses = trainer_state(tmp_path, "hf", 8)["losses"]
@@ -179,17 +191,14 @@ print(type(model).__name__, type(tok).__name__)
 """
 
 
-def test_the_registered_model_round_trips_through_mlflow_in_a_fresh_process(zoo, tmp_path, monkeypatch, capsys):
+def test_the_registered_model_round_trips_through_mlflow_in_a_fresh_process(zoo, tmp_path_factory, monkeypatch,
+                                                                             capsys):
     from safetensors.torch import load_file
 
-    write(tmp_path / "c.yaml", config(tmp_path, zoo))
-    write(tmp_path / "r.yaml", recipe())
-    code, out, err = run(tmp_path, monkeypatch, capsys)
-    assert code == 0, err[-3000:]
+    tmp_path, _ = fine_tuned("baseline-mtp", zoo, tmp_path_factory, monkeypatch, capsys)
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, store, "models:/wmtp_baseline-mtp/1",
-                           str(tmp_path / "out.safetensors")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = zygote.run(["-c", ROUND_TRIP, store, "models:/wmtp_baseline-mtp/1", str(tmp_path / "out.safetensors")],
+                      cwd=tmp_path, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["GPT2LMHeadModel", "GPT2Tokenizer"]
     got = load_file(tmp_path / "out.safetensors")
@@ -203,8 +212,8 @@ def test_the_registered_model_round_trips_through_mlflow_in_a_fresh_process(zoo,
     write(tmp_path / "c2.yaml", config(tmp_path, zoo, paths={
         "models": {"base": "models:/wmtp_baseline-mtp/1"}, "datasets": {"mbpp": MBPP},
         "checkpoints": {"base_path": f"file://{tmp_path}/ck2", "save_interval": 0}}))
-    write(tmp_path / "r.yaml", recipe(steps=1, run={"name": "again"}))
-    code, out, err = run(tmp_path, monkeypatch, capsys, "--config", "c2.yaml", "--verbose")
+    write(tmp_path / "r2.yaml", recipe(steps=1, run={"name": "again"}))
+    code, out, err = run(tmp_path, monkeypatch, capsys, "--config", "c2.yaml", "--recipe", "r2.yaml", "--verbose")
     assert code == 0, err[-3000:]
     assert "extra heads loaded from mtp_heads.safetensors" in err + out
     assert not list(Path("/tmp").glob("wmtp-model-*")) or all(

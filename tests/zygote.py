@@ -27,8 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-PRELOAD = ("torch", "torch.distributed.checkpoint", "mlflow", "mlflow.pytorch", "mlflow.transformers",
-           "transformers", "s3fs", "botocore", "safetensors.torch")
+PRELOAD = ("torch", "torch.distributed.checkpoint", "torch._dynamo", "torch.export", "mlflow", "mlflow.pytorch",
+           "mlflow.transformers", "transformers", "s3fs", "botocore", "safetensors.torch")
 
 
 # ----------------------------------------------------------------------------------- the zygote
