@@ -216,7 +216,8 @@ class MlflowServer:
             [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.workdir / 'server.db'}",
              "--artifacts-destination", self.artifacts, "--workers", "1"],
-            cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ},
+            cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runner: no test runs jobs
             start_new_session=True,  # its own process group: the server forks workers
         )
         deadline = time.monotonic() + timeout
@@ -268,7 +269,19 @@ sys.exit(main(sys.argv[2:], plugins=(Killer(),)))
 """
 
 
-LONGEST_FIRST = ("test_campaign.py", "test_origin_files.py", "test_hf_models.py", "test_lease.py",
+def campaign_sample(out: Path, only: str):
+    """``benchmarks/faults.py --quick --only ONLY`` in a process of its own: the process and the
+    tallies (``faults.json``) by scenario."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "faults.py"), "--quick", "--only", only,
+                           "--out", str(out)], capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    tallies = {t["scenario"]: t for t in json.loads((out / "faults.json").read_text())}
+    return proc, tallies
+
+
+LONGEST_FIRST = ("test_campaign.py", "test_campaign_faults.py", "test_origin_files.py", "test_hf_models.py", "test_lease.py",
                  "test_distributed.py", "test_e2e.py", "test_preemption.py", "test_mlflow_outages.py",
                  "test_clean_starts.py", "test_tiered.py", "test_sharded_everywhere.py", "test_quarantine.py")
 """The modules that take longest (``--durations``), started first: the two workers each take a

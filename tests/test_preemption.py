@@ -216,7 +216,7 @@ def test_timed_saves_commit_without_a_step_interval_and_keep_their_schedule_acro
         tmp_path, monkeypatch, capsys):
     # 100 steps train for at least 0.1 s here: several timed saves before the resume and after;
     # no evaluation in between (it does not count as training time, and it is what took long)
-    every, first, last = 0.02, 100, 200
+    every, first, last = 0.05, 40, 80
     ck = {"save_interval": 0, "save_every": f"{every}s", "keep_last": 1000}
     write(tmp_path / "c.yaml", config(tmp_path, paths={"checkpoints": ck}, mlflow=None, log_interval=10_000))
     write(tmp_path / "r.yaml", merge(recipe_of(first), {"optim": {"scheduler": "constant"}}))
