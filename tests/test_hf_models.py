@@ -248,14 +248,16 @@ def test_sigkill_and_resume_of_a_pretrained_model_is_bit_exact(zoo, tmp_path, mo
 def test_two_fsdp_ranks_shard_the_pretrained_model_and_register_it_once(zoo, tmp_path):
     """critic-wmtp with the DistilBERT reward model: decoder layers, extra heads and the value head
     sharded; the final model gathered once."""
-    write(tmp_path / "c.yaml", config(tmp_path, zoo, devices={"fsdp": {"enabled": True, "auto_wrap": True}}))
-    write(tmp_path / "r.yaml", recipe("critic-wmtp", steps=8))
+    c = config(tmp_path, zoo, devices={"fsdp": {"enabled": True, "auto_wrap": True}})
+    c["paths"]["checkpoints"]["save_interval"] = 2
+    write(tmp_path / "c.yaml", c)
+    write(tmp_path / "r.yaml", recipe("critic-wmtp", steps=4))
     proc = zygote.ranks(2, ["-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml"], cwd=tmp_path,
                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "ck" / "hf"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["step_4", "step_8"]
-    for step in ("step_4", "step_8"):
+    assert sorted(p.name for p in run_dir.iterdir()) == ["step_2", "step_4"]
+    for step in ("step_2", "step_4"):
         assert list((run_dir / step).glob("manifest*")) == [run_dir / step / "manifest.json"]
         m = json.loads((run_dir / step / "manifest.json").read_text())
         assert m["meta"]["world_size"] == 2 and m["meta"]["format"] == "dcp"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import zygote
 from builders import files, tiny_config
 
 from wmtp_core import Role, hookimpl
@@ -196,9 +197,8 @@ def test_without_matplotlib_plot_exits_2_with_one_line_saying_how_to_install_it(
     config = trained(tmp_path, capsys, steps=2, keep_last=2)
     png = tmp_path / "p.png"
 
-    def blocked(*args):
-        return subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, *map(str, args)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
+    def blocked(*args):  # a process forked before anything imported matplotlib (tests/zygote.py)
+        return zygote.run(["-c", BLOCK_MATPLOTLIB, *map(str, args)], cwd=tmp_path, timeout=120)
 
     proc = blocked("report", "r", "--config", config, "--plot", png)
     assert proc.returncode == 2, proc.stderr
@@ -258,8 +258,7 @@ def test_without_matplotlib_a_tracked_run_logs_no_picture_and_finishes(tmp_path,
     config = tiny_config(tmp_path, paths={"checkpoints": {"save_interval": 2}})
     args = files(tmp_path, config, {"run": {"name": "plain"}})
     code = BLOCK_MATPLOTLIB.replace("from wmtp_core.cli import main", "from wmtp_core.run import main")
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = zygote.run(["-c", code, *args], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "storage picture" not in proc.stderr  # nothing failed: there was nothing to draw with
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
