@@ -308,3 +308,47 @@ def test_register_exits_3_when_the_registry_is_down(tmp_path, monkeypatch, capsy
     assert code == 3, err
     assert "error: final model not stored (" in err and f"{tmp_path}/ck/m/final is unchanged" in err
     assert tree(tmp_path) == before | {"c.yaml"}
+
+
+# ------------------------------------------------------------------------------ unreachable storage
+@pytest.mark.parametrize("command", [["checkpoints", "ls"], ["checkpoints", "verify"], ["gc"], ["report"]],
+                         ids=" ".join)
+def test_a_command_on_an_s3_endpoint_that_does_not_answer_says_one_line_and_exits_1(command, capsys,
+                                                                                   monkeypatch):
+    """Nothing listens at the endpoint: after the S3 client's retries (one attempt here, through
+    the environment the client honours), one line naming the command, the URI and the error."""
+    from conftest import S3_ENV, free_port
+
+    from wmtp_core.exits import EXIT_FAILED
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    code = main([*command, "s3://nobucket/runs", "--storage-option", f"endpoint_url={endpoint}"])
+    took = time.monotonic() - t0
+    out, err = capsys.readouterr()
+    assert code == EXIT_FAILED, err
+    assert "Traceback" not in out + err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: wmtp {' '.join(command)}: reading s3://nobucket/runs failed: "
+                           "EndpointConnectionError: Could not connect to the endpoint URL"), line
+    assert endpoint in line and line.endswith("(after the S3 client's retries)"), line
+    assert took < 60, f"{took:.0f} s"
+
+
+def test_commands_read_s3_with_the_s3_sinks_own_retries_timeouts_and_block_size(monkeypatch):
+    from wmtp_core.commit import store_class
+    from wmtp_plugins import s3
+
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
+    given = {"endpoint_url": "http://127.0.0.1:9"}
+    options = store_class("s3").with_defaults(given)
+    assert options == s3.storage_options(given)
+    assert options["config_kwargs"] == {**s3.TIMEOUTS, "retries": s3.RETRIES}
+    assert options["default_block_size"] == s3.BLOCK_SIZE
+    # what the user gives wins
+    mine = store_class("s3").with_defaults({"config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 2}}})
+    assert mine["config_kwargs"]["connect_timeout"] == 1 and mine["config_kwargs"]["retries"]["max_attempts"] == 2

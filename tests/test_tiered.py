@@ -485,3 +485,29 @@ def test_two_ranks_write_shards_to_the_fast_tier_and_rank_0_copies_them_to_s3(s3
     assert one.returncode == 0, one.stderr[-4000:]
     assert f"from s3://{bucket}/runs/d/step_4" in one.stderr
     assert steps(durable, "d")[-1] == 6
+
+
+def test_a_durable_tier_that_does_not_answer_stops_the_run_before_step_1_with_exit_1_as_the_docs_say(
+        tmp_path, monkeypatch, capsys):
+    from conftest import free_port
+
+    from wmtp_core.exits import EXIT_FAILED
+
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    config = run_config(tmp_path, "nobucket", endpoint_url=endpoint, config_kwargs={"retries": {"max_attempts": 1}})
+    write(tmp_path / "c.yaml", config)
+    write(tmp_path / "r.yaml", recipe(4))
+    code, out, err = in_process(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "dead"],
+                                monkeypatch, capsys, tmp_path)
+    assert code == EXIT_FAILED, err[-3000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    flat = " ".join(err.split())
+    assert flat.startswith("error: reading the resume storage s3://nobucket/runs/dead failed (taking the run's "
+                           "lease, finding or loading its checkpoint): EndpointConnectionError"), flat
+    assert "Traceback" not in err and not list((tmp_path / "fast").rglob("step_*"))
+    doc = " ".join((Path(__file__).resolve().parent.parent / "docs" / "storage.md").read_text().split())
+    assert ("`error: reading the resume storage s3://.../<run> failed (taking the run's lease, finding or "
+            "loading its checkpoint): EndpointConnectionError: ...`, exit status 1") in doc

@@ -97,10 +97,13 @@ class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
         return (store_class(protocol_of(fs)) if cls is CheckpointStore else cls)(fs, root)
 
     @classmethod
-    def with_defaults(cls, options: Mapping[str, Any], *, retries: Mapping[str, Any]) -> dict[str, Any]:
+    def with_defaults(cls, options: Mapping[str, Any], *,
+                      retries: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Hook: the storage ``options`` with what this protocol's client needs under them (a
-        value the user gives wins): ``retries``, the client's retry settings wanted. Default:
-        the options unchanged."""
+        value the user gives wins): its sink's own settings (for S3: the ``s3`` sink's retries,
+        timeouts and block size), so that a command reads a store exactly as the sink writes
+        it; ``retries``, other retry settings wanted instead of the sink's. Default: the options
+        unchanged."""
         return dict(options)
 
     @property

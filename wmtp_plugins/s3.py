@@ -69,12 +69,13 @@ def accepted_options() -> list[str]:
     return sorted({*own, *FSSPEC_OPTIONS, *SESSION_OPTIONS})
 
 
-def storage_options(options) -> dict:
+def storage_options(options, retries: Mapping[str, Any] = RETRIES) -> dict:
     """``options`` with the sink's defaults under them: the multipart block size, botocore's
-    retries (:data:`RETRIES`) and timeouts (:data:`TIMEOUTS`). A value the user gives wins."""
+    ``retries`` (:data:`RETRIES`) and timeouts (:data:`TIMEOUTS`). A value the user gives wins,
+    in the options or in the environment (``AWS_RETRY_MODE``, ``AWS_MAX_ATTEMPTS``)."""
     options = {"default_block_size": BLOCK_SIZE, **options}
     config = dict(options.get("config_kwargs") or {})
-    retries = dict(RETRIES)
+    retries = dict(retries)
     if os.environ.get("AWS_RETRY_MODE"):
         retries.pop("mode")
     if os.environ.get("AWS_MAX_ATTEMPTS"):
@@ -155,15 +156,11 @@ class S3CheckpointStore(CheckpointStore):
     client_retries = "the S3 client's retries"
 
     @classmethod
-    def with_defaults(cls, options, *, retries):
-        """``options`` with the multipart block size (:data:`BLOCK_SIZE`) and botocore's
-        ``retries`` under them, unless given."""
-        options = dict(options)
-        options.setdefault("default_block_size", BLOCK_SIZE)
-        config = dict(options.get("config_kwargs") or {})
-        config.setdefault("retries", dict(retries))
-        options["config_kwargs"] = config
-        return options
+    def with_defaults(cls, options, *, retries=None):
+        """``options`` with the ``s3`` sink's settings under them (:func:`storage_options`):
+        the multipart block size (:data:`BLOCK_SIZE`), botocore's ``retries`` (by default
+        :data:`RETRIES`) and timeouts (:data:`TIMEOUTS`), unless given."""
+        return storage_options(options, RETRIES if retries is None else retries)
 
     # -- incomplete uploads --------------------------------------------------------------
     def incomplete_uploads(self, run: str | None = None) -> list[Incomplete]:

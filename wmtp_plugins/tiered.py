@@ -40,9 +40,11 @@ from wmtp_core import (
     Role,
     SaveError,
     SinkSpec,
+    StorageError,
     hookimpl,
 )
 from wmtp_core.commit import CheckpointState, step_dirname, verified_copy
+from wmtp_core.errors import first_line
 from wmtp_core.hashing import fsync
 from wmtp_core.naming import step_of
 from wmtp_plugins._tiered_options import (  # noqa: F401  (also importable from here, as before)
@@ -120,11 +122,11 @@ class TieredSink(ResumableSink):
         by_step = {m.step: m for _, m in self.fast.committed()}
         try:
             by_step.update({m.step: m for _, m in self.durable.committed()})
-        except Exception as e:  # unreachable, no permission: say where, in one line
-            if isinstance(e, CheckpointError):
+        except Exception as e:  # unreachable, no permission: say where, in one line (exit 1)
+            if isinstance(e, (CheckpointError, StorageError)):
                 raise
-            raise CheckpointError(f"the durable tier {self.durable.location()} cannot be listed: "
-                                  f"{type(e).__name__}: {e}") from None
+            raise StorageError(f"the durable tier {self.durable.location()} cannot be listed: "
+                               f"{type(e).__name__}: {first_line(e)}") from None
         with self._lock:  # a durable copy retention deleted but that is still held: gone here
             held = set(self._held)
         return [(self._uri(step), by_step[step]) for step in sorted(by_step) if step not in held]

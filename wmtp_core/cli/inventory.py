@@ -4,6 +4,7 @@ Every byte is read through fsspec."""
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import posixpath
 import re
@@ -38,8 +39,21 @@ class Located(NamedTuple):
     """The checkpoint's path when ``kind`` is ``checkpoint``."""
 
 
+_READING: contextvars.ContextVar[str | None] = contextvars.ContextVar("wmtp_reading", default=None)
+
+
+def reading() -> str | None:
+    """The URI the command in this context last located (:func:`locate`), if any: the storage
+    its failure is about."""
+    return _READING.get()
+
+
 def locate(uri: str, options: dict[str, Any]) -> Located:
-    """What ``uri`` names: one checkpoint, one run directory, or a base path holding runs."""
+    """What ``uri`` names: one checkpoint, one run directory, or a base path holding runs. It is
+    read with the settings of the sink that serves its protocol (for ``s3://``: the ``s3``
+    sink's retries and timeouts) under the ``options`` given."""
+    _READING.set(uri)
+    options = store_class(fsspec.core.split_protocol(uri)[0] or "file").with_defaults(options)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options)
     except TypeError:  # its message could quote a value; name the keys only
