@@ -136,3 +136,52 @@ def test_sigkill_and_resume_is_bit_exact(store, tmp_path, case, monkeypatch, cap
             Path(r.data.tags.get("wmtp.latest_resume", "")).parent == base / "cut"]
     assert len(mine) == 1, "the resumed run did not continue its MLflow run"
     assert mine[0].data.tags["wmtp.resumed_from"].endswith(f"step_{last_ckpt}")
+
+
+# ------------------------------------------------------------------------------ training further
+@pytest.mark.parametrize("final", ["mlflow_registry", "local"])
+def test_a_run_trained_further_stores_its_new_final_model_and_one_that_trained_nothing_stores_none(
+        final, tmp_path, monkeypatch, capsys):
+    """Six steps, stored; the same command again (nothing new: nothing stored); then ten steps
+    with --resume latest: the weights of step 10 are the final model, superseding step 6's."""
+    import mlflow
+
+    from wmtp_core.run import main
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    write(tmp_path / "c.yaml", {"seed": 2, "paths": {"checkpoints": {"base_path": f"file://{tmp_path}/ck",
+                                                                      "save_interval": 3, "keep_last": 2}},
+                                "mlflow": {"experiment": "further", "tracking_uri": store},
+                                "storage": {"final": {"sink": final}}})
+    monkeypatch.chdir(tmp_path)
+
+    def run(steps: int, *extra: str) -> str:
+        write(tmp_path / "r.yaml", recipe(steps))
+        code = main(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "f", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err[-3000:]
+        return " ".join((out + err).split())
+
+    run(6)
+    again = run(6, "--resume", "latest")
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    first = "models:/wmtp_baseline-mtp/1" if final == "mlflow_registry" else f"{tmp_path}/ck/f/final"
+    assert f"the final model of 'f' (step 6) is already stored at {first}; not storing it again" in again
+    further = run(10, "--resume", "latest")
+    assert (f"the run trained past step 6 of its final model at {first}: storing the final model of step 10, "
+            "which supersedes it") in further
+    if final == "mlflow_registry":
+        versions = {str(v.version): v for v in client.search_model_versions("name='wmtp_baseline-mtp'")}
+        assert sorted(versions, key=int) == ["1", "2"], "the old version stays, the new one is added"
+        assert versions["1"].tags["wmtp.step"] == "6" and "wmtp.supersedes" not in versions["1"].tags
+        assert versions["2"].tags["wmtp.step"] == "10" and versions["2"].tags["wmtp.supersedes"] == first
+    else:
+        import json
+
+        manifest = json.loads((tmp_path / "ck" / "f" / "final" / "manifest.json").read_text())
+        assert manifest["step"] == 10 and manifest["meta"]["supersedes"] == first
+        trained = torch.load(tmp_path / "ck" / "f" / "final" / "model.pt", weights_only=True)
+        resumed = torch.load(tmp_path / "ck" / "f" / "step_10" / "model.pt", weights_only=True)
+        assert all(torch.equal(trained[k], resumed[k]) for k in trained), "the final model is step 10's"
+    # and the same command once more stores nothing
+    assert "(step 10) is already stored" in run(10, "--resume", "latest")

@@ -109,6 +109,9 @@ class CheckpointEmitted:
     metrics: Mapping[str, float] = attrs.field(factory=dict, converter=_view, hash=False)
     resume_location: str | None = None
     """For the final model: where this run's resume state lives, as a reference."""
+    supersedes: str | None = None
+    """For the final model: the URI of the final model of an earlier step of this lineage that
+    this one replaces (the run trained further after storing it); ``None`` for the first."""
 
 
 @attrs.frozen

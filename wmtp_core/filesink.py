@@ -103,6 +103,12 @@ class FileSink(ResumableSink):
 
         if payload.sharded and event.role is Role.RESUME:
             return self._store_sharded(event, payload)
+        if event.role is Role.FINAL and event.supersedes:
+            # one final model per run here: the one of an earlier step goes (uncommitted first),
+            # then the new one is committed in its place; its manifest names what it superseded
+            path = self.checkpoints.path_of(self.run, FINAL_DIR)
+            if self.checkpoints.fs.exists(path):
+                self.checkpoints.delete(path)
         if event.role is Role.FINAL and payload.folder:
             # a Hugging Face folder: its files as they are, so from_pretrained reads final/ directly
             name = FINAL_DIR
@@ -131,7 +137,8 @@ class FileSink(ResumableSink):
             role=event.role,
             lineage=event.run.lineage,
             meta={"algo": event.run.algo, "metrics": dict(event.metrics),
-                  "resumed_from": event.run.resumed_from, "torch": torch.__version__},
+                  "resumed_from": event.run.resumed_from, "torch": torch.__version__,
+                  **({"supersedes": event.supersedes} if event.supersedes else {})},
             nbytes=nbytes,
         )
         path = self.checkpoints.path_of(self.run, name)
@@ -204,14 +211,16 @@ class FileSink(ResumableSink):
                   "world_size": world.size, "resumed_from": event.run.resumed_from,
                   "torch": torch.__version__})
 
-    def stored_final(self, run) -> str | None:
-        """The URI of this run's committed final model, if there is one."""
+    def stored_final(self, run) -> Receipt | None:
+        """This run's committed final model (``<run>/final``), if there is one, with the step
+        of its weights."""
         path = self.checkpoints.path_of(run.name, FINAL_DIR)
         try:
-            self.checkpoints.read_manifest(path)
+            m = self.checkpoints.read_manifest(path)
         except CheckpointError:
             return None
-        return self.checkpoints.uri(path)
+        return Receipt(role=Role.FINAL, run=run.name, step=m.step, uri=self.checkpoints.uri(path), nbytes=m.nbytes,
+                       meta=dict(m.meta))
 
     def held(self, run_name: str, lineages: set[str] | None = None) -> list[Holding]:
         """What this sink holds for ``run_name``: its committed final model (file-like sinks

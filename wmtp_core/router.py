@@ -121,11 +121,13 @@ class Router:
             raise errors[0]
 
     # -- the final model, once -------------------------------------------------------------
-    def final_stored(self) -> str | None:
-        """Where this run's final model already is: stored by this router, or, for a resumed run
-        that had finished, found by its sink (``stored_final``). The one place that decides
-        "at most once"; under several ranks every rank gets rank 0's answer."""
-        answer: tuple[str | None, str | None] = (None, None)
+    def final_stored(self) -> Receipt | None:
+        """The newest final model of this run's lineage already stored: by this router, or, for
+        a resumed run, found by its sink (``stored_final``); its ``step`` is the step of its
+        weights. The one place that decides "once per set of weights" (:meth:`emit` stores a
+        final model only past that step); under several ranks every rank gets rank 0's
+        answer."""
+        answer: tuple[Receipt | None, str | None] = (None, None)
         if self.coordinator.is_main:
             try:
                 answer = (self._final_stored(), None)
@@ -136,11 +138,15 @@ class Router:
             raise BindingError(f"the final sink could not tell whether the final model is stored: {failure}")
         return stored
 
-    def _final_stored(self) -> str | None:
-        mine = next((r.uri for r in self.receipts if r.role is Role.FINAL), None)
-        if mine is not None:
-            return mine
-        return self._sinks[Role.FINAL].stored_final(self.run) if Role.FINAL in self._sinks else None
+    def _final_stored(self) -> Receipt | None:
+        mine = [r for r in self.receipts if r.role is Role.FINAL]
+        if mine:
+            return max(mine, key=lambda r: r.step)
+        stored = self._sinks[Role.FINAL].stored_final(self.run) if Role.FINAL in self._sinks else None
+        if stored is not None and not isinstance(stored, Receipt):
+            name = self.bindings.sink_for(Role.FINAL).sink
+            raise TypeError(f"sink {name!r}: stored_final() returned {stored!r}, not a Receipt or None")
+        return stored
 
     # -- dispatch --------------------------------------------------------------------------
     def emit(
@@ -155,7 +161,8 @@ class Router:
     ) -> Receipt | cf.Future:
         """Store one checkpoint through the sink bound to ``role``, and only there.
 
-        The final model is refused if this run's lineage already stored one. ``background``:
+        The final model is refused if this run's lineage already stored one of this step or a
+        later one; one of a later step supersedes the stored one. ``background``:
         stage the payload in memory and return at once with a future; the write, the commit,
         the ``wmtp_checkpoint_committed`` hook and retention follow in a background thread, at
         most one save in flight (:mod:`wmtp_core.asyncsave`).
@@ -163,11 +170,10 @@ class Router:
         if not self._opened:
             raise RuntimeError("Router.open() must be called before emit()")
         sink = self.sink(role)
-        if role is Role.FINAL:
-            stored = self._final_stored()
-            if stored is not None:
-                raise BindingError(f"the final model of run {self.run.name!r} is already stored "
-                                   f"({stored}); it is stored once")
+        stored = self._final_stored() if role is Role.FINAL else None
+        if stored is not None and stored.step >= step:
+            raise BindingError(f"the final model of run {self.run.name!r} is already stored for step "
+                               f"{stored.step} ({stored.uri}); the weights of a step are stored once")
         event = CheckpointEmitted(
             run=self.run,
             role=role,
@@ -176,6 +182,7 @@ class Router:
             nbytes=nbytes,
             metrics=metrics or {},
             resume_location=self._resume_location() if role is Role.FINAL else None,
+            supersedes=stored.uri if stored is not None else None,
         )
         emitted = self.pm.hook.wmtp_final_model_emitted if role is Role.FINAL else self.pm.hook.wmtp_resume_checkpoint_emitted
         emitted(event=event)

@@ -300,19 +300,30 @@ class RunSession:
         self.last_saved = step
 
     def _store_final(self, trainer: Any, router: Router, outcome: Any, ending: Ending) -> Ending:
-        """Store the final model through the router, which stores it at most once. The resume
-        state is committed already: a failure here loses nothing (exit 3)."""
+        """Store the final model through the router, which stores the weights of a step once: a
+        resumed run that trained nothing new stores nothing, one that trained past the stored
+        final model stores the new weights, superseding it. The resume state is committed
+        already: a failure here loses nothing (exit 3)."""
         try:
             stored = router.final_stored()
-            if stored:
-                self.err.print(f"the final model of {router.run.name!r} is already stored at {stored}; "
-                               "not storing it again", highlight=False)
-                return ending
             storage = self.plan.settings.config.storage
             final = storage.final if storage is not None else None
             last, metrics = trainer.step, _scalars(outcome.metrics)
+            if stored is not None and stored.step >= last:
+                self.err.print(f"the final model of {router.run.name!r} (step {stored.step}) is already stored at "
+                               f"{stored.uri}; not storing it again", highlight=False)
+                return ending
             if final is not None and final.from_ == "best":
                 metrics = self._best_into(trainer, router) or metrics
+                if stored is not None and stored.step >= trainer.step:  # the best is the one stored
+                    self.err.print(f"the final model of {router.run.name!r} (the best, step {stored.step}) is "
+                                   f"already stored at {stored.uri}; not storing it again", highlight=False)
+                    trainer.step = last
+                    return ending
+            if stored is not None:
+                self.err.print(f"the run trained past step {stored.step} of its final model at {stored.uri}: "
+                               f"storing the final model of step {trainer.step}, which supersedes it",
+                               highlight=False)
             # a collective under FSDP: every rank takes part
             payload = trainer.final_payload(final.dtype if final is not None else "fp32")
             try:

@@ -90,10 +90,12 @@ class Sink:
         """Called once when the run (or the command) is done with the sink: wait for work in
         flight, release clients. Default: nothing to do."""
 
-    def stored_final(self, run: Any) -> str | None:
-        """Final role: the URI of the final model this run's lineage already stored, so a
-        resumed run that had finished never stores it twice. Default: ``None`` (the sink cannot
-        tell; the router still stores at most once per router)."""
+    def stored_final(self, run: Any) -> Receipt | None:
+        """Final role: the newest final model this run's lineage already stored, as a
+        :class:`~wmtp_core.Receipt` (its ``uri``, and in ``step`` the step of its weights), so
+        that a resumed run that trained nothing new never stores it twice, and one that trained
+        further stores the new weights (the event's ``supersedes`` names the old one). Default:
+        ``None`` (the sink cannot tell; the router still stores at most once per router)."""
         return None
 
     def held(self, run_name: str, lineages: set[str] | None = None) -> list[Holding]:

@@ -323,7 +323,9 @@ class SinkContract(OptionalOperations):
             if find is None:
                 pytest.skip(f"{self.sink_name} has no stored_final(run): a resumed run that had "
                             "finished cannot tell that its final model is already stored")
-            assert find(run) == receipt.uri, f"stored_final() gives {find(run)!r}, stored at {receipt.uri!r}"
+            found = find(run)
+            assert isinstance(found, Receipt) and (found.uri, found.step) == (receipt.uri, 6), \
+                f"stored_final() gives {found!r}, stored at {receipt.uri!r} (step 6)"
 
     def test_router_calls_store_once_per_emit(self, tmp_path: Path):
         run = self.run_info()
@@ -364,7 +366,7 @@ class _Counting(ResumableSink):
     def close(self) -> None:
         self.sink.close()
 
-    def stored_final(self, run: Any) -> str | None:
+    def stored_final(self, run: Any) -> Receipt | None:
         return self.sink.stored_final(run)
 
     def committed(self) -> list:

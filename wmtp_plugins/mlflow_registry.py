@@ -51,6 +51,9 @@ def _description(event) -> tuple[str, dict[str, str]]:
                    + f". Resume state: {where} (lineage {event.run.lineage}).")
     tags = {"wmtp.lineage": event.run.lineage, "wmtp.run": event.run.name, "wmtp.algo": event.run.algo,
             "wmtp.step": str(event.step), "wmtp.resume_location": where}
+    if event.supersedes:
+        tags["wmtp.supersedes"] = event.supersedes
+        description += f" Supersedes {event.supersedes}, stored before the run trained further."
     return description, tags
 
 
@@ -152,9 +155,10 @@ class MlflowRegistrySink(Sink):
         return Receipt(role=Role.FINAL, run=event.run.name, step=event.step,
                        uri=f"models:/{name}/{version}", nbytes=nbytes, meta={"model_uri": f"models:/{model_id}"})
 
-    def stored_final(self, run) -> str | None:
-        """A registered version already made from this run's lineage, if any. A registry that
-        cannot be asked raises: whether it holds one is not known."""
+    def stored_final(self, run) -> Receipt | None:
+        """The newest registered version made from this run's lineage (the highest
+        ``wmtp.step``), if any. A registry that cannot be asked raises: whether it holds one is
+        not known."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -169,10 +173,13 @@ class MlflowRegistrySink(Sink):
             registry = self.settings.get("registry_uri") or self.settings.get("tracking_uri") or DEFAULT_TRACKING_URI
             raise ConnectionError(f"the MLflow registry at {redact.text(registry)} cannot be reached ({why}; "
                                   f"gave up after {request_bounds()})") from None
-        for v in versions:
-            if (v.tags or {}).get("wmtp.lineage") == run.lineage:
-                return f"models:/{name}/{v.version}"
-        return None
+        mine = [v for v in versions if (v.tags or {}).get("wmtp.lineage") == run.lineage]
+        if not mine:
+            return None
+        step = lambda v: int((v.tags or {}).get("wmtp.step") or 0)  # noqa: E731
+        newest = max(mine, key=lambda v: (step(v), int(v.version)))
+        return Receipt(role=Role.FINAL, run=run.name, step=step(newest), uri=f"models:/{name}/{newest.version}",
+                       nbytes=0, meta={"version": str(newest.version)})
 
     def held(self, run_name: str, lineages: set[str] | None = None) -> list[Holding]:
         """Registered versions of any ``wmtp_*`` model made from one of ``lineages``, with the

@@ -196,10 +196,13 @@ def _register(args, out: Console, err: Console) -> int:
             stored = router.final_stored()
         except Exception as e:  # the sink could not be asked: it is unreachable or broken
             return _not_registered(err, e, source)
-        if stored:
-            out.print(f"the final model of run {run.name!r} is already stored at {stored}; "
-                      "it is stored once, nothing to do")
+        if stored is not None and stored.step >= manifest.step:
+            out.print(f"the final model of run {run.name!r} (step {stored.step}) is already stored at "
+                      f"{stored.uri}; the weights of a step are stored once, nothing to do")
             return EXIT_OK
+        if stored is not None:
+            out.print(f"the final model stored at {stored.uri} is of step {stored.step}; storing the one of "
+                      f"step {manifest.step}, which supersedes it")
         payload = final_payload_from(args.uri, options, {"algo": algo, "step": manifest.step})
         metrics = {k: float(v) for k, v in manifest.meta.get("metrics", {}).items()}
         try:

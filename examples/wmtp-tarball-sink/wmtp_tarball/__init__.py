@@ -53,10 +53,10 @@ class TarballSink(Sink):
 
     def stored_final(self, run):
         try:
-            self.checkpoints.read_manifest(self.checkpoints.path_of(self.run, EXPORT))
+            m = self.checkpoints.read_manifest(self.checkpoints.path_of(self.run, EXPORT))
         except CheckpointError:
             return None
-        return self.location()
+        return Receipt(role=Role.FINAL, run=self.run, step=m.step, uri=self.location(), nbytes=m.nbytes)
 
 
 @hookimpl
