@@ -227,13 +227,19 @@ class Child:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it ended and the zygote reaped it; its status is on its way
+                pass
 
     def kill(self) -> None:
         import signal
 
         if self.poll() is None:
-            os.killpg(self.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:  # likewise
+                pass
 
     def terminate(self) -> None:
         import signal
