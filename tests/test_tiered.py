@@ -258,9 +258,11 @@ def test_the_check_names_a_missing_tier(missing):
 
 def test_s3_retries_and_block_size_come_from_the_client_settings_unless_given():
     assert tiered.durable_options("s3://b/x", {}) == {
-        "default_block_size": 256 << 20, "config_kwargs": {"retries": {"max_attempts": 5, "mode": "standard"}}}
+        "default_block_size": 256 << 20,
+        "config_kwargs": {"connect_timeout": 5, "read_timeout": 15, "retries": {"max_attempts": 5, "mode": "standard"}}}
     given = tiered.durable_options("s3://b/x", {"config_kwargs": {"retries": {"max_attempts": 2}, "read_timeout": 9}})
-    assert given["config_kwargs"] == {"retries": {"max_attempts": 2}, "read_timeout": 9}
+    assert given["config_kwargs"] == {"retries": {"max_attempts": 2, "mode": "standard"}, "read_timeout": 9,
+                                      "connect_timeout": 5}
     assert tiered.durable_options("file:///d", {}) == {}
 
 
