@@ -281,6 +281,16 @@ def campaign_sample(out: Path, only: str):
     return proc, tallies
 
 
+def assert_campaign_clean(proc, tallies) -> None:
+    """Every scenario of a campaign sample survived every try: nothing torn, lost, executed,
+    hung or ended in a traceback, and the campaign itself exited 0."""
+    for name, t in tallies.items():
+        assert t["torn"] == 0 and t["lost"] == 0, (name, t["notes"])
+        assert t["tracebacks"] == 0 and t["hangs"] == 0 and t["executed"] == 0, (name, t["notes"])
+        assert t["survived"] == t["tried"], (name, t["notes"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 LONGEST_FIRST = ("test_campaign.py", "test_campaign_faults.py", "test_origin_files.py", "test_hf_models.py", "test_lease.py",
                  "test_distributed.py", "test_e2e.py", "test_preemption.py", "test_mlflow_outages.py",
                  "test_clean_starts.py", "test_tiered.py", "test_sharded_everywhere.py", "test_quarantine.py")

@@ -320,6 +320,11 @@ def store_class(protocol: str, catalog: Catalog | None = None) -> type[Checkpoin
     return found if found is not None else CheckpointStore
 
 
+def store_class_of(url: str) -> type[CheckpointStore]:
+    """:func:`store_class` for the protocol of ``url`` (a bare path: ``file``)."""
+    return store_class(fsspec.core.split_protocol(url)[0] or "file")
+
+
 @functools.cache
 def _installed_catalog() -> Catalog:
     """The installed plugins' catalog, built once per process."""

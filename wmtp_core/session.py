@@ -309,17 +309,13 @@ class RunSession:
             storage = self.plan.settings.config.storage
             final = storage.final if storage is not None else None
             last, metrics = trainer.step, _scalars(outcome.metrics)
-            if stored is not None and stored.step >= last:
+            if final is not None and final.from_ == "best" and (stored is None or stored.step < last):
+                metrics = self._best_into(trainer, router) or metrics  # trainer.step: the best's
+            if stored is not None and stored.step >= trainer.step:  # nothing new was trained
                 self.err.print(f"the final model of {router.run.name!r} (step {stored.step}) is already stored at "
                                f"{stored.uri}; not storing it again", highlight=False)
+                trainer.step = last
                 return ending
-            if final is not None and final.from_ == "best":
-                metrics = self._best_into(trainer, router) or metrics
-                if stored is not None and stored.step >= trainer.step:  # the best is the one stored
-                    self.err.print(f"the final model of {router.run.name!r} (the best, step {stored.step}) is "
-                                   f"already stored at {stored.uri}; not storing it again", highlight=False)
-                    trainer.step = last
-                    return ending
             if stored is not None:
                 self.err.print(f"the run trained past step {stored.step} of its final model at {stored.uri}: "
                                f"storing the final model of step {trainer.step}, which supersedes it",

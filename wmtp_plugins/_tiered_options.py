@@ -10,7 +10,7 @@ import fsspec
 from fsspec.core import split_protocol
 
 from wmtp_core import BindingError
-from wmtp_core.commit import store_class
+from wmtp_core.commit import store_class_of
 
 FAST_KEEP_LAST = 1
 """Committed checkpoints kept on the fast tier when ``fast_keep_last`` is not set."""
@@ -60,4 +60,4 @@ def durable_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """Storage options of the durable tier: what the store of its protocol needs under them
     (``with_defaults``; for S3: the ``s3`` sink's multipart block size and botocore's retries,
     :data:`RETRIES`) unless given."""
-    return store_class(split_protocol(url)[0] or "file").with_defaults(options, retries=RETRIES)
+    return store_class_of(url).with_defaults(options, retries=RETRIES)

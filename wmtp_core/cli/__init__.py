@@ -136,15 +136,13 @@ def _storage_failure(args: argparse.Namespace, e: Exception) -> str | None:
     command read, once its client's retries ran out: the command, the URI, the error. ``None``
     for any other exception (a bug, which keeps its traceback)."""
     from wmtp_core.cli.inventory import reading
-    from wmtp_core.commit import store_class
+    from wmtp_core.commit import store_class_of
     from wmtp_core.save_failures import first_line, is_storage_error
 
     uri = reading()
     if uri is None or not is_storage_error(e):
         return None
-    import fsspec
-
     command = " ".join(str(w) for w in (args.command, getattr(args, "action", None)) if w)
-    retries = store_class(fsspec.core.split_protocol(uri)[0] or "file").client_retries
+    retries = store_class_of(uri).client_retries
     after = f" (after {retries})" if retries else ""
     return f"wmtp {command}: reading {uri} failed: {type(e).__name__}: {first_line(e)}{after}"

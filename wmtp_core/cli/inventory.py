@@ -22,6 +22,7 @@ from wmtp_core.commit import (
     check_run_name,
     protocol_of,
     store_class,
+    store_class_of,
 )
 from wmtp_core.errors import ConfigError, UsageError
 from wmtp_core.naming import step_of
@@ -53,7 +54,7 @@ def locate(uri: str, options: dict[str, Any]) -> Located:
     read with the settings of the sink that serves its protocol (for ``s3://``: the ``s3``
     sink's retries and timeouts) under the ``options`` given."""
     _READING.set(uri)
-    options = store_class(fsspec.core.split_protocol(uri)[0] or "file").with_defaults(options)
+    options = store_class_of(uri).with_defaults(options)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options)
     except TypeError:  # its message could quote a value; name the keys only
