@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
+import functools
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +65,36 @@ class _Dumper(yaml.SafeDumper):
 
 
 def write(path: Path, data: dict[str, Any]) -> str:
-    """``data`` written to ``path`` as YAML; returns the path as a string."""
+    """``data`` written to ``path`` as YAML; returns the path as a string. A config's MLflow store
+    (``sqlite:///...``) that does not exist yet is created empty (:func:`empty_mlflow_store`)."""
     path.write_text(yaml.dump(data, Dumper=_Dumper, sort_keys=False))
+    mlflow_section = data.get("mlflow") if isinstance(data, dict) else None
+    if isinstance(mlflow_section, dict):
+        for key in ("tracking_uri", "registry_uri"):
+            uri = mlflow_section.get(key)
+            if isinstance(uri, str) and uri.startswith("sqlite:///"):
+                empty_mlflow_store(Path(uri.removeprefix("sqlite:///")))
     return str(path)
+
+
+@functools.cache
+def _empty_store_template() -> Path:
+    """One empty MLflow sqlite store per test process: MLflow creates it (its schema migrations
+    take about 1.5 s, every time a store is new)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = Path(tempfile.mkdtemp(prefix="wmtp-empty-mlflow-"))
+    atexit.register(shutil.rmtree, folder, True)
+    store = SqlAlchemyStore(f"sqlite:///{folder}/mlflow.db", str(folder / "mlruns"))
+    store.engine.dispose()
+    return folder / "mlflow.db"
+
+
+def empty_mlflow_store(db: Path) -> None:
+    """``db``, when it does not exist yet: a copy of an empty store that MLflow created (what the
+    first run against ``db`` would create, without migrating the schema again for each test)."""
+    if not db.exists() and db.parent.is_dir():
+        shutil.copyfile(_empty_store_template(), db)
 
 
 def files(tmp: Path, config: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,

@@ -28,7 +28,18 @@ import time
 from pathlib import Path
 
 PRELOAD = ("torch", "torch.distributed.checkpoint", "torch._dynamo", "torch.export", "mlflow", "mlflow.pytorch",
-           "mlflow.transformers", "transformers", "s3fs", "botocore", "safetensors.torch")
+           "mlflow.transformers", "transformers", "s3fs", "botocore", "safetensors.torch",
+           # what a run with MLflow imports next (about 3 s a child): exporting the final program,
+           # MLflow's sqlite stores and their migrations, pyfunc, tracing. Not matplotlib: tests
+           # block its import in a child (test_report_plot.py).
+           "torch.export._trace", "torch._functorch.aot_autograd", "torch._inductor.codecache",
+           "torch._export.serde.serialize", "torch.export.pt2_archive", "networkx", "sympy", "sympy.combinatorics",
+           "sqlalchemy.orm", "sqlalchemy.dialects.sqlite", "alembic.command", "alembic.config",
+           "mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store",
+           "mlflow.store.tracking.sqlalchemy_workspace_store", "mlflow.store.model_registry.sqlalchemy_store",
+           "mlflow.store.model_registry.sqlalchemy_workspace_store", "mlflow.pyfunc", "mlflow.tracing.export",
+           "mlflow.tracing.processor.otel", "opentelemetry.sdk.metrics", "git", "rich.console",
+           "cryptography.hazmat.primitives.hashes")
 
 
 # ----------------------------------------------------------------------------------- the zygote
