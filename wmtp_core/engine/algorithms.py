@@ -4,6 +4,12 @@ Per position t the loss is l_t = sum_k w_tk m_tk CE_tk / sum_k w_tk m_tk, averag
 positions where some head has a target; ``m`` masks heads whose target lies past the end of the
 sequence (its length, when a batch holds padded sequences). Weights never carry gradient.
 
+Every statistic of a batch is one of the global batch, whichever ranks hold its rows: the mean
+over positions, the mean weight of ``mean1.0_clip`` and the rewards' z-score sum over all ranks
+(:class:`Ranks`). Each rank's loss is its share of the global mean, scaled so that the mean of
+the ranks' gradients (what FSDP reduces) is the gradient of the global mean: two ranks train
+exactly what one process trains on the whole batch, however the rows' lengths fall.
+
 A model here is any module with ``forward(ids) -> [B, K, T, V]``, ``next_token_logits(ids)``,
 ``hidden(ids) -> [B, T, d]`` and ``logits_and_hidden(ids)``: the byte-level ``MTPModel`` and the
 Hugging Face ``HFMTPModel`` alike.
@@ -21,6 +27,33 @@ ALGORITHMS = ("baseline-mtp", "rho1-wmtp", "critic-wmtp")
 
 
 # --------------------------------------------------------------------------- shared pieces
+class Ranks:
+    """The ranks that hold a batch's rows: here one process holds the whole batch. The trainer
+    gives an algorithm its world instead (:class:`wmtp_core.engine.distributed.World`), whose
+    ``total`` sums over every rank."""
+
+    size = 1
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (no gradient)."""
+        return t.detach()
+
+
+ONE = Ranks()
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor, ranks: Ranks = ONE) -> tuple[torch.Tensor, float]:
+    """This rank's share of a mean over the global batch, given this rank's sum of the values and
+    their count: ``total * size / global count``, so that averaging the ranks' shares (and
+    their gradients) gives the global mean; and the global mean's value. Every rank calls it
+    (one collective), whether or not it holds values. A global count of 0 gives 0."""
+    both = ranks.total(torch.stack([total.detach().float(), count.detach().float()]))
+    n = float(both[1])
+    if n == 0:
+        return total * 0.0, 0.0
+    return total * (ranks.size / n), float(both[0]) / n
+
+
 def valid_positions(ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """``[B, T]``: True where the position holds a real token (not padding)."""
     b, t = ids.shape
@@ -69,15 +102,15 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor,
 
 
 def weighted_loss(ce: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
-                  epsilon: float = 1e-12) -> torch.Tensor:
-    """The WMTP loss for given weights ``[B, K, T]``; ``epsilon`` guards the denominator."""
+                  epsilon: float = 1e-12, ranks: Ranks = ONE) -> torch.Tensor:
+    """The WMTP loss for given weights ``[B, K, T]`` (this rank's share of the global batch's,
+    :func:`global_mean`); ``epsilon`` guards the denominator."""
     wm = weights.detach() * mask
     denom = wm.sum(dim=1)
     valid = denom > 0
-    if not bool(valid.any()):
-        return (ce * 0.0).sum()
     per_pos = (wm * ce).sum(dim=1) / denom.clamp_min(max(epsilon, 1e-12))
-    return per_pos[valid].mean()
+    share, _ = global_mean((per_pos * valid).sum(), valid.sum(), ranks)
+    return share
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, temperature: float,
@@ -91,18 +124,20 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, temperature: float,
 
 
 def finish_weights(scores: torch.Tensor, mask: torch.Tensor, temperature: float,
-                   max_weight: float | None, norm: str = "softmax") -> torch.Tensor:
+                   max_weight: float | None, norm: str = "softmax", ranks: Ranks = ONE) -> torch.Tensor:
     """Head weights from scores, as ``loss.weight_norm`` says: ``softmax`` over heads with each
     weight capped at ``max_weight``; ``mean1.0_clip``: the softmax weights scaled so their mean over
-    every valid (position, head) of the batch is 1, then clipped at ``max_weight``; ``none``: the
-    softmax weights, uncapped."""
+    every valid (position, head) of the global batch is 1, then clipped at ``max_weight``;
+    ``none``: the softmax weights, uncapped."""
     if norm == "softmax":
         return masked_softmax(scores, mask, temperature, max_weight)
     w = masked_softmax(scores, mask, temperature)
-    if norm == "mean1.0_clip" and bool(mask.any()):
-        w = w / w[mask].mean().clamp_min(1e-12)
-        if max_weight is not None:
-            w = w.clamp(max=max_weight)
+    if norm == "mean1.0_clip":
+        _, mean = global_mean((w * mask).sum(), mask.sum(), ranks)
+        if mean > 0:
+            w = w / max(mean, 1e-12)
+            if max_weight is not None:
+                w = w.clamp(max=max_weight)
     return w
 
 
@@ -138,6 +173,8 @@ class Algorithm:
     of the resume state."""
 
     name = ""
+    ranks: Ranks = ONE
+    """Which ranks hold the batch's rows: the trainer sets its world here."""
 
     def loss(self, model: nn.Module, ids: torch.Tensor,
              lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -169,7 +206,7 @@ class BaselineMTP(Algorithm):
 
     def loss(self, model, ids, lengths=None):
         ce, mask = head_ce(model(ids), ids, lengths)
-        loss = self.scale * weighted_loss(ce, mask, torch.ones_like(ce))
+        loss = self.scale * weighted_loss(ce, mask, torch.ones_like(ce), ranks=self.ranks)
         return loss, head_metrics(ce.detach(), mask)
 
 
@@ -208,7 +245,7 @@ class Rho1WMTP(Algorithm):
             excess = (ce.detach() - ref).abs() * (mask & ok)
             excess = torch.where(excess < self.min_ce_diff, torch.zeros_like(excess), excess)
             if self.mode == "weighted":
-                return finish_weights(excess, mask, self.temperature, self.max_weight, self.norm)
+                return finish_weights(excess, mask, self.temperature, self.max_weight, self.norm, self.ranks)
             return self._skip(excess, mask)
 
     def _skip(self, excess: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -228,7 +265,7 @@ class Rho1WMTP(Algorithm):
         ce, mask = head_ce(model(ids), ids, lengths)
         w = self.weights(ce, mask, ids, lengths)
         metrics = {**head_metrics(ce.detach(), mask), **weight_metrics(w, mask)}
-        return weighted_loss(ce, mask, w, self.epsilon), metrics
+        return weighted_loss(ce, mask, w, self.epsilon, self.ranks), metrics
 
 
 # --------------------------------------------------------------------------- critic
@@ -256,6 +293,19 @@ def gae_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
         running = delta + gamma * lam * running
         adv[:, i] = running
     return adv + values
+
+
+def zscore(x: torch.Tensor, ranks: Ranks = ONE) -> torch.Tensor:
+    """``x`` standardised over the global batch: its mean, then the spread about it (two passes,
+    in float64: rewards close together lose their spread to cancellation in one)."""
+    x64 = x.double()
+    count = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    total, n = ranks.total(torch.stack([x64.sum(), count])).tolist()
+    if n < 2:
+        return x
+    centred = x64 - total / n
+    spread = float(ranks.total(torch.stack([(centred * centred).sum()]))[0])
+    return (centred / ((spread / (n - 1)) ** 0.5 + 1e-6)).to(x.dtype)
 
 
 def lm_score(lm: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -333,8 +383,8 @@ class CriticWMTP(Algorithm):
         with torch.no_grad():
             seq = (self.reward.score(ids, lengths) if self.reward is not None
                    else lm_score(model, ids, lengths)).float()
-            if self.cfg.normalize == "zscore" and seq.numel() > 1:
-                seq = (seq - seq.mean()) / (seq.std() + 1e-6)
+            if self.cfg.normalize == "zscore":  # over the global batch (every rank calls these)
+                seq = zscore(seq, self.ranks)
             b, t = ids.shape
             real = valid_positions(ids, lengths)
             n = real.sum(dim=1).clamp_min(1)
@@ -346,26 +396,29 @@ class CriticWMTP(Algorithm):
         return r
 
     def value_loss(self, model: nn.Module, ids: torch.Tensor, h: torch.Tensor | None = None,
-                   lengths: torch.Tensor | None = None):
+                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """This rank's share of the value loss (:func:`global_mean`), the values, and the global
+        batch's value loss."""
         if h is None:
             with torch.no_grad():
                 h = model.hidden(ids)
         v = self.value_head(h)
         returns = gae_returns(self.rewards(model, ids, lengths), v.detach(), self.cfg.gamma, self.cfg.gae_lambda)
         real = valid_positions(ids, lengths)
-        return ((v - returns) ** 2 * real).sum() / real.sum().clamp_min(1), v
+        share, value = global_mean(((v - returns) ** 2 * real).sum(), real.sum(), self.ranks)
+        return share, v, value
 
     def loss(self, model, ids, lengths=None):
         logits, h = model.logits_and_hidden(ids)
         ce, mask = head_ce(logits, ids, lengths)
-        vloss, v = self.value_loss(model, ids, h, lengths)
+        vloss, v, vvalue = self.value_loss(model, ids, h, lengths)
         with torch.no_grad():
             vd = v.detach()
             prev = torch.cat([torch.zeros_like(vd[:, :1]), vd[:, :-1]], dim=1)
             delta = vd - self.cfg.discount_lambda * prev
             score, ok = shifted(delta, ce.shape[1], 1)
-            w = finish_weights(score, mask & ok, self.temperature, self.max_weight, self.norm)
-        loss = weighted_loss(ce, mask, w, self.epsilon) + self.cfg.auxiliary_loss_coef * vloss
+            w = finish_weights(score, mask & ok, self.temperature, self.max_weight, self.norm, self.ranks)
+        loss = weighted_loss(ce, mask, w, self.epsilon, self.ranks) + self.cfg.auxiliary_loss_coef * vloss
         metrics = {**head_metrics(ce.detach(), mask), **weight_metrics(w, mask),
-                   "value_loss": float(vloss.detach())}
+                   "value_loss": vvalue}
         return loss, metrics

@@ -62,6 +62,15 @@ class World:
         dist.all_reduce(t)
         return (float(t[0]) / self.size, *(bool(x > 0) for x in t[1:].tolist()))
 
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over every rank (the training loop's group; no gradient): the global
+        batch's statistics (:class:`wmtp_core.engine.algorithms.Ranks`)."""
+        if not dist.is_initialized() or self.size == 1:
+            return t.detach()
+        out = t.detach().clone()
+        dist.all_reduce(out)
+        return out
+
     def mean(self, value: float) -> float:
         if not dist.is_initialized() or self.size == 1:
             return value

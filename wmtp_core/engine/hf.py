@@ -221,14 +221,14 @@ class HFMTPModel(nn.Module):
 
     def logits_and_hidden(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._base(ids)
-        h = out.hidden_states[-1]
+        h = _own(out.hidden_states[-1])
         return torch.stack([out.logits, *self._extra(h)], dim=1), h
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.logits_and_hidden(ids)[0]
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._base(ids).hidden_states[-1]
+        return _own(self._base(ids).hidden_states[-1])
 
     def next_token_logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.base(input_ids=ids, use_cache=False).logits
@@ -238,6 +238,14 @@ class HFMTPModel(nn.Module):
         names = set(getattr(self.base, "_no_split_modules", None) or [])
         layers = [m for m in self.base.modules() if type(m).__name__ in names]
         return layers + list(self.heads)
+
+
+def _own(h: torch.Tensor) -> torch.Tensor:
+    """``h`` as a tensor of its own. Many Hugging Face models hand back their last hidden state as
+    a view (GPT-2: ``hidden_states.view(output_shape)``); returned from an FSDP2 unit's forward, a
+    view loses FSDP's pre-backward hook to any in-place op on it, and FSDP2 warns that gradients
+    may be wrong. A copy of ``[B, T, d]`` is small beside the logits."""
+    return h.clone() if h._base is not None else h
 
 
 def _heads_for(d: int) -> int:

@@ -79,6 +79,7 @@ class Trainer:
         devices = cfg.devices
         self.fsdp = devices.fsdp.enabled
         self.algo = build_algorithm(self.settings, load, self.base).to(self.device)
+        self.algo.ranks = self.world  # batch statistics are the global batch's, on every rank
         if self.fsdp:
             if devices.fsdp.activation_ckpt and self.base.is_hf:
                 self.model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -302,11 +303,10 @@ class Trainer:
             best, bad = None, 0
             for i in range(1, pre.max_steps + 1):
                 ids, lengths = self._local(self.stream.next())
-                vloss, _ = self.algo.value_loss(self.model, ids, lengths=lengths)
+                vloss, _, value = self.algo.value_loss(self.model, ids, lengths=lengths)
                 opt.zero_grad(set_to_none=True)
                 vloss.backward()
                 opt.step()
-                value = float(vloss.detach())
                 on_step(i, {"pretrain_value_loss": value})
                 es = pre.early_stopping
                 if es.enabled:

@@ -1,0 +1,100 @@
+"""Two FSDP2 ranks train what one process trains: the same steps on the same global batch give
+the same parameters, for a Hugging Face base with linear and with transformer heads and for each
+algorithm. MBPP rows of unequal lengths (no packing) fall unevenly on the ranks, so every
+batch statistic (the mean over positions, ``mean1.0_clip``'s mean weight, the rewards' z-score,
+the value loss) must be the global batch's. FSDP2 says nothing about view tensors. Each
+algorithm runs once and each head kind at least once (critic-wmtp, the one that reads the hidden
+state too, with linear heads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import zygote
+from builders import write
+from hf_models import ORIGIN_DATA, causal_lm, reward_classifier
+
+pytestmark = pytest.mark.slow
+
+TOLERANCE = 2e-5
+"""Largest absolute difference allowed between a parameter trained by two ranks and by one
+process after the steps below (learning rate 2e-3, so about 1% of one step): the two sum the
+same numbers in another order, nothing more."""
+
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0}
+"""Dropout draws from each rank's own random stream: equal parameters need none."""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    causal_lm(root / "base", seed=0, **NO_DROPOUT)
+    causal_lm(root / "ref", "distilgpt2", seed=1, tokenizer=False, **NO_DROPOUT)
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (root / "base" / f).exists():
+            (root / "ref" / f).write_bytes((root / "base" / f).read_bytes())
+    reward_classifier(root / "rm", seed=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    return root
+
+
+def files(tmp: Path, models: Path, algo: str, head: str, ranks: int) -> None:
+    write(tmp / "c.yaml", {
+        "seed": 11, "log_interval": 1,
+        "paths": {"models": {"base": str(models / "base"), "ref": str(models / "ref"), "rm": str(models / "rm")},
+                  "datasets": {"mbpp": str(ORIGIN_DATA / "mbpp")},
+                  "checkpoints": {"base_path": f"file://{tmp}/ck", "save_interval": 0}},
+        "storage": {"final": {"sink": "local"}},
+        "mlflow": None,
+        "devices": {"fsdp": {"enabled": ranks > 1, "auto_wrap": True}},
+    })
+    write(tmp / "r.yaml", {
+        "run": {"name": "eq"},
+        "train": {"algo": algo, "max_steps": 3},
+        "optim": {"lr": 0.002, "scheduler": "constant", "warmup_ratio": 0.0, "grad_clip": 1.0},
+        # 4 rows a step: 2 on each of two ranks, all 4 on one process
+        "data": {"train": {"sources": ["mbpp"], "max_length": 64, "batch_size": 4 // ranks, "pack_sequences": False}},
+        "model": {"head": head, "n_future": 3},
+        "rho1": {"selection_mode": "weighted", "min_ce_diff": 0.0},
+        "loss": {"weight_norm": "mean1.0_clip", "max_weight": 3.0, "weight_temperature": 0.7},
+        "critic": {"use_pseudo_rewards": False, "normalize": "zscore", "token_spread": "gae"},
+        "pretrain": {"enabled": True, "max_steps": 1},
+    })
+
+
+def final_weights(tmp: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    final = tmp / "ck" / "eq" / "final"
+    return {**load_file(final / "model.safetensors"), **load_file(final / "mtp_heads.safetensors")}
+
+
+@pytest.mark.parametrize("algo,head", [("baseline-mtp", "linear"), ("rho1-wmtp", "transformer"),
+                                       ("critic-wmtp", "linear")])
+def test_two_fsdp_ranks_and_one_process_take_the_same_steps(models, tmp_path, algo, head):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "always"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder, n in ((one, 1), (two, 2)):
+        folder.mkdir()
+        files(folder, models, algo, head, n)
+    single = zygote.run(["-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml"], cwd=one, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = zygote.ranks(2, ["-m", "wmtp_core.run", "--config", "c.yaml", "--recipe", "r.yaml"], cwd=two, env=env)
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    assert "returned a view tensor" not in sharded.stderr, sharded.stderr[-3000:]
+
+    a, b = final_weights(one), final_weights(two)
+    assert a.keys() == b.keys()
+    start = final_weights_of(models / "base")
+    moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in start if k in a)
+    assert moved > 100 * TOLERANCE, "the steps changed the parameters"
+    worst = max((float((a[k].float() - b[k].float()).abs().max()), k) for k in a)
+    assert worst[0] <= TOLERANCE, f"{worst[1]} differs by {worst[0]:.2e} between two ranks and one process"
+
+
+def final_weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
