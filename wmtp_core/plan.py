@@ -51,13 +51,18 @@ class Plan:
     """``latest``, a checkpoint URI, or ``None`` for a new run."""
     mlflow: Mapping[str, Any] = attrs.field(factory=dict, converter=frozen_copy)
     """The ``mlflow`` section (empty when it is null)."""
+    steps: Any = None
+    """The steps the run takes and the limit that binds (a ``StepCount``) once :func:`count_steps`
+    read the data (the dry run), or why only the run can count them; ``None`` before."""
 
     @property
     def estimate(self) -> report.Estimate:
         ck = self.settings.config.paths.checkpoints
         keeper = self.policies.get(Role.RESUME)
         final = self.settings.config.storage.final if self.settings.config.storage is not None else None
-        return report.estimate(self.parameters or 0, self.settings.recipe.train.max_steps or 0,
+        known = self.steps is not None and not isinstance(self.steps, str)
+        steps = self.steps.steps if known else self.settings.recipe.train.max_steps or 0
+        return report.estimate(self.parameters or 0, steps,
                                ck.save_interval, getattr(keeper, "keep_last", 10**9),
                                getattr(keeper, "keep_every", 0), ck.save_final,
                                2 if final is not None and final.dtype != "fp32" else 4)
@@ -93,7 +98,8 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
               resume: str | None = None) -> Plan:
     """Load and check everything; raise a :class:`~wmtp_core.errors.WmtpError` for the first
     problem in the files, or for every problem with this machine and its storage (see
-    :class:`Facts`). Loads no data, allocates no model, loads no reference model, writes nothing."""
+    :class:`Facts`). Loads no data (the dry run counts the steps afterwards: :func:`count_steps`),
+    allocates no model, loads no reference model, writes nothing."""
     settings = load_settings(config, recipe)
     catalog = build_catalog(pm)
     bindings = bindings_for(settings, catalog)
@@ -206,12 +212,27 @@ class Facts:
             raise ConfigError(f"this run cannot start here; {len(self.problems)} problems:\n{lines}")
 
 
+def count_steps(plan: Plan) -> Plan:
+    """The plan with the steps its run takes (:func:`wmtp_core.engine.parts.count_steps`): the
+    dry run reads and tokenizes the training data for it, as the run will."""
+    from wmtp_core.engine.parts import count_steps as count
+
+    counted = count(plan.settings)
+    if counted is None:
+        max_steps = plan.settings.recipe.train.max_steps
+        counted = ((f"at most {max_steps:,} steps (train.max_steps); " if max_steps else "")
+                   + "the training rows are counted once the run has resolved the base model's tokenizer")
+    return attrs.evolve(plan, steps=counted)
+
+
 def describe(plan: Plan) -> list[Any]:
     """What ``--dry-run`` prints: the bindings, the storage estimate, the verdict."""
     descriptions = {n: s.description for n, s in plan.catalog.sinks.items()}
     models = "\n".join(f"{key}: {what}" for key, what in plan.models.items())
     size = (f"{plan.parameters:,} parameters" if plan.parameters is not None
             else "size known when the registered base model is resolved")
-    return ["\n".join(report.bindings_lines(plan.bindings, descriptions)) + f"\n{models}\n({size})",
+    steps = f"\n{plan.steps}" if isinstance(plan.steps, str) else \
+        f"\n{plan.steps.describe()}" if plan.steps is not None else ""
+    return ["\n".join(report.bindings_lines(plan.bindings, descriptions)) + f"\n{models}\n({size}){steps}",
             report.estimate_table(plan.estimate),
             f"dry run: run {plan.run_name!r} is valid; nothing was written."]

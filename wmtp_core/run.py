@@ -16,7 +16,7 @@ from rich.text import Text
 from wmtp_core import report
 from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import StorageError, WmtpError
-from wmtp_core.plan import describe, preflight
+from wmtp_core.plan import count_steps, describe, preflight
 from wmtp_core.plugins import make_plugin_manager
 from wmtp_core.exits import (
     EXIT_FAILED,
@@ -76,12 +76,12 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
             for key in plan.settings.unused:
                 err.print(Text.assemble(("unused: ", "yellow"),
                                         f"{key} is accepted for compatibility but has no effect here"))
-        if args.dry_run or args.verbose:
-            out.print(describe(plan)[0])
         if args.dry_run:
-            for line in describe(plan)[1:]:
+            for line in describe(count_steps(plan)):
                 out.print(line)
             return EXIT_OK
+        if args.verbose:
+            out.print(describe(plan)[0])
         session = RunSession(plan, pm, out, err, verbose=args.verbose)
         session.timings["preflight"] = time.perf_counter() - t0
         code = session.run()

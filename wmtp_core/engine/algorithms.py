@@ -23,37 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wmtp_core.engine.global_batch import ONE, Ranks, global_mean, zscore
+
 ALGORITHMS = ("baseline-mtp", "rho1-wmtp", "critic-wmtp")
 
 
 # --------------------------------------------------------------------------- shared pieces
-class Ranks:
-    """The ranks that hold a batch's rows: here one process holds the whole batch. The trainer
-    gives an algorithm its world instead (:class:`wmtp_core.engine.distributed.World`), whose
-    ``total`` sums over every rank."""
-
-    size = 1
-
-    def total(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over the ranks (no gradient)."""
-        return t.detach()
-
-
-ONE = Ranks()
-
-
-def global_mean(total: torch.Tensor, count: torch.Tensor, ranks: Ranks = ONE) -> tuple[torch.Tensor, float]:
-    """This rank's share of a mean over the global batch, given this rank's sum of the values and
-    their count: ``total * size / global count``, so that averaging the ranks' shares (and
-    their gradients) gives the global mean; and the global mean's value. Every rank calls it
-    (one collective), whether or not it holds values. A global count of 0 gives 0."""
-    both = ranks.total(torch.stack([total.detach().float(), count.detach().float()]))
-    n = float(both[1])
-    if n == 0:
-        return total * 0.0, 0.0
-    return total * (ranks.size / n), float(both[0]) / n
-
-
 def valid_positions(ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """``[B, T]``: True where the position holds a real token (not padding)."""
     b, t = ids.shape
@@ -293,19 +268,6 @@ def gae_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
         running = delta + gamma * lam * running
         adv[:, i] = running
     return adv + values
-
-
-def zscore(x: torch.Tensor, ranks: Ranks = ONE) -> torch.Tensor:
-    """``x`` standardised over the global batch: its mean, then the spread about it (two passes,
-    in float64: rewards close together lose their spread to cancellation in one)."""
-    x64 = x.double()
-    count = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
-    total, n = ranks.total(torch.stack([x64.sum(), count])).tolist()
-    if n < 2:
-        return x
-    centred = x64 - total / n
-    spread = float(ranks.total(torch.stack([(centred * centred).sum()]))[0])
-    return (centred / ((spread / (n - 1)) ** 0.5 + 1e-6)).to(x.dtype)
 
 
 def lm_score(lm: nn.Module, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -114,6 +114,28 @@ def split_tail(w: Windows, n: int) -> tuple[Windows, Windows]:
     return w[:cut], w[cut:]
 
 
+def eos_id(tokenizer: Any) -> int | None:
+    """The id that ends each document (none for bytes)."""
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def split_windows(docs: Sequence[str], split: Any, tokenizer: Any) -> Windows:
+    """A recipe split's documents as the rows the run trains on (``max_length``, packed or not)."""
+    return windows(encode(docs, tokenizer, eos_id(tokenizer)), split.max_length, split.pack_sequences,
+                   pad_id(tokenizer))
+
+
+def held_out(rows: int) -> int:
+    """Without ``data.eval``, the training rows held out to evaluate on: the last twentieth, at
+    least 1."""
+    return max(1, rows // 20)
+
+
 def windows(docs: Sequence[Sequence[int]], length: int, pack: bool, pad_id: int = 0) -> Windows:
     """Cut documents' token ids into rows of ``length``.
 
@@ -149,6 +171,43 @@ def windows(docs: Sequence[Sequence[int]], length: int, pack: bool, pad_id: int 
     ids = torch.where(real, flat[index], torch.tensor(pad_id, dtype=torch.int64))
     padded = bool((lengths < length).any())
     return Windows(_smallest(ids), lengths if padded else None)
+
+
+# -- how many steps ------------------------------------------------------------------------------
+@attrs.frozen
+class StepCount:
+    """How many optimiser steps a run takes, and which limit binds: ``max_steps``, or
+    ``num_epochs`` passes over the training rows (whichever comes first)."""
+
+    rows: int
+    """Training rows (windows) the data yields."""
+    rows_per_step: int
+    """The global batch: ``batch_size`` times the ranks."""
+    epochs: int
+    max_steps: int | None
+
+    @property
+    def per_epoch(self) -> int:
+        return self.rows // self.rows_per_step
+
+    @property
+    def steps(self) -> int:
+        cap = self.per_epoch * self.epochs
+        return min(self.max_steps, cap) if self.max_steps else cap
+
+    @property
+    def binding(self) -> str:
+        """``max_steps`` or ``num_epochs``: the limit that ends the run."""
+        return "max_steps" if self.max_steps and self.max_steps <= self.per_epoch * self.epochs else "num_epochs"
+
+    def describe(self) -> str:
+        epoch = (f"{self.rows:,} training rows, {self.rows_per_step} a step: {self.per_epoch:,} "
+                 f"step{'s' if self.per_epoch != 1 else ''} an epoch")
+        if self.binding == "max_steps":
+            return f"{self.steps:,} steps: train.max_steps binds ({epoch}, {self.epochs} epochs would allow " \
+                   f"{self.per_epoch * self.epochs:,})"
+        limit = f"; max_steps {self.max_steps:,} is not reached" if self.max_steps else ""
+        return f"{self.steps:,} steps: train.num_epochs {self.epochs} binds ({epoch}{limit})"
 
 
 # -- batches -----------------------------------------------------------------------------------

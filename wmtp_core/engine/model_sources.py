@@ -98,15 +98,15 @@ def locate(uri: str, key: str, settings: Any, load: LoadModel) -> Source:
         except ModelLoadError:
             import shutil
 
-            if loaded.folder != _local_path(uri):
+            if loaded.folder != local_path(uri):
                 shutil.rmtree(loaded.folder, ignore_errors=True)
             raise
         return Source(uri=uri, info=attrs.evolve(info, uri=uri), folder=loaded.folder, loaded=loaded,
-                      temporary=loaded.folder != _local_path(uri))
+                      temporary=loaded.folder != local_path(uri))
     options = options_for(uri, settings)
     info = hf.inspect(uri, key, trust, options)
     folder = hf.local_copy(info, options)
-    return Source(uri=uri, info=info, folder=folder, temporary=folder != _local_path(uri))
+    return Source(uri=uri, info=info, folder=folder, temporary=folder != local_path(uri))
 
 
 def is_committed(uri: str, settings: Any) -> bool:
@@ -118,7 +118,7 @@ def is_committed(uri: str, settings: Any) -> bool:
     return fs.isfile(posixpath.join(path.rstrip("/"), "manifest.json"))
 
 
-def _local_path(uri: str) -> str | None:
+def local_path(uri: str) -> str | None:
     import fsspec
 
     try:

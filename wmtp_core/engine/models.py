@@ -18,9 +18,9 @@ import attrs
 import torch
 from torch import nn
 
-from wmtp_core.engine import hf
+from wmtp_core.engine import data, hf
 from wmtp_core.engine.data import ByteTokenizer
-from wmtp_core.engine.model import MTPModel, ModelConfig, model_from_weights
+from wmtp_core.engine.model import ModelConfig, MTPModel, model_from_weights
 from wmtp_core.engine.model_sources import (  # noqa: F401  (also importable from here, as before)
     LoadModel,
     Source,
@@ -56,12 +56,11 @@ class Base:
 
     @property
     def eos_id(self) -> int | None:
-        return getattr(self.tokenizer, "eos_token_id", None)
+        return data.eos_id(self.tokenizer)
 
     @property
     def pad_id(self) -> int:
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        return int(pad) if pad is not None else 0
+        return data.pad_id(self.tokenizer)
 
     @property
     def max_positions(self) -> int:

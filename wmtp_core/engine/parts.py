@@ -11,10 +11,18 @@ import torch
 
 from wmtp_core.config import Settings
 from wmtp_core.engine import corpus, models
+from wmtp_core.engine import data as data_mod
 from wmtp_core.engine.algorithms import Algorithm, BaselineMTP, CriticWMTP, Rho1WMTP
 from wmtp_core.engine.model import ModelConfig, MTPModel, model_from_weights
+from wmtp_core.engine.model_sources import local_path
 from wmtp_core.engine.models import Base
-from wmtp_core.errors import DataError, DeviceError, ModelLoadError, TrainingError, WmtpError
+from wmtp_core.errors import (
+    DataError,
+    DeviceError,
+    ModelLoadError,
+    TrainingError,
+    WmtpError,
+)
 from wmtp_core.events import LoadedModel
 
 LoadModel = Callable[[str], LoadedModel]
@@ -129,3 +137,37 @@ def load_documents(settings: Settings, sources: list[str], split: str, key: str)
             corpus.documents(url, named, f"paths.datasets.{name}",
                              models.options_for(url, settings))
     return docs
+
+
+def count_steps(settings: Settings) -> data_mod.StepCount | None:
+    """The steps the run will take, counted as the trainer counts them: the training data read
+    and cut into rows with the base model's tokenizer (bytes for the byte-level model), the
+    global batch (``batch_size`` times ``WORLD_SIZE``), ``num_epochs`` and ``max_steps``. None
+    when the tokenizer is known only once the run resolves its base model (a registered model, a
+    folder on object storage)."""
+    import os
+
+    uri = settings.config.paths.models.base
+    if not uri:
+        tokenizer: object = data_mod.ByteTokenizer()
+    else:
+        folder = local_path(uri)
+        if folder is None:
+            return None
+        from wmtp_core.engine import hf
+
+        tokenizer = hf.load_tokenizer(folder, "paths.models.base", settings.config.paths.models.trust_remote_code)
+    recipe = settings.recipe
+    split = recipe.data.train
+    rows = len(data_mod.split_windows(load_documents(settings, split.sources, "train", "data.train.sources"),
+                                      split, tokenizer))
+    if recipe.data.eval is None:
+        rows -= data_mod.held_out(rows)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    count = data_mod.StepCount(rows=max(0, rows), rows_per_step=split.batch_size * world,
+                               epochs=recipe.train.num_epochs, max_steps=recipe.train.max_steps)
+    if count.rows < count.rows_per_step:
+        raise DataError(f"data.train.batch_size: {split.batch_size} is larger than the {count.rows} "
+                        f"training rows the data yields{f' for each of {world} ranks' if world > 1 else ''}; "
+                        "lower batch_size or max_length, or add data")
+    return count

@@ -95,15 +95,16 @@ class Trainer:
         split = recipe.data.train
         windows = self._windows(split, "train", "data.train")
         if recipe.data.eval is None:
-            train_w, eval_w = data_mod.split_tail(windows, max(1, len(windows) // 20))
+            train_w, eval_w = data_mod.split_tail(windows, data_mod.held_out(len(windows)))
         else:
             train_w, eval_w = windows, self._windows(recipe.data.eval, "eval", "data.eval")
         # the stream yields the global batch; each rank trains on its own rows of it
         self.stream = data_mod.BatchStream(train_w, split.batch_size * self.world.size, seed=cfg.seed)
         eval_bs = recipe.data.eval.batch_size if recipe.data.eval is not None else split.batch_size
         self.eval_set = data_mod.eval_batches(eval_w, eval_bs)
-        per_epoch = self.stream.batches_per_epoch * recipe.train.num_epochs
-        self.total_steps = min(recipe.train.max_steps or per_epoch, per_epoch)
+        self.steps = data_mod.StepCount(rows=len(train_w), rows_per_step=self.stream.batch_size,
+                                        epochs=recipe.train.num_epochs, max_steps=recipe.train.max_steps)
+        self.total_steps = self.steps.steps
         extra = self.algo.param_groups()
         own = {id(p) for g in extra for p in g["params"]}
         groups = [{"params": [p for p in self.model.parameters() if id(p) not in own]}, *extra]
@@ -117,8 +118,7 @@ class Trainer:
             raise TrainingError(f"{key}.max_length {split.max_length} exceeds the {limit} positions the "
                                 "model takes (model.max_seq_len, or the base model's config); lower it")
         docs = load_documents(self.settings, split.sources, name, f"{key}.sources")
-        ids = data_mod.encode(docs, self.base.tokenizer, self.base.eos_id)
-        return data_mod.windows(ids, split.max_length, split.pack_sequences, self.base.pad_id)
+        return data_mod.split_windows(docs, split, self.base.tokenizer)
 
     # -- resume state ----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
