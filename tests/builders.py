@@ -72,7 +72,7 @@ def write(path: Path, data: dict[str, Any]) -> str:
     if isinstance(mlflow_section, dict):
         for key in ("tracking_uri", "registry_uri"):
             uri = mlflow_section.get(key)
-            if isinstance(uri, str) and uri.startswith("sqlite:///"):
+            if isinstance(uri, str) and uri.startswith("sqlite:////"):  # absolute: relative ones name the run's cwd
                 empty_mlflow_store(Path(uri.removeprefix("sqlite:///")))
     return str(path)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from builders import recipe, write
 
 from wmtp_core.engine.model import model_from_weights
@@ -114,3 +115,33 @@ def test_the_dry_run_estimate_uses_the_final_dtype(tmp_path, monkeypatch, capsys
         line = next(line for line in out.splitlines() if "final model" in line)
         sizes[dtype] = re.search(r"([\d.]+) (KB|MB)", line).group(0)
     assert sizes["fp32"] != sizes["bf16"], sizes
+
+
+def test_a_bf16_final_model_in_the_registry_is_served_as_its_signature_says(tmp_path, monkeypatch, capsys):
+    """Weights stored in bf16, logits served in float32: the signature and ``mlflow.pyfunc``
+    agree (numpy has no bfloat16)."""
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+
+    overfitting(tmp_path, {"sink": "mlflow_registry", "dtype": "bf16"})
+    config = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    config["mlflow"] = {"experiment": "bf16", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    write(tmp_path / "c.yaml", config)
+    code, out, err = run(tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    uri = "models:/wmtp_baseline-mtp/1"
+    served = mlflow.pyfunc.load_model(uri)
+    (output,) = served.metadata.get_output_schema().inputs
+    assert output.type == np.dtype("float32")
+    ids = np.random.default_rng(0).integers(0, 256, (2, 32)).astype(np.int64)
+    logits = served.predict(ids)
+    assert logits.dtype == np.float32 and logits.shape[0] == 2 and logits.shape[2] == 32
+    weights = torch.load(tmp_path / "ck" / "best" / "step_60" / "model.pt", weights_only=True)
+    config = torch.load(tmp_path / "ck" / "best" / "step_60" / "trainer.pt", weights_only=True)["model_config"]
+    with torch.no_grad():
+        expected = model_from_weights(config, weights, "last").to(torch.bfloat16).eval()(torch.from_numpy(ids))
+    torch.testing.assert_close(torch.from_numpy(logits), expected.float(), rtol=2e-2, atol=2e-2)
+

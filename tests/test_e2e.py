@@ -22,17 +22,20 @@ def default_run(tmp_path_factory):
     return cwd, proc
 
 
-def logits_of_mlflow_model(cwd: Path, uri: str, text: str, length: int) -> list:
-    """Load a registered model in a fresh interpreter and return its logits."""
+def logits_of_mlflow_model(cwd: Path, uri: str, text: str, length: int) -> tuple[list, list]:
+    """Load a registered model in a fresh interpreter, with MLflow's pytorch flavor and as a
+    ``python_function`` model given an int64 array, and return both logits."""
     code = f"""
-import json, sys, numpy as np, mlflow, mlflow.pytorch, torch
+import json, sys, numpy as np, mlflow, mlflow.pytorch, mlflow.pyfunc, torch
 mlflow.set_tracking_uri("sqlite:///mlflow.db")
 mlflow.set_registry_uri("sqlite:///mlflow.db")
 model = mlflow.pytorch.load_model({uri!r})
 ids = torch.tensor([list({text!r}.encode()[:{length}])], dtype=torch.long)
 with torch.no_grad():
     out = model(ids)
-json.dump(out.tolist(), sys.stdout)
+served = mlflow.pyfunc.load_model({uri!r}).predict(ids.numpy())
+assert isinstance(served, np.ndarray) and served.dtype == np.float32, (type(served), served.dtype)
+json.dump([out.tolist(), served.tolist()], sys.stdout)
 """
     proc = zygote.run(["-c", code], cwd=cwd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,9 +93,11 @@ def test_registered_model_gives_the_trained_logits_in_a_fresh_process(default_ru
     ids = torch.tensor([list(PROBE.encode()[:128])], dtype=torch.long)
     with torch.no_grad():
         expected = model(ids)
-    got = torch.tensor(logits_of_mlflow_model(cwd, "models:/wmtp_baseline-mtp/1", PROBE, 128))
-    assert got.shape == expected.shape == (1, 4, 128, 256)
+    got, served = logits_of_mlflow_model(cwd, "models:/wmtp_baseline-mtp/1", PROBE, 128)
+    got, served = torch.tensor(got), torch.tensor(served)
+    assert got.shape == served.shape == expected.shape == (1, 4, 128, 256)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_default_run_prints_where_each_roles_bytes_went(default_run):

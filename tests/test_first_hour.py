@@ -155,6 +155,21 @@ def test_ctrl_c_is_one_line_exit_130_and_the_mlflow_run_is_ended(tmp_path, when)
     assert run_.data.tags["wmtp.reason"] == "interrupted"
 
 
+def test_the_experiment_is_marked_as_model_training_and_a_kind_set_before_stays(tmp_path, capsys, monkeypatch):
+    """MLflow 3 opens an experiment without a kind on its GenAI overview; WMTP's opens on its runs."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, *files(tmp_path, tiny_config(tmp_path), {"train": {"max_steps": 2}}))[0] == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_experiment_by_name("tests").tags["mlflow.experimentKind"] == "custom_model_development"
+
+    other = client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
+    config = tiny_config(tmp_path, mlflow={"experiment": "mine"})
+    assert run(capsys, *files(tmp_path, config, {"train": {"max_steps": 2}, "run": {"name": "b"}}, name="b"))[0] == 0
+    assert client.get_experiment(other).tags["mlflow.experimentKind"] == "finetuning"
+
+
 # ----------------------------------------------------------------------------- 3. progress without a terminal
 def test_without_a_terminal_progress_is_plain_lines_at_a_steady_rhythm():
     from rich.console import Console
@@ -173,7 +188,24 @@ def test_without_a_terminal_progress_is_plain_lines_at_a_steady_rhythm():
     assert steps[0] == 1 and steps[-1] == 100
     assert all(b - a <= 10 for a, b in zip(steps, steps[1:]) if a < 50), steps
     assert all(b - a == 1 for a, b in zip(steps, steps[1:]) if a >= 51), "a 40 s step was not reported"
-    assert "loss 1.000" in out[0] and "steps/s" in out[0] and "s left" in out[0]
+    assert "objective 1.000" in out[0] and "steps/s" in out[0] and "s left" in out[0]
+
+
+def test_a_resumed_run_keeps_the_rhythm_of_the_whole_run_and_names_its_two_numbers_apart():
+    from rich.console import Console
+
+    from wmtp_core.progress import PlainLines
+
+    out = []
+    console = Console(file=None, force_terminal=False, width=200)
+    console.print = lambda text, **kw: out.append(text)
+    lines = PlainLines(console, "r", total=30, start=12, clock=lambda: 0.0)  # resumed at step 12 of 30
+    for step in range(13, 31):
+        lines.update(step, {"loss": 3.25, "eval_loss": 10.75} if step % 2 == 0 else {"loss": 3.25})
+    steps = [int(line.split()[2].split("/")[0]) for line in out]
+    assert steps == [13, 15, 18, 21, 24, 27, 30], "every tenth of the run (3 steps), not every step"
+    assert out[-1].startswith("r step 30/30 objective 3.250, held-out CE 10.750, ")
+    assert " loss " not in out[-1] and " eval " not in out[-1]
 
 
 def test_a_run_whose_stderr_is_a_file_prints_progress_lines(tmp_path, capsys, monkeypatch):
@@ -181,7 +213,7 @@ def test_a_run_whose_stderr_is_a_file_prints_progress_lines(tmp_path, capsys, mo
     code, _, err = run(capsys, *files(tmp_path, tiny_config(tmp_path, mlflow=None), {"train": {"max_steps": 20}}))
     assert code == 0
     progress = [line for line in err.splitlines() if line.startswith("tiny step ")]
-    assert progress[0].startswith("tiny step 1/20 loss ") and progress[-1].startswith("tiny step 20/20 loss ")
+    assert progress[0].startswith("tiny step 1/20 objective ") and progress[-1].startswith("tiny step 20/20 objective ")
     assert len(progress) >= 3 and all("steps/s" in line for line in progress)
 
 

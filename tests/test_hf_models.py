@@ -136,7 +136,10 @@ def test_each_algorithm_fine_tunes_the_pretrained_model_and_registers_it(case, z
 def test_the_final_model_is_a_hugging_face_folder_that_from_pretrained_loads(zoo, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    write(tmp_path / "c.yaml", config(tmp_path, zoo, mlflow=None, storage={"final": {"sink": "local"}}))
+    c = config(tmp_path, zoo, mlflow=None, storage={"final": {"sink": "local"}})
+    named = os.path.relpath(zoo / "distilgpt2-mtp", tmp_path)  # as a user writes it, relative
+    c["paths"]["models"]["base"] = named
+    write(tmp_path / "c.yaml", c)
     write(tmp_path / "r.yaml", recipe())
     code, out, err = run(tmp_path, monkeypatch, capsys)
     assert code == 0, err[-3000:]
@@ -147,7 +150,9 @@ def test_the_final_model_is_a_hugging_face_folder_that_from_pretrained_loads(zoo
     assert not [n for n in names if n.endswith((".bin", ".pt"))]
     meta = json.loads((final / "wmtp.json").read_text())
     assert meta["n_future"] == 4 and meta["algo"] == "baseline-mtp" and meta["head"] == "linear"
-    assert json.loads((final / "config.json").read_text())["mtp_config"]["n_future_tokens"] == 4
+    mtp_config = json.loads((final / "config.json").read_text())["mtp_config"]
+    assert mtp_config["n_future_tokens"] == 4
+    assert mtp_config["base_model"] == meta["base_model"] == named, "the base model as the run named it, in both"
     manifest = json.loads((final / "manifest.json").read_text())
     assert {f["path"] for f in manifest["files"]} == names - {"manifest.json"}, "every file is committed"
 

@@ -2,7 +2,8 @@
 
 With stderr redirected to a file (CI, a cluster job, ``nohup``) a live bar would print nothing
 until the end. There, one plain line is printed at a steady rhythm instead: every tenth of the
-run or every 30 seconds, whichever comes first, and at the last step.
+run or every 30 seconds, whichever comes first, and at the last step. A resumed run keeps the
+rhythm of the whole run.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ LINE_EVERY_S = 30.0
 
 
 def _info(metrics: Mapping[str, float]) -> str:
-    info = f"loss {metrics['loss']:.3f}"
+    """The training objective (the algorithm's weighted loss, scaled by ``loss.lambda``) and the
+    held-out cross-entropy (every head weighing 1, unscaled) under names that do not invite
+    comparing them: they measure different things."""
+    info = f"objective {metrics['loss']:.3f}"
     if "eval_loss" in metrics:
-        info += f" eval {metrics['eval_loss']:.3f}"
+        info += f", held-out CE {metrics['eval_loss']:.3f}"
     return info
 
 
@@ -51,12 +55,14 @@ class LiveBar:
 
 
 class PlainLines:
-    """``<run> step 40/100 loss 3.210 eval 3.400, 2.4 steps/s, 25 s left``, at a steady rhythm."""
+    """``<run> step 40/100 objective 3.210, held-out CE 3.400, 2.4 steps/s, 25 s left``, at a
+    steady rhythm: every tenth of the whole run (a resumed part keeps the run's rhythm, on the
+    same multiples), every ``every_s`` seconds, at the first step of this part and at the last."""
 
     def __init__(self, console: Console, name: str, total: int, start: int, *,
                  every_s: float = LINE_EVERY_S, clock=time.monotonic) -> None:
         self.console, self.name, self.total, self.start = console, name, total, start
-        self.every_steps = max(1, (total - start) // 10)
+        self.every_steps = max(1, total // 10)
         self.every_s = every_s
         self.clock = clock
         self.t0 = self.last_t = clock()
@@ -70,7 +76,7 @@ class PlainLines:
 
     def update(self, step: int, metrics: Mapping[str, float]) -> None:
         now = self.clock()
-        due = (step - self.last_step >= self.every_steps or now - self.last_t >= self.every_s
+        due = (step // self.every_steps > self.last_step // self.every_steps or now - self.last_t >= self.every_s
                or step >= self.total or step == self.start + 1)
         if not due:
             return

@@ -107,7 +107,7 @@ def summarise(summary: Summary, settings: Any, out: Console, err: Console, *, ve
     out.print("\n".join(report.summary_lines(summary.receipts, summary.deleted, summary.locations)))
     if summary.losses:
         out.print(f"run {summary.run!r}: {ending.status.value} at step {summary.step} in {summary.elapsed:.1f} s; "
-                  f"loss {summary.losses[0]:.3f} -> {summary.losses[1]:.3f}"
+                  f"objective {summary.losses[0]:.3f} -> {summary.losses[1]:.3f}"
                   + (f"; {ending.reason}" if ending.reason else ""))
     stats = summary.async_stats
     if stats:

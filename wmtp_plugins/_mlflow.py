@@ -127,7 +127,15 @@ def configure(settings: Mapping[str, Any]) -> None:
     tracking = settings.get("tracking_uri") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(tracking)
     mlflow.set_registry_uri(settings.get("registry_uri") or tracking)
-    mlflow.set_experiment(settings.get("experiment") or "wmtp")
+    experiment = mlflow.set_experiment(settings.get("experiment") or "wmtp")
+    if EXPERIMENT_KIND not in (experiment.tags or {}):  # a kind someone set stays
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, TRAINING)
+
+
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING = "custom_model_development"
+"""The experiment's kind, as MLflow 3 marks classic model training: its UI then opens the
+experiment on its training runs rather than on the GenAI overview (traces, evaluations)."""
 
 
 def lineage_run(lineage: str):

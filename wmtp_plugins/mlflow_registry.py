@@ -274,15 +274,17 @@ def _model_tags(event) -> dict[str, str]:
 
 
 def _signature(payload):
-    """Token ids ``[batch, seq]`` in, logits ``[batch, n_future, seq, vocab]`` out; batch and
-    sequence length stay dynamic in the exported program."""
+    """Token ids ``[batch, seq]`` (an int64 array) in, float32 logits ``[batch, n_future, seq,
+    vocab]`` out, whatever dtype the weights are stored in; batch and sequence length stay dynamic
+    in the exported program. The input is unnamed: ``mlflow.pyfunc`` then hands the array to
+    the program as it is (a named input becomes a dict, which the pytorch flavor refuses)."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
     cfg = payload.model_config
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype("int64"), (-1, -1), name="ids")]),
+        inputs=Schema([TensorSpec(np.dtype("int64"), (-1, -1))]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, cfg["n_future"], -1, cfg["vocab_size"]))]),
     )
 

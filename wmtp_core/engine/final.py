@@ -29,6 +29,8 @@ def final_payload(weights: Mapping[str, Any], record: Mapping[str, Any], source:
     module = models.rebuild(dict(record), dict(weights), source)
     if dtype is not None:
         module = module.to(dtype)
+        if record.get("kind") != "hf" and dtype != torch.float32:  # served in float32 (MLflow pyfunc)
+            module.float_logits = True
     module.eval()
     generator = torch.Generator().manual_seed(0)
     folder = None

@@ -354,8 +354,9 @@ def export(model: HFMTPModel, tokenizer: Any, target: str, meta: Mapping[str, An
     from safetensors.torch import save_file
 
     base = model.base
-    base.config.mtp_config = {"n_future_tokens": model.n_future, "head": model.head_kind,
-                              "base_model": getattr(base.config, "_name_or_path", "") or ""}
+    # the base model as the run named it (what wmtp.json says too), not the folder it was read from
+    named = meta.get("base_model") or getattr(base.config, "_name_or_path", "") or ""
+    base.config.mtp_config = {"n_future_tokens": model.n_future, "head": model.head_kind, "base_model": str(named)}
     base.save_pretrained(target, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(target)

@@ -115,8 +115,13 @@ class MTPModel(nn.Module):
         """Per-head final hidden states ``[B, n_future, T, d]``."""
         return torch.stack([self.norm(self._run(head, h)) for head in self.heads], dim=1)
 
+    float_logits = False
+    """Return float32 logits whatever the weights' dtype: a final model stored in bf16 or fp16
+    is served with float32 outputs (what its signature says; numpy has no bfloat16)."""
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.unembed(self.head_hidden(self.trunk_hidden(ids)))
+        logits = self.unembed(self.head_hidden(self.trunk_hidden(ids)))
+        return logits.float() if self.float_logits else logits
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """The trunk's last hidden states ``[B, T, d]`` (what the critic's value head reads)."""
