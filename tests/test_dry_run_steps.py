@@ -83,7 +83,7 @@ def test_a_batch_larger_than_the_data_is_refused_by_the_dry_run(tmp_path, monkey
     write(tmp_path / "r.yaml", recipe(5, data={"train": {"sources": ["mbpp"], "max_length": 32, "batch_size": 4000}}))
     code, said = dry(tmp_path, monkeypatch, capsys, "--dry-run")
     assert code == 2, said
-    assert "data.train.batch_size: 4000 is larger than the" in said and "training rows the data yields" in said
+    assert "data.train.batch_size: a step takes 4000 rows (data.train.batch_size 4000) but the data yields" in said
     assert "Traceback" not in said
 
 

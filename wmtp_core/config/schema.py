@@ -261,6 +261,9 @@ class Train:
     num_epochs: int = attrs.field(default=1, validator=positive_int)
     max_steps: int | None = attrs.field(default=100, validator=optional_positive_int)
     """Stop after this many optimiser steps (null: run ``num_epochs`` epochs)."""
+    grad_accum_steps: int = attrs.field(default=1, validator=positive_int)
+    """Micro-batches per optimiser step (the HF Trainer's ``gradient_accumulation_steps``): a step
+    sees ``data.train.batch_size`` x ranks x this many rows, one micro-batch in memory at a time."""
     early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
 
 

@@ -182,7 +182,7 @@ class StepCount:
     rows: int
     """Training rows (windows) the data yields."""
     rows_per_step: int
-    """The global batch: ``batch_size`` times the ranks."""
+    """The global batch: ``batch_size`` times the ranks times ``grad_accum_steps``."""
     epochs: int
     max_steps: int | None
 

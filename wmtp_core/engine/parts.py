@@ -164,10 +164,13 @@ def count_steps(settings: Settings) -> data_mod.StepCount | None:
     if recipe.data.eval is None:
         rows -= data_mod.held_out(rows)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    count = data_mod.StepCount(rows=max(0, rows), rows_per_step=split.batch_size * world,
+    accum = recipe.train.grad_accum_steps
+    count = data_mod.StepCount(rows=max(0, rows), rows_per_step=split.batch_size * world * accum,
                                epochs=recipe.train.num_epochs, max_steps=recipe.train.max_steps)
     if count.rows < count.rows_per_step:
-        raise DataError(f"data.train.batch_size: {split.batch_size} is larger than the {count.rows} "
-                        f"training rows the data yields{f' for each of {world} ranks' if world > 1 else ''}; "
-                        "lower batch_size or max_length, or add data")
+        parts = [f"data.train.batch_size {split.batch_size}"] + ([f"{world} ranks"] if world > 1 else []) + \
+            ([f"train.grad_accum_steps {accum}"] if accum > 1 else [])
+        raise DataError(f"data.train.batch_size: a step takes {count.rows_per_step} rows ({' x '.join(parts)}) "
+                        f"but the data yields {count.rows} training rows; lower batch_size"
+                        f"{' or grad_accum_steps' if accum > 1 else ''} or max_length, or add data")
     return count

@@ -102,7 +102,8 @@ class Trainer:
         self.stream = data_mod.BatchStream(train_w, split.batch_size * self.world.size, seed=cfg.seed)
         eval_bs = recipe.data.eval.batch_size if recipe.data.eval is not None else split.batch_size
         self.eval_set = data_mod.eval_batches(eval_w, eval_bs)
-        self.steps = data_mod.StepCount(rows=len(train_w), rows_per_step=self.stream.batch_size,
+        self.accum = recipe.train.grad_accum_steps
+        self.steps = data_mod.StepCount(rows=len(train_w), rows_per_step=self.stream.batch_size * self.accum,
                                         epochs=recipe.train.num_epochs, max_steps=recipe.train.max_steps)
         self.total_steps = self.steps.steps
         extra = self.algo.param_groups()
@@ -221,17 +222,15 @@ class Trainer:
         return self._finish(out)
 
     def _step(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """One optimisation step on this rank's rows of the next batch; its training time is
-        counted (``save_every``). Returns this rank's loss and the step's metrics."""
+        """One optimisation step on this rank's rows of the next ``grad_accum_steps`` batches;
+        its training time is counted (``save_every``). Returns this rank's loss and the step's
+        metrics (each the mean over the micro-batches)."""
         import time
 
         optim = self.settings.recipe.optim
         started = time.perf_counter()
-        ids, lengths = self._local(self.stream.next())
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            loss, metrics = self.algo.loss(self.model, ids, lengths)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        loss, metrics = self._accumulate()
         if optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -242,6 +241,25 @@ class Trainer:
         self.step += 1
         self.clock["trained"] += time.perf_counter() - started
         return loss, metrics
+
+    def _accumulate(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward and backward over each micro-batch, each loss weighing ``1 / grad_accum_steps``:
+        the gradient of the mean of the micro-batches' losses. Under FSDP2 the gradients are
+        reduced across ranks once, after the last micro-batch."""
+        losses, sums = [], {}
+        for i in range(self.accum):
+            if self.fsdp and self.accum > 1:
+                self.model.set_requires_gradient_sync(i == self.accum - 1)
+            ids, lengths = self._local(self.stream.next())
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                loss, metrics = self.algo.loss(self.model, ids, lengths)
+            self.scaler.scale(loss / self.accum if self.accum > 1 else loss).backward()
+            losses.append(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v
+        if self.accum == 1:
+            return losses[0], metrics
+        return torch.stack(losses).mean(), {k: v / self.accum for k, v in sums.items()}
 
     def _after_step(self, loss: torch.Tensor, metrics: dict[str, float], out: Outcome, every: float | None,
                     on_step: Callable[[int, Mapping[str, float]], None],
