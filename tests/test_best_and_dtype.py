@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,19 @@ def test_a_bf16_final_model_in_the_registry_is_served_as_its_signature_says(tmp_
         expected = model_from_weights(config, weights, "last").to(torch.bfloat16).eval()(torch.from_numpy(ids))
     torch.testing.assert_close(torch.from_numpy(logits), expected.float(), rtol=2e-2, atol=2e-2)
 
+
+
+def test_the_dry_run_counts_the_best_checkpoints_among_those_retained(tmp_path, monkeypatch, capsys):
+    """keep_last 2 and keep_best k 1: up to 3 checkpoints are held, and the estimate says so."""
+    from wmtp_core.report import estimate
+
+    overfitting(tmp_path, {"sink": "local"})  # keep_last 2, keep_best k 1, 60 steps saved every 5
+    code, out, err = run(tmp_path, monkeypatch, capsys, "--dry-run")
+    assert code == 0, err
+    per_save = re.search(r"resume: per save\s+([\d.]+ [KMG]?B)", out).group(1)
+    retained = re.search(r"resume: at most retained\s+([\d.]+ [KMG]?B)", out).group(1)
+    e = estimate(1000, 60, 5, 2, 0, True, keep_best=1)
+    assert e.retained == 3 * e.per_save and estimate(1000, 60, 5, 2, 0, True).retained == 2 * e.per_save
+    number = float(per_save.split()[0]) * 3
+    assert abs(float(retained.split()[0]) - number) <= 0.15 and retained.split()[1] == per_save.split()[1], \
+        (per_save, retained)

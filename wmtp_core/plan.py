@@ -65,7 +65,8 @@ class Plan:
         return report.estimate(self.parameters or 0, steps,
                                ck.save_interval, getattr(keeper, "keep_last", 10**9),
                                getattr(keeper, "keep_every", 0), ck.save_final,
-                               2 if final is not None and final.dtype != "fp32" else 4)
+                               2 if final is not None and final.dtype != "fp32" else 4,
+                               getattr(getattr(keeper, "keep_best", None), "k", 0))
 
 
 def parse_tags(recipe_tags: list[str], cli: str | None) -> dict[str, str]:

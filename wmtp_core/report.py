@@ -43,15 +43,16 @@ class Estimate:
 
 
 def estimate(params: int, steps: int, save_interval: int, keep_last: int, keep_every: int,
-             save_final: bool, final_bytes_per_param: int = 4) -> Estimate:
-    """``final_bytes_per_param``: 4 for fp32, 2 for ``storage.final.dtype`` bf16 or fp16."""
+             save_final: bool, final_bytes_per_param: int = 4, keep_best: int = 0) -> Estimate:
+    """``final_bytes_per_param``: 4 for fp32, 2 for ``storage.final.dtype`` bf16 or fp16;
+    ``keep_best``: the K best kept besides (at most K more than the newest and the milestones)."""
     regular = steps // save_interval if save_interval else 0
     saves = regular + (1 if not save_interval or steps % save_interval else 0)  # + the last step
     per_save = 3 * 4 * params + TRAINER_STATE_BYTES
     # the newest keep_last survive; of the older (all regular) saves, keep_every milestones do
     older = max(0, saves - keep_last)
     milestones = older // (keep_every // math.gcd(save_interval, keep_every)) if keep_every and save_interval else 0
-    kept = min(keep_last, saves) + milestones
+    kept = min(saves, min(keep_last, saves) + milestones + keep_best)
     return Estimate(params=params, steps=steps, saves=saves, per_save=per_save,
                     retained=kept * per_save, final=final_bytes_per_param * params if save_final else 0)
 
