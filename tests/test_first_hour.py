@@ -37,7 +37,9 @@ def cli(capsys, *args):
 # ----------------------------------------------------------------------------- 1. the dry run tells the truth
 REFUSED = {
     "rho1 without a reference": (
-        {}, {"train": {"algo": "rho1-wmtp"}}, {}, "paths.models.ref is required by rho1-wmtp"),
+        {}, {"train": {"algo": "rho1-wmtp"}}, {},
+        ("paths.models.ref is required by rho1-wmtp: a Hugging Face causal LM folder, a models:/NAME/VERSION URI "
+         "or a committed WMTP checkpoint (.../step_N or .../final), sharing the base model's vocabulary")),
     "distributed without a launcher": (
         {"devices": {"distributed": {"enabled": True}}}, {}, {},
         "devices.distributed.enabled is true but no launcher set RANK/WORLD_SIZE"),

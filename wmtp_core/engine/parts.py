@@ -84,7 +84,8 @@ def check_algorithm(settings: Settings) -> None:
     algo = recipe.train.algo
     if algo == "rho1-wmtp" and not cfg.paths.models.ref:
         raise TrainingError(f"{settings.config_source}: paths.models.ref is required by rho1-wmtp: "
-                            "a models:/NAME/VERSION URI or a committed checkpoint URI")
+                            "a Hugging Face causal LM folder, a models:/NAME/VERSION URI or a committed "
+                            "WMTP checkpoint (.../step_N or .../final), sharing the base model's vocabulary")
     if algo == "critic-wmtp" and cfg.paths.models.rm is None and not recipe.critic.use_pseudo_rewards:
         raise TrainingError(f"{settings.config_source}: paths.models.rm is null and "
                             "critic.use_pseudo_rewards is false: give a reward model or allow pseudo-rewards")
