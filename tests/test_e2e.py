@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import zygote
-from conftest import run_cli, tree
+from conftest import tree
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ PROBE = "def wmtp(x):\n    return [x for x in range(10) if x % 2]\n" * 3
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("default-run")
-    proc = run_cli([], cwd=cwd)
+    proc = zygote.run(["-m", "wmtp_core.run"], cwd=cwd)  # the README's command, in a process of its own
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc
 

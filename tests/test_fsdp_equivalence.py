@@ -78,13 +78,18 @@ import os, sys
 from wmtp_core.run import main
 
 codes = []
-for folder in sys.argv[1:]:  # one run per case, one after the other, in this process
+port = os.environ.get("MASTER_PORT")
+for i, folder in enumerate(sys.argv[1:]):  # one run per case, one after the other, in this process
+    if port:  # each case's process group meets on a port of its own, never a closing one's
+        os.environ["MASTER_PORT"] = str(int(port) + i)
     os.chdir(folder)
     codes.append(main(["--config", "c.yaml", "--recipe", "r.yaml"]))
 sys.exit(max(codes))
 """
 """Runs each case's folder in one process (one job of two ranks): the imports and the first
-run's warm-up are paid once, not once per case."""
+run's warm-up are paid once, not once per case. Each case's ranks meet on a port of their own:
+on the port of the case before, a rank that is quicker to start again can reach the other's
+closing group (gloo: "connectFullMesh failed ... Connection refused")."""
 
 
 @pytest.fixture(scope="module")
