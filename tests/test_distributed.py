@@ -62,13 +62,13 @@ def torchrun(n: int, args: list[str], cwd: Path):
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def ranks(n: int, args: list[str], cwd: Path, script: str | None = None):
+def ranks(n: int, args: list[str], cwd: Path, script: str | None = None, timeout: int = 600):
     """The same job with its ranks forked from the zygote, as torchrun would start them
     (tests/zygote.py: ``ranks``): for tests whose subject is the job, not the launcher."""
     target = [str(cwd / "script.py")] if script else ["-m", "wmtp_core.run"]
     if script:
         (cwd / "script.py").write_text(script)
-    return zygote.ranks(n, [*target, *args], cwd=cwd, timeout=600)
+    return zygote.ranks(n, [*target, *args], cwd=cwd, timeout=timeout)
 
 
 def single(args, cwd):
@@ -282,3 +282,18 @@ def test_a_corrupt_shard_in_the_newest_checkpoint_is_quarantined_and_two_ranks_f
     a = torch.load(tmp_path / "ck" / "full" / "final" / "model.pt", weights_only=True)
     b = torch.load(run_dir / "final" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_asynchronous_sharded_saves_of_every_step_never_cross_the_training_loop_s_collectives(tmp_path):
+    """A save of every step: each lease check before a save meets the previous save still in
+    flight in its thread. The check's collective must not share that save's group (the two
+    threads' collectives would meet in another order on each rank: a hang or a mismatch)."""
+    write(tmp_path / "c.yaml", config(f"file://{tmp_path}/ck", **LOCAL_FINAL,
+                                      paths={"checkpoints": {"async": True, "save_interval": 1, "keep_last": 2}}))
+    write(tmp_path / "r.yaml", recipe_of(8))
+    # a hang is the failure it guards against: it takes about 20 s
+    proc = ranks(2, ["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "a"], tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "asynchronous saves: 8" in proc.stdout, proc.stdout[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ck" / "a").iterdir()) == ["final", "step_7", "step_8"]
+    assert len(losses(tmp_path / "ck" / "a" / "step_8")) == 8

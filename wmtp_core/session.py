@@ -273,7 +273,9 @@ class RunSession:
             except LeaseLostError as e:
                 lost = str(e)
         if self.world is not None and self.world.size > 1:
-            lost = self.world.broadcast(lost)
+            # the training loop's group: the previous save may still be in flight on the
+            # checkpoint group, in a thread of its own
+            lost = self.world.tell(lost)
         if lost:
             raise LeaseLostError(lost)
 
