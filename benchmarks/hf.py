@@ -318,3 +318,55 @@ def bench_hf(size_mb: int, repeat: int, workdir=None) -> list[dict]:
         return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+MBPP = Path(__file__).resolve().parents[2] / "shared" / "origin-files" / "datasets" / "mbpp"
+"""The full MBPP splits (374 training problems), beside the project's root."""
+
+
+def bench_padding(size_mb: int, repeat: int, workdir=None, steps: int = 8) -> list[dict]:
+    """Training steps on MBPP's training split, unpacked (``pack_sequences: false``, ``max_length``
+    512, batch 4), each batch padded to its longest row (what the engine does) against the same
+    batches padded to ``max_length`` (what it did), in one run, sides alternating. A GPT-2 of 2
+    layers, 256 wide, with 4 heads: the padding is what differs. ``size_mb`` does not apply."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from wmtp_core.engine import corpus
+    from wmtp_core.engine import data as data_mod
+    from wmtp_core.engine import hf as whf
+    from wmtp_core.engine.algorithms import BaselineMTP
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_SOURCE, local_files_only=True)
+    docs = corpus.documents(str(MBPP), "train", "paths.datasets.mbpp")
+    rows = data_mod.windows(data_mod.encode(docs, tokenizer, tokenizer.eos_token_id), 512, False,
+                            tokenizer.eos_token_id)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=256, n_head=4, n_positions=512))
+    model = whf.HFMTPModel(base, N_FUTURE, "linear")
+    algo = BaselineMTP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+    batches = [order[i:i + 4] for i in range(0, 4 * steps, 4)]
+
+    def train(pad_to_longest: bool) -> float:
+        started = time.perf_counter()
+        for idx in batches:
+            lengths = rows.lengths[idx] if rows.lengths is not None else None
+            ids, lengths = data_mod.trimmed(rows.ids[idx], lengths) if pad_to_longest else (rows.ids[idx].long(), lengths)
+            loss, _ = algo.loss(model, ids, lengths)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - started) / len(batches)
+
+    train(True)  # warm-up
+    times: dict[str, list[float]] = {"longest": [], "max_length": []}
+    for i in range(max(1, repeat)):
+        for side in _order(["longest", "max_length"], i):
+            times[side].append(train(side == "longest"))
+    longest, padded = statistics.median(times["longest"]), statistics.median(times["max_length"])
+    mean_len = float(rows.lengths.float().mean()) if rows.lengths is not None else 512.0
+    row = _row(f"HF training step on MBPP train ({len(rows)} rows, mean {mean_len:.0f} of 512 tokens, batch 4, "
+               f"{_label(model)}): padded to the batch's longest row vs to max_length; "
+               f"{1 / longest:.2f} vs {1 / padded:.2f} steps/s", longest, padded, 0.5)
+    return [_runs(row, times["longest"], times["max_length"])]

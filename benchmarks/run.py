@@ -33,6 +33,7 @@ SUITES = {
     "throughput": scale.bench_throughput,
     "ranks": scale.bench_ranks,
     "hf": hf.bench_hf,
+    "padding": hf.bench_padding,
     "preempt": preempt.bench_preempt,
 }
 
