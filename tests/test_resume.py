@@ -163,9 +163,14 @@ def test_a_run_trained_further_stores_its_new_final_model_and_one_that_trained_n
         return " ".join((out + err).split())
 
     run(6)
-    again = run(6, "--resume", "latest")
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     first = "models:/wmtp_baseline-mtp/1" if final == "mlflow_registry" else f"{tmp_path}/ck/f/final"
+    # the dry run says which of the two the run will do, and writes nothing
+    assert (f"final model: step 6 is already stored at {first}; the run ends at step 6 and stores no new "
+            "final model") in run(6, "--resume", "latest", "--dry-run")
+    assert (f"final model: step 6 is stored at {first}; resuming from step 6, the run trains to step 10 and "
+            "stores a new final model that supersedes it") in run(10, "--resume", "latest", "--dry-run")
+    again = run(6, "--resume", "latest")
     assert f"the final model of 'f' (step 6) is already stored at {first}; not storing it again" in again
     further = run(10, "--resume", "latest")
     assert (f"the run trained past step 6 of its final model at {first}: storing the final model of step 10, "

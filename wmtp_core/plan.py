@@ -20,7 +20,7 @@ from wmtp_core.catalog import Catalog
 from wmtp_core.commit import check_run_name
 from wmtp_core.config import Settings, load_settings
 from wmtp_core.config.routing import bindings_for, required_roles
-from wmtp_core.errors import ConfigError, ModelLoadError, WmtpError
+from wmtp_core.errors import ConfigError, ModelLoadError, WmtpError, first_line
 from wmtp_core.plugins import build_catalog
 from wmtp_core.roles import Role
 from wmtp_core.validators import frozen_copy
@@ -224,6 +224,58 @@ def count_steps(plan: Plan) -> Plan:
         counted = ((f"at most {max_steps:,} steps (train.max_steps); " if max_steps else "")
                    + "the training rows are counted once the run has resolved the base model's tokenizer")
     return attrs.evolve(plan, steps=counted)
+
+
+def final_outlook(plan: Plan) -> str | None:
+    """What the run will do with the final model, as the dry run says it: for a resumed run,
+    read (never written, no lease taken) from the newest committed checkpoint of the resume
+    sink and from the final sink's ``stored_final`` for that checkpoint's lineage: a final
+    model already stored for the steps the run reaches is not stored again; one of an earlier
+    step is superseded by a new one. ``None``: no final role, or a fresh run (it stores one)."""
+    from wmtp_core.bindings import build_sink
+    from wmtp_core.events import RunInfo
+
+    if Role.FINAL not in plan.required or not plan.resume:
+        return None
+    steps = plan.steps.steps if hasattr(plan.steps, "steps") else None
+    fresh = RunInfo(name=plan.run_name, algo=plan.settings.recipe.train.algo, lineage="",
+                    experiment=plan.mlflow.get("experiment", "wmtp"), tags=plan.tags)
+    try:
+        probe = build_sink(plan.catalog, plan.bindings, Role.RESUME, fresh, plan.mlflow)
+        try:
+            committed = probe.committed()
+        finally:
+            probe.close()
+        if plan.resume not in ("latest", "auto"):
+            committed = [(u, m) for u, m in committed if u.rstrip("/") == plan.resume.rstrip("/")]
+        if not committed:
+            if plan.resume == "auto":
+                return "final model: no committed checkpoint to resume from; the run starts fresh and stores one"
+            return (f"final model: --resume {plan.resume}: no such committed checkpoint under "
+                    f"{probe.location()}; the run will refuse to start")
+        uri, manifest = committed[-1]
+        run = attrs.evolve(fresh, lineage=manifest.lineage, resumed_from=uri)
+        sink = build_sink(plan.catalog, plan.bindings, Role.FINAL, run, plan.mlflow)
+        try:
+            stored = sink.stored_final(run)
+        finally:
+            sink.close()
+    except WmtpError:
+        raise
+    except Exception as e:  # the run itself will say it, with its exit status
+        return f"final model: cannot tell whether one is stored ({type(e).__name__}: {first_line(e, 300)})"
+    start = manifest.step
+    reach = (f"step {steps:,}" if steps is not None else "its last step")
+    if stored is None:
+        return (f"final model: none stored for this run's lineage; resuming from step {start:,} "
+                f"({uri}), the run trains to {reach} and stores its final model")
+    if steps is not None and stored.step >= max(steps, start):
+        return (f"final model: step {stored.step:,} is already stored at {stored.uri}; the run ends at "
+                f"step {max(steps, start):,} and stores no new final model (raise train.max_steps "
+                "or train.num_epochs to train further)")
+    return (f"final model: step {stored.step:,} is stored at {stored.uri}; resuming from step {start:,}, "
+            f"the run trains to {reach} and stores a new final model that supersedes it (tagged with "
+            "its step and the one it supersedes)")
 
 
 def describe(plan: Plan) -> list[Any]:

@@ -16,7 +16,7 @@ from rich.text import Text
 from wmtp_core import report
 from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import StorageError, WmtpError
-from wmtp_core.plan import count_steps, describe, preflight
+from wmtp_core.plan import count_steps, describe, final_outlook, preflight
 from wmtp_core.plugins import make_plugin_manager
 from wmtp_core.exits import (
     EXIT_FAILED,
@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
                 err.print(Text.assemble(("unused: ", "yellow"),
                                         f"{key} is accepted for compatibility but has no effect here"))
         if args.dry_run:
-            for line in describe(count_steps(plan)):
+            counted = count_steps(plan)
+            lines = describe(counted)
+            outlook = final_outlook(counted)
+            for line in [*lines[:-1], *([outlook] if outlook else []), lines[-1]]:
                 out.print(line)
             return EXIT_OK
         if args.verbose:
