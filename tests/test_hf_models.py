@@ -130,6 +130,11 @@ def test_each_algorithm_fine_tunes_the_pretrained_model_and_registers_it(case, z
     files = {f.path for f in mlflow.artifacts.list_artifacts(artifact_uri=f"models:/wmtp_{algo}/1/model")}
     assert {"model/model.safetensors", "model/mtp_heads.safetensors", "model/wmtp.json"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))], "no pickle in the registry"
+    # the flavor names the base model that was fine-tuned, not the temporary folder it was logged from
+    from mlflow.models import Model
+
+    flavor = Model.load(f"models:/wmtp_{algo}/1").flavors["transformers"]
+    assert flavor["source_model_name"] == str(zoo / "distilgpt2-mtp")
 
 
 # ------------------------------------------------------------------------------ the final model

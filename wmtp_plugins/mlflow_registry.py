@@ -250,7 +250,7 @@ def _log_folder(payload, event):
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns that a local folder has no hub model card
     try:
-        return mlflow.transformers.log_model(
+        info = mlflow.transformers.log_model(
             transformers_model=payload.folder,
             name="model",
             task="text-generation",
@@ -263,6 +263,44 @@ def _log_folder(payload, event):
         )
     finally:
         quiet.setLevel(level)
+    _name_the_source(info.model_id, _base_model(payload))
+    return info
+
+
+def _base_model(payload) -> str:
+    """The base model the run fine-tuned, as the run named it (``wmtp.json``'s ``base_model``)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(payload.folder, "wmtp.json")) as f:
+            named = json.load(f).get("base_model")
+    except (OSError, ValueError):
+        named = None
+    return str(named or payload.model_config.get("base") or "")
+
+
+def _name_the_source(model_id: str, name: str) -> None:
+    """MLflow's transformers flavor records the folder it logged from as ``source_model_name``:
+    a temporary folder, gone once logged. Record the base model the run fine-tuned instead, in
+    the logged model's ``MLmodel`` (before its version is registered)."""
+    import os
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    if not name:
+        return
+    model = Model.load(f"models:/{model_id}")
+    flavor = model.flavors.get("transformers")
+    if flavor is None or flavor.get("source_model_name") == name:
+        return
+    flavor["source_model_name"] = name
+    with tempfile.TemporaryDirectory(prefix="wmtp-mlmodel-") as folder:
+        path = os.path.join(folder, "MLmodel")
+        model.save(path)
+        MlflowClient().log_model_artifact(model_id, path)
 
 
 def _model_tags(event) -> dict[str, str]:
