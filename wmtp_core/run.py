@@ -77,12 +77,7 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
                 err.print(Text.assemble(("unused: ", "yellow"),
                                         f"{key} is accepted for compatibility but has no effect here"))
         if args.dry_run:
-            counted = count_steps(plan)
-            lines = describe(counted)
-            outlook = final_outlook(counted)
-            for line in [*lines[:-1], *([outlook] if outlook else []), lines[-1]]:
-                out.print(line)
-            return EXIT_OK
+            return dry_run(plan, out)
         if args.verbose:
             out.print(describe(plan)[0])
         session = RunSession(plan, pm, out, err, verbose=args.verbose)
@@ -101,6 +96,17 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
         err.print(error_line("interrupted (Ctrl-C): committed checkpoints are intact; continue with "
                              "--resume latest"))
         return EXIT_INTERRUPTED
+
+
+def dry_run(plan: Any, out: Console) -> int:
+    """Print what the run would do (the steps counted from its data, the bindings, the storage
+    estimate, what it does with the final model); write nothing."""
+    counted = count_steps(plan)
+    lines = describe(counted)
+    outlook = final_outlook(counted)
+    for line in [*lines[:-1], *([outlook] if outlook else []), lines[-1]]:
+        out.print(line)
+    return EXIT_OK
 
 
 def summarise(summary: Summary, settings: Any, out: Console, err: Console, *, verbose: bool = False) -> None:
