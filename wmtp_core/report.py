@@ -140,6 +140,9 @@ class Saved:
     """The step after whose save retention removed it; ``None``: still held."""
     inferred: bool = False
     """No longer held and known only from the save schedule: its size is the nearest kept one's."""
+    copy: bool = False
+    """A second copy of a save of the same step, held in another place (the ``tiered`` sink's
+    fast tier): bytes held, not another save."""
 
 
 @attrs.frozen
@@ -163,7 +166,8 @@ class StorageHistory:
     def dual_writer(self, step: int) -> int:
         """What :data:`DUAL_WRITER` would hold: the same, plus a copy of every resume save so far
         (as :attr:`Estimate.dual_writer` counts it before a run)."""
-        return self.held(step) + sum(s.nbytes for s in self.saves if s.role is Role.RESUME and s.step <= step)
+        return self.held(step) + sum(s.nbytes for s in self.saves
+                                     if s.role is Role.RESUME and not s.copy and s.step <= step)
 
     @property
     def last_step(self) -> int:
@@ -199,9 +203,12 @@ def history_of_run(run: str, receipts: Iterable[Receipt], deleted: Iterable[tupl
     receipts, deleted = list(receipts), list(deleted)
     history = history_from_receipts(run, receipts, deleted)
     named = {_same(r.uri) for r in receipts} | {_same(r.uri) for r, _ in deleted}
-    earlier = [Saved(Role.RESUME, h.step, h.nbytes or 0) for h in held
-               if h.role is Role.RESUME and h.step is not None and _same(h.uri) not in named]
-    known = {s.step for s in history.saves if s.role is Role.RESUME} | {s.step for s in earlier}
+    known = {s.step for s in history.saves if s.role is Role.RESUME}
+    earlier = []
+    for h in held:
+        if h.role is Role.RESUME and h.step is not None and _same(h.uri) not in named:
+            earlier.append(Saved(Role.RESUME, h.step, h.nbytes or 0, copy=h.step in known))
+            known.add(h.step)
     unseen = [s for s in range(save_interval, start_step + 1, save_interval) if s not in known] \
         if save_interval else []
     note = (f"{len(unseen)} saves an earlier part of the run deleted itself (steps {unseen}) are not drawn; "
@@ -215,13 +222,15 @@ def _same(uri: str) -> str:
 
 
 def reconstruct(run: str, kept: list, finals: list[tuple[int | None, int]], save_interval: int,
-                policy: Any = None) -> StorageHistory:
+                policy: Any = None, copies: Iterable[tuple[int, int]] = ()) -> StorageHistory:
     """The history of a run after the fact, from what it holds and the config that ran it.
 
     :param kept: the manifests of its committed resume checkpoints.
     :param finals: ``(step, bytes)`` of its final models (a registry records no step: ``None``
         stands for the run's last step).
     :param save_interval: the config's; with ``policy``, the retention bound to the resume role.
+    :param copies: ``(step, bytes)`` of second copies of kept checkpoints held in another place
+        (the ``tiered`` sink's fast tier), drawn as held from their step.
 
     The saves the schedule implies but that are gone are replayed through the policy as the
     router applies it (the newest, and the one a resumed part started from, are never deleted);
@@ -236,6 +245,7 @@ def reconstruct(run: str, kept: list, finals: list[tuple[int | None, int]], save
     kept = sorted(kept, key=lambda m: m.step)
     last = kept[-1].step if kept else 0
     out = [Saved(Role.FINAL, last if step is None else step, nbytes) for step, nbytes in finals]
+    out += [Saved(Role.RESUME, step, nbytes, copy=True) for step, nbytes in copies]
     if not kept:
         return StorageHistory(run, out, note="it holds no resume checkpoint")
     by_step = {m.step: m for m in kept}
@@ -324,7 +334,7 @@ def storage_summary(history: StorageHistory, price: float) -> dict[str, Any]:
             "resume_bytes": history.held(end, Role.RESUME), "dual_writer_bytes": dual,
             "held_usd_per_month": monthly_cost(held, price),
             "dual_writer_usd_per_month": monthly_cost(dual, price),
-            "saves": len(history.saves), "inferred": history.inferred, "note": history.note}
+            "saves": sum(not s.copy for s in history.saves), "inferred": history.inferred, "note": history.note}
 
 
 def cost_lines(history: StorageHistory, price: float) -> list[str]:
