@@ -513,3 +513,53 @@ def test_a_durable_tier_that_does_not_answer_stops_the_run_before_step_1_with_ex
     doc = " ".join((Path(__file__).resolve().parent.parent / "docs" / "storage.md").read_text().split())
     assert ("`error: reading the resume storage s3://.../<run> failed (taking the run's lease, finding or "
             "loading its checkpoint): EndpointConnectionError: ...`, exit status 1") in doc
+
+
+# ----------------------------------------------------------------------------- wmtp report on a tiered run
+@pytest.mark.slow
+def test_the_report_finds_a_tiered_run_by_name_counts_both_tiers_and_the_mlflow_picture_agrees(
+        s3_server, bucket, tmp_path, monkeypatch, capsys):
+    """``wmtp report NAME`` finds the run under the durable tier, labels the sink ``tiered``,
+    counts the copies of both tiers; the MLflow run's storage picture ends on the same bytes."""
+    import io
+    import json
+
+    import mlflow
+    from PIL import Image
+
+    from wmtp_core.cli import main as wmtp
+
+    config = run_config(tmp_path, bucket)
+    config["mlflow"] = {"experiment": "tiered", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    write(tmp_path / "c.yaml", config)
+    write(tmp_path / "r.yaml", recipe(4, optim={"scheduler": "constant"}))
+    code, out, err = in_process(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "tr"],
+                                monkeypatch, capsys, tmp_path)
+    assert code == 0, err[-3000:]
+    fast = CheckpointStore.from_url(f"file://{tmp_path}/fast")
+    durable = durable_store(bucket, s3_server)
+    assert steps(durable, "tr") == [2, 4] and steps(fast, "tr") == [4]
+    both = sum(m.nbytes for _, m in durable.list("tr")) + sum(m.nbytes for _, m in fast.list("tr"))
+
+    assert wmtp(["report", "tr", "--config", "c.yaml", "--price-per-gb-month", "0.023", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["uri"] == f"s3://{bucket}/runs/tr"
+    assert report["resume"]["sink"] == "tiered"
+    assert report["resume"]["committed"] == 3 and report["resume"]["bytes"] == both == report["total_bytes"]
+    assert [(p["uri"], p["committed"]) for p in report["resume"]["places"]] == [
+        (f"s3://{bucket}/runs/tr", 2), (f"{tmp_path}/fast/tr", 1)]
+    storage = report["storage"]
+    assert storage["held_bytes"] == both and storage["note"] == "" and storage["saves"] == 2
+
+    assert wmtp(["report", "tr", "--config", "c.yaml"]) == 0
+    text = capsys.readouterr().out
+    assert f"Bytes held by run 'tr' (s3://{bucket}/runs/tr):" in text
+    assert f"resume  tiered  2 committed, newest step 4 in s3://{bucket}/runs/tr" in text
+    assert f"resume  tiered  1 committed, newest step 4 in {tmp_path}/fast/tr" in text
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiered").experiment_id])
+    local = client.download_artifacts(run.info.run_id, "wmtp-storage.png", str(tmp_path / "dl"))
+    drawn = json.loads(Image.open(io.BytesIO(Path(local).read_bytes())).text["wmtp-storage"])
+    assert drawn["held_bytes"] == drawn["resume_bytes"] == both
+    assert drawn["dual_writer_bytes"] == storage["dual_writer_bytes"]

@@ -253,7 +253,7 @@ def convert_sharded(source: str, target: str, *, full: bool = False,
     state, trainer = read_sharded(store, path, manifest, options, ("model", "optimizer") if full else ("model",))
     meta = {"algo": manifest.meta.get("algo"), "metrics": dict(manifest.meta.get("metrics") or {}),
             "resumed_from": manifest.meta.get("resumed_from"), "torch": torch.__version__,
-            "converted_from": where, "converted_world_size": manifest.meta.get("world_size")}
+            "saved_because": manifest.meta.get("saved_because") if full else None, "converted_from": where, "converted_world_size": manifest.meta.get("world_size")}
     meta = {k: v for k, v in meta.items() if v is not None}
     if full:
         model = dict(state["model"])

@@ -12,7 +12,9 @@ from typing import Any, Mapping
 import attrs
 
 from wmtp_core.coordination import ALONE
+from wmtp_core.manifest import SAVE_REASONS
 from wmtp_core.roles import Role
+from wmtp_core.sinks import Holding
 from wmtp_core.validators import check, frozen_copy, is_int
 
 
@@ -112,6 +114,13 @@ class CheckpointEmitted:
     supersedes: str | None = None
     """For the final model: the URI of the final model of an earlier step of this lineage that
     this one replaces (the run trained further after storing it); ``None`` for the first."""
+    saved_because: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.in_(SAVE_REASONS)))
+    """For resume state: why the engine saved this step, one of :data:`SAVE_REASONS`
+    (``interval``: a multiple of ``save_interval``; ``timed``: ``save_every`` of training time
+    passed; ``preempted``: a signal stopped the run here; ``last``: the last step of a run that
+    ended otherwise). Sinks record it in the manifest's ``meta.saved_because``, so ``wmtp report``
+    can tell a save of the run's own from one its config does not explain. ``None``: not said."""
 
 
 @attrs.frozen
@@ -141,6 +150,11 @@ class RunEnded:
     receipts: tuple[Receipt, ...] = attrs.field(default=(), converter=tuple)
     reason: str = ""
     """Why the run stopped (early stopping, an error), empty when it simply finished."""
+    held: tuple[Holding, ...] = attrs.field(default=(), converter=tuple)
+    """The resume checkpoints the resume sink holds for this run's lineage once the run's saves
+    and retention are done (its :meth:`~wmtp_core.Sink.held` listing, what ``wmtp report``
+    counts): with ``receipts``, what earlier parts of a resumed run committed. Empty when the
+    run failed, the sink cannot list, or listing failed (a warning says so)."""
 
 
 @attrs.frozen

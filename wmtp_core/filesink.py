@@ -138,7 +138,8 @@ class FileSink(ResumableSink):
             lineage=event.run.lineage,
             meta={"algo": event.run.algo, "metrics": dict(event.metrics),
                   "resumed_from": event.run.resumed_from, "torch": torch.__version__,
-                  **({"supersedes": event.supersedes} if event.supersedes else {})},
+                  **({"supersedes": event.supersedes} if event.supersedes else {}),
+                  **({"saved_because": event.saved_because} if event.saved_because else {})},
             nbytes=nbytes,
         )
         path = self.checkpoints.path_of(self.run, name)
@@ -209,7 +210,8 @@ class FileSink(ResumableSink):
             expected=expected,
             meta={"algo": event.run.algo, "metrics": dict(event.metrics), "format": "dcp",
                   "world_size": world.size, "resumed_from": event.run.resumed_from,
-                  "torch": torch.__version__})
+                  "torch": torch.__version__,
+                  **({"saved_because": event.saved_because} if event.saved_because else {})})
 
     def stored_final(self, run) -> Receipt | None:
         """This run's committed final model (``<run>/final``), if there is one, with the step

@@ -29,6 +29,10 @@ READABLE = (1, 2)
 MANIFEST_KEYS = {1: frozenset({"format_version", "run", "step", "role", "lineage", "created_at", "files", "meta"}),
                  2: frozenset({"format_version", "hash", "run", "step", "role", "lineage", "created_at",
                                "files", "meta"})}
+SAVE_REASONS = ("interval", "timed", "preempted", "last")
+"""Why the engine saved a resume checkpoint (``meta.saved_because``): a multiple of
+``save_interval``, ``save_every`` of training time, a preemption signal, the last step of a run
+that ended otherwise. A manifest written before the field existed has none."""
 ENTRY_KEYS = {1: frozenset({"path", "size", "sha256"}), 2: frozenset({"path", "size", "digest"})}
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")
@@ -119,7 +123,8 @@ def _meta(instance: Any, attribute: attrs.Attribute, value: Mapping[str, Any]) -
         raise ManifestError(f"meta.format {fmt!r} is not known (accepted: 'dcp' or absent)")
     if fmt == "dcp" and not (is_int(value.get("world_size")) and value["world_size"] >= 1):
         raise ManifestError(f"meta.world_size {value.get('world_size')!r} is not an integer >= 1")
-    for key in ("algo", "resumed_from", "torch"):
+    # (saved_because: informational, so a reason a newer WMTP adds does not make it unverifiable)
+    for key in ("algo", "resumed_from", "torch", "saved_because"):
         if value.get(key) is not None and not isinstance(value[key], str):
             raise ManifestError(f"meta.{key} {value[key]!r} is not a string")
     metrics = value.get("metrics", {})

@@ -4,6 +4,7 @@ storage picture). matplotlib is optional and imported only to draw."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any, Iterable
@@ -122,6 +123,8 @@ GB = 10**9
 """The GB of a price: decimal, like every size WMTP prints."""
 PLOT_INSTALL_HINT = "pip install 'wmtp[plot]' (in a checkout: uv sync --extra plot)"
 DUAL_WRITER = "a trainer that also copies every save to the tracking store"
+PNG_SUMMARY_KEY = "wmtp-storage"
+"""The PNG text chunk holding the picture's numbers (:func:`storage_summary`, as JSON)."""
 
 
 @attrs.frozen
@@ -137,6 +140,9 @@ class Saved:
     """The step after whose save retention removed it; ``None``: still held."""
     inferred: bool = False
     """No longer held and known only from the save schedule: its size is the nearest kept one's."""
+    copy: bool = False
+    """A second copy of a save of the same step, held in another place (the ``tiered`` sink's
+    fast tier): bytes held, not another save."""
 
 
 @attrs.frozen
@@ -160,7 +166,8 @@ class StorageHistory:
     def dual_writer(self, step: int) -> int:
         """What :data:`DUAL_WRITER` would hold: the same, plus a copy of every resume save so far
         (as :attr:`Estimate.dual_writer` counts it before a run)."""
-        return self.held(step) + sum(s.nbytes for s in self.saves if s.role is Role.RESUME and s.step <= step)
+        return self.held(step) + sum(s.nbytes for s in self.saves
+                                     if s.role is Role.RESUME and not s.copy and s.step <= step)
 
     @property
     def last_step(self) -> int:
@@ -182,34 +189,78 @@ def history_from_receipts(run: str, receipts: Iterable[Receipt],
     return StorageHistory(run, sorted(saves, key=lambda s: (s.step, s.role.value)))
 
 
+def history_of_run(run: str, receipts: Iterable[Receipt], deleted: Iterable[tuple[Receipt, int]],
+                   held: Iterable[Any] = (), *, start_step: int = 0,
+                   save_interval: int | None = None) -> StorageHistory:
+    """The whole run as the part that ends it knows it (the MLflow run's picture): this part's
+    receipts and deletions (:func:`history_from_receipts`), and every resume checkpoint the
+    resume sink holds at the end (``held``: its :class:`~wmtp_core.Holding` listing, the one
+    ``wmtp report`` reads) that no receipt of this part names: those the earlier parts of a
+    resumed run committed, drawn at their steps (and a second copy a sink keeps, such as the fast
+    tier's). What is held after the last step is then what the sink lists, as ``wmtp report``
+    counts it. Saves an earlier part deleted itself leave no receipt here: with ``save_interval``
+    and the step this part started from, the note says how many are not drawn."""
+    receipts, deleted = list(receipts), list(deleted)
+    history = history_from_receipts(run, receipts, deleted)
+    named = {_same(r.uri) for r in receipts} | {_same(r.uri) for r, _ in deleted}
+    known = {s.step for s in history.saves if s.role is Role.RESUME}
+    earlier = []
+    for h in held:
+        if h.role is Role.RESUME and h.step is not None and _same(h.uri) not in named:
+            earlier.append(Saved(Role.RESUME, h.step, h.nbytes or 0, copy=h.step in known))
+            known.add(h.step)
+    unseen = [s for s in range(save_interval, start_step + 1, save_interval) if s not in known] \
+        if save_interval else []
+    note = (f"{len(unseen)} saves an earlier part of the run deleted itself (steps {unseen}) are not drawn; "
+            "wmtp report --plot replays them") if unseen else ""
+    return StorageHistory(run, sorted(history.saves + tuple(earlier), key=lambda s: (s.step, s.role.value)),
+                          note=note)
+
+
+def _same(uri: str) -> str:
+    return uri.rstrip("/")
+
+
 def reconstruct(run: str, kept: list, finals: list[tuple[int | None, int]], save_interval: int,
-                policy: Any = None) -> StorageHistory:
+                policy: Any = None, copies: Iterable[tuple[int, int]] = ()) -> StorageHistory:
     """The history of a run after the fact, from what it holds and the config that ran it.
 
     :param kept: the manifests of its committed resume checkpoints.
     :param finals: ``(step, bytes)`` of its final models (a registry records no step: ``None``
         stands for the run's last step).
     :param save_interval: the config's; with ``policy``, the retention bound to the resume role.
+    :param copies: ``(step, bytes)`` of second copies of kept checkpoints held in another place
+        (the ``tiered`` sink's fast tier), drawn as held from their step.
 
     The saves the schedule implies but that are gone are replayed through the policy as the
     router applies it (the newest, and the one a resumed part started from, are never deleted);
-    their sizes are the nearest kept checkpoint's. If a kept checkpoint other than the newest is
-    off the schedule, or the replay does not end with exactly the kept checkpoints, the config
-    does not describe this run: only what it holds is drawn, and the note says why.
+    their sizes are the nearest kept checkpoint's. A kept checkpoint off the schedule is the run's
+    own when its manifest says it was saved on a signal, on the clock or at the last step of a
+    part (``meta.saved_because``: ``preempted``, ``timed``, ``last``), or, for a manifest older
+    than that field, when a later part resumed from it (their manifests' ``resumed_from``). If
+    another kept checkpoint than the newest is off the schedule, or the replay does not end with
+    exactly the kept checkpoints, the config does not describe this run: only what it holds is
+    drawn, and the note says why.
     """
     kept = sorted(kept, key=lambda m: m.step)
     last = kept[-1].step if kept else 0
     out = [Saved(Role.FINAL, last if step is None else step, nbytes) for step, nbytes in finals]
+    out += [Saved(Role.RESUME, step, nbytes, copy=True) for step, nbytes in copies]
     if not kept:
         return StorageHistory(run, out, note="it holds no resume checkpoint")
     by_step = {m.step: m for m in kept}
     schedule = sorted(set(range(save_interval, last + 1, save_interval) if save_interval else ()) | set(by_step))
     alive, deleted_at = _replay(run, kept, schedule, policy)
     lineages = {m.lineage for m in kept}
-    off = [m.step for m in kept[:-1] if not save_interval or m.step % save_interval]  # the last may be off
+    resumed = _resumed_steps(run, kept)
+    off = [m for m in kept[:-1] if (not save_interval or m.step % save_interval)  # the last may be off
+           and not _explained(m, resumed)]
     if alive != set(by_step) or len(lineages) > 1 or off:
+        claimed = sorted({str(m.meta.get("saved_because")) for m in off if m.meta.get("saved_because")})
+        said = (f"; their manifests say {', '.join(claimed)}" if claimed else " and no manifest says why")
         why = (f"{len(lineages)} lineages" if len(lineages) > 1 else
-               f"it holds steps {off}, which save_interval {save_interval} does not save" if off else
+               f"it holds steps {[m.step for m in off]}, which save_interval {save_interval} does not save{said}"
+               if off else
                f"save_interval {save_interval} and its retention would keep steps {sorted(alive)}, "
                f"it holds {sorted(by_step)}")
         return StorageHistory(run, out + [Saved(Role.RESUME, m.step, m.nbytes) for m in kept],
@@ -222,13 +273,30 @@ def reconstruct(run: str, kept: list, finals: list[tuple[int | None, int]], save
     return StorageHistory(run, sorted(out, key=lambda s: (s.step, s.role.value)), note=note)
 
 
+OFF_SCHEDULE = frozenset({"preempted", "timed", "last"})
+"""``meta.saved_because`` values that explain a save at a step ``save_interval`` does not name."""
+
+
+def _resumed_steps(run: str, kept: list) -> set[int]:
+    """The steps of this run that a later part resumed from, as its manifests name them."""
+    named = re.compile(rf"/{re.escape(run)}/step_(\d+)/?$")
+    return {int(x.group(1)) for m in kept if (x := named.search(str(m.meta.get("resumed_from") or "")))}
+
+
+def _explained(manifest: Any, resumed: set[int]) -> bool:
+    """Whether a checkpoint off the save schedule is one the run saved: its manifest says it was
+    a signal, clock or last-step save; or, written before manifests said why, a later part of
+    the run resumed from it (the last step of a part, where a signal save is made)."""
+    reason = manifest.meta.get("saved_because")
+    return reason in OFF_SCHEDULE if reason is not None else manifest.step in resumed
+
+
 def _replay(run: str, kept: list, schedule: list[int], policy: Any) -> tuple[set[int], dict[int, int]]:
     """Retention over the saves of ``schedule``, as the router prunes after each commit.
     Returns the steps left and, for the others, the step whose commit deleted them."""
     by_step = {m.step: m for m in kept}
     # a resumed part never deletes the checkpoint it resumed from, which its manifests name
-    named = re.compile(rf"/{re.escape(run)}/step_(\d+)/?$")
-    resumed = {int(x.group(1)) for m in kept if (x := named.search(str(m.meta.get("resumed_from") or "")))}
+    resumed = _resumed_steps(run, kept)
     alive: dict[int, Any] = {}
     deleted_at: dict[int, int] = {}
     for step in schedule:
@@ -262,10 +330,11 @@ def storage_summary(history: StorageHistory, price: float) -> dict[str, Any]:
     """The end of the picture in numbers: bytes held and their monthly cost, both ways."""
     end = history.last_step
     held, dual = history.held(end), history.dual_writer(end)
-    return {"price_per_gb_month": price, "last_step": end, "held_bytes": held, "dual_writer_bytes": dual,
+    return {"price_per_gb_month": price, "last_step": end, "held_bytes": held,
+            "resume_bytes": history.held(end, Role.RESUME), "dual_writer_bytes": dual,
             "held_usd_per_month": monthly_cost(held, price),
             "dual_writer_usd_per_month": monthly_cost(dual, price),
-            "saves": len(history.saves), "inferred": history.inferred, "note": history.note}
+            "saves": sum(not s.copy for s in history.saves), "inferred": history.inferred, "note": history.note}
 
 
 def cost_lines(history: StorageHistory, price: float) -> list[str]:
@@ -329,5 +398,7 @@ def figure_png(history: StorageHistory, price: float) -> bytes:
         fig.text(0.01, 0.01, f"note: {history.note}", fontsize=6.5, color="#555555")
     fig.tight_layout(rect=(0, 0.04 if history.note else 0, 1, 1))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    # the numbers drawn, as a text chunk of the PNG itself (PNG_SUMMARY_KEY): what it shows can be
+    # read back and compared, not only looked at
+    fig.savefig(buf, format="png", metadata={"Software": None, PNG_SUMMARY_KEY: json.dumps(s, sort_keys=True)})
     return buf.getvalue()

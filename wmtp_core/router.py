@@ -158,6 +158,7 @@ class Router:
         metrics: Mapping[str, float] | None = None,
         nbytes: int = 0,
         background: bool = False,
+        saved_because: str | None = None,
     ) -> Receipt | cf.Future:
         """Store one checkpoint through the sink bound to ``role``, and only there.
 
@@ -165,7 +166,8 @@ class Router:
         later one; one of a later step supersedes the stored one. ``background``:
         stage the payload in memory and return at once with a future; the write, the commit,
         the ``wmtp_checkpoint_committed`` hook and retention follow in a background thread, at
-        most one save in flight (:mod:`wmtp_core.asyncsave`).
+        most one save in flight (:mod:`wmtp_core.asyncsave`). ``saved_because``: why the engine
+        saves this resume state (:data:`wmtp_core.manifest.SAVE_REASONS`), for its manifest.
         """
         if not self._opened:
             raise RuntimeError("Router.open() must be called before emit()")
@@ -183,6 +185,7 @@ class Router:
             metrics=metrics or {},
             resume_location=self._resume_location() if role is Role.FINAL else None,
             supersedes=stored.uri if stored is not None else None,
+            saved_because=saved_because if role is Role.RESUME else None,
         )
         emitted = self.pm.hook.wmtp_final_model_emitted if role is Role.FINAL else self.pm.hook.wmtp_resume_checkpoint_emitted
         emitted(event=event)

@@ -185,7 +185,8 @@ class RunSession:
                 t = self._phase("train", t)
                 ending = Ending.of(outcome)
                 if ending.status is not RunStatus.FAILED:
-                    self._checkpoint(trainer, router, trainer.step, outcome.metrics)
+                    why = "preempted" if ending.status is RunStatus.PREEMPTED else "last"
+                    self._checkpoint(trainer, router, trainer.step, outcome.metrics, why)
                     router.wait()  # the last step's resume state is durable before the final model
             if ending.code == EXIT_OK and Role.FINAL in self.plan.required:
                 ending = self._store_final(trainer, router, outcome, ending)  # never while preempted
@@ -220,10 +221,25 @@ class RunSession:
                 self.pm.hook.wmtp_run_ended(event=RunEnded(
                     run=run, status=ending.status, last_step=trainer.step, reason=redact.text(ending.reason),
                     metrics=outcome.metrics if outcome else {}, receipts=router.receipts,
+                    held=self._held(router, run, ending),
                 ))
             except Exception as e:  # an observer's failure must not mask the run's outcome
                 log.warning("a plugin failed in wmtp_run_ended: %s: %s", type(e).__name__, redact.text(e))
         return ending
+
+    def _held(self, router: Router, run: RunInfo, ending: Ending) -> tuple:
+        """What the resume sink holds for this lineage now that its saves and retention are done
+        (rank 0; nothing for a failed run): the observers' picture of the whole run. A listing
+        that fails is a warning, never the run's outcome."""
+        if ending.status is RunStatus.FAILED or not router.bound(Role.RESUME) or (
+                self.world is not None and not self.world.is_main):
+            return ()
+        try:
+            return tuple(h for h in router.sink(Role.RESUME).held(run.name, {run.lineage}) if h.role is Role.RESUME)
+        except Exception as e:
+            log.warning("could not list what the resume sink holds for run %r: %s: %s", run.name,
+                        type(e).__name__, redact.text(first_line(e)))
+            return ()
 
     def _abandon(self, router: Router, run: RunInfo, trainer: Any, reason: str) -> None:
         """A run that stops before its first step: the router closed, observers told (an MLflow
@@ -287,18 +303,25 @@ class RunSession:
                 if "loss" in metrics:
                     shown.update(step, metrics)
 
-            return trainer.train(on_step, lambda step, metrics: self._checkpoint(trainer, router, step, metrics),
-                                 stop=signals.requested)
+            interval = self.plan.settings.config.paths.checkpoints.save_interval
 
-    def _checkpoint(self, trainer: Any, router: Router, step: int, metrics: Mapping[str, float] | None) -> None:
-        """Emit this step's resume state, once per step."""
+            def due(step: int, metrics: Mapping[str, float]) -> None:  # on the schedule, or on the clock
+                why = "interval" if interval and step % interval == 0 else "timed"
+                self._checkpoint(trainer, router, step, metrics, why)
+
+            return trainer.train(on_step, due, stop=signals.requested)
+
+    def _checkpoint(self, trainer: Any, router: Router, step: int, metrics: Mapping[str, float] | None,
+                    why: str) -> None:
+        """Emit this step's resume state, once per step; ``why``: its manifest's
+        ``meta.saved_because``."""
         if not router.bound(Role.RESUME) or self.last_saved == step:
             return
         self._check_lease()
         payload = trainer.resume_payload()
         router.emit(Role.RESUME, step=step, payload=payload, metrics=_scalars(metrics),
                     nbytes=tensor_bytes(payload.parts),
-                    background=self.plan.settings.config.paths.checkpoints.async_)
+                    background=self.plan.settings.config.paths.checkpoints.async_, saved_because=why)
         self.last_saved = step
 
     def _store_final(self, trainer: Any, router: Router, outcome: Any, ending: Ending) -> Ending:

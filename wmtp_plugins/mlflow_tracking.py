@@ -3,7 +3,7 @@
 It owns the MLflow run of a WMTP run: started at ``wmtp_run_started``, ended at
 ``wmtp_run_ended``; the registry sink logs the final model into that same run. At the end it
 logs one small PNG artifact, the bytes the run held over its steps (when matplotlib is
-installed): a picture drawn from the receipts, not a checkpoint.
+installed): a picture drawn from the receipts and the resume sink's listing, not a checkpoint.
 
 A tracking server that cannot be reached at the start stops the run before its first step (exit
 status 2, naming the URI). One that goes away during the run does not stop it: metric values
@@ -44,7 +44,8 @@ counted, and reported at the end."""
 BATCH = 1000
 """Metric values per request (MLflow's ``log_batch`` limit)."""
 STORAGE_PICTURE = "wmtp-storage.png"
-"""The run's artifact drawn by ``wmtp_core.report.figure_png`` from this part's receipts."""
+"""The run's artifact drawn by ``wmtp_core.report.figure_png``: the whole run, from this part's
+receipts and what the resume sink holds at the end."""
 log = logging.getLogger("wmtp.tracking")
 
 
@@ -68,6 +69,7 @@ class MlflowTracking:
         self._stop = threading.Event()
         self._dropped = 0
         self._removed = 0  # values ever taken from the head of the buffer (sent or dropped)
+        self._schedule: tuple = (0, None)  # the step this part started from, and save_interval
 
     @hookimpl
     def wmtp_check_config(self, config):
@@ -78,6 +80,8 @@ class MlflowTracking:
     def wmtp_run_started(self, event):
         self._logged_through, self._buffer, self._tags, self._flushed_at = -1, [], {}, time.monotonic()
         self._newest, self._deleted, self._outage, self._dropped, self._removed = {}, [], None, 0, 0
+        interval = event.params.get("config.paths.checkpoints.save_interval")
+        self._schedule = (event.start_step, interval if isinstance(interval, int) and interval > 0 else None)
         self._stop.clear()
         if not event.mlflow:
             return  # no mlflow section: nothing to track into
@@ -289,15 +293,20 @@ class MlflowTracking:
         return found.info.run_id if found is not None else None
 
     def _log_storage_picture(self, event) -> None:
-        """The bytes this part of the run held over its steps, beside a trainer that also copies
-        every save here, as one PNG artifact. Only when matplotlib (``wmtp[plot]``) is there."""
+        """The bytes the whole run held over its steps, beside a trainer that also copies every
+        save here, as one PNG artifact: this part's receipts and deletions, and what earlier
+        parts of a resumed run committed that the resume sink still holds (``event.held``), so
+        that it ends on what ``wmtp report`` counts. Only when matplotlib (``wmtp[plot]``) is
+        there."""
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             return
         with self._lock:
             deleted = list(self._deleted)
-        history = report.history_from_receipts(event.run.name, event.receipts, deleted)
+        start, interval = self._schedule
+        history = report.history_of_run(event.run.name, event.receipts, deleted, event.held,
+                                        start_step=start, save_interval=interval)
         if not history.saves:
             return
         with tempfile.TemporaryDirectory(prefix="wmtp-storage-") as folder:

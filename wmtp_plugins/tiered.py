@@ -131,6 +131,14 @@ class TieredSink(ResumableSink):
             held = set(self._held)
         return [(self._uri(step), by_step[step]) for step in sorted(by_step) if step not in held]
 
+    def held(self, run_name: str, lineages: set[str] | None = None) -> list:
+        """Every committed copy of ``run_name``'s resume checkpoints, durable tier first, each
+        under its own tier's URI: both tiers hold bytes (``wmtp report`` counts both)."""
+        out = []
+        for tier in (self.durable, self.fast):
+            out += [h for h in tier.held(run_name, lineages) if h.role is Role.RESUME]
+        return out
+
     def unverifiable(self) -> list[tuple[str, int, str]]:
         """Step directories of either tier whose manifest cannot be believed."""
         return self.fast.unverifiable() + self.durable.unverifiable()

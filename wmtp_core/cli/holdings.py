@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 from typing import Any
 
 import fsspec
@@ -47,19 +48,27 @@ def cmd_report(args, out: Console, err: Console) -> int:
     if args.plot:
         require_matplotlib()  # before any work: one line saying how to install it
     settings = load_settings(args.config)
-    uri = args.run
-    if "/" not in uri and "://" not in uri:  # a bare run name, under the configured base path
-        uri = f"{resume_base(settings).rstrip('/')}/{check_run_name(uri)}"
-    loc = locate(uri, storage_options(args.storage_option))
-    if loc.kind == "base":
-        held = f"it holds the runs {', '.join(loc.runs)}; name one" if loc.runs else "it holds no checkpoint"
-        raise UsageError(f"{uri} is not a run directory: {held}")
-    store, run = loc.store, loc.runs[0]
     catalog = build_catalog(make_plugin_manager())  # one plugin manager for the whole report
-    report = _holdings(settings, catalog, store, run, err)
+    uri = args.run
+    bare = "/" not in uri and "://" not in uri
+    placed = _placed_resume_sink(settings, catalog, check_run_name(uri)) if bare else None
+    if placed is not None:  # a bare run name, where the bound sink keeps it (tiered: the durable tier)
+        store, run = _sink_run(placed, uri)
+    else:
+        if bare:  # a bare run name, under the configured base path
+            uri = f"{resume_base(settings).rstrip('/')}/{uri}"
+        loc = locate(uri, storage_options(args.storage_option))
+        if loc.kind == "base":
+            held = f"it holds the runs {', '.join(loc.runs)}; name one" if loc.runs else "it holds no checkpoint"
+            raise UsageError(f"{uri} is not a run directory: {held}")
+        store, run = loc.store, loc.runs[0]
+        placed = _placed_resume_sink(settings, catalog, run)
+        if placed is not None and placed[1].location().rstrip("/") != store.uri(store.run_dir(run)).rstrip("/"):
+            placed = None  # a run directory the bound sink does not keep: read as it is
+    report = _holdings(settings, catalog, store, run, err, placed)
     history = None
     if price is not None:
-        history = _storage_history(settings, catalog, store, run, report["final"])
+        history = _storage_history(settings, catalog, store, run, report["final"], placed)
         report["storage"] = storage_summary(history, price)
     if args.json:
         out.out(json.dumps(report, indent=2))
@@ -76,12 +85,48 @@ def cmd_report(args, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
-def _holdings(settings, catalog: Any, store: CheckpointStore, run: str, err: Console) -> dict[str, Any]:
+def _placed_resume_sink(settings, catalog: Any, run: str) -> tuple[str, Any] | None:
+    """``(name, sink)`` when the config binds the resume role to a sink that keeps a run in
+    places of its own rather than under a base path of one protocol (``tiered``: a fast and a
+    durable tier), built for ``run``; ``None`` otherwise."""
+    from wmtp_core.bindings import build_sink
+    from wmtp_core.config.routing import bindings_for
+
+    binding = bindings_for(settings, catalog).sink_for(Role.RESUME)
+    spec = catalog.sinks.get(binding.sink) if binding is not None else None
+    if spec is None or spec.protocols:
+        return None
+    sink = build_sink(catalog, bindings_for(settings, catalog), Role.RESUME,
+                      RunInfo(name=run, algo="-", lineage="-"), settings.mlflow)
+    return (binding.sink, sink) if sink.lease_store() is not None else None
+
+
+def _sink_run(placed: tuple[str, Any], run: str) -> tuple[CheckpointStore, str]:
+    """The store a placed sink shares between machines (its lease store: the durable tier), and
+    the run, which it must hold."""
+    name, sink = placed
+    store = sink.lease_store()
+    store.fs.invalidate_cache()  # a CLI must see what other processes wrote
+    if not store.fs.isdir(store.run_dir(run)) and not _copies(placed, run):
+        raise UsageError(f"{sink.location()} does not exist (the run {run!r} of the {name!r} sink the config binds)")
+    return store, run
+
+
+def _copies(placed: tuple[str, Any] | None, run: str) -> list[Any]:
+    """Every committed resume checkpoint a placed sink holds for ``run``, each copy (each tier)."""
+    if placed is None:
+        return []
+    return [h for h in placed[1].held(run, None) if h.role is Role.RESUME]
+
+
+def _holdings(settings, catalog: Any, store: CheckpointStore, run: str, err: Console,
+              placed: tuple[str, Any] | None = None) -> dict[str, Any]:
     """What ``wmtp report`` prints: the run's checkpoints by state, from the inventory, and the
-    final models the final sink holds for the run's lineages."""
+    final models the final sink holds for the run's lineages. With a placed resume sink
+    (``tiered``), its committed copies in every place it keeps them are counted."""
     entries = scan(store, run)
     spec = catalog.sink_for_protocol(store.protocol)  # what a run would bind
-    sink = spec.name if spec is not None else store.protocol
+    sink = placed[0] if placed is not None else spec.name if spec is not None else store.protocol
     resume = [e for e in entries if e.state is CheckpointState.COMMITTED and e.role == Role.RESUME.value]
     staging = [e for e in entries if e.state is CheckpointState.STAGING]
     others = {state: [e for e in entries if e.state is state]
@@ -91,11 +136,20 @@ def _holdings(settings, catalog: Any, store: CheckpointStore, run: str, err: Con
     lineages = {e.lineage for e in entries if e.lineage}
     if lineages:
         finals += _final_holdings(settings, catalog, run, lineages, {f["uri"] for f in finals}, err)
+    held = ([(posixpath.dirname(h.uri.rstrip("/")), h.step, h.nbytes or 0) for h in _copies(placed, run)]
+            if placed is not None else [(store.uri(store.run_dir(run)), e.step, e.bytes) for e in resume])
+    places = {}
+    for where, step, nbytes in held:  # each place the copies are kept in (tiered: durable, then fast)
+        place = places.setdefault(where, {"uri": where, "committed": 0, "bytes": 0, "newest_step": None})
+        place["committed"] += 1
+        place["bytes"] += nbytes
+        place["newest_step"] = max(step, place["newest_step"] or 0)
     report = {
         "run": run,
         "uri": store.uri(store.run_dir(run)),
-        "resume": {"sink": sink, "committed": len(resume), "bytes": sum(e.bytes for e in resume),
-                   "newest_step": max((e.step for e in resume), default=None)},
+        "resume": {"sink": sink, "committed": len(held), "bytes": sum(n for _, _, n in held),
+                   "newest_step": max((step for _, step, _ in held), default=None),
+                   "places": list(places.values())},
         "staging": {"count": len(staging), "bytes": sum(e.bytes for e in staging)},
         **{state.value: {"count": len(es), "bytes": sum(e.bytes for e in es)} for state, es in others.items()},
         "final": finals,
@@ -114,17 +168,25 @@ def _price(args) -> float | None:
     return DEFAULT_PRICE_PER_GB_MONTH if price is None and args.plot else price
 
 
-def _storage_history(settings, catalog: Any, store: CheckpointStore, run: str, finals: list[dict[str, Any]]):
+def _storage_history(settings, catalog: Any, store: CheckpointStore, run: str, finals: list[dict[str, Any]],
+                     placed: tuple[str, Any] | None = None):
     """What the run held over its steps, reconstructed from its kept checkpoints, the final
     models found, and the save schedule and retention policy of the config (no file of its own:
-    the run directory holds checkpoints only)."""
+    the run directory holds checkpoints only). With a placed resume sink (``tiered``): its
+    checkpoints, one per step, and the second copies of a step as copies held."""
     from wmtp_core.bindings import build_policies
     from wmtp_core.config.routing import bindings_for
 
     policy = build_policies(bindings_for(settings, catalog), catalog).get(Role.RESUME)
-    kept = [m for _, m in store.list(run)]
+    copies = []
+    if placed is not None:
+        kept = [m for _, m in placed[1].committed()]
+        steps = [h.step for h in _copies(placed, run)]
+        copies = [(m.step, m.nbytes) for m in kept for _ in range(max(0, steps.count(m.step) - 1))]
+    else:
+        kept = [m for _, m in store.list(run)]
     held = [(f["step"], f["bytes"] or 0) for f in finals]
-    return reconstruct(run, kept, held, settings.config.paths.checkpoints.save_interval, policy)
+    return reconstruct(run, kept, held, settings.config.paths.checkpoints.save_interval, policy, copies)
 
 
 def _final_holdings(settings, catalog: Any, run: str, lineages: set[str], seen: set[str],
@@ -151,8 +213,11 @@ def _final_holdings(settings, catalog: Any, run: str, lineages: set[str], seen: 
 
 def _report_lines(r: dict[str, Any]) -> list[str]:
     res, stg = r["resume"], r["staging"]
-    newest = f", newest step {res['newest_step']}" if res["newest_step"] is not None else ""
-    rows = [["resume", res["sink"], f"{res['committed']} committed{newest}", human(res["bytes"])]]
+    rows = []
+    for place in res["places"] if len(res["places"]) > 1 else [res]:  # one row per place (tiered: each tier)
+        newest = f", newest step {place['newest_step']}" if place["newest_step"] is not None else ""
+        where = f" in {place['uri']}" if len(res["places"]) > 1 else ""
+        rows.append(["resume", res["sink"], f"{place['committed']} committed{newest}{where}", human(place["bytes"])])
     if stg["count"]:
         rows.append(["resume", res["sink"], f"{stg['count']} staging (wmtp gc removes)", human(stg["bytes"])])
     if r["unverifiable"]["count"]:
