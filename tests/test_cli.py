@@ -166,7 +166,9 @@ def test_report_counts_the_bytes_of_every_manifest(base, capsys):
     report = json.loads(out)
     sizes = [sum(f["size"] for f in json.loads((base / "a" / s / "manifest.json").read_text())["files"])
              for s in ("step_2", "step_4")]
-    assert report["resume"] == {"sink": "local", "committed": 2, "bytes": sum(sizes), "newest_step": 4}
+    assert report["resume"] == {"sink": "local", "committed": 2, "bytes": sum(sizes), "newest_step": 4,
+                                "places": [{"uri": str(base / "a"), "committed": 2, "bytes": sum(sizes),
+                                            "newest_step": 4}]}
     assert report["staging"] == {"count": 2, "bytes": 304}
     assert report["final"] == [] and report["total_bytes"] == sum(sizes) + 304
 

@@ -78,18 +78,34 @@ import os, sys
 from wmtp_core.run import main
 
 codes = []
-port = os.environ.get("MASTER_PORT")
+ports = os.environ.get("CASE_PORTS", "").split(",")
 for i, folder in enumerate(sys.argv[1:]):  # one run per case, one after the other, in this process
-    if port:  # each case's process group meets on a port of its own, never a closing one's
-        os.environ["MASTER_PORT"] = str(int(port) + i)
+    if "MASTER_PORT" in os.environ:  # each case's process group meets on a port of its own
+        os.environ["MASTER_PORT"] = ports[i]
     os.chdir(folder)
     codes.append(main(["--config", "c.yaml", "--recipe", "r.yaml"]))
 sys.exit(max(codes))
 """
 """Runs each case's folder in one process (one job of two ranks): the imports and the first
-run's warm-up are paid once, not once per case. Each case's ranks meet on a port of their own:
-on the port of the case before, a rank that is quicker to start again can reach the other's
-closing group (gloo: "connectFullMesh failed ... Connection refused")."""
+run's warm-up are paid once, not once per case. Each case's ranks meet on a port of their own
+(``CASE_PORTS``, each free when the job starts): on the port of the case before, a rank that is
+quicker to start again can reach the other's closing group (gloo: "connectFullMesh failed ...
+Connection refused"); a port counted up from the first one may belong to another test's
+server (EADDRINUSE)."""
+
+
+def free_ports(n: int) -> list[str]:
+    """``n`` distinct ports, free now: each held until all are chosen."""
+    import socket
+
+    held = [socket.socket() for _ in range(n)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [str(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +122,8 @@ def trained(models, tmp_path_factory):
         folders[(algo, head)] = (one, two)
     single = zygote.run(["-c", DRIVER, *(str(one) for one, _ in folders.values())], cwd=root, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
-    sharded = zygote.ranks(2, ["-c", DRIVER, *(str(two) for _, two in folders.values())], cwd=root, env=env)
+    sharded = zygote.ranks(2, ["-c", DRIVER, *(str(two) for _, two in folders.values())], cwd=root,
+                           env={**env, "CASE_PORTS": ",".join(free_ports(len(folders)))})
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     return folders, sharded.stderr
 
