@@ -38,6 +38,20 @@ SUITES = {
 }
 
 
+def _commit() -> str:
+    """The commit measured (``+changes`` when the work tree differs from it)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mb", type=int, default=256, help="resume state size for save/restore")
@@ -52,18 +66,18 @@ def main(argv=None) -> int:
         rows += SUITES[name.strip()](size_mb=args.size_mb, repeat=args.repeat, workdir=args.workdir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "python": platform.python_version(), "torch": torch.__version__,
             "size_mb": args.size_mb, "repeat": args.repeat}
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-    md = [f"Measured {meta['date']} on {meta['machine']}, torch {meta['torch']}, "
+    md = [f"Measured {meta['date']} at commit {meta['commit']} on {meta['machine']}, torch {meta['torch']}, "
           f"state {args.size_mb} MB, median of {args.repeat}.", "",
           "| benchmark | WMTP | plain alternative | ratio | target | met |",
           "|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['name']} | {r['wmtp']} | {r['plain']} | {r['ratio']:.3f} | {r['target']} | "
-                  f"{'yes' if r['met'] else 'NO'} |")
+                  f"{'-' if r['met'] is None else 'yes' if r['met'] else 'NO'} |")
     (out / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
