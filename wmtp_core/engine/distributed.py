@@ -37,23 +37,19 @@ class World:
         if dist.is_initialized():
             dist.barrier(group=self.group)
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
+    def broadcast(self, obj: Any, *, group: Any = attrs.NOTHING) -> Any:
+        """Rank 0's ``obj`` on every rank, over the checkpoint group (``group``: another one)."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return obj
         box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        dist.broadcast_object_list(box, src=0, group=self.group if group is attrs.NOTHING else group)
         return box[0]
 
     def tell(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank, over the training loop's group: for the training
         thread, while a background save may be using the checkpoint group (two threads issuing
         collectives on one group interleave in a different order on each rank)."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return obj
-        box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return self.broadcast(obj, group=None)
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank (the checkpoint group)."""
