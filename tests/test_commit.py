@@ -121,6 +121,27 @@ def test_a_flipped_byte_is_detected_and_named(store):
         store.read_verified(path)
 
 
+def test_a_failed_save_returns_the_space_of_its_removed_files_before_it_raises(store):
+    """The files already written are hashed on helper threads: a later file's failure waits for
+    them, so no removed file is still held open (its space in use) once the save has failed."""
+    class failing_after_writing:
+        def __call__(self, stream):
+            raise OSError(28, "No space left on device")
+
+        def save_to_path(self, path):
+            self(None)
+
+    big = torch_writer({"w": torch.zeros(96 << 18)})  # 96 MiB: hashing it outlasts the failure
+    with pytest.raises(Exception, match="disk is full|No space"):
+        store.write("r", "step_1", {"a.pt": big, "b.pt": failing_after_writing()}, step=1,
+                    role=Role.RESUME, lineage="L")
+    staging = store.path_of("r", "step_1")
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [h for h in held if h.startswith(staging)], held
+    assert not os.path.exists(staging)
+
+
 def test_committed_checkpoint_is_never_overwritten(store):
     write(store, 1)
     with pytest.raises(CheckpointError, match="already committed"):

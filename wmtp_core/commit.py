@@ -177,6 +177,22 @@ class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
             free = free_bytes(path)
             if free is not None and free < nbytes:
                 raise NoRoom(nbytes, free)
+        try:
+            self._write_each(path, files, doing, local, hashing)
+        except BaseException:
+            # the files already written are being hashed (each open) on helper threads: let them
+            # finish before the staging is removed, or a removed file's space stays in use
+            cf.wait([h for h in hashing.values() if isinstance(h, cf.Future)])
+            raise
+        for fname, h in hashing.items():
+            doing.now(f"writing {fname} to {self.uri(posixpath.join(path, fname))}")
+            digest, size = h.result() if isinstance(h, cf.Future) else (h.hexdigest(), h.size)
+            entries.append(FileEntry(path=fname, size=size, digest=digest, algorithm=HASH))
+        return entries
+
+    def _write_each(self, path: str, files: Mapping[str, Writer], doing: Doing, local: bool,
+                    hashing: dict[str, Any]) -> None:
+        """Write each file into ``path``; its hash (or the future of it) lands in ``hashing``."""
         for fname, writer in files.items():
             if fname == MANIFEST or "/" in fname or fname.startswith("."):
                 raise CheckpointError(f"file name {fname!r} is reserved or not allowed")
@@ -190,11 +206,6 @@ class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
                 hashing[fname] = in_background(durable_digest, fpath)
                 continue
             hashing[fname] = self._write_stream(fpath, fname, writer, doing)
-        for fname, h in hashing.items():
-            doing.now(f"writing {fname} to {self.uri(posixpath.join(path, fname))}")
-            digest, size = h.result() if isinstance(h, cf.Future) else (h.hexdigest(), h.size)
-            entries.append(FileEntry(path=fname, size=size, digest=digest, algorithm=HASH))
-        return entries
 
     def _write_stream(self, fpath: str, fname: str, writer: Writer, doing: Doing) -> HashingWriter:
         """Write one file through a stream, hashed as it passes; check the size that landed."""
