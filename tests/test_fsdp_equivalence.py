@@ -19,10 +19,14 @@ from hf_models import ORIGIN_DATA, causal_lm, reward_classifier
 
 pytestmark = pytest.mark.slow
 
-TOLERANCE = 2e-5
+TOLERANCE = 2e-4
 """Largest absolute difference allowed between a parameter trained by two ranks and by one
-process after the steps below (learning rate 2e-3, so about 1% of one step): the two sum the
-same numbers in another order, nothing more."""
+process after the steps below (learning rate 2e-3, so a tenth of one step). The two sum the same
+numbers in another order, and how much that moves a parameter depends on the CPU's kernels:
+up to 3.4e-5 seen (critic-wmtp on an AVX2 machine; its standardised rewards divide by a small
+spread, and Adam turns a small gradient's rounding into a share of a whole step). A batch
+statistic taken over one rank's rows instead of the global batch moves them by 7.5e-3 to 8e-3
+(measured by breaking ``global_mean`` and ``zscore`` in turn): 40 times this bound."""
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0}
 """Dropout draws from each rank's own random stream: equal parameters need none."""
@@ -140,7 +144,7 @@ def test_two_fsdp_ranks_and_one_process_take_the_same_steps(models, trained, alg
     assert a.keys() == b.keys()
     start = final_weights_of(models / "base")
     moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in start if k in a)
-    assert moved > 100 * TOLERANCE, "the steps changed the parameters"
+    assert moved > 10 * TOLERANCE, "the steps changed the parameters"
     worst = max((float((a[k].float() - b[k].float()).abs().max()), k) for k in a)
     assert worst[0] <= TOLERANCE, f"{worst[1]} differs by {worst[0]:.2e} between two ranks and one process"
 
