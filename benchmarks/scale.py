@@ -106,8 +106,12 @@ def bench_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
     import fsspec
 
     port = _free_port()
+    # moto keeps each object of over 16 MB in a temporary file: on /dev/shm those bytes stay off
+    # the disk the local sides write to, as a remote store's bytes would (else its writes of the
+    # S3 sides' uploads, flushed during the next timed local write, are charged to that write)
+    shm = {"TMPDIR": "/dev/shm"} if os.access("/dev/shm", os.W_OK) else {}
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **shm})
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)
@@ -137,6 +141,7 @@ def bench_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
         for i in range(repeat):
             # the fast tier's bare write: each part torch.save'd + fsync'ed into the fast tier's disk
             (fast / "bare").mkdir(exist_ok=True)
+            os.sync()  # each local side starts with no other side's writes waiting for the disk
             t0 = time.perf_counter()
             for part, obj in state.items():
                 bare_save(obj, fast / "bare" / f"{part}.pt")
@@ -149,6 +154,7 @@ def bench_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
             for part, data in blobs.items():
                 fs.pipe(f"bench/plain/{i}/{part}.pt", data)
             plain.append(time.perf_counter() - t0)
+            os.sync()
             t0 = time.perf_counter()
             receipt = tiered.emit(Role.RESUME, step=i + 1, payload=Payload(parts=state))
             stall.append(time.perf_counter() - t0)
@@ -174,7 +180,9 @@ def bench_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
     row["wmtp"], row["plain"] = f"{statistics.median(ours):.3f} s", f"{statistics.median(plain):.3f} s"
     # the training-loop stall of a save: tiered (local commit, S3 copy in the background) vs s3
     tier = _row(f"tiered save {size_mb} MB (local fast tier, S3 copy in the background): training stall "
-                "vs a direct S3 save", statistics.median(stall), statistics.median(ours), 0.1)
+                "vs a direct S3 save (for scale: no target; a loopback S3 server is about as fast as the "
+                "fast tier's disk, so this says little of a remote store; the row below is the stall's target)",
+                statistics.median(stall), statistics.median(ours), None)
     # what that stall is made of: the fast tier's own commit, against a bare write of the same parts there
     tier_bare = _row(f"tiered save {size_mb} MB: training stall vs a bare torch.save+fsync of the same parts "
                      "on the fast tier's disk", statistics.median(stall), statistics.median(bare), 1.2)
