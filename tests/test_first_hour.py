@@ -158,13 +158,21 @@ def test_ctrl_c_is_one_line_exit_130_and_the_mlflow_run_is_ended(tmp_path, when)
 
 
 def test_the_experiment_is_marked_as_model_training_and_a_kind_set_before_stays(tmp_path, capsys, monkeypatch):
-    """MLflow 3 opens an experiment without a kind on its GenAI overview; WMTP's opens on its runs."""
+    """WMTP's experiment is of the kind MLflow 3 gives classic training (its UI lists "Training
+    runs" for it); the UI itself opens in its GenAI mode (a choice kept in the browser) unless the
+    address asks for ``workflowType=machine_learning``: the run ends printing such an address."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    assert run(capsys, *files(tmp_path, tiny_config(tmp_path), {"train": {"max_steps": 2}}))[0] == 0
+    code, out, err = run(capsys, *files(tmp_path, tiny_config(tmp_path), {"train": {"max_steps": 2}}))
+    assert code == 0, err[-3000:]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    assert client.get_experiment_by_name("tests").tags["mlflow.experimentKind"] == "custom_model_development"
+    experiment = client.get_experiment_by_name("tests")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run_,) = client.search_runs(experiment.experiment_id)
+    assert (f"MLflow run {run_.info.run_id}; its experiment's training runs: `mlflow server --backend-store-uri "
+            f"sqlite:///{tmp_path}/mlflow.db`, then http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+            "?workflowType=machine_learning") in err, err[-2000:]
 
     other = client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
     config = tiny_config(tmp_path, mlflow={"experiment": "mine"})

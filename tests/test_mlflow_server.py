@@ -46,6 +46,10 @@ def test_mlflow_server_holds_the_final_model_only_and_resume_lives_under_its_pre
     run = client.get_run(version.run_id)
     assert run.data.tags["wmtp.resume_location"] == f"s3://{bucket}/resume/remote"
     assert run.data.params["recipe.train.max_steps"] == "6"
+    # the address printed opens the experiment on its training runs (MLflow 3's UI opens in its
+    # GenAI mode unless the address asks otherwise)
+    assert (f"MLflow run {run.info.run_id}; its experiment's training runs: {server.url.rstrip('/')}/#/experiments/"
+            f"{run.info.experiment_id}?workflowType=machine_learning") in err
     assert [a.path for a in client.list_artifacts(version.run_id)] == ["wmtp-storage.png"]  # a PNG, no checkpoint
 
     artifact_keys = s3_keys(s3_server, "mlflow-artifacts")

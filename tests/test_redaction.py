@@ -113,6 +113,20 @@ def test_log_records_from_any_library_are_scrubbed(caplog):
     assert record.getMessage() == "retrying https://***@h/x with ***"
 
 
+@pytest.mark.parametrize("uri,where", [
+    ("http://alice:Zq-pw-1@127.0.0.1:5000/", "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"),
+    ("https://mlflow.example.com/prefix?token=Zq-tok-2",
+     "https://mlflow.example.com/prefix/#/experiments/7?workflowType=machine_learning"),
+    ("sqlite:///runs/mlflow.db", "`mlflow server --backend-store-uri sqlite:///runs/mlflow.db`, then "
+                                 "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"),
+    ("databricks://profile", None),
+])
+def test_the_address_of_an_experiment_carries_no_credential(uri, where):
+    from wmtp_plugins._mlflow import where_to_browse
+
+    assert where_to_browse(uri, "7") == where
+
+
 @pytest.mark.slow
 def test_a_run_whose_registry_is_down_writes_no_secret_anywhere(tmp_path, monkeypatch, capsys):
     """The two reported leaks, for real: an SSE-C key in the sink options (an MLflow param

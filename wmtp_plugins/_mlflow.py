@@ -138,6 +138,25 @@ TRAINING = "custom_model_development"
 experiment on its training runs rather than on the GenAI overview (traces, evaluations)."""
 
 
+def where_to_browse(tracking_uri: str, experiment_id: str) -> str | None:
+    """Where a user sees the experiment's training runs in MLflow's UI, or ``None`` for a store
+    it cannot name. MLflow 3's UI opens every experiment in its GenAI mode (a choice kept in the
+    browser, not in the experiment) unless the address asks for ``workflowType=machine_learning``:
+    the address given here does. A server's address drops its credentials; a database store is
+    served by ``mlflow server`` first (its UI on 127.0.0.1:5000)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("http", "https"):
+        host = parts.netloc.rpartition("@")[2]
+        base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+        return f"{base}/{page}"
+    if parts.scheme.startswith("databricks"):
+        return None
+    return f"`mlflow server --backend-store-uri {tracking_uri}`, then http://127.0.0.1:5000/{page}"
+
+
 def lineage_run(lineage: str):
     """The MLflow run of a lineage: the first one started with its ``wmtp.lineage`` tag (a run
     resumed later logs into it), or ``None``. The tracking plugin resumes into it and the

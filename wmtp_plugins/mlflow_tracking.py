@@ -30,6 +30,7 @@ from wmtp_plugins._mlflow import (
     one_try,
     request_bounds,
     unreachable,
+    where_to_browse,
 )
 
 FLUSH_EVERY = 50
@@ -52,6 +53,7 @@ log = logging.getLogger("wmtp.tracking")
 class MlflowTracking:
     def __init__(self) -> None:
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.client = None
         self.uri = DEFAULT_TRACKING_URI
         self._buffer: list = []  # mlflow.entities.Metric values not yet sent, oldest first
@@ -104,7 +106,7 @@ class MlflowTracking:
         previous = self._previous_run(event.run) if event.run.resumed_from else None
         if previous is not None:
             # a resumed run continues its MLflow run: same params, metrics carry on
-            mlflow.start_run(run_id=previous)
+            self.experiment_id = mlflow.start_run(run_id=previous).info.experiment_id
             mlflow.set_tag("wmtp.resumed_from", redact.text(event.run.resumed_from))
             mlflow.set_tag("wmtp.status", "running")
             self.run_id = previous
@@ -120,7 +122,7 @@ class MlflowTracking:
             **{f"wmtp.binding.{role}": sink for role, sink in event.bindings.items()},
             **dict(event.run.tags),
         }))
-        self.run_id = run.info.run_id
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self.client = mlflow.MlflowClient()
         params = [Param(k, str(v)[:MAX_PARAM]) for k, v in sorted(redact.mapping(event.params).items())]
         for i in range(0, len(params), 100):
@@ -199,8 +201,16 @@ class MlflowTracking:
             elif reachable:
                 self._safely("end the MLflow run", self.client.set_terminated, self.run_id, status=ended)
             self._report_unsent(ended if not reachable else None)
+            if reachable:
+                self._say_where()
             self.run_id = None
             self._buffer, self._tags = [], {}
+
+    def _say_where(self) -> None:
+        """One line: the MLflow run, and where its experiment opens on its training runs."""
+        where = where_to_browse(self.uri, self.experiment_id)
+        if where:
+            log.info("MLflow run %s; its experiment's training runs: %s", self.run_id, redact.text(where))
 
     # -- sending, and keeping what cannot be sent ----------------------------------------------
     def _send(self) -> None:
