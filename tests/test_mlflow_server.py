@@ -11,6 +11,7 @@ from wmtp_core.run import main
 pytestmark = pytest.mark.slow
 
 RECIPE = recipe(6)
+PASSWORD = "Zq-tracking-password-5150"
 
 RESUME_FILES = {"model.pt", "optimizer.pt", "trainer.pt", "manifest.json"}
 
@@ -31,12 +32,14 @@ def test_mlflow_server_holds_the_final_model_only_and_resume_lives_under_its_pre
     write(tmp_path / "c.yaml", {
         "seed": 2,
         "paths": {"checkpoints": {"base_path": f"s3://{bucket}/resume", "save_interval": 2, "keep_last": 2}},
-        "mlflow": {"experiment": "remote", "tracking_uri": server.url},
+        # credentials in the URI (this server ignores them): they are printed nowhere
+        "mlflow": {"experiment": "remote", "tracking_uri": server.url.replace("http://", f"http://alice:{PASSWORD}@")},
     })
     write(tmp_path / "r.yaml", RECIPE)
     code = main(["--config", "c.yaml", "--recipe", "r.yaml", "--run-name", "remote"])
     out, err = capsys.readouterr()
     assert code == 0, err[-3000:]
+    assert PASSWORD not in out + err and "View run" not in out, out  # MLflow's own line wrote it to stdout
     assert "final   -> mlflow_registry: models:/wmtp_baseline-mtp/1" in out
 
     import mlflow

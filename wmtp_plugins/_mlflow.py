@@ -117,6 +117,9 @@ def configure(settings: Mapping[str, Any]) -> None:
     logging.getLogger("torch._export").setLevel(logging.ERROR)
     # its download progress bars are not WMTP's output (a user's own setting wins)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow writes "View run ... at: <tracking URI>" straight to stdout, credentials and all; the
+    # tracking plugin says where the run is instead, without them (``where_to_browse``)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     # an unreachable server is reported in seconds, not after minutes of retries, and once: by
     # WMTP with the outcome, not by urllib3 at every retry (a level the user set wins)
     for key, value in REQUEST_BOUNDS.items():
