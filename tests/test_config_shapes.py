@@ -335,7 +335,7 @@ def test_yaml_that_pyyaml_chokes_on_is_a_config_error_with_the_line(tmp_path, te
 
 def test_a_config_that_is_not_a_text_file_is_a_config_error(tmp_path):
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00seed")
-    for url, message in [(tmp_path, "cannot be read (IsADirectoryError"),
+    for url, message in [(tmp_path, "is a directory; a config or recipe must be a regular file"),
                          (tmp_path / "bin.yaml", "not a UTF-8 text file"),
                          ("nosuchprotocol://x.yaml", "cannot be read (ValueError: Protocol not known")]:
         with pytest.raises(ConfigError, match=re.escape(f"{url}: {message}")):

@@ -12,11 +12,13 @@ import enum
 import json
 import os
 import posixpath
+import stat
 from typing import Any
 
 import attrs
 from fsspec.implementations.local import LocalFileSystem
 
+from wmtp_core.bounded import kind, read_bounded
 from wmtp_core.errors import CheckpointError, CorruptError, ManifestError, UnverifiableError
 from wmtp_core.manifest import Manifest
 from wmtp_core.naming import FINAL_NAME, MANIFEST, OWN_FILES, STAGING_MARKER, STEP_DIR
@@ -72,15 +74,13 @@ class Reading:
         the caller already has it.
         """
         where = self.uri(path)
-        try:
-            raw = self.fs.cat_file(posixpath.join(path, MANIFEST))
+        try:  # a FIFO or a link to /dev/zero here is refused, never read
+            raw = read_bounded(self.fs, posixpath.join(path, MANIFEST), MAX_MANIFEST_BYTES, "a manifest",
+                               where=f"{where}/{MANIFEST}", error=UnverifiableError)
         except FileNotFoundError:
             raise CheckpointError(f"{where} has no {MANIFEST}: it was never committed") from None
-        except IsADirectoryError:
+        except IsADirectoryError:  # pragma: no cover - object storage that says so on open
             raise UnverifiableError(f"{where}/{MANIFEST} is a directory, not a file") from None
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise UnverifiableError(f"{where}/{MANIFEST} is {len(raw)} bytes; a manifest is at most "
-                                    f"{MAX_MANIFEST_BYTES}")
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError) as e:
@@ -138,6 +138,9 @@ class Reading:
                 if info.get("islink") or os.path.islink(full) or \
                         not os.path.realpath(full).startswith(root + os.sep):
                     raise UnverifiableError(f"{where}/{rel} is a link; a checkpoint holds plain files only")
+                mode = os.lstat(full).st_mode
+                if not stat.S_ISREG(mode):  # a FIFO would block the digest's read forever
+                    raise UnverifiableError(f"{where}/{rel} is {kind(mode)}; a checkpoint holds plain files only")
 
     def inspect(self, run: str) -> list[Inspected]:
         """Every ``step_N`` directory of ``run``, oldest step first, with what it is: committed

@@ -14,6 +14,7 @@ import fsspec
 import yaml
 
 from wmtp_core import redact
+from wmtp_core.bounded import read_bounded
 from wmtp_core.errors import ConfigError
 
 
@@ -79,12 +80,10 @@ MAX_DEPTH = 64
 
 def load_yaml(url: str) -> dict[str, Any]:
     """Read one YAML mapping from any fsspec URL, refusing duplicate keys."""
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8") as f:
-            text = f.read(MAX_BYTES + 1)
-        if len(text.encode("utf-8")) > MAX_BYTES:
-            raise ConfigError(f"{url}: larger than {MAX_BYTES} bytes; a config or recipe is a few "
-                              "kilobytes of YAML")
+    try:  # a FIFO or a link to /dev/zero is refused, never read
+        fs, path = fsspec.core.url_to_fs(url)
+        text = read_bounded(fs, path, MAX_BYTES, "a config or recipe",
+                            where=f"{url}:", error=ConfigError).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{url}: file not found") from None
     except UnicodeDecodeError as e:

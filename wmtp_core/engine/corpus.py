@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping
 
 import fsspec
 
+from wmtp_core.bounded import read_bounded
 from wmtp_core.errors import DataError
 
 STDLIB = "stdlib"
@@ -261,8 +262,8 @@ def documents(url: str, split: str, key: str, storage_options: Mapping[str, Any]
     docs: list[str] = []
     total = 0
     for f in files:
-        try:
-            raw = fs.cat_file(f)
+        try:  # a FIFO or a link to /dev/zero is refused, never read
+            raw = read_bounded(fs, f, None, "a data file", where=f"{key}: {f}", error=DataError)
         except OSError as e:
             raise DataError(f"{key}: {f} cannot be read ({type(e).__name__})") from None
         text = raw.decode("utf-8-sig", errors="replace")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from wmtp_core.engine.hf_frozen import ReferenceLM, TextReward  # noqa: F401  (also importable from here, as before)
+from wmtp_core.bounded import read_bounded
 from wmtp_core.errors import ModelLoadError
 
 WEIGHTS = "model.safetensors"
@@ -31,6 +32,8 @@ HEADS = "mtp_heads.safetensors"
 (it predicts token t+2) and ``heads.<n_future-2>`` the last."""
 METADATA = "wmtp.json"
 """What a WMTP final model folder says about itself: n_future, head kind, algorithm."""
+MAX_CONFIG_BYTES = 16 << 20
+"""A model folder's config.json is at most 16 MiB (real ones are a few kilobytes)."""
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
                    "spm.model", "tokenizer.model", "special_tokens_map.json", "added_tokens.json")
@@ -109,7 +112,9 @@ def inspect(uri: str, key: str, trust_remote_code: bool = False,
         files = tuple(sorted(posixpath.relpath(p, path) for p in fs.find(path)))
         if "config.json" not in files:
             raise ModelLoadError(f"{key}: {uri!r} has no config.json: it is not a Hugging Face model folder")
-        config = json.loads(fs.cat_file(posixpath.join(path, "config.json")))
+        config = json.loads(read_bounded(fs, posixpath.join(path, "config.json"), MAX_CONFIG_BYTES,
+                                         "a model's config.json", where=f"{key}: {uri}/config.json",
+                                         error=ModelLoadError))
     except (ImportError, ValueError, OSError) as e:
         if isinstance(e, ModelLoadError):
             raise
