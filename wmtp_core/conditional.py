@@ -16,10 +16,26 @@ import fcntl
 import hashlib
 import os
 import posixpath
+import stat
 import uuid
 from typing import Iterator
 
 from fsspec.implementations.local import LocalFileSystem
+
+
+KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+         stat.S_IFLNK: "a symbolic link", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+class NotAFileError(OSError):
+    """Something that is not a regular file is where the object should be (a directory, a FIFO):
+    it is never opened (a FIFO would block). ``tag`` names its version, for
+    :meth:`ConditionalWrites.put_if_unchanged`, which moves it aside to ``aside``."""
+
+    def __init__(self, path: str, kind: str, tag: str) -> None:
+        super().__init__(f"{path} is {kind}, not a file")
+        self.path, self.kind, self.tag = path, kind, tag
+        self.aside = f"{path}.not-a-file-{hashlib.sha256(tag.encode()).hexdigest()[:8]}"
 
 
 class ConditionalWrites:
@@ -30,10 +46,17 @@ class ConditionalWrites:
         """Hook: the object at ``path`` and a tag of its version, read fresh (no listing cache);
         ``None`` when there is none. A tag must change whenever the content does, and be read
         before the content, so that a content newer than the tag makes a later
-        :meth:`put_if_unchanged` fail. Default: a digest of the content."""
+        :meth:`put_if_unchanged` fail. Raises :class:`NotAFileError` where something that is
+        not a regular file is there (never opened). Default: a digest of the content."""
         try:
-            self.fs.invalidate_cache(path)
-            raw = self.fs.cat_file(path)
+            if isinstance(self.fs, LocalFileSystem):
+                raw = _read_local(path)
+            else:
+                self.fs.invalidate_cache(path)
+                kind = self.fs.info(path).get("type")
+                if kind != "file":
+                    raise NotAFileError(path, f"a {kind}", f"{kind}:{path}")
+                raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
         return raw, hashlib.sha256(raw).hexdigest()
@@ -58,17 +81,33 @@ class ConditionalWrites:
         """Hook: replace the object at ``path`` with ``data`` only while it is the version
         ``tag`` (from :meth:`read_tagged`); False when it changed or went meanwhile. A write
         whose response was lost may report False although it landed: callers look again.
-        Default: on local disk under the directory's ``flock``; elsewhere an unconditional
-        write."""
+        Something that is not a file there (:class:`NotAFileError`, of version ``tag``) is moved
+        aside first. Default: on local disk under the directory's ``flock``; elsewhere an
+        unconditional write."""
         if isinstance(self.fs, LocalFileSystem):
             with self._locked(posixpath.dirname(path)):
-                current = self.read_tagged(path)
-                if (current[1] if current else None) != tag:
+                if not self._unchanged(path, tag):
                     return False
                 _write_local(path, data)
                 return True
+        self._unchanged(path, tag)
         self.fs.pipe_file(path, data)
         return True
+
+    def _unchanged(self, path: str, tag: str | None) -> bool:
+        """True when the object at ``path`` is the version ``tag``; something that is not a file
+        of that version is moved aside to its :attr:`NotAFileError.aside`."""
+        try:
+            current = self.read_tagged(path)
+        except NotAFileError as e:
+            if e.tag != tag:
+                return False
+            if isinstance(self.fs, LocalFileSystem):
+                os.rename(path, e.aside)
+            else:
+                self.fs.mv(path, e.aside, recursive=True)
+            return True
+        return (current[1] if current else None) == tag
 
     def remove_if_unchanged(self, path: str, tag: str | None) -> bool:
         """Hook: remove the object at ``path`` if it is still the version ``tag`` (``None``:
@@ -76,14 +115,14 @@ class ConditionalWrites:
         :meth:`put_if_absent` made for it go too once empty. Default: on local disk under the
         directory's ``flock``; elsewhere a check, then a delete."""
         if not isinstance(self.fs, LocalFileSystem):
-            current = self.read_tagged(path)
+            current = self._file_tagged(path)
             if current is None or current[1] != tag:
                 return False
             self.fs.rm_file(path)
             return True
         directory = posixpath.dirname(path)
         with self._locked(directory):
-            current = self.read_tagged(path)
+            current = self._file_tagged(path)
             removed = current is not None and current[1] == tag
             if removed:
                 os.unlink(path)
@@ -93,6 +132,13 @@ class ConditionalWrites:
             except OSError:  # not empty: it holds checkpoints (or anything else)
                 break
         return removed
+
+    def _file_tagged(self, path: str) -> tuple[bytes, str] | None:
+        """:meth:`read_tagged`, None where something that is not a file is there (not ours)."""
+        try:
+            return self.read_tagged(path)
+        except NotAFileError:
+            return None
 
     @contextlib.contextmanager
     def _locked(self, directory: str) -> Iterator[None]:
@@ -110,6 +156,20 @@ class ConditionalWrites:
             yield
         finally:
             os.close(fd)
+
+
+def _read_local(path: str) -> bytes:
+    """The regular file at ``path``; :class:`NotAFileError` for anything else (not followed
+    through a symbolic link, never opened blocking)."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise NotAFileError(path, kind, f"{kind}:{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the look
+            raise NotAFileError(path, "not a regular file", f"changed:{st.st_ino}")
+        return f.read()
 
 
 def _write_local(path: str, data: bytes) -> None:

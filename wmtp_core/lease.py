@@ -8,10 +8,11 @@ naming the holder, before it trains a step.
 
 A lease is live while its heartbeat is younger than :data:`TIMEOUT_S` (the holder renews it
 every :data:`HEARTBEAT_S`). An older one is taken over with a warning: its holder is gone, or
-cannot reach the storage and will find out at its next save. On the holder's own host a lease
-whose process no longer runs is taken over at once (a crashed or killed run is resumed without
-waiting). Hosts compare heartbeats by their clocks: keep them in sync (NTP) to well within the
-timeout.
+cannot reach the storage and will find out at its next save. Where the holder's process can be
+seen (same host, boot and PID namespace) a lease whose process no longer runs is taken over at
+once (a crashed or killed run is resumed without waiting). A lease that cannot be believed is
+stale, and taken over with a warning saying why (:mod:`wmtp_core.lease_holder`). Hosts compare
+heartbeats by their clocks: keep them in sync (NTP) to well within the timeout.
 
 Taking a lease is atomic: it goes through the store's conditional writes
 (:mod:`wmtp_core.conditional`: create where there is none, replace only the version read before).
@@ -24,12 +25,8 @@ new holder.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
-import os
 import posixpath
-import socket
 import threading
 import time
 import uuid
@@ -37,7 +34,10 @@ from typing import Any, Callable
 
 import attrs
 
+from wmtp_core.conditional import NotAFileError
 from wmtp_core.errors import CheckpointError
+from wmtp_core.lease_holder import Holder, Unbelievable
+
 
 LEASE_FILE = ".wmtp-lease"
 HEARTBEAT_S = 10.0
@@ -54,65 +54,6 @@ class LeaseHeldError(CheckpointError):
 
 class LeaseLostError(CheckpointError):
     """This process's lease was taken over by another one: it must stop writing."""
-
-
-def _proc_start(pid: int) -> int | None:
-    """The start time of process ``pid`` in clock ticks since boot (Linux), to tell a reused PID
-    from the process that wrote the lease; None where it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-@attrs.frozen
-class Holder:
-    """Who holds a lease, as its lease file says."""
-
-    host: str
-    pid: int
-    started_at: str
-    heartbeat: float
-    """POSIX time of the last heartbeat, by the holder's clock."""
-    token: str
-    proc_start: int | None = None
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Holder | None:
-        try:
-            d = json.loads(raw)
-            return cls(host=str(d["host"]), pid=int(d["pid"]), started_at=str(d["started_at"]),
-                       heartbeat=float(d["heartbeat"]), token=str(d["token"]),
-                       proc_start=d.get("proc_start"))
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    def to_bytes(self) -> bytes:
-        d = attrs.asdict(self)
-        d["heartbeat_at"] = dt.datetime.fromtimestamp(self.heartbeat, dt.timezone.utc).isoformat()
-        return json.dumps(d, sort_keys=True).encode()
-
-    def age(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.heartbeat
-
-    def gone(self) -> bool:
-        """True when this host can see that the holder's process no longer runs."""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # someone else's process: alive
-        start = _proc_start(self.pid)
-        return self.proc_start is not None and start is not None and start != self.proc_start
-
-    def describe(self) -> str:
-        return (f"host {self.host}, pid {self.pid}, started {self.started_at[:19].replace('T', ' ')} UTC, "
-                f"last heartbeat {max(self.age(), 0):.0f} s ago")
 
 
 class Lease:
@@ -133,9 +74,9 @@ class Lease:
         self.timeout = timeout
         self.interval = heartbeat
         self.warn = warn
-        self.me = Holder(host=socket.gethostname(), pid=os.getpid(),
-                         started_at=dt.datetime.now(dt.timezone.utc).isoformat(), heartbeat=time.time(),
-                         token=uuid.uuid4().hex, proc_start=_proc_start(os.getpid()))
+        self.me = Holder.me(uuid.uuid4().hex)
+        self.doubt = ""
+        """Why the lease last read could not be believed (empty when it could)."""
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,16 +93,15 @@ class Lease:
                 continue  # removed since: try to create it again
             if current is not None and current.token == self.me.token:
                 return None
-            if current is not None and current.age() < self.timeout and not current.gone():
+            why = current.stale(self.timeout) if current is not None else \
+                f"a lease that cannot be believed is stale: {self.doubt}"
+            if why is None:
                 raise LeaseHeldError(
                     f"run {self.run!r} is being written by another process ({current.describe()}; "
                     f"lease {self.uri}). Only one process may write a run: wait for it to end or stop "
                     f"it, or choose another --run-name. A lease whose heartbeat is older than "
                     f"{self.timeout:.0f} s is taken over.")
             if self._take_over(tag):
-                why = ("its lease file cannot be read" if current is None else
-                       f"its process no longer runs ({current.describe()})" if current.gone() else
-                       f"its heartbeat is older than {self.timeout:.0f} s ({current.describe()})")
                 self.warn(f"taking over the lease of run {self.run!r} at {self.uri}: {why}")
                 return current
         raise LeaseHeldError(f"run {self.run!r}: could not take its lease at {self.uri}: other "
@@ -242,13 +182,22 @@ class Lease:
 
     # -- atomic operations: the store's conditional writes ------------------------------
     def _read(self) -> tuple[Holder | None, str | None]:
-        """The current holder (None if unreadable) and a version tag (None if there is no lease):
-        the store's (:meth:`~wmtp_core.conditional.ConditionalWrites.read_tagged`)."""
-        got = self.store.read_tagged(self.path)
+        """The current holder (None if it cannot be believed: :attr:`doubt` says why) and a
+        version tag (None if there is no lease): the store's
+        (:meth:`~wmtp_core.conditional.ConditionalWrites.read_tagged`)."""
+        try:
+            got = self.store.read_tagged(self.path)
+        except NotAFileError as e:
+            self.doubt = f"it is {e.kind}, not a file (moved aside to {posixpath.basename(e.aside)})"
+            return None, e.tag
         if got is None:
             return None, None
         raw, tag = got
-        return Holder.parse(raw), tag
+        try:
+            return Holder.believe(raw), tag
+        except Unbelievable as e:
+            self.doubt = str(e)
+            return None, tag
 
     def _create(self) -> bool:
         """Write this process's lease where there is none; False if there is one."""
@@ -278,6 +227,6 @@ def live_writer(store: Any, run: str, timeout: float = TIMEOUT_S) -> str | None:
         holder, _ = Lease(store, run, timeout=timeout)._read()
     except Exception:  # unreadable lease storage: nobody known to be writing
         return None
-    if holder is None or holder.age() >= timeout or holder.gone():
+    if holder is None or holder.stale(timeout) is not None:
         return None
     return holder.describe()
