@@ -2,20 +2,19 @@
 ``/dev/zero`` as a manifest, a config, a recipe, a dataset file, a checkpoint's file or a model
 folder's config.json is refused in one line, never a hang or a ``MemoryError``.
 
-Every command runs in a subprocess with a timeout and a memory limit, so a regression fails the
-test (TimeoutExpired, or a traceback) instead of hanging the suite or filling the machine."""
+Every command runs in a process of its own (forked from the tests' zygote) with a timeout and a
+memory limit, so a regression fails the test (TimeoutExpired, or a traceback) instead of hanging
+the suite or filling the machine."""
 
 from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+import zygote
 from builders import files, tiny_config
 
 from wmtp_core import Role
@@ -42,14 +41,14 @@ def special(path: Path, kind: str) -> Path:
     return path
 
 
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+LIMIT = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({MEMORY}, {MEMORY}))\n"
+"""Run first in each command: its address space capped (the zygote's imports included)."""
 
 
 def python(code: str, *args: object, cwd: Path | None = None) -> tuple[int, str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=env, cwd=cwd, preexec_fn=_limit)
+    """``python -c code args`` forked from the zygote (a process of its own, its imports paid
+    once), killed past ``TIMEOUT``."""
+    proc = zygote.run(["-c", LIMIT + code, *map(str, args)], cwd=cwd or ROOT, timeout=TIMEOUT)
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
     return proc.returncode, proc.stdout, " ".join(proc.stderr.split())
 
