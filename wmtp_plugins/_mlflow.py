@@ -137,8 +137,9 @@ def configure(settings: Mapping[str, Any]) -> None:
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
 TRAINING = "custom_model_development"
-"""The experiment's kind, as MLflow 3 marks classic model training: its UI then opens the
-experiment on its training runs rather than on the GenAI overview (traces, evaluations)."""
+"""The experiment's kind, as MLflow 3 marks classic model training: its UI lists "Training runs"
+for it. It does not choose the page the UI opens on (MLflow 3.17 keeps GenAI vs. model training
+in the browser, or reads it from the address): see :func:`where_to_browse`."""
 
 
 def where_to_browse(tracking_uri: str, experiment_id: str) -> str | None:
