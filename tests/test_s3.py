@@ -119,3 +119,30 @@ def test_credentials_from_storage_options_never_reach_logs_manifests_or_mlflow(s
     scanned += [repr(run.data.params), repr(run.data.tags)]
     for text in scanned:
         assert secret not in text and key_id not in text
+
+
+def test_the_size_that_landed_is_asked_of_the_store_not_of_a_stale_listing(s3_server, bucket):
+    """A listing cached by another thread before a file landed (the tiered sink copies in the
+    background while the run lists the durable tier) must not make a committed write fail with
+    "does not exist", nor pass with an older file's size."""
+    import s3fs
+
+    from wmtp_core.hashing import landed_size
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    other = s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True)
+    step = f"{bucket}/runs/r/step_6"
+    fs.pipe_file(f"{step}/.wmtp-staging", b"{}")
+    fs.pipe_file(f"{step}/trainer.pt", b"x" * 10)
+    assert [p.rsplit("/", 1)[1] for p in fs.ls(step)] == [".wmtp-staging", "trainer.pt"]  # cached now
+
+    other.pipe_file(f"{step}/model.pt", b"m" * 1234)
+    other.pipe_file(f"{step}/trainer.pt", b"t" * 77)
+    with pytest.raises(FileNotFoundError):  # what fsspec's listings cache answers
+        fs.size(f"{step}/model.pt")
+    assert landed_size(fs, f"{step}/model.pt") == 1234
+
+    fs.ls(step)
+    other.pipe_file(f"{step}/trainer.pt", b"t" * 5)
+    assert fs.size(f"{step}/trainer.pt") == 77  # the cached, older size
+    assert landed_size(fs, f"{step}/trainer.pt") == 5

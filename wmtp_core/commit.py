@@ -32,7 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from wmtp_core.conditional import ConditionalWrites
 from wmtp_core.errors import CheckpointError
-from wmtp_core.hashing import HASH, HashingWriter, digest_path, durable_digest, fsync, in_background
+from wmtp_core.hashing import HASH, HashingWriter, digest_path, durable_digest, fsync, in_background, landed_size
 from wmtp_core.leftovers import Incomplete, Leftovers
 from wmtp_core.manifest import FileEntry, Manifest
 from wmtp_core.naming import (
@@ -222,7 +222,7 @@ class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
             raise
         # Object-store writers have dropped buffered bytes silently before: check what landed.
         doing.now(f"checking the size of {fname} at {self.uri(fpath)}")
-        landed = self.fs.size(fpath)
+        landed = landed_size(self.fs, fpath)
         if landed != hw.size:
             raise CheckpointError(f"{self.uri(fpath)}: wrote {hw.size} bytes but {landed} landed")
         return hw

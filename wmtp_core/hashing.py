@@ -111,6 +111,19 @@ def in_background(fn: Callable[..., Any], *args: Any) -> cf.Future:
     return _HASHER.submit(fn, *args)
 
 
+def landed_size(fs: fsspec.AbstractFileSystem, path: str) -> int:
+    """The size of ``path`` as the store reports it now, never from fsspec's listings cache:
+    another thread's listing (a retention pass, a resume scan) can cache the directory as it
+    was before this file landed, and s3fs then says the file does not exist, or gives the size
+    of an older file of that name."""
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path, refresh=True)
+    except TypeError:  # a filesystem whose ``info`` takes no ``refresh``
+        info = fs.info(path)
+    return int(info["size"])
+
+
 def fsync(f: Any) -> None:
     """Flush ``f`` to durable storage when it is a local file; object stores commit on close."""
     f.flush()
