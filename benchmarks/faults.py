@@ -47,6 +47,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import socket
@@ -87,6 +88,10 @@ class Tally:
     tracebacks: int = 0
     hangs: int = 0
     executed: int = 0
+    refused: int = 0
+    """Legitimate runs refused for good: the run still fails when tried again."""
+    foreign: int = 0
+    """Objects WMTP did not write that it removed."""
     notes: list[str] = attrs.field(factory=list)
 
     def bad(self, why: str) -> None:
@@ -95,7 +100,7 @@ class Tally:
 
     def row(self) -> list[str]:
         return [self.scenario, str(self.tried), str(self.survived), str(self.torn), str(self.lost),
-                str(self.tracebacks), str(self.hangs), str(self.executed)]
+                str(self.tracebacks), str(self.hangs), str(self.executed), str(self.refused), str(self.foreign)]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -736,10 +741,50 @@ def _zip_pickle(obj: Any, f: Any) -> None:
     os.waitpid(pid, 0)
 
 
+UNUSABLE = [
+    ("an empty trainer state", "trainer.pt", (), {}),
+    ("step -3", "trainer.pt", ("step",), -3),
+    ("step 10**18", "trainer.pt", ("step",), 10 ** 18),
+    ("scheduler warmup 'x'", "trainer.pt", ("scheduler", "lr_lambdas", 0, "warmup"), "x"),
+    ("scheduler optimizer {}", "trainer.pt", ("scheduler", "optimizer"), {}),
+    ("scheduler base_lrs 'abc'", "trainer.pt", ("scheduler", "base_lrs"), "abc"),
+    ("data index -5", "trainer.pt", ("data", "index"), -5),
+    ("a weight of another shape", "model.pt", (None,), [3, 5]),
+    ("optimizer without param_groups", "optimizer.pt", ("param_groups",), None),
+]
+"""Well-hashed checkpoints that no run can use: ``(what, part, key path, value)``; an empty
+path replaces the whole part, ``(None,)`` reshapes the first weight to ``value``."""
+
+
+RESUME_FINDS = ("the checkpoint a link to another directory", "scheduler", "data index", "another shape")
+"""What ``verify`` cannot know without the run's model and scheduler: the resume finds it."""
+
+
+def _edit_part(file: Path, path: tuple, value: Any) -> None:
+    """In a forked child (torch stays out of the campaign's own process): set ``path`` of the
+    deserialised part to ``value`` and save it back."""
+    import torch
+
+    state = torch.load(file, weights_only=True)
+    if not path:
+        state = value
+    elif path == (None,):
+        state[next(iter(state))] = torch.zeros(*value)
+    else:
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        if value is None:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+    torch.save(state, file)
+
+
 def scenario_crafted(rounds: int, out: Path, rng: random.Random, log) -> list[Tally]:
     tally = Tally("crafted checkpoints (verify, --resume)")
     work = Path(tempfile.mkdtemp(prefix="wmtp-crafted-", dir=out))
-    args = _files(work, f"file://{work}/ck", 4, async_=False, save_interval=4)
+    args = _files(work, f"file://{work}/ck", 4, async_=False, save_interval=2)  # step_2, step_4
     code, err = forked([*args, "--run-name", "good"], cwd=work)
     if code != 0:
         tally.bad(f"the source run failed: {err[-500:]}")
@@ -780,8 +825,18 @@ def scenario_crafted(rounds: int, out: Path, rng: random.Random, log) -> list[Ta
         shutil.rmtree(p)
         p.symlink_to(work / "elsewhere")
 
+    def manifest_dir(p: Path):
+        (p / "manifest.json").unlink()
+        (p / "manifest.json").mkdir()
+
     attacks += [("manifest entry with ../", dotdot), ("manifest entry with an absolute path", absolute),
-                ("model.pt a link leading outside", link), ("the checkpoint a link to another directory", dir_link)]
+                ("model.pt a link leading outside", link), ("the checkpoint a link to another directory", dir_link),
+                ("manifest.json a directory", manifest_dir)]
+    for what, part, path, value in UNUSABLE:
+        def change(p: Path, part=part, path=path, value=value):
+            in_child(lambda: _edit_part(p / part, path, value))
+            _recommit(p)
+        attacks.append((f"{part}: {what}", change))
     for r in range(rounds):
         for what, attack in attacks:
             victim = work / "ck" / "victim"
@@ -789,10 +844,11 @@ def scenario_crafted(rounds: int, out: Path, rng: random.Random, log) -> list[Ta
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(work / "elsewhere") if (work / "elsewhere").is_symlink() else shutil.rmtree(work / "elsewhere")
             shutil.copytree(work / "ck" / "good", victim)
-            m = json.loads((victim / "step_4" / "manifest.json").read_text())
-            m["run"] = "victim"
-            (victim / "step_4" / "manifest.json").write_text(json.dumps(m))
-            _recommit(victim / "step_4")
+            for step in ("step_2", "step_4"):  # the victim's own: step_2 to fall back on
+                m = json.loads((victim / step / "manifest.json").read_text())
+                m["run"] = "victim"
+                (victim / step / "manifest.json").write_text(json.dumps(m))
+                _recommit(victim / step)
             attack(victim / "step_4")
             marker.unlink(missing_ok=True)
             ok = True
@@ -805,6 +861,15 @@ def scenario_crafted(rounds: int, out: Path, rng: random.Random, log) -> list[Ta
                 except BaseException as e:  # noqa: BLE001 - counted
                     vcode, _ = 99, verr.write(repr(e))
             code, err = forked([*args, "--run-name", "victim", "--resume", "latest"], cwd=work)
+            if code not in (0, None):  # tried again: a run refused for good fails every time
+                code, err = forked([*args, "--run-name", "victim", "--resume", "latest"], cwd=work)
+                if code not in (0, None):
+                    tally.refused += 1
+                    ok = False
+                    tally.bad(f"{what}: the run was refused twice (exit {code}): {err.strip()[-300:]}")
+            if vcode == 0 and not any(m in what for m in RESUME_FINDS):
+                ok = False
+                tally.bad(f"{what}: verify said OK")
             tally.tried += 1
             if marker.exists():
                 tally.executed += 1
@@ -815,8 +880,8 @@ def scenario_crafted(rounds: int, out: Path, rng: random.Random, log) -> list[Ta
                 tally.hangs += code is None
                 ok = False
                 tally.bad(f"{what}: resume exit {code}: {err.strip()[-300:]}")
-            if code == 0 and "pickle" in what:
-                ok = False  # a planted pickle must never be resumed from
+            if code == 0 and re.search(r"resuming 'victim' from \S+ \(step 4\)", err):
+                ok = False  # a crafted checkpoint must never be resumed from
                 tally.bad(f"{what}: resumed from it")
             tally.survived += ok
         log(f"  crafted: round {r + 1}/{rounds}")
@@ -827,14 +892,15 @@ def scenario_crafted(rounds: int, out: Path, rng: random.Random, log) -> list[Ta
 
 # ----------------------------------------------------------------------------- the table
 HEADER = ["scenario", "tried", "survived", "torn resumes", "committed lost", "tracebacks", "hangs",
-          "code executions"]
+          "code executions", "runs refused for good", "foreign objects removed"]
+COUNTS = ("tried", "survived", "torn", "lost", "tracebacks", "hangs", "executed", "refused", "foreign")
 
 
 def table(tallies: list[Tally]) -> str:
     rows = [HEADER, ["---"] * len(HEADER), *[t.row() for t in tallies]]
     total = Tally("**all**")
     for t in tallies:
-        for f in ("tried", "survived", "torn", "lost", "tracebacks", "hangs", "executed"):
+        for f in COUNTS:
             setattr(total, f, getattr(total, f) + getattr(t, f))
     rows.append(total.row())
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
@@ -842,7 +908,8 @@ def table(tallies: list[Tally]) -> str:
 
 def _line(t: Tally) -> str:
     return (f"{t.scenario}: {t.survived}/{t.tried} survived, torn {t.torn}, lost {t.lost}, "
-            f"tracebacks {t.tracebacks}, hangs {t.hangs}, code executions {t.executed}"
+            f"tracebacks {t.tracebacks}, hangs {t.hangs}, code executions {t.executed}, "
+            f"refused for good {t.refused}, foreign removed {t.foreign}"
             + (f" ({t.notes[0]})" if t.notes else ""))
 
 
@@ -913,7 +980,8 @@ def cli(argv: list[str] | None = None) -> int:
     (out / "faults.md").write_text(report)
     (out / "faults.json").write_text(json.dumps([attrs.asdict(t) for t in tallies], indent=2))
     print(report)
-    bad = any(t.torn or t.lost or t.tracebacks or t.hangs or t.executed for t in tallies)
+    bad = any(t.torn or t.lost or t.tracebacks or t.hangs or t.executed or t.refused or t.foreign
+              for t in tallies)
     return 1 if bad else 0
 
 

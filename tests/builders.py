@@ -103,3 +103,18 @@ def files(tmp: Path, config: dict[str, Any] | None = None, recipe: dict[str, Any
     c = write(tmp / f"config{name}.yaml", config if config is not None else tiny_config(tmp))
     r = write(tmp / f"recipe{name}.yaml", merge(TINY_RECIPE, recipe or {}))
     return ["--config", c, "--recipe", r]
+
+
+def resume_files(step: int) -> dict[str, Any]:
+    """The files of a hand-made resume checkpoint at ``step`` with the structure WMTP writes
+    (what ``wmtp checkpoints verify`` deserialises and checks): tiny weights, an optimizer state,
+    a trainer state holding every key a resume needs."""
+    import torch
+
+    from wmtp_core.filesink import torch_writer
+
+    trainer = {"step": step, "losses": [1.0], "scheduler": {}, "rng": {}, "data": {},
+               "early_stopping": {}, "algo": {}}
+    return {"model.pt": torch_writer({"w": torch.arange(8.0) * step}),
+            "optimizer.pt": torch_writer({"state": {}, "param_groups": [{"params": [0], "lr": 0.1}]}),
+            "trainer.pt": torch_writer(trainer)}

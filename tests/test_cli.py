@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from builders import merge, recipe, write
+from builders import merge, recipe, resume_files, write
 from conftest import tree
 
 from wmtp_core import Role
@@ -24,8 +23,7 @@ OLD = time.time() - 7200  # older than gc's default --min-age
 
 
 def commit(store, run, step, lineage="L1", name=None, role=Role.RESUME):
-    files = {"model.pt": torch_writer({"w": torch.arange(8.0) * step}),
-             "trainer.pt": torch_writer({"step": step})}
+    files = resume_files(step)
     if role is Role.FINAL:
         files = {"model.pt": files["model.pt"], "model_config.json": json_writer({"d_model": 8})}
     return store.write(run, name or f"step_{step}", files, step=step, role=role, lineage=lineage,
@@ -88,7 +86,7 @@ def test_ls_json_of_a_run_matches_the_manifests(base, capsys):
         ("step_2", "committed"), ("step_4", "committed"), ("step_6", "staging"), ("step_8", "staging")]
     manifest = json.loads((base / "a" / "step_4" / "manifest.json").read_text())
     assert rows[1]["bytes"] == sum(f["size"] for f in manifest["files"])
-    assert rows[1]["files"] == 2 and rows[1]["lineage"] == "L1" and rows[1]["run"] == "a"
+    assert rows[1]["files"] == 3 and rows[1]["lineage"] == "L1" and rows[1]["run"] == "a"
     assert rows[1]["uri"] == str(base / "a" / "step_4")
     assert rows[2]["bytes"] == 152 and rows[2]["files"] == 3 and rows[2]["role"] is None
 

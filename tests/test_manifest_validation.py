@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import resume_files
 from conftest import tree
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -19,15 +20,13 @@ from wmtp_core import Role
 from wmtp_core.cli import main as cli_main
 from wmtp_core.commit import CheckpointError, CheckpointStore
 from wmtp_core.errors import ManifestError
-from wmtp_core.filesink import torch_writer
 from wmtp_core.manifest import Manifest
 
 OLD = time.time() - 7200
 
 
 def commit(store, run, step, lineage="L1"):
-    files = {"model.pt": torch_writer({"w": torch.arange(8.0) * step}),
-             "trainer.pt": torch_writer({"step": step})}
+    files = resume_files(step)
     return store.write(run, f"step_{step}", files, step=step, role=Role.RESUME, lineage=lineage,
                        meta={"algo": "baseline-mtp", "metrics": {"loss": 1.5}})
 
@@ -198,7 +197,7 @@ def mutations(draw, original: dict):
         elif how == "duplicate":
             m["files"].append(dict(m["files"][0]))
         elif how == "swap-sizes":
-            a, b = m["files"]
+            a, b = m["files"][:2]
             a["size"], b["size"] = b["size"], a["size"]
         else:
             m["files"].reverse()

@@ -13,13 +13,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 import zygote
-from builders import files, tiny_config
+from builders import files, resume_files, tiny_config
 
 from wmtp_core import Role
 from wmtp_core.commit import CheckpointStore
-from wmtp_core.filesink import torch_writer
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120
@@ -57,8 +55,7 @@ def python(code: str, *args: object, cwd: Path | None = None) -> tuple[int, str,
 def base(tmp_path):
     store = CheckpointStore.from_url(f"file://{tmp_path}/ck")
     for step in (4, 6):
-        store.write("a", f"step_{step}", {"model.pt": torch_writer({"w": torch.arange(8.0) * step}),
-                                          "trainer.pt": torch_writer({"step": step})},
+        store.write("a", f"step_{step}", resume_files(step),
                     step=step, role=Role.RESUME, lineage="L1", meta={"algo": "baseline-mtp"})
     return tmp_path / "ck"
 

@@ -41,6 +41,15 @@ class CorruptError(CheckpointError):
     or missing file. It is quarantined (moved aside), never resumed from."""
 
 
+class UnusableError(CorruptError):
+    """A committed checkpoint whose files match its manifest but that no run can use: a part
+    refused by weights-only loading or not a torch file at all, or state without the structure
+    WMTP writes (a missing or mistyped key, a step other than its directory's, a scheduler
+    state with keys its scheduler does not have, weights of other shapes than the model its
+    own trainer state names). Quarantined (moved aside) exactly like a corrupt one, so that a
+    run can commit that step again."""
+
+
 class DiskFullError(CheckpointError):
     """A save that found its local disk full: names the path, the bytes it needed and the bytes
     free. Nothing of it was committed and its staging was removed. A synchronous save raises it

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from wmtp_core.coordination import ALONE, Coordinator
-from wmtp_core.errors import CheckpointError, CorruptError
+from wmtp_core.errors import CheckpointError, CorruptError, UnusableError
 from wmtp_core.lease import Lease, LeaseHeldError
 from wmtp_core.manifest import Manifest
 from wmtp_core.sinks import LoadedCheckpoint, ResumableSink
@@ -77,24 +77,14 @@ def find_resume(sink: ResumableSink, spec: str, err: Console, *,
     """Load and restore the checkpoint ``spec`` names; for ``latest``, the newest one that
     verifies and restores, saying why each newer one was skipped (a directory whose manifest
     cannot be believed included). ``quarantine`` (rank 0 of a run that will write): move aside,
-    through the sink, every checkpoint whose files do not match its manifest, and every
-    unbelievable directory at a step after the resume point, so the run can commit those steps
-    again. Returns ``(uri, manifest)``."""
-    moved: set[str] = set()
-
-    def load(uri: str) -> LoadedCheckpoint:
-        try:
-            return sink.load(uri)  # a sharded checkpoint: every rank together, by the sink's coordinator
-        except CorruptError as e:
-            if quarantine:
-                _quarantine(sink, uri, str(e), err)
-                moved.add(uri)
-            raise
-
+    through the sink, every checkpoint whose files do not match its manifest or that cannot be
+    used (:class:`~wmtp_core.errors.UnusableError`: refused by weights-only loading, or state
+    the engine refuses to restore for what it holds rather than for this run's settings), and
+    every unbelievable directory at a step after the resume point, so the run can commit those
+    steps again. Returns ``(uri, manifest)``."""
+    user = _User(sink, err, quarantine)
     if spec != "latest":
-        loaded = load(spec)
-        restore(loaded, spec)
-        return spec, loaded.manifest
+        return spec, user.use(spec, restore).manifest
     committed = sink.committed()
     if not committed:
         raise CheckpointError(f"--resume latest: no committed checkpoint under {sink.location()}")
@@ -105,8 +95,7 @@ def find_resume(sink: ResumableSink, spec: str, err: Console, *,
             err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {reason}"))
     for uri, _ in reversed(committed):
         try:
-            loaded = load(uri)
-            restore(loaded, uri)
+            loaded = user.use(uri, restore)
         except CheckpointError as e:
             err.print(Text.assemble(("skipping ", "yellow"), f"{uri}: {e}"))
             continue
@@ -116,13 +105,34 @@ def find_resume(sink: ResumableSink, spec: str, err: Console, *,
                     _quarantine(sink, other, reason, err)
         return uri, loaded.manifest
     raise CheckpointError(f"--resume latest: no checkpoint under {sink.location()} verifies"
-                          + (f" ({len(moved)} quarantined)" if moved else ""))
+                          + (f" ({len(user.moved)} quarantined)" if user.moved else ""))
 
 
-def _quarantine(sink: ResumableSink, uri: str, reason: str, err: Console) -> None:
+class _User:
+    """Loads and restores checkpoints for :func:`find_resume`; with ``quarantine``, moves aside
+    (through the sink) each one that is corrupt or cannot be used."""
+
+    def __init__(self, sink: ResumableSink, err: Console, quarantine: bool) -> None:
+        self.sink, self.err, self.quarantine = sink, err, quarantine
+        self.moved: set[str] = set()
+
+    def use(self, uri: str, restore: Restore) -> LoadedCheckpoint:
+        try:
+            loaded = self.sink.load(uri)  # a sharded checkpoint: every rank together, by the sink's coordinator
+            restore(loaded, uri)  # an UnusableError: its content, not this run's settings
+        except CorruptError as e:
+            if self.quarantine and uri not in self.moved:
+                _quarantine(self.sink, uri, str(e), self.err, unusable=isinstance(e, UnusableError))
+                self.moved.add(uri)
+            raise
+        return loaded
+
+
+def _quarantine(sink: ResumableSink, uri: str, reason: str, err: Console, *, unusable: bool = False) -> None:
     where = sink.quarantine(uri, reason)
     if where:
-        err.print(Text.assemble(("quarantined ", "yellow"), f"{uri} as {where}: it failed verification; "
+        why = "it cannot be used" if unusable else "it failed verification"
+        err.print(Text.assemble(("quarantined ", "yellow"), f"{uri} as {where}: {why}; "
                                 "kept for inspection, `wmtp gc --quarantined` removes it"))
 
 
@@ -168,11 +178,14 @@ class Verdict:
 
 def verify_checkpoint(store: Any, path: str, *, quarantine: bool = True) -> Verdict:
     """Verify every file of the committed checkpoint at ``path`` of ``store`` (a
-    :class:`~wmtp_core.commit.CheckpointStore`) against its manifest; one whose files do not
-    match it is moved aside (quarantined) unless ``quarantine`` is false, exactly as a resume
-    moves it."""
+    :class:`~wmtp_core.commit.CheckpointStore`) against its manifest, then deserialise it as a
+    run would and check its structure (:func:`~wmtp_core.store_usable.verify_usable`). One
+    whose files do not match it, or that no run could use, is moved aside (quarantined) unless
+    ``quarantine`` is false, exactly as a resume moves it."""
+    from wmtp_core.store_usable import verify_usable
+
     try:
-        return Verdict(manifest=store.verify(path))
+        return Verdict(manifest=verify_usable(store, path))
     except CorruptError as e:
         moved = store.quarantine(path, str(e)) if quarantine else None
         return Verdict(manifest=None, problem=str(e), quarantined=store.uri(moved) if moved else None)

@@ -13,13 +13,14 @@ import re
 import zipfile
 from typing import Any
 
-from wmtp_core.errors import CheckpointError
+from wmtp_core.errors import UnusableError
 
 
 def load_part(source: str | bytes, where: str = "a checkpoint part") -> Any:
     """Deserialise one verified part: a local path (memory-mapped, copy-on-write) or bytes.
     Checkpoints are untrusted: ``weights_only``, never arbitrary pickle. A part that holds
-    anything else, or is not a torch file at all, is a :class:`CheckpointError` naming it."""
+    anything else, or is not a torch file at all, is an :class:`UnusableError` naming it
+    (a committed checkpoint holding it is quarantined)."""
     import torch
 
     try:
@@ -27,10 +28,10 @@ def load_part(source: str | bytes, where: str = "a checkpoint part") -> Any:
             return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{where} was refused by weights-only loading: it holds objects "
+        raise UnusableError(f"{where} was refused by weights-only loading: it holds objects "
                               f"other than tensors and plain values ({_why(e)})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{where} cannot be read as a torch file ({type(e).__name__}: "
+        raise UnusableError(f"{where} cannot be read as a torch file ({type(e).__name__}: "
                               f"{_why(e)})") from None
 
 
@@ -99,15 +100,15 @@ def safe_dcp_reader(url: str, where: str, files: set[str] | None = None, **stora
                 try:
                     metadata = _MetadataUnpickler(f).load()
                 except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-                    raise CheckpointError(f"{where}/.metadata was refused: it is not the metadata "
+                    raise UnusableError(f"{where}/.metadata was refused: it is not the metadata "
                                           f"of a torch.distributed.checkpoint ({_why(e)})") from None
             if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
-                raise CheckpointError(f"{where}/.metadata holds a {type(metadata).__name__}, not "
+                raise UnusableError(f"{where}/.metadata holds a {type(metadata).__name__}, not "
                                       "checkpoint metadata")
             for info in metadata.storage_data.values():
                 name = getattr(info, "relative_path", None)
                 if files is not None and name not in files:
-                    raise CheckpointError(f"{where}/.metadata points at {name!r}, which is not a "
+                    raise UnusableError(f"{where}/.metadata points at {name!r}, which is not a "
                                           "file of this checkpoint")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()

@@ -261,7 +261,8 @@ class RunSession:
         probe = build_sink(plan.catalog, bindings, Role.RESUME, fresh, plan.mlflow, coordinator=world)
 
         def restore(loaded, uri: str) -> None:
-            trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
+            trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri,
+                            step=loaded.manifest.step)
 
         try:
             point = open_resume(probe, fresh.name, plan.resume, self.err, coordinator=world, restore=restore)
@@ -381,7 +382,8 @@ class RunSession:
             return None
         uri, step, value, metrics = choice
         loaded = sink.load(uri)  # a sharded checkpoint: every rank together
-        trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri)
+        trainer.restore(loaded.parts, shards=loaded.shards, same_world=loaded.same_world, source=uri,
+                        step=loaded.manifest.step)
         self.err.print(f"the final model is the best checkpoint, step {step} ({keep.monitor} {value:.4f}): "
                        f"{uri}", highlight=False)
         return _scalars(metrics)

@@ -74,6 +74,8 @@ class Reading:
         the caller already has it.
         """
         where = self.uri(path)
+        if isinstance(self.fs, LocalFileSystem) and os.path.islink(path.rstrip("/")):
+            raise UnverifiableError(f"{where} is a link; a checkpoint is a plain directory")
         try:  # a FIFO or a link to /dev/zero here is refused, never read
             raw = read_bounded(self.fs, posixpath.join(path, MANIFEST), MAX_MANIFEST_BYTES, "a manifest",
                                where=f"{where}/{MANIFEST}", error=UnverifiableError)
@@ -165,7 +167,12 @@ class Reading:
         return out
 
     def inspect_dir(self, path: str, contents: list[dict[str, Any]] | None = None) -> Inspected:
-        """What the checkpoint directory at ``path`` is (see :class:`Inspected`)."""
+        """What the checkpoint directory at ``path`` is (see :class:`Inspected`). A directory
+        that is a link, or whose ``manifest.json`` is not a file, is unverifiable: it claims a
+        step that a save of that step could not overwrite."""
+        if isinstance(self.fs, LocalFileSystem) and os.path.islink(path.rstrip("/")):
+            return Inspected(path, CheckpointState.UNVERIFIABLE,
+                             problem=f"{self.uri(path)} is a link; a checkpoint is a plain directory")
         if contents is None:
             self.fs.invalidate_cache(path)
             try:
@@ -175,6 +182,9 @@ class Reading:
         names = {posixpath.basename(i["name"]) for i in contents
                  if posixpath.dirname(i["name"].rstrip("/")) == path.rstrip("/")}
         if MANIFEST not in names:
+            if self.fs.exists(posixpath.join(path, MANIFEST)):
+                return Inspected(path, CheckpointState.UNVERIFIABLE,
+                                 problem=f"{self.uri(path)}/{MANIFEST} is a directory, not a file")
             if STAGING_MARKER in names:
                 return Inspected(path, CheckpointState.STAGING, problem="a save that did not finish (no manifest)")
             return Inspected(path, CheckpointState.FOREIGN, problem=f"no {MANIFEST} and no {STAGING_MARKER}: not "

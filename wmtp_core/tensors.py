@@ -85,3 +85,12 @@ class StagingBuffers:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return out
+
+
+def is_tensor(obj: Any) -> bool:
+    """Whether ``obj`` is a torch tensor (torch is imported only when something could be one)."""
+    if type(obj).__module__.split(".")[0] != "torch":
+        return False
+    import torch
+
+    return isinstance(obj, torch.Tensor)

@@ -167,21 +167,26 @@ class TieredSink(ResumableSink):
 
     def quarantine(self, uri: str, reason: str) -> str | None:
         """Move aside every copy of the step ``uri`` names whose files do not match its
-        manifest (see :meth:`wmtp_core.FileSink.quarantine`); returns where the durable one went
-        (else the fast one)."""
+        manifest (see :meth:`wmtp_core.FileSink.quarantine`); when every copy matches its
+        manifest, what could not be used is their content, which each copy holds: move them all
+        (an unusable checkpoint). Returns where the durable one went (else the fast one)."""
         step = self._own_step(uri, strict=False)
         if step is None:
             return self._tier_of(uri).quarantine(uri, reason)
-        moved = None
+        moved, intact = None, []
         with self._lock:
             for tier in (self.fast, self.durable):
                 path = tier.checkpoints.path_of(self.run, step_dirname(step))
                 try:
                     tier.checkpoints.verify(path)
+                    intact.append((tier, path))
                 except CorruptError as e:
                     moved = tier.quarantine(tier.checkpoints.uri(path), f"{reason} ({e})") or moved
                 except CheckpointError:
                     pass  # no copy here, or one that is not in the way
+            if moved is None:
+                for tier, path in intact:
+                    moved = tier.quarantine(tier.checkpoints.uri(path), reason) or moved
         return moved
 
     def quarantined(self) -> list[tuple[str, str]]:

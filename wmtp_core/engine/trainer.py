@@ -28,7 +28,7 @@ from wmtp_core.engine.parts import (  # noqa: F401  (also importable from here, 
     model_config,
     resolve_model,
 )
-from wmtp_core.engine.state import restore_rng, rng_state
+from wmtp_core.engine.state import check_restorable, refusal, restore_rng, rng_state
 from wmtp_core.errors import CheckpointError, TrainingError, WmtpError, first_line
 from wmtp_core.events import Payload
 from wmtp_core.tensors import cpu_copy
@@ -145,25 +145,28 @@ class Trainer:
         }
 
     def restore(self, parts: Mapping[str, Any], *, shards: Any = None, same_world: bool = True,
-                source: str = "the checkpoint") -> None:
-        """Put this run back where ``parts`` (and, sharded, ``shards``: a DCP reader) say. Parts
-        that do not have the shape this WMTP writes (a crafted or foreign file) are a
-        :class:`CheckpointError` naming ``source``."""
+                source: str = "the checkpoint", step: int | None = None) -> None:
+        """Put this run back where ``parts`` (and, sharded, ``shards``: a DCP reader) say, once
+        their structure is checked (``step``: the checkpoint's own). Parts that do not have the
+        structure this WMTP writes (a crafted or foreign file) are an :class:`UnusableError`
+        naming ``source`` (the caller quarantines the checkpoint); weights written by a run of
+        another model than this one, a :class:`CheckpointError` (this run's settings are wrong,
+        not the checkpoint)."""
         from torch.distributed.checkpoint.api import CheckpointException
 
         try:
+            check_restorable(parts, source=source, step=step, sharded=shards is not None,
+                             scheduler=self.scheduler.state_dict(), clock=self.clock, windows=len(self.stream.data))
             self._restore(parts, shards, same_world)
         except WmtpError:
             raise
         except CheckpointException as e:  # a BaseException: it would escape every handler
             failures = [exc for exc, _ in e.failures.values()]
             first = next((f for f in failures if isinstance(f, CheckpointError)), failures[0] if failures else e)
-            detail = first_line(first)
-            raise CheckpointError(f"{source} could not be loaded ({detail})") from None
+            raise refusal(parts, self.base.record, f"{source} could not be loaded ({first_line(first)})") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-            detail = first_line(e)
-            raise CheckpointError(f"{source} does not hold resume state this run can continue "
-                                  f"from ({type(e).__name__}: {detail})") from None
+            raise refusal(parts, self.base.record, f"{source} does not hold resume state this run can continue "
+                                       f"from ({type(e).__name__}: {first_line(e)})") from None
 
     def _restore(self, parts: Mapping[str, Any], shards: Any, same_world: bool) -> None:
         if shards is not None:  # sharded: resharded to this world, whatever size wrote it
