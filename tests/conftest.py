@@ -287,6 +287,7 @@ def assert_campaign_clean(proc, tallies) -> None:
     for name, t in tallies.items():
         assert t["torn"] == 0 and t["lost"] == 0, (name, t["notes"])
         assert t["tracebacks"] == 0 and t["hangs"] == 0 and t["executed"] == 0, (name, t["notes"])
+        assert t.get("refused", 0) == 0 and t.get("foreign", 0) == 0, (name, t["notes"])
         assert t["survived"] == t["tried"], (name, t["notes"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
