@@ -138,7 +138,7 @@ def test_a_fifo_where_the_lease_should_be_is_never_opened_blocking(tmp_path):
         pytest.fail("reading the lease blocked on a FIFO")
     assert got, "acquire raised"
     lease, said = got[0]
-    assert_taken(lease, said, "it is a FIFO, not a file (moved aside to .wmtp-lease.not-a-file-")
+    assert_taken(lease, said, "it is a FIFO (named pipe), not a file (moved aside to .wmtp-lease.not-a-file-")
 
 
 def test_a_lease_without_a_pid_namespace_on_this_host_is_judged_by_its_heartbeat(tmp_path):

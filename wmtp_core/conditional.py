@@ -22,9 +22,11 @@ from typing import Iterator
 
 from fsspec.implementations.local import LocalFileSystem
 
+from wmtp_core.bounded import kind
 
-KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
-         stat.S_IFLNK: "a symbolic link", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+MAX_OBJECT_BYTES = 1 << 20
+"""A conditionally written object (the lease) is small: what is read of one, at most, plus a
+byte (a longer one is cut, and then cannot be believed)."""
 
 
 class NotAFileError(OSError):
@@ -163,13 +165,13 @@ def _read_local(path: str) -> bytes:
     through a symbolic link, never opened blocking)."""
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
-        kind = KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-        raise NotAFileError(path, kind, f"{kind}:{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}")
+        what = kind(st.st_mode)
+        raise NotAFileError(path, what, f"{what}:{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the look
             raise NotAFileError(path, "not a regular file", f"changed:{st.st_ino}")
-        return f.read()
+        return f.read(MAX_OBJECT_BYTES + 1)
 
 
 def _write_local(path: str, data: bytes) -> None:
