@@ -78,7 +78,7 @@ class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
     overrides them, registered as its sink's ``SinkSpec.store`` (see ``docs/plugins.md``):
     :meth:`incomplete_uploads`, :meth:`abort_upload`, :meth:`read_tagged`,
     :meth:`put_if_absent`, :meth:`put_if_unchanged`, :meth:`remove_if_unchanged`,
-    :meth:`with_defaults` and :attr:`client_retries`."""
+    :meth:`with_defaults`, :meth:`options_problem` and :attr:`client_retries`."""
 
     client_retries = ""
     """Hook: who retried a storage request before a save failed, as its error says ("after
@@ -105,6 +105,14 @@ class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
         it; ``retries``, other retry settings wanted instead of the sink's. Default: the options
         unchanged."""
         return dict(options)
+
+    @classmethod
+    def options_problem(cls, options: Mapping[str, Any], name: Callable[[str], str]) -> str | None:
+        """Hook: why the storage ``options`` cannot work with this protocol's client before any
+        request is made (for S3: a key without its secret), in words naming each option with
+        ``name(option)`` and never quoting a value; ``None`` when nothing is wrong. Default:
+        ``None``."""
+        return None
 
     @property
     def protocol(self) -> str:
@@ -236,7 +244,7 @@ class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
         if self.fs.exists(posixpath.join(path, MANIFEST)):
             raise CheckpointError(f"{self.uri(path)} is already committed; refusing to overwrite it")
         if self.fs.exists(path):
-            if self._files(path) and not self.fs.exists(posixpath.join(path, STAGING_MARKER)):
+            if self._files(path) and not self.fs.isfile(posixpath.join(path, STAGING_MARKER)):
                 raise CheckpointError(
                     f"{self.uri(path)} exists and was not written by WMTP (it has no "
                     f"{STAGING_MARKER} marker); refusing to overwrite it: move it away or use "

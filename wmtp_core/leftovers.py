@@ -14,6 +14,8 @@ import socket
 import attrs
 from fsspec.implementations.local import LocalFileSystem
 
+from wmtp_core.bounded import read_bounded
+from wmtp_core.errors import WmtpError
 from wmtp_core.naming import (
     FINAL_NAME,
     MANIFEST,
@@ -23,6 +25,9 @@ from wmtp_core.naming import (
     step_of,
 )
 from wmtp_core.store_read import CheckpointState, Inspected
+
+MAX_NOTE_BYTES = 1 << 20
+"""The largest quarantine note read: WMTP's are a few hundred bytes (a reason of one line)."""
 
 
 @attrs.frozen
@@ -41,7 +46,8 @@ class Incomplete:
     """An upload's initiation time (POSIX timestamp)."""
     upload_id: str | None = attrs.field(default=None, repr=False)
     ours: bool = True
-    """False for an upload into a directory WMTP did not write: never removed."""
+    """False for an upload that does not carry WMTP's mark (see
+    :meth:`Leftovers.incomplete_uploads`): never aborted."""
     problem: str = ""
     """Why it is not ours."""
 
@@ -76,51 +82,83 @@ class Leftovers:
         if isinstance(self.fs, LocalFileSystem):
             os.rename(path, target)
             self.fs.pipe_file(posixpath.join(target, QUARANTINE_NOTE), note)
-        else:
+        else:  # the note first: a copy cut short is WMTP's all the same (gc --quarantined removes it)
+            self.fs.pipe_file(posixpath.join(target, QUARANTINE_NOTE), note)
             prefix = path.rstrip("/") + "/"
             for src in self._files(path):
                 if src.startswith(prefix) and posixpath.basename(src) != STAGING_MARKER:
                     self.fs.copy(src, target + "/" + src[len(prefix):])
-            self.fs.pipe_file(posixpath.join(target, QUARANTINE_NOTE), note)
             self.delete(path)
         self.fs.invalidate_cache(posixpath.dirname(path))
         return target
 
     def quarantined(self, run: str) -> list[Inspected]:
         """``run``'s quarantined checkpoints (oldest step first), each with the reason its note
-        gives."""
+        gives: only directories carrying WMTP's own note (see :meth:`quarantine_dirs`)."""
+        return [i for i in self.quarantine_dirs(run) if i.state is CheckpointState.QUARANTINED]
+
+    def quarantine_dirs(self, run: str) -> list[Inspected]:
+        """Every directory of ``run`` named like a quarantined checkpoint
+        (``<name>.quarantined-<time>``), oldest step first: ``quarantined`` with the reason its
+        note gives when it carries WMTP's note (:meth:`quarantine_note`), else ``foreign`` (made
+        by hand or by another tool: never removed) with what is missing."""
         base = self.run_dir(run)
         self.fs.invalidate_cache(base)
         try:
-            names = [posixpath.basename(e["name"].rstrip("/")) for e in self.fs.ls(base, detail=True)
-                     if e.get("type") == "directory"]
+            found = [e for e in self.fs.ls(base, detail=True) if e.get("type") == "directory" or e.get("islink")]
         except FileNotFoundError:
             return []
         out = []
-        for name in names:
-            m = QUARANTINED_DIR.fullmatch(name)
-            if not m:
+        for entry in found:
+            name = posixpath.basename(entry["name"].rstrip("/"))
+            if not QUARANTINED_DIR.fullmatch(name):
                 continue
             path = posixpath.join(base, name)
-            try:
-                reason = str(json.loads(self.fs.cat_file(posixpath.join(path, QUARANTINE_NOTE)))["reason"])
-            except (FileNotFoundError, ValueError, KeyError, TypeError):
-                reason = "failed verification (no note)"
-            out.append(Inspected(path, CheckpointState.QUARANTINED, problem=reason))
+            if entry.get("islink") or (isinstance(self.fs, LocalFileSystem) and os.path.islink(path)):
+                out.append(Inspected(path, CheckpointState.FOREIGN, problem="a link, not a directory WMTP "
+                                     "moved aside"))
+                continue
+            reason = self.quarantine_note(path)
+            out.append(Inspected(path, CheckpointState.QUARANTINED, problem=reason) if reason is not None
+                       else Inspected(path, CheckpointState.FOREIGN, problem=f"no {QUARANTINE_NOTE} note"))
+
         def step(i: Inspected) -> int:  # step_4.quarantined-<time>: 4; final.quarantined-<time>: last
             found = step_of(posixpath.basename(i.path).partition(".")[0])
             return found if found is not None else 1 << 62
 
         return sorted(out, key=lambda i: (step(i), i.path))
 
+    def quarantine_note(self, path: str) -> str | None:
+        """The reason WMTP's note (``.wmtp-quarantine``) in the directory ``path`` gives, or
+        ``None`` when there is no note WMTP wrote: none, not a regular file (on local disk: a
+        link), larger than :data:`MAX_NOTE_BYTES`, or not the JSON object :meth:`quarantine`
+        writes (``reason``, ``from``, ``at`` as text, ``at`` a time). Read bounded
+        (:func:`~wmtp_core.bounded.read_bounded`): a FIFO or a link to ``/dev/zero`` is refused,
+        never read."""
+        note = posixpath.join(path, QUARANTINE_NOTE)
+        try:
+            if isinstance(self.fs, LocalFileSystem) and os.path.islink(note):
+                return None
+            data = json.loads(read_bounded(self.fs, note, MAX_NOTE_BYTES, "a quarantine note"))
+            if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("reason", "from", "at")):
+                return None
+            dt.datetime.fromisoformat(data["at"])
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, WmtpError,
+                ValueError, RecursionError):
+            return None
+        return data["reason"]
+
     def incomplete_uploads(self, run: str | None = None) -> list[Incomplete]:
         """Hook: multipart uploads begun under ``<root>/<run>/`` (every run's: under ``<root>/``)
         that were never completed nor aborted: what a process killed while it wrote a large file
         to an object store leaves, stored (and billed) but shown by no listing. Each is an
-        :class:`Incomplete` of kind ``upload``; it is WMTP's (``ours``) when it is for a file of a
-        run's ``step_N`` or ``final`` directory and that directory is WMTP's (its marker or its
-        manifest) or is gone, else ``ours`` is false and ``problem`` says why. Another run's are
-        never listed. Default: none (a filesystem without multipart uploads)."""
+        :class:`Incomplete` of kind ``upload``; it is WMTP's (``ours``) only when it carries
+        WMTP's mark: it is for a file of a run's ``step_N`` or ``final`` directory and that
+        directory holds WMTP's staging marker (a save began there and did not finish) or a
+        manifest that passes every check. Else (a directory another tool writes, one that is
+        gone, a key WMTP's layout does not name) ``ours`` is false and ``problem`` says why: it
+        is never aborted. Another run's are never listed. Default: none (a filesystem without
+        multipart uploads)."""
         return []
 
     def abort_upload(self, upload: Incomplete) -> None:
@@ -155,7 +193,7 @@ class Leftovers:
             else:
                 self.fs.invalidate_cache(item.path)
                 if self.fs.exists(posixpath.join(item.path, MANIFEST)) or \
-                        not self.fs.exists(posixpath.join(item.path, STAGING_MARKER)):
+                        not self.fs.isfile(posixpath.join(item.path, STAGING_MARKER)):
                     continue
                 if not dry_run:
                     self.fs.rm(item.path, recursive=True)

@@ -68,6 +68,27 @@ def is_storage_error(e: BaseException) -> bool:
     return type(e).__module__.split(".", 1)[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec")
 
 
+_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                "ProfileNotFound", "NoAuthTokenError", "UnauthorizedSSOTokenError", "TokenRetrievalError")
+"""botocore's errors of credentials: raised before any request is sent, never retried."""
+
+
+def not_retried(e: BaseException) -> str | None:
+    """Why no client retried the storage error ``e``, in words; ``None`` for an error clients
+    retry (5xx, throttling, timeouts, broken connections). Credentials that are missing or
+    incomplete, access refused (S3's ``AccessDenied``, ``InvalidAccessKeyId``,
+    ``SignatureDoesNotMatch``: s3fs raises ``PermissionError``) and a bucket that does not exist
+    fail at the first attempt: saying "after the client's retries" of them would mislead."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if names & set(_CREDENTIALS):
+        return "an error of credentials: not retried"
+    if isinstance(e, PermissionError):
+        return "access refused: not retried"
+    if isinstance(e, FileNotFoundError) and "bucket" in str(e).lower():
+        return "no such bucket: not retried"
+    return None
+
+
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:300]
 
@@ -118,7 +139,7 @@ def _discard_staging(store: CheckpointStore, path: str) -> str:
             if upload.path.startswith(path.rstrip("/") + "/"):
                 store.abort_upload(upload)
         contents = store._files(path)
-        if contents and not store.fs.exists(posixpath.join(path, STAGING_MARKER)):
+        if contents and not store.fs.isfile(posixpath.join(path, STAGING_MARKER)):
             return "its directory holds files WMTP did not write, so nothing was removed"
         if store.fs.exists(path):
             store.fs.rm(path, recursive=True)
@@ -153,9 +174,11 @@ def failed(store: CheckpointStore, e: Exception, doing: Doing, path: str, step: 
             "--resume latest")
     if not is_storage_error(e):
         return e
-    retried = f" after {store.client_retries}" if store.client_retries else ""
+    why = not_retried(e)
+    retried = f" after {store.client_retries}" if store.client_retries and why is None else ""
     return SaveError(f"step {step} was not saved: {doing.what} failed{retried} ({type(e).__name__}: "
-                     f"{first_line(e)}); nothing of step {step} was committed and {left}")
+                     f"{first_line(e)}{f'; {why}' if why else ''}); nothing of step {step} was committed "
+                     f"and {left}")
 
 
 @contextlib.contextmanager

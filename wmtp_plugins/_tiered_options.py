@@ -52,8 +52,14 @@ def _where(binding: Any) -> str:
 
 def check(binding) -> None:
     """``tiered`` needs both tiers: a missing ``fast`` or ``durable`` is refused before anything
-    is written (also under ``--dry-run``)."""
-    tiers(binding.options, _where(binding))
+    is written (also under ``--dry-run``), and so are durable storage options its store says
+    cannot work (an S3 key without its secret)."""
+    where = _where(binding)
+    _, durable, _ = tiers(binding.options, where)
+    rest = {k: v for k, v in binding.options.items() if k not in TIER_KEYS}
+    problem = store_class_of(durable).options_problem(rest, lambda key: f"{where}.options.{key}")
+    if problem:
+        raise BindingError(problem)
 
 
 def durable_options(url: str, options: dict[str, Any]) -> dict[str, Any]:

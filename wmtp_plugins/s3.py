@@ -25,7 +25,7 @@ import errno
 import inspect
 import os
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -69,6 +69,24 @@ def accepted_options() -> list[str]:
     return sorted({*own, *FSSPEC_OPTIONS, *SESSION_OPTIONS})
 
 
+def credentials_problem(options: Mapping[str, Any], name: Callable[[str], str]) -> str | None:
+    """Why the credentials in ``options`` cannot work: a key without its secret, or a secret
+    without its key (``username``/``password`` are s3fs's other names for them), which botocore
+    refuses before any request (``PartialCredentialsError``). ``None`` when both or neither are
+    given, or with ``anon``. ``name(option)``: how the missing option is named to the user; no
+    value is ever quoted."""
+    if options.get("anon"):
+        return None
+    keys = [k for k in ("key", "username") if options.get(k) is not None and (k == "key" or options[k])]
+    secrets = [k for k in ("secret", "password") if options.get(k) is not None and (k == "secret" or options[k])]
+    if bool(keys) == bool(secrets):
+        return None
+    given, missing = (keys[0], "secret") if keys else (secrets[0], "key")
+    return (f"{name(missing)} is missing; {given} given alone: S3 takes both key and secret, or neither "
+            "(the credentials then come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE "
+            "or the machine's role)")
+
+
 def storage_options(options, retries: Mapping[str, Any] = RETRIES) -> dict:
     """``options`` with the sink's defaults under them: the multipart block size, botocore's
     ``retries`` (:data:`RETRIES`) and timeouts (:data:`TIMEOUTS`). A value the user gives wins,
@@ -101,6 +119,9 @@ def check_options(options, where: str) -> None:
             raise BindingError(f"{where}.options.{key}: {redact.value(key, value)!r} is not accepted: sink 's3' "
                                f"takes no option {key!r}; {hint}accepted (s3fs storage options): "
                                f"{', '.join(accepted)}")
+    problem = credentials_problem(options, lambda key: f"{where}.options.{key}")
+    if problem:
+        raise BindingError(problem)
     config = options.get("config_kwargs")
     if config is None:
         return
@@ -162,6 +183,11 @@ class S3CheckpointStore(CheckpointStore):
         :data:`RETRIES`) and timeouts (:data:`TIMEOUTS`), unless given."""
         return storage_options(options, RETRIES if retries is None else retries)
 
+    @classmethod
+    def options_problem(cls, options, name):
+        """A key without its secret, or a secret without its key (:func:`credentials_problem`)."""
+        return credentials_problem(options, name)
+
     # -- incomplete uploads --------------------------------------------------------------
     def incomplete_uploads(self, run: str | None = None) -> list[Incomplete]:
         """The multipart uploads S3 lists under ``<root>/<run>/`` (every run's: under ``<root>/``)
@@ -172,14 +198,14 @@ class S3CheckpointStore(CheckpointStore):
         root_key = f"{root_key.strip('/')}/" if root_key.strip("/") else ""
         prefix = root_key + (f"{check_run_name(run)}/" if run is not None else "")
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        out, foreign = [], {}
+        out, marks = [], {}
         while True:
             page = self.fs.call_s3("list_multipart_uploads", **kwargs)
             for upload in page.get("Uploads") or []:
                 key = upload.get("Key", "")
                 if not key.startswith(prefix):  # another run's: never ours
                     continue
-                problem = self._not_ours(key[len(root_key):].split("/"), foreign)
+                problem = self._not_ours(key[len(root_key):].split("/"), marks)
                 started = upload.get("Initiated")
                 path = f"{bucket}/{key}"
                 out.append(Incomplete(kind="upload", uri=self.uri(path), path=path,
@@ -191,20 +217,37 @@ class S3CheckpointStore(CheckpointStore):
             kwargs.update(KeyMarker=page.get("NextKeyMarker", ""),
                           UploadIdMarker=page.get("NextUploadIdMarker", ""))
 
-    def _not_ours(self, parts: list[str], foreign: dict[str, bool]) -> str:
+    def _not_ours(self, parts: list[str], marks: dict[str, str]) -> str:
         """Why an upload to ``<run>/<dir>/<file>`` (``parts``) is not WMTP's; empty when it is.
-        ``foreign``: directories already looked at, and whether WMTP did not write them."""
+        ``marks``: directories already looked at, and why each carries no mark of WMTP's."""
         if len(parts) < 3 or not RUN_NAME.fullmatch(parts[0]) or ".." in parts[0] or \
                 not (STEP_DIR.fullmatch(parts[1]) or parts[1] == FINAL_NAME):
             return "not a file of a run's step_N or final directory"
         directory = posixpath.join(self.root, parts[0], parts[1])
-        if directory not in foreign:
-            self.fs.invalidate_cache(directory)
-            foreign[directory] = self.fs.isdir(directory) and \
-                self.inspect_dir(directory).state is CheckpointState.FOREIGN
-        if foreign[directory]:
-            return f"{self.uri(directory)} has no {MANIFEST} and no {STAGING_MARKER}: WMTP did not write it"
-        return ""
+        if directory not in marks:
+            marks[directory] = self._unmarked(directory)
+        return marks[directory]
+
+    def _unmarked(self, directory: str) -> str:
+        """Why ``directory`` carries no mark of WMTP's: neither its staging marker (a save began
+        there) nor a manifest that passes every check; empty when it carries one."""
+        self.fs.invalidate_cache(directory)
+        try:
+            listed = {posixpath.basename(e["name"].rstrip("/")): e.get("type")
+                      for e in self.fs.ls(directory, detail=True)}
+        except FileNotFoundError:
+            listed = {}
+        where = self.uri(directory)
+        if listed.get(STAGING_MARKER) == "file":
+            return ""
+        if listed.get(MANIFEST) == "file":
+            state = self.inspect_dir(directory)
+            if state.state is CheckpointState.COMMITTED:
+                return ""
+            return f"the {MANIFEST} of {where} cannot be believed ({state.problem}): no mark of WMTP's"
+        if not listed:
+            return f"{where} holds nothing, so no {STAGING_MARKER} marker: no save of WMTP's began there"
+        return f"{where} has no {MANIFEST} and no {STAGING_MARKER}: WMTP did not write it"
 
     def _uploaded(self, bucket: str, key: str, upload_id: str) -> int | None:
         """Bytes of the parts an incomplete upload holds (its first 1000 parts)."""

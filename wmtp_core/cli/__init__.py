@@ -137,12 +137,12 @@ def _storage_failure(args: argparse.Namespace, e: Exception) -> str | None:
     for any other exception (a bug, which keeps its traceback)."""
     from wmtp_core.cli.inventory import reading
     from wmtp_core.commit import store_class_of
-    from wmtp_core.save_failures import first_line, is_storage_error
+    from wmtp_core.save_failures import first_line, is_storage_error, not_retried
 
     uri = reading()
     if uri is None or not is_storage_error(e):
         return None
     command = " ".join(str(w) for w in (args.command, getattr(args, "action", None)) if w)
-    retries = store_class_of(uri).client_retries
-    after = f" (after {retries})" if retries else ""
+    retries, why = store_class_of(uri).client_retries, not_retried(e)
+    after = f" ({why})" if why else f" (after {retries})" if retries else ""
     return f"wmtp {command}: reading {uri} failed: {type(e).__name__}: {first_line(e)}{after}"

@@ -54,6 +54,9 @@ def locate(uri: str, options: dict[str, Any]) -> Located:
     read with the settings of the sink that serves its protocol (for ``s3://``: the ``s3``
     sink's retries and timeouts) under the ``options`` given."""
     _READING.set(uri)
+    problem = store_class_of(uri).options_problem(options, lambda key: f"--storage-option {key}")
+    if problem:
+        raise UsageError(f"reading {uri}: {problem}")
     options = store_class_of(uri).with_defaults(options)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options)
@@ -144,7 +147,7 @@ def scan(store: CheckpointStore, run: str) -> list[Entry]:
     final = store.path_of(run, FINAL_DIR)
     if store.fs.isdir(final):
         found.append(store.inspect_dir(final))
-    found.extend(store.quarantined(run))
+    found.extend(store.quarantine_dirs(run))  # quarantined, or foreign: no note of WMTP's
     entries = [_entry(store, run, i) for i in found]
     # final after the step_N of its step; a final without a step last
     return sorted(entries, key=lambda e: (e.step is None, e.step or 0, e.name == FINAL_DIR))
