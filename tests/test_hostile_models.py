@@ -208,6 +208,29 @@ def test_the_byte_level_size_by_formula_is_the_meta_layouts():
         assert byte_parameters(cfg) == count_parameters(cfg), cfg
 
 
+def test_on_a_gpu_the_training_state_is_weighed_against_the_gpu_its_ranks_share():
+    """The GPU branch of the memory check, without a GPU: the training state (16 bytes a
+    parameter) on each GPU, shared by the FSDP ranks; the float32 weights in host memory first."""
+    from wmtp_core.engine.model_size import Budget, check_memory
+    from wmtp_core.errors import ModelLoadError
+
+    gpu = Budget(host=100 << 30, gpu=80 << 30)
+    check_memory("m", 4_000_000_000, 0, True, gpu)  # 64 GB of training state on an 85.9 GB GPU
+    with pytest.raises(ModelLoadError) as e:
+        check_memory("m", 6_000_000_000, 0, True, gpu)
+    assert str(e.value) == ("m is a model of 6,000,000,000 parameters; training it needs 96.0 GB on each GPU "
+                            "(float32 weights, their gradients and Adam's two moments: 16 bytes a parameter), but "
+                            "the GPU has 85.9 GB")
+    check_memory("m", 6_000_000_000, 0, True, Budget(host=100 << 30, gpu=80 << 30, shards=2))  # 48 GB a rank
+    with pytest.raises(ModelLoadError) as e:  # sharded over 8 GPUs, but loaded whole in host memory first
+        check_memory("m", 30_000_000_000, 0, True, Budget(host=100 << 30, gpu=80 << 30, shards=8))
+    assert str(e.value) == ("m is a model of 30,000,000,000 parameters; loading it needs 120.0 GB (float32 "
+                            "weights: 4 bytes a parameter), but this machine has 107.4 GB of memory available")
+    with pytest.raises(ModelLoadError, match="loading it needs 96.0 GB on each GPU"):  # a frozen model: whole
+        check_memory("m", 24_000_000_000, 0, False, Budget(host=1 << 40, gpu=80 << 30, shards=8))
+    check_memory("m", 10**15, 0, True, Budget(host=None))  # a machine that does not say: nothing refused
+
+
 # ----------------------------------------------------------------------------- through models:/
 def _register(store: str, art: Path, folder: Path | None, name: str) -> Path:
     """``folder`` logged as an MLflow transformers model and registered as ``name`` version 1;

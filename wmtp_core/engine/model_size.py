@@ -163,20 +163,24 @@ def budget(settings: Any) -> Budget:
 
 
 def check_memory(where: str, parameters: int, buffers: int, trained: bool, plan: Budget) -> None:
-    """Refuse a model whose weights (and training state) cannot fit: ``where`` names it."""
+    """Refuse a model whose weights (and training state) cannot fit: ``where`` names it. The
+    model is loaded in host memory first (float32 weights); it is trained (weights, gradients,
+    Adam's two moments) where it runs: on the GPU, shared by the FSDP ranks, or in host memory."""
     weights = FROZEN_BYTES * parameters + buffers
     train = TRAIN_BYTES * parameters + buffers
-    why = ("float32 weights, their gradients and Adam's two moments: 16 bytes a parameter" if trained
-           else "float32 weights: 4 bytes a parameter")
-    if plan.gpu is not None and trained and train // plan.shards > plan.gpu:
-        raise ModelLoadError(f"{where} is a model of {parameters:,} parameters; training it needs "
-                             f"{human(train // plan.shards)} on each GPU ({why}), but the GPU has {human(plan.gpu)}")
-    need = train if trained and plan.gpu is None else weights
+    state = ("float32 weights, their gradients and Adam's two moments: 16 bytes a parameter" if trained
+             else "float32 weights: 4 bytes a parameter")
+    if plan.gpu is not None:
+        per_gpu = train // plan.shards if trained else weights
+        if per_gpu > plan.gpu:
+            raise ModelLoadError(f"{where} is a model of {parameters:,} parameters; {'training' if trained else 'loading'} "
+                                 f"it needs {human(per_gpu)} on each GPU ({state}), but the GPU has {human(plan.gpu)}")
+    in_host = plan.gpu is None and trained
+    need = train if in_host else weights
     if plan.host is not None and need > plan.host:
-        doing = "training it" if trained and plan.gpu is None else "loading it"
-        why = why if trained and plan.gpu is None else "float32 weights: 4 bytes a parameter"
-        raise ModelLoadError(f"{where} is a model of {parameters:,} parameters; {doing} needs {human(need)} "
-                             f"({why}), but {plan.says()}")
+        raise ModelLoadError(f"{where} is a model of {parameters:,} parameters; {'training' if in_host else 'loading'} "
+                             f"it needs {human(need)} ({state if in_host else 'float32 weights: 4 bytes a parameter'}), "
+                             f"but {plan.says()}")
 
 
 # ----------------------------------------------------------------------------- the byte-level model
