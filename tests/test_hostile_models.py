@@ -198,6 +198,39 @@ def test_a_recipe_model_this_machine_cannot_hold_is_one_line(tmp_path, model):
     assert same(one_line(*run)) == same(line)
 
 
+SMALL = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+ARCHITECTURES = {
+    "llama": {**SMALL, "num_key_value_heads": 2}, "qwen2": {**SMALL, "num_key_value_heads": 2},
+    "mixtral": {**SMALL, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_neox": SMALL, "falcon": dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "opt": dict(vocab_size=1000, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=32),
+    "gpt_neo": dict(vocab_size=1000, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]),
+    "bert classifier": SMALL, "distilbert classifier": dict(vocab_size=1000, dim=32, hidden_dim=64, n_layers=2, n_heads=4),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_real_architectures_pass_and_their_declared_size_is_what_from_pretrained_builds(tmp_path, name):
+    """The checks refuse no real folder: for each architecture, a folder ``save_pretrained`` wrote
+    passes, and the size laid out on the meta device is the size ``from_pretrained`` allocates."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from wmtp_core.engine import hf, model_size
+
+    model_type, _, kind = name.partition(" ")
+    cls = AutoModelForSequenceClassification if kind else AutoModelForCausalLM
+    cls.from_config(AutoConfig.for_model(model_type, **ARCHITECTURES[name])).save_pretrained(tmp_path / "m")
+    info = hf.inspect(str(tmp_path / "m"), "paths.models.ref")
+    plan = model_size.Budget(host=model_size.host_available())
+    declared = model_size.check_folder(info, "paths.models.ref", plan)
+    loaded = hf.from_pretrained(cls, str(tmp_path / "m"), "paths.models.ref", False)
+    assert declared == sum(p.numel() for p in loaded.parameters())
+    if not kind:  # the trained model: its extra heads counted too
+        with_heads = model_size.check_folder(info, "paths.models.base", plan, heads=(4, "linear"))
+        assert with_heads == declared + 3 * sum(p.numel() for p in loaded.get_output_embeddings().parameters())
+
+
 def test_the_byte_level_size_by_formula_is_the_meta_layouts():
     from wmtp_core.engine.model import ModelConfig, count_parameters
     from wmtp_core.engine.model_size import byte_parameters
