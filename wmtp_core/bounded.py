@@ -95,3 +95,41 @@ def _read_local(path: str, cap: int | None, what: str, where: str, error: type[E
     if cap is not None and total > cap:
         raise too_large(where, cap, what, error)
     return b"".join(parts)
+
+
+def read_head(fs: Any, path: str, start: int, length: int, what: str, *, where: str | None = None,
+              error: type[Exception] = WmtpError) -> tuple[bytes, int]:
+    """``(at most length bytes of the regular file at path from byte start, the file's size)``:
+    a part of a file WMTP did not write (a safetensors header), refused like :func:`read_bounded`
+    when it is not a regular file. Never reads more than ``length`` bytes."""
+    where = path if where is None else where
+    if not _is_local(fs):
+        info = fs.info(path)
+        if info.get("type") not in ("file", None):
+            found = "a directory" if info.get("type") == "directory" else f"of type {info.get('type')!r}"
+            raise refused(where, found, what, error)
+        size = int(info.get("size") or 0)
+        end = min(size, start + length)
+        return (fs.cat_file(path, start=start, end=end) if end > start else b""), size
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EOPNOTSUPP):
+            raise refused(where, kind(os.stat(path).st_mode), what, error) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refused(where, kind(st.st_mode), what, error)
+        os.set_blocking(fd, True)
+        length = max(0, min(length, st.st_size - start))
+        parts, total = [], 0
+        while total < length:
+            chunk = os.pread(fd, min(_CHUNK, length - total), start + total)
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+        return b"".join(parts), st.st_size
+    finally:
+        os.close(fd)

@@ -40,6 +40,7 @@ def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = Non
     from wmtp_core.checkpoint_models import load_model_from_checkpoint
     from wmtp_core.engine import hf
     from wmtp_core.engine.final import final_payload
+    from wmtp_core.engine.model_sources import local_path
 
     loaded = load_model_from_checkpoint(uri, storage_options)
     record = dict(loaded.model_config)
@@ -47,7 +48,12 @@ def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = Non
     if record.get("kind") == "hf":
         base = str(record.get("base") or "")
         info = hf.inspect(base, f"{uri} (its base model, for the tokenizer)", need_weights=False)
-        tokenizer = hf.load_tokenizer(hf.local_copy(info), f"{uri} (its base model {base})")
+        folder = hf.local_copy(info)
+        try:
+            tokenizer = hf.load_tokenizer(folder, f"{uri} (its base model {base})")
+        finally:
+            if folder != local_path(info.uri):  # a private copy of a folder on object storage
+                hf.remove(folder)
         meta = {"base_model": base, **dict(meta or {})}
     try:
         return final_payload(dict(loaded.weights), record, uri, tokenizer=tokenizer, meta=meta)

@@ -28,10 +28,13 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import shutil
 import sys
 import tempfile
 import zipfile
 from typing import Any
+
+import yaml
 
 from wmtp_core.errors import ModelLoadError
 
@@ -48,20 +51,38 @@ class UnsafeModelError(ModelLoadError):
     """A registered model whose format could run code when loaded, or that WMTP cannot read."""
 
 
+MAX_DEPTH = 16
+"""Folders within folders of a registered model's artifacts (MLflow's own nest 3 deep)."""
+MAX_ARTIFACTS = 100_000
+
+
 def listing(uri: str) -> dict[str, int]:
-    """Every artifact path of the model at ``uri`` with its size; nothing is downloaded."""
+    """Every artifact path of the model at ``uri`` with its size; nothing is downloaded. A
+    listing that nests deeper than :data:`MAX_DEPTH` (a ``loop -> .`` link) or runs past
+    :data:`MAX_ARTIFACTS` entries is refused."""
     import mlflow
 
     out: dict[str, int] = {}
     stack = [""]
     while stack:
         prefix = stack.pop()
-        for f in mlflow.artifacts.list_artifacts(artifact_uri=f"{uri}/{prefix}".rstrip("/")):
+        if prefix.count("/") >= MAX_DEPTH:
+            raise UnsafeModelError(f"{uri}: its artifacts nest deeper than {MAX_DEPTH} folders ({prefix[:120]}...: "
+                                   "a link to a folder above it?); accepted: a model's own files, "
+                                   f"at most {MAX_DEPTH} folders deep")
+        try:
+            found = mlflow.artifacts.list_artifacts(artifact_uri=f"{uri}/{prefix}".rstrip("/"))
+        except OSError as e:
+            raise ModelLoadError(f"{uri}: its artifacts cannot be listed ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        for f in found:
             path = f.path if not prefix or f.path.startswith(prefix) else posixpath.join(prefix, f.path)
             if f.is_dir:
                 stack.append(path)
             else:
                 out[path] = f.file_size or 0
+        if len(out) + len(stack) > MAX_ARTIFACTS:
+            raise UnsafeModelError(f"{uri}: it has more than {MAX_ARTIFACTS:,} artifacts; refused")
     return out
 
 
@@ -128,12 +149,20 @@ def load(uri: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
         files = listing(uri)
     except MlflowException as e:
         raise ModelLoadError(f"{uri}: {e.message}") from None
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError, yaml.YAMLError) as e:
+        raise ModelLoadError(f"{uri}: its MLmodel file cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(model.flavors or {}, dict) or not all(isinstance(v, (dict, type(None)))
+                                                            for v in (model.flavors or {}).values()):
+        raise UnsafeModelError(f"{uri}: its MLmodel file's flavors are not a mapping of mappings; refused")
     kind, found, why = classify(uri, model.flavors or {}, model.metadata, files)
     if kind == "refused":
         raise UnsafeModelError(f"{uri} is {found}: {why}, so none of it was read. Accepted: {ACCEPTED}")
     if kind == "hf-folder":
         return {}, {}, download_folder(uri, str(model.flavors["transformers"].get("model_binary") or "model"), files)
-    config = dict(model.metadata["wmtp_model_config"])
+    config = model.metadata["wmtp_model_config"]
+    if not isinstance(config, dict):
+        raise UnsafeModelError(f"{uri}: its wmtp_model_config metadata is not a mapping; refused")
     path = f"{model.flavors['pytorch'].get('model_data') or 'data'}/model.pt2" if kind == "wmtp-pt2" \
         else next(p for p in ("model.safetensors", "data/model.safetensors") if p in files)
     with tempfile.TemporaryDirectory(prefix="wmtp-model-") as tmp:
@@ -162,12 +191,18 @@ def download_folder(uri: str, sub: str, files: dict[str, int]) -> str:
     wanted.update({posixpath.basename(p): p for p in files if p.startswith(f"{sub}/")
                    and "/" not in p.removeprefix(f"{sub}/") and safe(posixpath.basename(p))})
     target = tempfile.mkdtemp(prefix="wmtp-model-")
-    for name, path in wanted.items():
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=target)
-        except MlflowException as e:
-            raise ModelLoadError(f"{uri}: {e.message}") from None
-        os.replace(local, os.path.join(target, name))
+    try:  # nothing is left behind in the temporary directory, whatever stops the download
+        for name, path in wanted.items():
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=target)
+            except MlflowException as e:
+                raise ModelLoadError(f"{uri}: {e.message}") from None
+            except OSError as e:
+                raise ModelLoadError(f"{uri}: {path} cannot be downloaded ({type(e).__name__}: {e.strerror or e})") from None
+            os.replace(local, os.path.join(target, name))
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     return target
 
 

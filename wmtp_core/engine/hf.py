@@ -23,7 +23,9 @@ from torch import nn
 
 from wmtp_core.engine.hf_frozen import ReferenceLM, TextReward  # noqa: F401  (also importable from here, as before)
 from wmtp_core.bounded import read_bounded
-from wmtp_core.errors import ModelLoadError
+from wmtp_core.engine import weights_file
+from wmtp_core.engine.weights_file import Held
+from wmtp_core.errors import ModelLoadError, first_line
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -42,13 +44,16 @@ FOLDER_FILES = ("config.json", "generation_config.json", WEIGHTS, WEIGHTS_INDEX,
 """Every file WMTP reads from a model folder; anything else stays where it is."""
 
 
-def _quiet() -> None:
+def quiet() -> None:
     """Transformers' progress bars and advice are not WMTP's output."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+_quiet = quiet  # the name benchmarks/hf.py knows
 
 
 @attrs.frozen
@@ -60,6 +65,10 @@ class FolderInfo:
     files: tuple[str, ...]
     code: tuple[str, ...] = ()
     """Files or config entries that would run Python code when loaded."""
+    held: Held | None = attrs.field(default=None, hash=False)
+    """What its weights files hold, from their safetensors headers (``None``: not read)."""
+    heads: Held | None = attrs.field(default=None, hash=False)
+    """What its ``mtp_heads.safetensors`` holds, from its header, when it has one."""
 
     @property
     def architecture(self) -> str:
@@ -90,6 +99,11 @@ class FolderInfo:
     def is_classifier(self) -> bool:
         return any("SequenceClassification" in a for a in self.config.get("architectures") or [])
 
+    def weights(self) -> tuple[str, ...]:
+        """The safetensors files ``from_pretrained`` reads: ``model.safetensors``, else the shards
+        its index names (read by :func:`inspect`)."""
+        return self.held.files if self.held is not None else ((WEIGHTS,) if WEIGHTS in self.files else ())
+
     def describe(self) -> str:
         layers = next((self.config[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if k in self.config), "?")
         return (f"{self.architecture} ({self.model_type}, {layers} layers, vocabulary "
@@ -112,33 +126,62 @@ def inspect(uri: str, key: str, trust_remote_code: bool = False,
         files = tuple(sorted(posixpath.relpath(p, path) for p in fs.find(path)))
         if "config.json" not in files:
             raise ModelLoadError(f"{key}: {uri!r} has no config.json: it is not a Hugging Face model folder")
-        config = json.loads(read_bounded(fs, posixpath.join(path, "config.json"), MAX_CONFIG_BYTES,
-                                         "a model's config.json", where=f"{key}: {uri}/config.json",
-                                         error=ModelLoadError))
+        config = weights_file.load_json(read_bounded(fs, posixpath.join(path, "config.json"), MAX_CONFIG_BYTES,
+                                                     "a model's config.json", where=f"{key}: {uri}/config.json",
+                                                     error=ModelLoadError), f"{key}: {uri}/config.json", "a config.json")
+        _check_shape(config, f"{key}: {uri}/config.json")
+        if "generation_config.json" in files:  # from_pretrained reads it too
+            weights_file.load_json(read_bounded(fs, posixpath.join(path, "generation_config.json"), MAX_CONFIG_BYTES,
+                                                "a generation_config.json", where=f"{key}: {uri}/generation_config.json",
+                                                error=ModelLoadError),
+                                   f"{key}: {uri}/generation_config.json", "a generation_config.json")
+        code = tuple(f for f in files if f.endswith(".py")) + (("config.json: auto_map",) if config.get("auto_map") else ())
+        if code and not trust_remote_code:
+            raise ModelLoadError(
+                f"{key}: {uri}/{code[0]} is Python code that would run when the model is loaded; WMTP "
+                "runs a model folder's code only with paths.models.trust_remote_code: true")
+        info = FolderInfo(uri=uri, config=config, files=files, code=code)
+        return _read_weights(info, fs, path, f"{key}: {uri}") if need_weights else info
     except (ImportError, ValueError, OSError) as e:
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(f"{key}: {uri!r} cannot be read ({type(e).__name__}: {e})") from None
+        raise ModelLoadError(f"{key}: {uri!r} cannot be read ({type(e).__name__}: {first_line(e)})") from None
+
+
+def _check_shape(config: Any, where: str) -> None:
+    """The entries :class:`FolderInfo` reads have the types it reads them as."""
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{key}: {uri}/config.json is not a JSON object")
-    code = tuple(f for f in files if f.endswith(".py")) + (("config.json: auto_map",) if config.get("auto_map") else ())
-    info = FolderInfo(uri=uri, config=config, files=files, code=code)
-    if code and not trust_remote_code:
-        raise ModelLoadError(
-            f"{key}: {uri}/{code[0]} is Python code that would run when the model is loaded; WMTP "
-            "runs a model folder's code only with paths.models.trust_remote_code: true")
-    if need_weights and WEIGHTS not in files and WEIGHTS_INDEX not in files:
+        raise ModelLoadError(f"{where} is not a JSON object")
+    names = config.get("architectures")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ModelLoadError(f"{where} says architectures: {json.dumps(names)[:80]}; accepted: a list of class names")
+    for k in ("model_type", "auto_map", "mtp_config"):
+        if k in config and not isinstance(config[k], (str, dict, type(None))):
+            raise ModelLoadError(f"{where} says {k}: {json.dumps(config[k])[:80]}; accepted: "
+                                 + ("a string" if k == "model_type" else "an object"))
+    heads = config["mtp_config"].get("n_future_tokens") if isinstance(config.get("mtp_config"), dict) else None
+    if heads is not None and not (isinstance(heads, int) and not isinstance(heads, bool) and 1 <= heads <= 256):
+        raise ModelLoadError(f"{where} says mtp_config.n_future_tokens: {json.dumps(heads)[:80]}; accepted: "
+                             "an integer from 1 to 256")
+
+
+def _read_weights(info: FolderInfo, fs: Any, path: str, where: str) -> FolderInfo:
+    """``info`` with what its weights hold, read from their safetensors headers (checked)."""
+    files = info.files
+    if WEIGHTS not in files and WEIGHTS_INDEX not in files:
         pickled = [f for f in files if f.endswith(PICKLED)]
         if pickled:
-            raise ModelLoadError(f"{key}: {uri} holds its weights only as {pickled[0]}, a pickle that can "
+            raise ModelLoadError(f"{where} holds its weights only as {pickled[0]}, a pickle that can "
                                  f"run code when loaded; WMTP reads safetensors ({WEIGHTS})")
-        raise ModelLoadError(f"{key}: {uri} holds no weights ({WEIGHTS} or {WEIGHTS_INDEX})")
-    return info
+        raise ModelLoadError(f"{where} holds no weights ({WEIGHTS} or {WEIGHTS_INDEX})")
+    names = (WEIGHTS,) if WEIGHTS in files else weights_file.shard_names(fs, path, files, where, WEIGHTS_INDEX)
+    held = weights_file.read_held(fs, path, names, where)
+    heads = weights_file.read_held(fs, path, (HEADS,), where) if HEADS in files else None
+    return attrs.evolve(info, held=held, heads=heads)
 
 
 def local_copy(info: FolderInfo, storage_options: Mapping[str, Any] | None = None) -> str:
     """A local directory holding the folder's readable files: the folder itself when it is
-    local, else a private copy of only the files WMTP reads (never a pickle)."""
+    local, else a private copy of only the files WMTP reads (never a pickle), removed again if
+    the copy fails."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(info.uri, **dict(storage_options or {}))
@@ -146,36 +189,58 @@ def local_copy(info: FolderInfo, storage_options: Mapping[str, Any] | None = Non
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return path
     target = tempfile.mkdtemp(prefix="wmtp-model-")
-    wanted = [f for f in info.files if f in FOLDER_FILES or (f.startswith("model-") and f.endswith(".safetensors"))]
+    wanted = {f for f in info.files if f in FOLDER_FILES or (f.startswith("model-") and f.endswith(".safetensors"))}
+    wanted |= set(info.weights())
     if info.code:
-        wanted += [f for f in info.files if f.endswith(".py")]
-    for f in wanted:
-        fs.get(posixpath.join(path, f), os.path.join(target, f))
+        wanted |= {f for f in info.files if f.endswith(".py")}
+    try:
+        for f in sorted(wanted):
+            fs.get(posixpath.join(path, f), os.path.join(target, f))
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     return target
 
 
-def load_tokenizer(folder: str, key: str, trust_remote_code: bool = False):
-    _quiet()
+TOKENIZER_JSON = tuple(f for f in TOKENIZER_FILES if f.endswith(".json"))
+MAX_TOKENIZER_BYTES = 512 << 20
+"""A tokenizer file is at most 512 MiB (the largest real ones are tens of megabytes)."""
+
+
+def load_tokenizer(folder: str, key: str, trust_remote_code: bool = False, name: str | None = None):
+    """The tokenizer of the local folder ``folder`` (``name``: what the user called it). Its JSON
+    files are checked first (regular files, nesting), and whatever ``transformers`` refuses is
+    one line naming the folder."""
+    quiet()
+    import fsspec
     from transformers import AutoTokenizer
 
+    fs = fsspec.filesystem("file")
+    for f in TOKENIZER_JSON:
+        if os.path.exists(os.path.join(folder, f)):
+            where = f"{key}: {name or folder}/{f}"
+            weights_file.load_json(read_bounded(fs, os.path.join(folder, f), MAX_TOKENIZER_BYTES, "a tokenizer file",
+                                                where=where, error=ModelLoadError), where, "a tokenizer file")
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{key}: the tokenizer in {folder} cannot be loaded ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:300]})") from None
+    except Exception as e:  # noqa: BLE001 - the folder is untrusted input; its refusals have no common type
+        raise ModelLoadError(f"{key}: the tokenizer in {name or folder} cannot be loaded ({type(e).__name__}: "
+                             f"{first_line(e)})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 
-def from_pretrained(cls, folder: str, key: str, trust_remote_code: bool):
-    _quiet()
+def from_pretrained(cls, folder: str, key: str, trust_remote_code: bool, name: str | None = None):
+    """``cls.from_pretrained`` of the local folder ``folder``, safetensors only, float32;
+    whatever ``transformers`` refuses is one line naming the folder (``name``)."""
+    quiet()
     try:
         return cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                    trust_remote_code=trust_remote_code, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise ModelLoadError(f"{key}: the model in {folder} cannot be loaded ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:300]})") from None
+    except Exception as e:  # noqa: BLE001 - SafetensorError, ValueError, RuntimeError, dataclass errors...
+        raise ModelLoadError(f"{key}: the model in {name or folder} cannot be loaded ({type(e).__name__}: "
+                             f"{first_line(e)})") from None
 
 
 def vocabulary(tokenizer: Any) -> str:
@@ -270,84 +335,24 @@ def build_mtp(info: FolderInfo, folder: str, n_future: int, head: str, key: str,
     Returns ``(model, heads loaded)``."""
     from transformers import AutoModelForCausalLM
 
-    base = from_pretrained(AutoModelForCausalLM, folder, key, trust_remote_code)
+    base = from_pretrained(AutoModelForCausalLM, folder, key, trust_remote_code, info.uri)
     model = HFMTPModel(base, n_future, head)
-    if HEADS in info.files:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    if HEADS not in info.files:
+        return model, False
+    import fsspec
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        try:
-            heads = load_file(os.path.join(folder, HEADS))
-        except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"{key}: {info.uri}/{HEADS} cannot be read ({e})") from None
-        mine = {k.removeprefix("heads."): v for k, v in heads.items()}
-        expected = model.heads.state_dict()
-        if set(mine) == set(expected) and all(mine[k].shape == expected[k].shape for k in mine):
-            model.heads.load_state_dict(mine)
-            return model, True
-    return model, False
-
-
-def _config_of(record_config: Mapping[str, Any], source: str):
-    """A transformers config from a stored dict (untrusted: no code, a known model type)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    if not isinstance(record_config, Mapping):
-        raise ModelLoadError(f"{source}: its architecture record holds no Hugging Face config")
-    if record_config.get("auto_map"):
-        raise ModelLoadError(f"{source}: its config names code to run (auto_map); refused")
-    model_type = record_config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ModelLoadError(f"{source}: its config names model type {model_type!r}, which this "
-                             "transformers version does not know")
-    fields = {k: v for k, v in record_config.items() if k not in ("model_type", "transformers_version")}
+    held = info.heads or weights_file.read_held(fsspec.filesystem("file"), folder, (HEADS,), f"{key}: {info.uri}")
+    expected = {f"heads.{k}": tuple(v.shape) for k, v in model.heads.state_dict().items()}
+    if dict(held.shapes) != expected:  # other heads (a number, a kind): started afresh, never read
+        return model, False
     try:
-        return AutoConfig.for_model(model_type, **fields)
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"{source}: its Hugging Face config is not accepted ({e})") from None
-
-
-def rebuild(record: Mapping[str, Any], weights: Mapping[str, torch.Tensor], source: str) -> HFMTPModel:
-    """The trained model from its record (``kind: hf``) and weights, both untrusted: laid out on
-    the meta device, every weight's name and shape compared, then filled."""
-    _quiet()
-    from transformers import AutoModelForCausalLM
-
-    n_future, head = record.get("n_future"), record.get("head")
-    if not (isinstance(n_future, int) and 1 <= n_future <= 256) or head not in ("linear", "transformer"):
-        raise ModelLoadError(f"{source}: its architecture record says n_future={n_future!r}, head={head!r}")
-    config = _config_of(record.get("config"), source)
-    with torch.device("meta"):
-        model = HFMTPModel(AutoModelForCausalLM.from_config(config), n_future, head)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    if got != expected or len(got) != len(weights):
-        diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k]) or ["?"]
-        raise ModelLoadError(f"{source}: its weights do not fit the architecture it records "
-                             f"({diff[0]}: {got.get(diff[0], 'missing')} vs {expected.get(diff[0], 'not in the model')})")
-    model.load_state_dict(dict(weights), assign=True)
-    model.base.tie_weights()
-    return model.eval()
-
-
-def meta_parameters(info: FolderInfo, n_future: int, head: str) -> int:
-    """Parameters of the base model and its extra heads, laid out on the meta device."""
-    _quiet()
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dict(info.config), f)
-        config = AutoConfig.from_pretrained(tmp, local_files_only=True)
-    with torch.device("meta"):
-        model = HFMTPModel(AutoModelForCausalLM.from_config(config), n_future, head)
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+        heads = load_file(os.path.join(folder, HEADS))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{key}: {info.uri}/{HEADS} cannot be read ({first_line(e)})") from None
+    model.heads.load_state_dict({k.removeprefix("heads."): v for k, v in heads.items()})
+    return model, True
 
 
 def export(model: HFMTPModel, tokenizer: Any, target: str, meta: Mapping[str, Any]) -> str:
@@ -355,7 +360,7 @@ def export(model: HFMTPModel, tokenizer: Any, target: str, meta: Mapping[str, An
     ``config.json`` (head 0, loadable by ``from_pretrained`` as a plain causal LM), the tokenizer,
     ``mtp_heads.safetensors`` (the extra heads) and ``wmtp.json`` (n_future, head kind, algorithm).
     The config declares the heads as the origin's folders do (``mtp_config.n_future_tokens``)."""
-    _quiet()
+    quiet()
     from safetensors.torch import save_file
 
     base = model.base

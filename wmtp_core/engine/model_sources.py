@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import attrs
 
-from wmtp_core.engine import hf
+from wmtp_core.engine import hf, model_size
 from wmtp_core.errors import ModelLoadError, WmtpError
 from wmtp_core.events import LoadedModel
 
@@ -93,16 +93,15 @@ def locate(uri: str, key: str, settings: Any, load: LoadModel) -> Source:
             raise ModelLoadError(f"{key}: {uri!r} did not resolve to a model")
         if loaded.folder is None:
             return Source(uri=uri, loaded=loaded)
-        try:
+        source = Source(uri=uri, folder=loaded.folder, loaded=loaded, temporary=loaded.folder != local_path(uri))
+        try:  # the folder's own path in messages is a temporary one: name the URI
             info = hf.inspect(loaded.folder, key, trust)
-        except ModelLoadError:
-            import shutil
-
-            if loaded.folder != local_path(uri):
-                shutil.rmtree(loaded.folder, ignore_errors=True)
+        except BaseException as e:
+            source.release()
+            if isinstance(e, ModelLoadError):
+                raise ModelLoadError(str(e).replace(loaded.folder, uri)) from None
             raise
-        return Source(uri=uri, info=attrs.evolve(info, uri=uri), folder=loaded.folder, loaded=loaded,
-                      temporary=loaded.folder != local_path(uri))
+        return attrs.evolve(source, info=attrs.evolve(info, uri=uri))
     options = options_for(uri, settings)
     info = hf.inspect(uri, key, trust, options)
     folder = hf.local_copy(info, options)
@@ -129,13 +128,15 @@ def local_path(uri: str) -> str | None:
 
 
 def describe(uri: str, key: str, settings: Any) -> str:
-    """For the dry run: what ``uri`` is, from its listing and ``config.json`` only (no model is
-    loaded); a :class:`ModelLoadError` when it does not exist or cannot be used."""
+    """For the dry run: what ``uri`` is, from its listing, ``config.json`` and safetensors
+    headers only (no model is loaded, its size is checked: :mod:`~wmtp_core.engine.model_size`);
+    a :class:`ModelLoadError` when it does not exist or cannot be used."""
     if uri.startswith("models:/"):
         return "a registered model (resolved when the run starts)"
     if is_folder(uri, key, settings):
         trust = settings.config.paths.models.trust_remote_code
         info = hf.inspect(uri, key, trust, options_for(uri, settings))
+        model_size.check_folder(info, key, model_size.budget(settings), folder=local_path(uri), trust=trust)
         return info.describe() + (" (its code runs: trust_remote_code)" if info.code else "")
     import fsspec
 

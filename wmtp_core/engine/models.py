@@ -18,7 +18,7 @@ import attrs
 import torch
 from torch import nn
 
-from wmtp_core.engine import data, hf
+from wmtp_core.engine import data, hf, model_size
 from wmtp_core.engine.data import ByteTokenizer
 from wmtp_core.engine.model import ModelConfig, MTPModel, model_from_weights
 from wmtp_core.engine.model_sources import (  # noqa: F401  (also importable from here, as before)
@@ -27,6 +27,7 @@ from wmtp_core.engine.model_sources import (  # noqa: F401  (also importable fro
     describe,
     is_committed,
     is_folder,
+    local_path,
     locate,
     options_for,
 )
@@ -91,30 +92,43 @@ def n_future_for(settings: Any, info: hf.FolderInfo) -> int:
 
 def build_base(settings: Any, load: LoadModel) -> Base:
     """The base model: ``paths.models.base`` fine-tuned with multi-token heads, or the byte-level
-    model from scratch."""
+    model from scratch. Its size is checked against its weights and this machine's memory before
+    anything is allocated."""
     uri = settings.config.paths.models.base
     if not uri:
         cfg = byte_config(settings)
+        model_size.check_byte(cfg, settings.recipe_source, model_size.budget(settings))
         return Base(model=MTPModel(cfg), tokenizer=ByteTokenizer(), record=attrs.asdict(cfg))
     key = "paths.models.base"
-    trust = settings.config.paths.models.trust_remote_code
     source = locate(uri, key, settings, load)
-    if source.info is None:
-        raise ModelLoadError(f"{key}: {uri!r} is a WMTP byte-level model; paths.models.base names a "
-                             "Hugging Face causal LM folder (config.json, safetensors, tokenizer files)")
-    info = source.info
+    try:
+        return _pretrained(settings, source, key, uri)
+    finally:
+        source.release()
+
+
+def _check_base(info: hf.FolderInfo, key: str, uri: str) -> None:
     if info.is_classifier:
         raise ModelLoadError(f"{key}: {uri} is a {info.architecture}, not a causal language model")
     if not info.has_tokenizer:
         raise ModelLoadError(f"{key}: {uri} has no tokenizer files (tokenizer.json, vocab.json or "
                              "tokenizer.model); the base model tokenizes the training data")
+
+
+def _pretrained(settings: Any, source: Source, key: str, uri: str) -> Base:
+    """The base model from the folder ``source`` led to (released by the caller)."""
+    trust = settings.config.paths.models.trust_remote_code
+    if source.info is None:
+        raise ModelLoadError(f"{key}: {uri!r} is a WMTP byte-level model; paths.models.base names a "
+                             "Hugging Face causal LM folder (config.json, safetensors, tokenizer files)")
+    info = source.info
+    _check_base(info, key, uri)
     n_future = n_future_for(settings, info)
     head = settings.recipe.model.head
-    try:
-        tokenizer = hf.load_tokenizer(source.folder, key, trust)
-        model, loaded_heads = hf.build_mtp(info, source.folder, n_future, head, key, trust)
-    finally:
-        source.release()
+    model_size.check_folder(info, key, model_size.budget(settings), folder=source.folder, trust=trust,
+                            heads=(n_future, head))
+    tokenizer = hf.load_tokenizer(source.folder, key, trust, info.uri)
+    model, loaded_heads = hf.build_mtp(info, source.folder, n_future, head, key, trust)
     if len(tokenizer) > model.base.get_output_embeddings().weight.shape[0]:
         raise ModelLoadError(f"{key}: its tokenizer ({hf.vocabulary(tokenizer)}) has more tokens than its "
                              f"model's vocabulary ({model.base.get_output_embeddings().weight.shape[0]})")
@@ -145,6 +159,13 @@ def build_reference(settings: Any, load: LoadModel, base: Base) -> nn.Module:
     vocabulary (its per-token losses are compared with the base model's, token for token)."""
     key, uri = "paths.models.ref", settings.config.paths.models.ref
     source = locate(uri, key, settings, load)
+    try:
+        return _reference(settings, source, key, uri, base)
+    finally:
+        source.release()
+
+
+def _reference(settings: Any, source: Source, key: str, uri: str, base: Base) -> nn.Module:
     why = "a reference model must share the base model's vocabulary (rho1-wmtp compares per-token losses)"
     if source.info is None:
         if base.is_hf:
@@ -156,19 +177,17 @@ def build_reference(settings: Any, load: LoadModel, base: Base) -> nn.Module:
                             base, why)
     if info.is_classifier:
         raise ModelLoadError(f"{key}: {uri} is a {info.architecture}; rho1-wmtp's reference is a causal LM")
-    try:
-        if info.has_tokenizer:
-            tok = hf.load_tokenizer(source.folder, key, trust)
-            if tok.get_vocab() != base.tokenizer.get_vocab():
-                raise _refuse_vocab(key, uri, hf.vocabulary(tok), base, why)
-        elif (info.vocab_size or 0) < len(base.tokenizer):
-            raise _refuse_vocab(key, uri, f"a vocabulary of {info.vocab_size or '?'} tokens and no tokenizer",
-                                base, why)
-        from transformers import AutoModelForCausalLM
+    model_size.check_folder(info, key, model_size.budget(settings), folder=source.folder, trust=trust)
+    if info.has_tokenizer:
+        tok = hf.load_tokenizer(source.folder, key, trust, info.uri)
+        if tok.get_vocab() != base.tokenizer.get_vocab():
+            raise _refuse_vocab(key, uri, hf.vocabulary(tok), base, why)
+    elif (info.vocab_size or 0) < len(base.tokenizer):
+        raise _refuse_vocab(key, uri, f"a vocabulary of {info.vocab_size or '?'} tokens and no tokenizer",
+                            base, why)
+    from transformers import AutoModelForCausalLM
 
-        lm = hf.from_pretrained(AutoModelForCausalLM, source.folder, key, trust)
-    finally:
-        source.release()
+    lm = hf.from_pretrained(AutoModelForCausalLM, source.folder, key, trust, info.uri)
     return hf.ReferenceLM(lm).eval().requires_grad_(False)
 
 
@@ -196,7 +215,8 @@ def _reward(source: Source, key: str, uri: str, settings: Any, base: Base) -> nn
     from wmtp_core.engine.algorithms import LMReward
 
     info, trust = source.info, settings.config.paths.models.trust_remote_code
-    tok = hf.load_tokenizer(source.folder, key, trust) if info.has_tokenizer else None
+    model_size.check_folder(info, key, model_size.budget(settings), folder=source.folder, trust=trust)
+    tok = hf.load_tokenizer(source.folder, key, trust, info.uri) if info.has_tokenizer else None
     shares = base.is_hf and (tok.get_vocab() == base.tokenizer.get_vocab() if tok is not None
                              else (info.vocab_size or 0) >= len(base.tokenizer))
     if info.is_classifier:
@@ -205,11 +225,11 @@ def _reward(source: Source, key: str, uri: str, settings: Any, base: Base) -> nn
         if tok is None and not base.is_hf:
             raise _refuse_vocab(key, uri, f"a vocabulary of {info.vocab_size or '?'} tokens and no tokenizer",
                                 base, "it cannot be given the text to score")
-        model = hf.from_pretrained(AutoModelForSequenceClassification, source.folder, key, trust)
+        model = hf.from_pretrained(AutoModelForSequenceClassification, source.folder, key, trust, info.uri)
         return hf.TextReward(model, tok or base.tokenizer, base.tokenizer, causal=False).eval()
     from transformers import AutoModelForCausalLM
 
-    lm = hf.from_pretrained(AutoModelForCausalLM, source.folder, key, trust)
+    lm = hf.from_pretrained(AutoModelForCausalLM, source.folder, key, trust, info.uri)
     if shares:
         return LMReward(hf.ReferenceLM(lm))
     if tok is None:
@@ -221,7 +241,9 @@ def _reward(source: Source, key: str, uri: str, settings: Any, base: Base) -> nn
 def rebuild(record: Mapping[str, Any], weights: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """The trained module from a stored architecture record and its weights (both untrusted)."""
     if isinstance(record, Mapping) and record.get("kind") == "hf":
-        return hf.rebuild(record, weights, source)
+        from wmtp_core.engine.hf_record import rebuild as rebuild_hf
+
+        return rebuild_hf(record, weights, source)
     return model_from_weights(dict(record), dict(weights), source)
 
 
@@ -238,40 +260,42 @@ class Checked:
     vocab: int | None
 
 
+def _check_base_folder(settings: Any, uri: str) -> tuple[int, int, int | None, str]:
+    """``(parameters, positions, vocabulary, description)`` of a base model folder, checked
+    from its listing, ``config.json`` and safetensors headers (nothing allocated)."""
+    key, trust = "paths.models.base", settings.config.paths.models.trust_remote_code
+    if not is_folder(uri, key, settings):
+        describe(uri, key, settings)  # does not exist, or the reason it is not a folder
+        raise ModelLoadError(f"{key}: {uri} is a WMTP byte-level checkpoint; paths.models.base "
+                             "names a Hugging Face causal LM folder (config.json, safetensors, tokenizer files)")
+    info = hf.inspect(uri, key, trust, options_for(uri, settings))
+    _check_base(info, key, uri)
+    n_future, head = n_future_for(settings, info), settings.recipe.model.head
+    params = model_size.check_folder(info, key, model_size.budget(settings), folder=local_path(uri), trust=trust,
+                                     heads=(n_future, head))
+    positions = next((info.config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                      if isinstance(info.config.get(k), int)), 1 << 30)
+    return params, positions, info.vocab_size, (f"{info.describe()}, {n_future} heads"
+                                                + (" (its code runs: trust_remote_code)" if info.code else ""))
+
+
 def check(settings: Any) -> Checked:
     """Check every model a run uses from listings and ``config.json`` files only: each path
     exists, names an architecture WMTP can train or consult, holds safetensors weights, runs no
     code without ``trust_remote_code``, and, where the configs tell, shares the vocabulary it
     must. Loads no model."""
-    from wmtp_core.engine.model import count_parameters
-
     paths, algo = settings.config.paths.models, settings.recipe.train.algo
-    trust = paths.trust_remote_code
     out: dict[str, str] = {}
     if not paths.base:
         cfg = byte_config(settings)
-        params, positions, vocab = count_parameters(cfg), cfg.max_seq_len, cfg.vocab_size
+        params = model_size.check_byte(cfg, settings.recipe_source, model_size.budget(settings))
+        positions, vocab = cfg.max_seq_len, cfg.vocab_size
         out["model"] = f"WMTP byte-level model ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_future} heads)"
     elif paths.base.startswith("models:/"):
         params, positions, vocab = None, 1 << 30, None
         out["paths.models.base"] = describe(paths.base, "paths.models.base", settings)
     else:
-        key = "paths.models.base"
-        if not is_folder(paths.base, key, settings):
-            describe(paths.base, key, settings)  # does not exist, or the reason it is not a folder
-            raise ModelLoadError(f"{key}: {paths.base} is a WMTP byte-level checkpoint; paths.models.base "
-                                 "names a Hugging Face causal LM folder (config.json, safetensors, tokenizer files)")
-        info = hf.inspect(paths.base, key, trust, options_for(paths.base, settings))
-        if info.is_classifier:
-            raise ModelLoadError(f"{key}: {paths.base} is a {info.architecture}, not a causal language model")
-        if not info.has_tokenizer:
-            raise ModelLoadError(f"{key}: {paths.base} has no tokenizer files (tokenizer.json, vocab.json or "
-                                 "tokenizer.model); the base model tokenizes the training data")
-        n_future, head = n_future_for(settings, info), settings.recipe.model.head
-        params, vocab = hf.meta_parameters(info, n_future, head), info.vocab_size
-        positions = next((info.config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                          if isinstance(info.config.get(k), int)), 1 << 30)
-        out[key] = f"{info.describe()}, {n_future} heads" + (" (its code runs: trust_remote_code)" if info.code else "")
+        params, positions, vocab, out["paths.models.base"] = _check_base_folder(settings, paths.base)
     for key, uri, used in (("paths.models.ref", paths.ref, algo == "rho1-wmtp"),
                            ("paths.models.rm", paths.rm, algo == "critic-wmtp")):
         if not used or not uri:
