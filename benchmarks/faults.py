@@ -52,6 +52,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import importlib
 import sys
 import tempfile
 import threading
@@ -913,8 +914,31 @@ def _line(t: Tally) -> str:
             + (f" ({t.notes[0]})" if t.notes else ""))
 
 
-FULL = {"kills": 200, "s3_runs": 6, "rates": [0.02, 0.1, 0.3], "disk_runs": 4, "configs": 1000, "crafted": 2}
-QUICK = {"kills": 8, "s3_runs": 1, "rates": [0.1], "disk_runs": 1, "configs": 60, "crafted": 1}
+FULL = {"kills": 200, "s3_runs": 6, "rates": [0.02, 0.1, 0.3], "disk_runs": 4, "configs": 1000, "crafted": 2,
+        "gc": 3, "models": 3, "hostile-configs": 3, "signals": 3}
+QUICK = {"kills": 8, "s3_runs": 1, "rates": [0.1], "disk_runs": 1, "configs": 60, "crafted": 1,
+         "gc": 1, "models": 1, "hostile-configs": 1, "signals": 1}
+
+HOSTILE = {"gc": ("hostile_gc", "scenario_i18gc"), "models": ("hostile_models", "scenario_models"),
+           "hostile-configs": ("hostile_configs", "scenario_configs"),
+           "signals": ("hostile_signals", "scenario_signals")}
+"""The hostile-input scenarios, each in its own module beside this one: ``--only`` name ->
+(module, function taking ``(rounds, out, rng, log)``)."""
+
+
+def _hostile(name: str, rounds: int, out: Path, rng: random.Random, log) -> list[Tally]:
+    """Run one hostile-input scenario and fold its own counts into the table's columns."""
+    module, function = HOSTILE[name]
+    sys.path.insert(0, str(HERE))
+    try:
+        scenario = getattr(importlib.import_module(module), function)
+    finally:
+        sys.path.remove(str(HERE))
+    tallies = scenario(rounds, out, rng, log)
+    for t in tallies:
+        t.foreign += getattr(t, "foreign_removed", 0)
+        t.refused += getattr(t, "legitimate_refused", 0)
+    return tallies
 
 
 def campaign(only: set[str], counts: dict[str, Any], out: Path, seed: int, log=print) -> list[Tally]:
@@ -931,6 +955,9 @@ def campaign(only: set[str], counts: dict[str, Any], out: Path, seed: int, log=p
         tallies += scenario_configs(counts["configs"], out, rng, log)
     if "crafted" in only:
         tallies += scenario_crafted(counts["crafted"], out, rng, log)
+    for name in HOSTILE:
+        if name in only:
+            tallies += _hostile(name, counts[name], out, rng, log)
     return tallies
 
 
@@ -955,7 +982,7 @@ def preload() -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="kills,s3,disk,configs,crafted")
+    p.add_argument("--only", default=",".join(["kills", "s3", "disk", "configs", "crafted", *HOSTILE]))
     p.add_argument("--quick", action="store_true", help="a small sample of each scenario")
     p.add_argument("--kills", type=int)
     p.add_argument("--configs", type=int)
