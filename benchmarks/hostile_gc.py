@@ -265,7 +265,10 @@ def _s3_setup(endpoint: str, bucket: str) -> dict[str, Any]:
 
 
 def _s3_state(endpoint: str, bucket: str) -> dict[str, Any]:
+    """In a child: every object (with its ETag) and every incomplete upload of ``bucket``."""
     import boto3
+
+    os.environ.update(S3_ENV)  # a child of the campaign: the credentials are not in its environment
 
     client = boto3.client("s3", endpoint_url=endpoint)
     objects = {}
