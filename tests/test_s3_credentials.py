@@ -147,7 +147,7 @@ def test_a_save_refused_access_does_not_claim_retries(denying_endpoint, monkeypa
                     lineage="L1")
     message = str(e.value)
     assert message.startswith("step 2 was not saved: preparing the staging directory s3://bkt/runs/r/step_2 "
-                              "failed (PermissionError: Access Denied; access refused: not retried); "
+                              "failed (PermissionError: Forbidden; access refused: not retried); "
                               "nothing of step 2 was committed"), message
     assert "after the S3 client's retries" not in message
 
