@@ -213,7 +213,8 @@ def test_gc_incomplete_aborts_only_uploads_carrying_wmtps_mark(s3_server, bucket
     # without --incomplete: the staging stays, since its marker is what makes its upload WMTP's
     plain = wmtp("gc", base, "--min-age", "0", cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr
-    assert f"kept    s3://{ours}: 1 incomplete upload of a killed save go into it" in plain.stdout
+    assert (f"kept    s3://{ours}: 1 incomplete upload of a killed save into it (its marker is their mark); "
+            "`wmtp gc --incomplete` aborts them, then removes it") in plain.stdout
     assert s3_keys(s3_server, bucket) == objects
     assert len(uploads(s3_server, bucket)) == len(FOREIGN_UPLOADS) + 1
 
