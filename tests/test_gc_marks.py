@@ -54,9 +54,11 @@ def files_under(path: Path) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------------------ local disk
-def hand_made_quarantine(run_dir: Path) -> dict[str, str]:
+def hand_made_quarantine(run_dir: Path, fifo: bool = True) -> dict[str, str]:
     """Folders named like quarantined checkpoints that WMTP did not move aside, each with a
-    file of someone else's; returns their names and what is wrong with each."""
+    file of someone else's; returns their names and what is wrong with each. ``fifo``: one
+    whose note is a FIFO (which only a command in a child of its own may meet: before the fix,
+    reading it blocked for ever)."""
     made = {}
 
     def folder(name: str, why: str) -> Path:
@@ -67,7 +69,8 @@ def hand_made_quarantine(run_dir: Path) -> dict[str, str]:
         return path
 
     folder("step_9", "no note")
-    os.mkfifo(folder("step_8", "a FIFO as its note") / ".wmtp-quarantine")
+    if fifo:
+        os.mkfifo(folder("step_8", "a FIFO as its note") / ".wmtp-quarantine")
     (folder("step_7", "a note that is not JSON") / ".wmtp-quarantine").write_text("moved by hand")
     (folder("step_6", "a note of another shape") / ".wmtp-quarantine").write_text(json.dumps({"reason": 7}))
     (folder("step_5", "a note that is a directory") / ".wmtp-quarantine").mkdir()
@@ -129,7 +132,7 @@ def test_the_sinks_quarantined_lists_only_wmtps_quarantine(tmp_path):
     """``FileSink.quarantined()`` (what the run reports) names what WMTP moved aside only."""
     store = CheckpointStore.from_url(f"file://{tmp_path}/ck")
     ours = quarantined_by_wmtp(store, "r1", 4)
-    hand_made_quarantine(tmp_path / "ck" / "r1")
+    hand_made_quarantine(tmp_path / "ck" / "r1", fifo=False)
     assert [i.path for i in store.quarantined("r1")] == [ours]
     assert {i.state.value for i in store.quarantine_dirs("r1")} == {"quarantined", "foreign"}
 
@@ -210,7 +213,8 @@ def test_gc_incomplete_aborts_only_uploads_carrying_wmtps_mark(s3_server, bucket
     # without --incomplete: the staging stays, since its marker is what makes its upload WMTP's
     plain = wmtp("gc", base, "--min-age", "0", cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr
-    assert f"kept    s3://{ours}: 1 incomplete upload of a killed save go into it" in plain.stdout
+    assert (f"kept    s3://{ours}: 1 incomplete upload of a killed save into it (its marker is their mark); "
+            "`wmtp gc --incomplete` aborts them, then removes it") in plain.stdout
     assert s3_keys(s3_server, bucket) == objects
     assert len(uploads(s3_server, bucket)) == len(FOREIGN_UPLOADS) + 1
 

@@ -100,8 +100,8 @@ def _gc_staging(args, store: CheckpointStore, run: str, out: Console, verb: str,
             # young staging may be a save still in flight in another process
             out.print(f"kept    {e.uri}: {young}, under --min-age {args.min_age:g} s")
         elif into:
-            out.print(f"kept    {e.uri}: {_count(len(into), 'incomplete upload')} of a killed save go into "
-                      "it (its marker is their mark); `wmtp gc --incomplete` aborts them, then removes it")
+            out.print(f"kept    {e.uri}: {_count(len(into), 'incomplete upload')} of a killed save into it "
+                      "(its marker is their mark); `wmtp gc --incomplete` aborts them, then removes it")
         # the save may have committed since the listing: look again just before removing
         elif not store.fs.exists(posixpath.join(e.path, MANIFEST)) and \
                 store.fs.isfile(posixpath.join(e.path, STAGING_MARKER)):

@@ -111,7 +111,8 @@ class Entry:
     state: CheckpointState = attrs.field(converter=CheckpointState)
     """``committed``; ``unverifiable`` (a manifest that cannot be believed: never resumed from,
     never counted, never deleted); ``staging`` (WMTP's marker, no manifest: a save that did not
-    finish, which ``gc`` removes); ``foreign`` (neither: not written by WMTP, never touched);
+    finish, which ``gc`` removes); ``foreign`` (neither, or a ``<name>.quarantined-<time>``
+    directory without WMTP's note: not written by WMTP, never touched);
     ``quarantined`` (failed verification and moved aside as ``<name>.quarantined-<time>``: never
     resumed from, counted or deleted by retention; ``gc --quarantined`` removes it)."""
     files: int
