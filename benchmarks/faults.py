@@ -982,7 +982,8 @@ def preload() -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default=",".join(["kills", "s3", "disk", "configs", "crafted", *HOSTILE]))
+    present = [n for n, (module, _) in HOSTILE.items() if (HERE / f"{module}.py").exists()]
+    p.add_argument("--only", default=",".join(["kills", "s3", "disk", "configs", "crafted", *present]))
     p.add_argument("--quick", action="store_true", help="a small sample of each scenario")
     p.add_argument("--kills", type=int)
     p.add_argument("--configs", type=int)
