@@ -920,8 +920,8 @@ QUICK = {"kills": 8, "s3_runs": 1, "rates": [0.1], "disk_runs": 1, "configs": 60
          "gc": 1, "models": 1, "hostile-configs": 1, "signals": 1}
 
 HOSTILE = {"gc": ("hostile_gc", "scenario_i18gc"), "models": ("hostile_models", "scenario_models"),
-           "hostile-configs": ("hostile_configs", "scenario_configs"),
-           "signals": ("hostile_signals", "scenario_signals")}
+           "hostile-configs": ("hostile_configs", "scenario_hostile_configs"),
+           "signals": ("hostile_signals", "scenario_hostile_signals")}
 """The hostile-input scenarios, each in its own module beside this one: ``--only`` name ->
 (module, function taking ``(rounds, out, rng, log)``)."""
 
