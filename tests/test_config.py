@@ -44,7 +44,7 @@ CASES = {
     ),
     "bad value": (
         "paths:\n  checkpoints: {keep_last: 0}\n",
-        ["config.yaml: paths.checkpoints.keep_last: 0 is not accepted; accepted: an integer >= 1"],
+        ["config.yaml: paths.checkpoints.keep_last: 0 is not accepted; accepted: an integer from 1 to 1,000,000,000,000"],
     ),
     "wrong type": (
         "paths:\n  checkpoints: {save_final: 'yes'}\n",

@@ -322,7 +322,7 @@ def test_yaml_merge_keys_may_be_overridden_but_plain_duplicates_may_not(tmp_path
     ("run: {name: 2024-13-01}\n", "line 1: '2024-13-01' cannot be read as timestamp"),
     ("seed: !!int x\n", "line 1: 'x' cannot be read as int"),
     ("? [a, b]\n: 1\n", "line 1: a list cannot be a key"),
-    ("seed: 1\x00\n", "not valid YAML: unacceptable character #x0000"),
+    ("seed: 1\x00\n", "line 1, column 8: the character '\\x00' (U+0000) is not accepted"),
     ("seed: 18446744073709551616\n", "seed: 18446744073709551616 is not accepted; accepted: an integer from 0 to"),
 ])
 def test_yaml_that_pyyaml_chokes_on_is_a_config_error_with_the_line(tmp_path, text, message):

@@ -29,14 +29,15 @@ from wmtp_core.run import leave, main
 
 # Observer plugins run on rank 0 only, so on rank 1 the real SIGTERM is sent from the step's one
 # collective (World.agree), after its step AT: the only change to WMTP is where the signal
-# comes from; its handling is the real one.
+# comes from; its handling is the real one. The first call is the check before the first step
+# (a signal while the run started), so step AT's is call AT + 1.
 AT, RANK = int(sys.argv[1]), sys.argv[2]
 agree, calls = distributed.World.agree, {"n": 0}
 
 def agree_then_signal(self, *args):
     out = agree(self, *args)
     calls["n"] += 1
-    if calls["n"] == AT and os.environ.get("RANK") == RANK:
+    if calls["n"] == AT + 1 and os.environ.get("RANK") == RANK:
         os.kill(os.getpid(), signal.SIGTERM)
     return out
 

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import attrs
 
+from wmtp_core.base_paths import check_base_path
 from wmtp_core.catalog import Catalog
 from wmtp_core.errors import BindingError, ConfigError
 from wmtp_core.roles import Role
@@ -96,6 +97,8 @@ def _check_sinks(bindings: Bindings, catalog: Catalog) -> dict[Role, SinkBinding
                 f"{', '.join(sorted(r.value for r in spec.roles))}); sinks that serve "
                 f"{b.role.value!r}: {', '.join(sorted(able)) or 'none installed'}"
             )
+        if spec.protocols and b.base_path:  # a file-like sink: a place that can hold directories
+            check_base_path(b.base_path, f"{b.origin}: the {b.role.value} base path")
         if spec.check is not None:
             spec.check(b)
     return seen

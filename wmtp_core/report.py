@@ -59,6 +59,8 @@ def estimate(params: int, steps: int, save_interval: int, keep_last: int, keep_e
 
 
 def human(n: float) -> str:
+    if isinstance(n, int) and abs(n) >= 10**18:  # beyond a float's reach for the largest counts
+        return f"{n / 10**12:.3g} TB" if n.bit_length() < 1000 else "more than 10^288 TB"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -150,6 +150,10 @@ def take_lease(sink: ResumableSink, run_name: str, err: Console, coordinator: Co
             lease = lease.start()
         except LeaseHeldError as e:
             failure, lease = str(e), None
+        except BaseException as e:  # Ctrl-C while taking it: never leave a lease that was just written
+            if not isinstance(e, Exception):  # (storage that fails is said as it is: nothing to remove)
+                lease.release()
+            raise
     failure = coordinator.broadcast(failure)
     if failure:
         if lease is not None:

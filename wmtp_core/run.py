@@ -18,6 +18,7 @@ from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import StorageError, WmtpError
 from wmtp_core.plan import count_steps, describe, final_outlook, preflight
 from wmtp_core.plugins import make_plugin_manager
+from wmtp_core.preemption import Preemption, plain_line
 from wmtp_core.exits import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -49,9 +50,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> int:
+def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = (),
+         signals: Preemption | None = None) -> int:
     """Run from the command line. ``plugins``: extra plugin objects to register (for embedding
     WMTP in a notebook or a test); installed plugins are always loaded from entry points.
+    ``signals``: handlers the caller installed and keeps until the process exits (``python -m
+    wmtp_core.run`` does); without them, main installs its own for the run and removes them on
+    return.
 
     A :class:`~wmtp_core.errors.WmtpError` (something the user can fix) is one line on stderr and
     exit status 2. Any other exception is a bug: it propagates with its traceback (exit 1).
@@ -62,30 +67,13 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
     # headers among them) stay off so credentials never reach the console.
     logging.getLogger("wmtp").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("wmtp_core").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    own = signals is None
+    signals = (signals or Preemption()).install()
     try:
-        t0 = time.perf_counter()
-        pm = make_plugin_manager()
-        for plugin in plugins:
-            pm.register(plugin)
-        pm.check_pending()
-        plan = preflight(pm, config=args.config, recipe=args.recipe, run_name=args.run_name,
-                         tags=args.tags, resume=args.resume)
-        for note in plan.settings.deprecated:
-            err.print(Text.assemble(("deprecated: ", "yellow"), note), highlight=False)
-        if args.verbose:
-            for key in plan.settings.unused:
-                err.print(Text.assemble(("unused: ", "yellow"),
-                                        f"{key} is accepted for compatibility but has no effect here"))
-        if args.dry_run:
-            return dry_run(plan, out)
-        if args.verbose:
-            out.print(describe(plan)[0])
-        session = RunSession(plan, pm, out, err, verbose=args.verbose)
-        session.timings["preflight"] = time.perf_counter() - t0
-        code = session.run()
-        if session.summary is not None:
-            summarise(session.summary, plan.settings, session.out, session.err, verbose=args.verbose)
-        return code
+        signals.say = plain_line(lambda text: err.print(text, highlight=False))
+        if args.dry_run:  # writes nothing: a signal has its usual effect (Ctrl-C: one line, 130)
+            signals.configure([])
+        return _main(args, out, err, plugins, signals)
     except WmtpError as e:
         err.print(error_line(e))
         return EXIT_USAGE
@@ -96,6 +84,38 @@ def main(argv: list[str] | None = None, *, plugins: tuple[object, ...] = ()) -> 
         err.print(error_line("interrupted (Ctrl-C): committed checkpoints are intact; continue with "
                              "--resume latest"))
         return EXIT_INTERRUPTED
+    finally:
+        signals.ending()
+        if own:
+            signals.uninstall()
+
+
+def _main(args: argparse.Namespace, out: Console, err: Console, plugins: tuple[object, ...],
+          signals: Preemption) -> int:
+    t0 = time.perf_counter()
+    pm = make_plugin_manager()
+    for plugin in plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    plan = preflight(pm, config=args.config, recipe=args.recipe, run_name=args.run_name,
+                     tags=args.tags, resume=args.resume)
+    for note in plan.settings.deprecated:
+        err.print(Text.assemble(("deprecated: ", "yellow"), note), highlight=False)
+    if args.verbose:
+        for key in plan.settings.unused:
+            err.print(Text.assemble(("unused: ", "yellow"),
+                                    f"{key} is accepted for compatibility but has no effect here"))
+    if args.dry_run:
+        return dry_run(plan, out)
+    signals.configure(plan.settings.config.paths.checkpoints.save_on_signal)
+    if args.verbose:
+        out.print(describe(plan)[0])
+    session = RunSession(plan, pm, out, err, verbose=args.verbose, signals=signals)
+    session.timings["preflight"] = time.perf_counter() - t0
+    code = session.run()
+    if session.summary is not None:
+        summarise(session.summary, plan.settings, session.out, session.err, verbose=args.verbose)
+    return code
 
 
 def dry_run(plan: Any, out: Console) -> int:
@@ -128,14 +148,24 @@ def summarise(summary: Summary, settings: Any, out: Console, err: Console, *, ve
     if ending.code == EXIT_FAILED and ending.reason:
         err.print(error_line(ending.reason))
     if ending.code == EXIT_PREEMPTED:
-        err.print(f"preempted: step {summary.step} is committed at {last or '?'}; "
-                  f"continue with --resume latest (exit status {EXIT_PREEMPTED})", highlight=False)
+        err.print(preempted_line(summary), highlight=False)
     if ending.code == EXIT_NOT_REGISTERED:
         from wmtp_core.cli.commands import register_command  # with this run's registry settings
 
         err.print(error_line(f"{ending.reason}. The resume state of step {summary.step} is "
                              f"committed at {last or '?'}; register it later with:\n"
                              f"  {register_command(last or '<checkpoint URI>', settings)}"))
+
+
+def preempted_line(summary: Summary) -> str:
+    """What a preempted run says last: the step committed and where, and how to continue."""
+    last = summary.last_resume or summary.resumed_from
+    then = f"continue with --resume latest (exit status {EXIT_PREEMPTED})"
+    if last is None:
+        return (f"preempted before its first step: nothing was trained or committed; run the same "
+                f"command again (exit status {EXIT_PREEMPTED})")
+    trained = "" if summary.last_resume else " (where it resumed from: it trained no step)"
+    return f"preempted: step {summary.step} is committed at {last}{trained}; {then}"
 
 
 def leave(code: int) -> NoReturn:
@@ -160,4 +190,6 @@ def leave(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    leave(main())
+    # installed before anything else and never removed: a signal that arrives after main
+    # returned, while the process leaves, is ignored rather than ending it with its own status
+    leave(main(signals=Preemption().install()))

@@ -77,8 +77,11 @@ class RunSession:
     """The life of one run. :meth:`run` returns the exit status."""
 
     def __init__(self, plan: Plan, pm: pluggy.PluginManager, out: Console, err: Console, *,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, signals: Preemption | None = None) -> None:
         self.plan = plan
+        self.signals = signals if signals is not None else Preemption()
+        """The process's signal handlers (``python -m wmtp_core.run`` installs them before the
+        run starts); without them, none: the run is never asked to stop."""
         self.pm = pm
         self.out, self.err = out, err
         self.verbose = verbose
@@ -105,6 +108,7 @@ class RunSession:
             code = self._run(world)
             return code
         finally:
+            self.signals.ending()  # a signal from here on would only cut the clean-up short
             try:
                 if self.lease is not None:
                     self.lease.release()
@@ -177,17 +181,15 @@ class RunSession:
         is closed and the observers hear how the run ended. Leaves :attr:`summary` for the face."""
         ending, outcome = Ending(), None
         t0 = t = time.perf_counter()
-        signals = Preemption(self.plan.settings.config.paths.checkpoints.save_on_signal,
-                             lambda text: self.err.print(text, highlight=False))
         try:
-            with signals:  # until the last save is committed: a signal never cuts a save short
-                outcome = self._train(trainer, router, run, signals)
-                t = self._phase("train", t)
-                ending = Ending.of(outcome)
-                if ending.status is not RunStatus.FAILED:
-                    why = "preempted" if ending.status is RunStatus.PREEMPTED else "last"
-                    self._checkpoint(trainer, router, trainer.step, outcome.metrics, why)
-                    router.wait()  # the last step's resume state is durable before the final model
+            outcome = self._train(trainer, router, run)
+            self._trained(outcome)
+            t = self._phase("train", t)
+            ending = Ending.of(outcome)
+            if ending.status is not RunStatus.FAILED and trainer.step > 0:  # a signal before step 1: no save
+                why = "preempted" if ending.status is RunStatus.PREEMPTED else "last"
+                self._checkpoint(trainer, router, trainer.step, outcome.metrics, why)
+                router.wait()  # the last step's resume state is durable before the final model
             if ending.code == EXIT_OK and Role.FINAL in self.plan.required:
                 ending = self._store_final(trainer, router, outcome, ending)  # never while preempted
             router.wait()
@@ -195,12 +197,13 @@ class RunSession:
         except SaveError as e:
             ending = Ending.failed(str(e))
         except KeyboardInterrupt:
-            ending = attrs.evolve(ending, reason="interrupted")
+            ending = Ending.failed("interrupted")
             raise
         except Exception as e:
             ending = attrs.evolve(ending, reason=f"{type(e).__name__}: {e}")
             raise
         finally:
+            self.signals.ending()
             ending = self._end(router, run, trainer, outcome, ending)
         self._phase("end", t)
         losses = (outcome.first_loss, outcome.last_loss) if outcome and outcome.losses else None
@@ -208,8 +211,18 @@ class RunSession:
             run=run.name, ending=ending, step=trainer.step, elapsed=time.perf_counter() - t0,
             receipts=tuple(router.receipts), deleted=tuple(router.deleted),
             locations={role: router.sink(role).location() for role in self.plan.required},
-            losses=losses, async_stats=tuple(router.async_stats), timings=dict(self.timings))
+            losses=losses, async_stats=tuple(router.async_stats), timings=dict(self.timings),
+            resumed_from=run.resumed_from)
         return ending.code
+
+    def _trained(self, outcome: Any) -> None:
+        """Training ended: from now on a signal cuts nothing short. One that arrived after the
+        ranks last agreed whether to stop was not acted on: say so."""
+        self.signals.finishing()
+        late = self.signals.requested()
+        if late and outcome.status not in ("preempted", "failed"):
+            self.err.print(f"{late} arrived after the last step had begun: the run ends as it would have "
+                           "(nothing is cut short)", highlight=False)
 
     def _end(self, router: Router, run: RunInfo, trainer: Any, outcome: Any, ending: Ending) -> Ending:
         try:
@@ -266,6 +279,7 @@ class RunSession:
 
         try:
             point = open_resume(probe, fresh.name, plan.resume, self.err, coordinator=world, restore=restore)
+            self.lease = point.lease  # released by run(), however the run ends from here
         except (WmtpError, KeyboardInterrupt):
             raise
         except Exception as e:  # storage that failed after the client's retries: one line, exit 1
@@ -274,7 +288,6 @@ class RunSession:
                                f"{redact.text(first_line(e, 500))}") from e
         finally:
             probe.close()
-        self.lease = point.lease
         if point.manifest is None:
             return fresh, frozenset()
         self.err.print(f"resuming {fresh.name!r} from {point.uri} (step {point.manifest.step})")
@@ -296,7 +309,7 @@ class RunSession:
         if lost:
             raise LeaseLostError(lost)
 
-    def _train(self, trainer: Any, router: Router, run: RunInfo, signals: Preemption):
+    def _train(self, trainer: Any, router: Router, run: RunInfo):
         with progress.for_console(self.err, run.name, trainer.total_steps, trainer.step) as shown:
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
@@ -310,7 +323,7 @@ class RunSession:
                 why = "interval" if interval and step % interval == 0 else "timed"
                 self._checkpoint(trainer, router, step, metrics, why)
 
-            return trainer.train(on_step, due, stop=signals.requested)
+            return trainer.train(on_step, due, stop=self.signals.looked)
 
     def _checkpoint(self, trainer: Any, router: Router, step: int, metrics: Mapping[str, float] | None,
                     why: str) -> None:

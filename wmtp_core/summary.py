@@ -48,6 +48,8 @@ class Summary:
     """The first and last loss, when the run trained a step."""
     async_stats: tuple[Any, ...] = ()
     timings: Mapping[str, float] = attrs.field(factory=dict)
+    resumed_from: str | None = None
+    """The checkpoint the run resumed from (``None``: it started fresh)."""
 
     @property
     def last_resume(self) -> str | None:

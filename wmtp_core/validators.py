@@ -33,9 +33,47 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def int_range(lo: int, hi: int, error: type[Exception] = ValueError):
-    """An integer in [lo, hi]: huge values would overflow torch (or build a model forever)."""
-    return check(lambda v: is_int(v) and lo <= v <= hi, f"accepted: an integer from {lo} to {hi}", error)
+def int_range(lo: int, hi: int, error: type[Exception] = ValueError, *, or_null: bool = False):
+    """An integer in [lo, hi] (``or_null``: or ``None``): huge values would overflow torch, a
+    float or a message (or build a model forever)."""
+    accepted = f"accepted: an integer from {lo:,} to {hi:,}" + (", or null for no limit" if or_null else "")
+    return check(lambda v: (or_null and v is None) or (is_int(v) and lo <= v <= hi), accepted, error)
+
+
+MAX_COUNT = 10**12
+"""The most steps, or checkpoints, a count or an interval of the configuration may name
+(``train.max_steps``, ``save_interval``, ``keep_last``, ``log_interval``, ...): a trillion steps
+is 30 years at a thousand steps a second, and far below the counts where a float loses whole
+steps (2**53) or torch's int64 counters overflow."""
+MAX_REPEATS = 10**6
+"""The most times a run may go over its data (``num_epochs``) or accumulate micro-batches in one
+step (``grad_accum_steps``)."""
+MAX_ROWS = 2**20
+"""The most rows in a batch, or tokens in a row (``batch_size``, ``max_length``): a million."""
+MAX_SECONDS = 365 * 24 * 3600
+"""The longest duration a key may name (``distributed.timeout``, ``save_every``): a year."""
+
+count = int_range(1, MAX_COUNT)
+"""A count of steps or checkpoints, from 1 to :data:`MAX_COUNT`."""
+count_or_zero = int_range(0, MAX_COUNT)
+"""The same, or 0 (off)."""
+count_or_null = int_range(1, MAX_COUNT, or_null=True)
+"""The same, or null (no limit)."""
+
+
+def shown(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` for a one-line message: at most ``limit`` characters, and an integer too
+    long to print (Python refuses more than 4300 digits; a hexadecimal YAML integer can be
+    longer) said in words."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past sys.get_int_max_str_digits()
+        text = f"an integer of {value.bit_length():,} bits" if isinstance(value, int) else f"a {type(value).__name__}"
+    if len(text) <= limit:
+        return text
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{text[:12]}...{text[-4:]} ({len(text.lstrip('-')):,} digits)"
+    return text[:limit - 3] + "..."
 
 
 def one_of(*values: Any, error: type[Exception] = ValueError):

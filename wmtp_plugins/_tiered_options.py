@@ -10,7 +10,9 @@ import fsspec
 from fsspec.core import split_protocol
 
 from wmtp_core import BindingError
+from wmtp_core.base_paths import check_base_path
 from wmtp_core.commit import store_class_of
+from wmtp_core.validators import MAX_COUNT, is_int, shown
 
 FAST_KEEP_LAST = 1
 """Committed checkpoints kept on the fast tier when ``fast_keep_last`` is not set."""
@@ -32,6 +34,7 @@ def tiers(options: Any, where: str = "storage.resume") -> tuple[str, str, int]:
         if protocol not in fsspec.available_protocols():
             raise BindingError(f"{where}.options.{key}: {url!r} uses protocol {protocol!r}, which fsspec does "
                                "not know; use a local path or an s3:// URL")
+        check_base_path(url, f"{where}.options.{key}: the {key} tier")
         urls.append(url)
     if urls[0].rstrip("/") == urls[1].rstrip("/"):
         raise BindingError(f"{where}.options.durable: {urls[1]!r} is the fast tier too; the durable tier is "
@@ -39,8 +42,9 @@ def tiers(options: Any, where: str = "storage.resume") -> tuple[str, str, int]:
     keep = options.get("fast_keep_last")
     if keep is None:
         keep = FAST_KEEP_LAST
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise BindingError(f"{where}.options.fast_keep_last: {keep!r} is not accepted; an integer >= 1")
+    if not is_int(keep) or not 1 <= keep <= MAX_COUNT:
+        raise BindingError(f"{where}.options.fast_keep_last: {shown(keep)} is not accepted; accepted: an "
+                           f"integer from 1 to {MAX_COUNT:,}")
     return urls[0], urls[1], keep
 
 

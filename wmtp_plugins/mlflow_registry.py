@@ -145,8 +145,7 @@ class MlflowRegistrySink(Sink):
                 if event.metrics:
                     mlflow.log_metrics({f"final_{k}": float(v) for k, v in event.metrics.items()},
                                        step=event.step)
-                log = _log_folder if payload.folder else _log_program
-                model_id = log(payload, event).model_id
+                model_id = _log(payload, event, client, run.experiment_id)
             version = _register(client, name, model_id, run.run_id, event).version
             nbytes = logged_model_bytes(client, model_id) or 0
         finally:
@@ -212,6 +211,36 @@ class MlflowRegistrySink(Sink):
 
     def close(self) -> None:
         pass
+
+
+def _log(payload, event, client, experiment_id: str) -> str:
+    """Log the model; returns its id. MLflow marks a logged model whose upload raised an
+    exception ``FAILED``, but not one cut short by Ctrl-C (``KeyboardInterrupt``): that one is
+    marked here, found by its tags, so that no ``PENDING`` model outlives the run."""
+    try:
+        return (_log_folder if payload.folder else _log_program)(payload, event).model_id
+    except BaseException:
+        _fail_pending(client, experiment_id, event)
+        raise
+
+
+def _fail_pending(client, experiment_id: str, event) -> None:
+    """Mark ``FAILED`` every logged model of this lineage and step still ``PENDING``: an upload
+    that will never finish. A registry that cannot be asked is a warning, never the run's end."""
+    import logging
+
+    from mlflow.entities import LoggedModelStatus
+
+    try:
+        found = client.search_logged_models(
+            experiment_ids=[experiment_id],
+            filter_string=f"tags.`wmtp.lineage` = '{event.run.lineage}' AND tags.`wmtp.step` = '{event.step}'")
+        for model in found:
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    except Exception as e:
+        logging.getLogger("wmtp").warning("could not mark the unfinished logged model of step %s failed: %s: %s",
+                                          event.step, type(e).__name__, redact.text(e))
 
 
 def _log_program(payload, event):

@@ -13,7 +13,7 @@ import attrs
 
 from wmtp_core import Manifest, PolicySpec, Role, hookimpl
 from wmtp_core.manifest import best
-from wmtp_core.validators import non_negative_int, positive_int
+from wmtp_core.validators import count, count_or_zero, shown
 
 
 def _named(validator):
@@ -23,13 +23,13 @@ def _named(validator):
         try:
             validator(instance, attribute, value)
         except ValueError as e:
-            raise ValueError(f"{attribute.name}: {value!r} is not accepted; {e}") from None
+            raise ValueError(f"{attribute.name}: {shown(value)} is not accepted; {e}") from None
 
     return check
 
 
-_positive = _named(positive_int)
-_non_negative = _named(non_negative_int)
+_positive = _named(count)
+_non_negative = _named(count_or_zero)
 
 
 @attrs.frozen

@@ -16,6 +16,7 @@ import yaml
 from wmtp_core import redact
 from wmtp_core.bounded import read_bounded
 from wmtp_core.errors import ConfigError
+from wmtp_core.validators import shown
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -29,7 +30,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             raise
         except (ValueError, TypeError, KeyError, OverflowError) as e:
             raise ConfigError(
-                f"{self.name}: line {node.start_mark.line + 1}: {node.value!r} cannot be read as "
+                f"{self.name}: line {node.start_mark.line + 1}: {shown(node.value)} cannot be read as "
                 f"{node.tag.rsplit(':', 1)[-1]} ({type(e).__name__}: {e})"
             ) from None
 
@@ -97,7 +98,7 @@ def parse_yaml(text: str, name: str = "<string>") -> dict[str, Any]:
     try:
         loader = _UniqueKeyLoader(text)  # refuses control characters already
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}: not valid YAML: {e}") from None
+        raise _yaml_error(name, text, e) from None
     loader.name = name
     try:
         node = loader.get_single_node()
@@ -105,7 +106,7 @@ def parse_yaml(text: str, name: str = "<string>") -> dict[str, Any]:
             _check_size(node, name)
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}: not valid YAML: {e}") from None
+        raise _yaml_error(name, text, e) from None
     except RecursionError:
         raise ConfigError(f"{name}: nested too deeply; at most {MAX_DEPTH} levels of mappings "
                           "and lists are accepted") from None
@@ -116,6 +117,33 @@ def parse_yaml(text: str, name: str = "<string>") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+_TAG = re.compile(r"could not determine a constructor for the tag '([^']*)'")
+
+
+def _yaml_error(name: str, text: str, e: yaml.YAMLError) -> ConfigError:
+    """PyYAML's error (three to five lines: the problem, the context, an excerpt with a caret)
+    as one line: the file, the line and column, what is wrong and what is accepted."""
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow, anywhere
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        char = chr(e.character) if isinstance(e.character, int) else str(e.character)
+        return ConfigError(f"{name}: line {line}, column {column}: the character {char!r} "
+                           f"(U+{ord(char):04X}) is not accepted; accepted: printable UTF-8 text, tabs "
+                           "and line breaks (write such a character as an escape in a double-quoted "
+                           "string, e.g. \"\\x07\")")
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{name}: line {mark.line + 1}, column {mark.column + 1}" if mark is not None else name
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    tag = _TAG.search(problem)
+    if tag:
+        shown_tag = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return ConfigError(f"{where}: the tag {shown_tag!r} is not accepted; accepted: plain YAML "
+                           "(mappings, lists, strings, numbers, true/false, null): a config never "
+                           "builds Python objects")
+    context = " ".join(str(getattr(e, "context", None) or "").split())
+    return ConfigError(f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else ""))
 
 
 def _check_size(root: yaml.Node, name: str) -> None:
@@ -164,7 +192,7 @@ def structure(cls: type, data: Any, *, source: str, path: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys, got {shown(data)}")
     attrs.resolve_types(cls)
     fields = {key_of(f): f for f in attrs.fields(cls)}
     unknown = [k for k in data if k not in fields]
@@ -200,7 +228,7 @@ def _field_error(cls: type, e: ValueError, data: Mapping, source: str, path: str
         try:  # the validator sees what attrs gives it: the value after the field's converter
             f.validator(None, f, f.converter(value) if f.converter is not None else value)
         except ValueError:
-            return ConfigError(f"{source}: {_join(path, key)}: {value!r} is not accepted; {msg}")
+            return ConfigError(f"{source}: {_join(path, key)}: {shown(value)} is not accepted; {msg}")
     return ConfigError(f"{source}: {path or 'top level'}: {msg}")
 
 
@@ -239,18 +267,18 @@ def _list(args: tuple, value: Any, *, source: str, path: str) -> list:
     if isinstance(value, str) and args and args[0] is str:
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list):
-        raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a list")
+        raise ConfigError(f"{source}: {path}: {shown(value)} is not accepted; expected a list")
     return [_value(args[0], v, source=source, path=f"{path}[{i}]") for i, v in enumerate(value)] if args else value
 
 
 def _mapping(args: tuple, value: Any, *, source: str, path: str) -> dict:
     """A mapping (of strings: each value checked)."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a mapping")
+        raise ConfigError(f"{source}: {path}: {shown(value)} is not accepted; expected a mapping")
     if args and args[1] is str:
         for k, v in value.items():
             if not isinstance(v, str):
-                raise ConfigError(f"{source}: {_join(path, k)}: {v!r} is not accepted; expected a string")
+                raise ConfigError(f"{source}: {_join(path, k)}: {shown(v)} is not accepted; expected a string")
     return dict(value)
 
 
@@ -258,25 +286,25 @@ def _scalar(tp: Any, value: Any, *, source: str, path: str, accepted: str) -> An
     """A bool, an integer, a number or a string as ``tp`` says (any other type: as it is)."""
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected true or false")
+            raise ConfigError(f"{source}: {path}: {shown(value)} is not accepted; expected true or false")
         return value
     if tp is int:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected an integer")
+            raise ConfigError(f"{source}: {path}: {shown(value)} is not accepted; expected an integer")
         return value
     if tp is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a number")
+            raise ConfigError(f"{source}: {path}: {shown(value)} is not accepted; expected a number")
         return float(value)
     if tp is str:
         also = f" ({accepted})" if accepted else ""
         if isinstance(value, bool):
             raise ConfigError(
-                f"{source}: {path}: {value!r} is not accepted; expected a string{also}. YAML reads a "
+                f"{source}: {path}: {shown(value)} is not accepted; expected a string{also}. YAML reads a "
                 "bare yes/no/on/off/true/false as a boolean: quote it, e.g. \"no\""
             )
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {path}: {value!r} is not accepted; expected a string{also}")
+            raise ConfigError(f"{source}: {path}: {shown(value)} is not accepted; expected a string{also}")
         return value
     return value
 

@@ -13,17 +13,20 @@ import attrs
 
 from wmtp_core.config import spellings
 from wmtp_core.validators import (
+    MAX_REPEATS,
+    MAX_ROWS,
+    MAX_SECONDS,
     check,
+    count,
+    count_or_null,
+    count_or_zero,
     fraction,
     int_range,
     is_int,
     is_number,
     non_negative,
-    non_negative_int,
     one_of,
-    optional_positive_int,
     positive,
-    positive_int,
 )
 
 UNUSED = {"unused": True}
@@ -63,14 +66,13 @@ def duration_seconds(value: Any) -> float | None:
     import re
 
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh])\s*", value) if isinstance(value, str) else None
-    if not m or float(m.group(1)) <= 0:
-        return None
-    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)] if m else 0.0
+    return seconds if 0 < seconds <= MAX_SECONDS else None
 
 
 @attrs.frozen
 class KeepBest:
-    k: int = attrs.field(validator=positive_int)
+    k: int = attrs.field(validator=count)
     """How many of the best committed checkpoints to keep."""
     monitor: str = "eval_loss"
     """The metric, as the run logs it (``eval_loss``, ``loss``...)."""
@@ -85,11 +87,11 @@ class Checkpoints:
                         "accepted: an fsspec URL such as file://./checkpoints or s3://bucket/prefix"),
     )
     """Where resume state lives: ``<base_path>/<run>/step_<N>/``. The protocol picks the resume sink."""
-    save_interval: int = attrs.field(default=25, validator=non_negative_int)
+    save_interval: int = attrs.field(default=25, validator=count_or_zero)
     """Save resume state every N steps (0: only at the end)."""
-    keep_last: int = attrs.field(default=2, validator=positive_int)
+    keep_last: int = attrs.field(default=2, validator=count)
     """Committed resume checkpoints kept per run; older ones are deleted after each commit."""
-    keep_every: int = attrs.field(default=0, validator=non_negative_int)
+    keep_every: int = attrs.field(default=0, validator=count_or_zero)
     """Also keep every checkpoint whose step is a multiple of this, forever (0: none)."""
     save_final: bool = True
     """Store the final model through the final role's sink at the end of the run."""
@@ -102,7 +104,7 @@ class Checkpoints:
     resumable with ``--resume latest``). ``[]``: off."""
     save_every: str | None = attrs.field(default=None, validator=check(
         lambda v: v is None or duration_seconds(v) is not None,
-        "accepted: a duration such as '90s', '30m' or '2h', or null"))
+        "accepted: a duration such as '90s', '30m' or '2h' (at most a year), or null"))
     """Also save when this much training time passed since the last save (beside ``save_interval``)."""
     keep_best: KeepBest | None = None
     """Also keep the ``k`` best committed checkpoints by a metric (null: none)."""
@@ -136,7 +138,7 @@ class Distributed:
     backend: str | None = attrs.field(default=None, converter=spellings.lower,
                                       validator=check(lambda v: v in (None, "gloo", "nccl"),
                                                       "accepted: gloo, nccl, or null (nccl on GPU, gloo on CPU)"))
-    timeout: int = attrs.field(default=1800, validator=positive_int)
+    timeout: int = attrs.field(default=1800, validator=int_range(1, MAX_SECONDS))
     """Seconds a collective may wait before the run fails."""
 
 
@@ -165,7 +167,7 @@ class Fsdp:
 class Devices:
     compute_backend: str = attrs.field(default="cpu", validator=one_of("cpu", "cuda", "mps", "auto"))
     mixed_precision: str = attrs.field(default="no", validator=one_of("no", "fp32", "bf16", "fp16"))
-    num_proc: int = attrs.field(default=1, validator=non_negative_int, metadata=UNUSED)
+    num_proc: int = attrs.field(default=1, validator=int_range(0, 4096), metadata=UNUSED)
     """Tokenizer processes (0: none); tokenization runs in the training process."""
     distributed: Distributed = attrs.field(factory=Distributed)
     fsdp: Fsdp = attrs.field(factory=Fsdp)
@@ -209,7 +211,7 @@ class Storage:
 class Config:
     project: str = "wmtp"
     seed: int = attrs.field(default=42, validator=int_range(0, 2**63 - 1))
-    log_interval: int = attrs.field(default=10, validator=positive_int)
+    log_interval: int = attrs.field(default=10, validator=count)
     """Print and evaluate every N steps."""
     paths: Paths = attrs.field(factory=Paths)
     mlflow: Mlflow | None = attrs.field(factory=Mlflow)
@@ -230,7 +232,7 @@ class Run:
 @attrs.frozen
 class EarlyStopping:
     enabled: bool = False
-    patience: int = attrs.field(default=3, validator=positive_int)
+    patience: int = attrs.field(default=3, validator=count)
     """Evaluations without improvement before the run stops."""
     min_delta: float = attrs.field(default=0.0, validator=non_negative)
     monitor: str = attrs.field(default="eval_loss", converter=spellings.monitor,
@@ -245,9 +247,9 @@ class Pretrain:
     """critic-wmtp stage 1: train the value head before the main loop."""
 
     enabled: bool = True
-    num_epochs: int = attrs.field(default=1, validator=positive_int, metadata=UNUSED)
+    num_epochs: int = attrs.field(default=1, validator=int_range(1, MAX_REPEATS), metadata=UNUSED)
     """Stage 1 runs ``max_steps`` steps (accepted for compatibility)."""
-    max_steps: int = attrs.field(default=20, validator=non_negative_int)
+    max_steps: int = attrs.field(default=20, validator=count_or_zero)
     lr: float = attrs.field(default=1e-3, validator=positive)
     save_value_head: bool = attrs.field(default=True, metadata=UNUSED)
     """The value head is always part of the resume state (accepted for compatibility)."""
@@ -258,10 +260,10 @@ class Pretrain:
 class Train:
     algo: str = attrs.field(default="baseline-mtp", validator=one_of("baseline-mtp", "rho1-wmtp", "critic-wmtp"))
     full_finetune: bool = attrs.field(default=True, metadata=UNUSED)
-    num_epochs: int = attrs.field(default=1, validator=positive_int)
-    max_steps: int | None = attrs.field(default=100, validator=optional_positive_int)
+    num_epochs: int = attrs.field(default=1, validator=int_range(1, MAX_REPEATS))
+    max_steps: int | None = attrs.field(default=100, validator=count_or_null)
     """Stop after this many optimiser steps (null: run ``num_epochs`` epochs)."""
-    grad_accum_steps: int = attrs.field(default=1, validator=positive_int)
+    grad_accum_steps: int = attrs.field(default=1, validator=int_range(1, MAX_REPEATS))
     """Micro-batches per optimiser step (the HF Trainer's ``gradient_accumulation_steps``): a step
     sees ``data.train.batch_size`` x ranks x this many rows, one micro-batch in memory at a time."""
     early_stopping: EarlyStopping = attrs.field(factory=EarlyStopping)
@@ -287,9 +289,8 @@ class Optim:
 class DataSplit:
     sources: list[str] = attrs.field(factory=lambda: ["stdlib"])
     """Names from ``paths.datasets``, or the built-in ``stdlib``."""
-    max_length: int = attrs.field(default=128, validator=check(lambda v: _int(v) and v >= 2,
-                                                               "accepted: an integer >= 2"))
-    batch_size: int = attrs.field(default=8, validator=positive_int)
+    max_length: int = attrs.field(default=128, validator=int_range(2, MAX_ROWS))
+    batch_size: int = attrs.field(default=8, validator=int_range(1, MAX_ROWS))
     pack_sequences: bool = True
 
 

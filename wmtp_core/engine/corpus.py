@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -220,13 +222,44 @@ def document_of(record: Any, where: str) -> str:
                     f"another accepted shape; accepted: {SHAPES}")
 
 
+_JSON_TOKENS = re.compile(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}\n]')
+
+
+def _too_deep(text: str, where: str, first: int = 1) -> DataError:
+    """A JSON text nested deeper than Python's parser follows (it raised ``RecursionError``), in
+    one line naming the line where its nesting is deepest (``first``: the text's first line)."""
+    depth = deepest = 0
+    line = at = first
+    for m in _JSON_TOKENS.finditer(text):
+        token = m.group()
+        if token == "\n":
+            line += 1
+        elif token in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, line
+        elif token in "]}":
+            depth -= 1
+    return DataError(f"{where} line {at}: JSON nested {deepest:,} levels deep cannot be read (Python's "
+                     f"parser stops near {sys.getrecursionlimit():,}); accepted: records nested at most a "
+                     f"few hundred levels deep, each {SHAPES}")
+
+
+def _loads(text: str, where: str, first: int = 1) -> Any:
+    """``json.loads``, with nesting too deep to parse refused in one line (:func:`_too_deep`)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _too_deep(text, where, first) from None
+
+
 def _records(text: str, path: str, where: str) -> Iterable[tuple[Any, str]]:
     """``(record, where)`` pairs of a JSON or JSON-lines file's text."""
     if path.endswith(".json"):
         head = text.lstrip()[:1]
         if head == "[":
             try:
-                items = json.loads(text)
+                items = _loads(text, where)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where} line {e.lineno} is not valid JSON ({e.msg})") from None
             if not isinstance(items, list):  # pragma: no cover - '[' always parses to a list
@@ -236,7 +269,7 @@ def _records(text: str, path: str, where: str) -> Iterable[tuple[Any, str]]:
             return
         if head == "{":  # one (possibly pretty-printed) object, or JSON lines
             try:
-                obj = json.loads(text)
+                obj = _loads(text, where)
             except json.JSONDecodeError:
                 pass
             else:
@@ -246,7 +279,7 @@ def _records(text: str, path: str, where: str) -> Iterable[tuple[Any, str]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = _loads(line, where, n)
         except ValueError as e:
             msg = getattr(e, "msg", str(e))
             raise DataError(f"{where} line {n} is not valid JSON ({msg})") from None
@@ -269,7 +302,11 @@ def documents(url: str, split: str, key: str, storage_options: Mapping[str, Any]
         text = raw.decode("utf-8-sig", errors="replace")
         if f.endswith(JSON_SUFFIXES):
             for rec, where in _records(text, f, f"{key}: {f}"):
-                doc = document_of(rec, where)
+                try:
+                    doc = document_of(rec, where)
+                except RecursionError:  # solutions JSON-encoded in a string, nested too deeply
+                    raise DataError(f"{where}: its 'solutions' are nested too deeply to read; "
+                                    f"accepted: {SHAPES}") from None
                 docs.append(doc)
                 total += len(doc.encode("utf-8"))
                 if max_bytes is not None and total >= max_bytes:

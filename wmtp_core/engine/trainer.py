@@ -203,10 +203,15 @@ class Trainer:
         ``save_interval`` steps, or once ``save_every`` of training time passed since the last
         save. ``stop()`` names a signal that asks the run to stop (preemption): the step is
         finished, every rank agrees on it, and the outcome is ``preempted`` at that step (the
-        caller commits it)."""
+        caller commits it). One that arrived before training began stops it before any step."""
         ckpt = self.settings.config.paths.checkpoints
         every = duration_seconds(ckpt.save_every) if ckpt.save_every else None
         out = Outcome(last_step=self.step)
+        if self.world.agree(0.0, stop() is not None)[1]:  # every rank: a signal while the run started
+            out.status = "preempted"
+            out.reason = f"preempted by {stop() or 'a signal to another rank'} before step {self.step + 1}"
+            out.losses = list(self.losses)
+            return self._finish(out)
         self.model.train()
         if self.step == 0 and isinstance(self.algo, CriticWMTP) and not self.algo.pretrained:
             self.pretrain_critic(on_step)
