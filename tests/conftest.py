@@ -14,6 +14,27 @@ import pytest
 # user's own setting wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def _memory_tmp() -> Path | None:
+    """A folder on /dev/shm (memory) for the suite's temporary files, where it has room: a test's
+    checkpoints are written, fsync'ed and read back many times, and on a real disk the fsyncs
+    alone cost about a tenth of the suite's time. Nothing the suite checks needs a disk (the
+    full-disk tests mount their own); ``--basetemp`` or a ``TMPDIR`` of the user's own wins."""
+    shm = Path("/dev/shm")
+    try:
+        room = os.statvfs(shm)
+    except OSError:
+        return None
+    if "TMPDIR" in os.environ or not os.access(shm, os.W_OK) or room.f_bavail * room.f_frsize < 8 << 30:
+        return None
+    return shm / f"wmtp-tests-{os.getuid()}"
+
+
+MEMORY_TMP = _memory_tmp() if "PYTEST_XDIST_WORKER" not in os.environ else None
+if MEMORY_TMP is not None:  # before tempfile first reads TMPDIR; the workers and their children inherit it
+    (MEMORY_TMP / "tmp").mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(MEMORY_TMP / "tmp")
+
 from wmtp_core import Manifest, Receipt, ResumableSink, Role, RunInfo
 from wmtp_core.manifest import FileEntry
 from wmtp_core.plugins import make_plugin_manager
@@ -299,6 +320,22 @@ LONGEST_FIRST = ("test_hf_models.py", "test_distributed.py", "test_campaign.py",
                  "test_third_party_plugin.py", "test_s3.py", "test_quarantine.py", "test_report_plot.py")
 """The modules that take longest (``--durations``), started first: the two workers each take a
 module at a time (``--dist loadscope``), so a long one started last would run alone at the end."""
+
+
+def pytest_configure(config):
+    if MEMORY_TMP is not None and config.option.basetemp is None:  # the controller's: workers get a folder in it
+        config.option.basetemp = str(MEMORY_TMP / "basetemp")
+
+
+def pytest_unconfigure(config):
+    if MEMORY_TMP is not None and getattr(config, "_wmtp_passed", False):  # memory given back; kept to debug a failure
+        import shutil
+
+        shutil.rmtree(MEMORY_TMP, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._wmtp_passed = exitstatus == 0
 
 
 def pytest_collection_modifyitems(items):

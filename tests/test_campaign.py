@@ -25,4 +25,4 @@ def test_every_kill_chain_was_tried(quick):
     _, tallies = quick
     tried = {name: t["tried"] for name, t in tallies.items()}
     kills = [n for n in tried if n.startswith("kills")]
-    assert len(kills) == 4 and all(tried[n] >= 2 for n in kills), tried
+    assert len(kills) == 4 and all(tried[n] >= 1 for n in kills), tried
