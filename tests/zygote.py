@@ -39,7 +39,14 @@ PRELOAD = ("torch", "torch.distributed.checkpoint", "torch._dynamo", "torch.expo
            "mlflow.store.tracking.sqlalchemy_workspace_store", "mlflow.store.model_registry.sqlalchemy_store",
            "mlflow.store.model_registry.sqlalchemy_workspace_store", "mlflow.pyfunc", "mlflow.tracing.export",
            "mlflow.tracing.processor.otel", "opentelemetry.sdk.metrics", "git", "rich.console",
-           "cryptography.hazmat.primitives.hashes")
+           "cryptography.hazmat.primitives.hashes",
+           # what a run with a Hugging Face model imports next (about 1.2 s a child): the auto
+           # classes (scikit-learn and scipy, through generation), GPT-2 (the tests' models), the
+           # pipelines MLflow's transformers flavor builds; and what exporting the byte-level model
+           # imports last
+           "transformers.models.auto.auto_factory", "transformers.generation.candidate_generator",
+           "transformers.modeling_layers", "transformers.models.gpt2.modeling_gpt2", "transformers.pipelines",
+           "transformers.initialization", "sympy.physics.units", "torch._inductor.ir")
 
 
 # ----------------------------------------------------------------------------------- the zygote
