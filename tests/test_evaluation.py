@@ -124,8 +124,15 @@ HOSTILE = {
 }
 
 
+NEEDS_NAMESPACES = ("writing outside its directory", "reading the parent's environment", "a daemon left behind")
+"""What only the namespaces stop (docs/evaluation.md: without them a program can write where its
+user can and leave processes that escape its group)."""
+
+
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_a_hostile_completion_is_a_failed_sample_and_changes_nothing_outside(name, tmp_path, monkeypatch):
+    if name in NEEDS_NAMESPACES and not sandbox.isolation()[0]:
+        pytest.skip(f"{name}: only the namespaces stop it, and this machine refuses them: {sandbox.isolation()[1]}")
     secret = "Zq-eval-secret-19"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     outside = tmp_path / "outside.txt"
