@@ -216,3 +216,23 @@ def test_a_samples_file_that_is_not_human_evals_format_is_one_line(tmp_path, cap
     code = wmtp(["evaluate", "--samples", other, "--tasks", "humaneval", "--allow-code-execution"])
     err = capsys.readouterr().err
     assert code == 2 and "samples for 1 problems the tasks do not hold (Mbpp/1)" in err, err
+
+
+@pytest.mark.skipif(not os.access("/dev/shm", os.W_OK), reason="no /dev/shm here")
+def test_a_temporary_folder_on_dev_shm_holds_the_program_and_the_rest_of_dev_shm_stays_read_only(monkeypatch):
+    import tempfile
+
+    base = tempfile.mkdtemp(dir="/dev/shm", prefix="wmtp-test-sandbox-")  # 0700: nobody cannot traverse it
+    monkeypatch.setattr(tempfile, "tempdir", base)
+    try:
+        outside = os.path.join(base, "outside.txt")
+        assert sandbox.run("open('inside.txt', 'w').write('ok')\n").passed
+        os.chmod(base, 0o777)  # anyone may write here: only the read-only mount stands in the way
+        outcome = sandbox.run(f"open({outside!r}, 'w').write('pwned')\n")
+        assert not os.path.exists(outside)
+        if sandbox.isolation()[0]:
+            assert not outcome.passed and "Read-only file system" in outcome.result, outcome
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)

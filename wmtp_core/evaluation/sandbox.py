@@ -8,8 +8,7 @@ files, processes) and a wall-clock timeout after which its whole group is killed
 discarded; the last :attr:`Limits.output` bytes of its standard error say why it failed.
 
 Where this machine allows it (``unshare`` as root), the program also gets its own network (none),
-PID and mount namespaces: the file system is read-only except its directory and a private
-``/dev/shm``, it runs as ``nobody`` (so the process limit binds), it cannot see or signal the
+PID and mount namespaces: the file system is read-only except its directory, it runs as ``nobody`` (so the process limit binds), it cannot see or signal the
 evaluator, and every process it started dies with it. Where it does not, :func:`isolation` says
 so and the report repeats it. What this does not protect against is in docs/evaluation.md: run
 untrusted models in a container.
@@ -30,11 +29,13 @@ import time
 import attrs
 
 NOBODY = 65534
-SHELL = ('set -e; mount --make-rprivate /; mount --bind "$1" "$1"; mount -o remount,bind,ro /; '
-         'mount -t tmpfs -o size=4m tmpfs /dev/shm; shift; '
-         f'exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --no-new-privs "$@"')
-"""Inside the namespaces: every mount private, the program's directory writable, the rest
-read-only, a fresh /dev/shm, then the program as ``nobody``."""
+SHELL = ('set -e; mount --make-rprivate /; mount --bind "$1" /mnt; '
+         'for m in / /dev/shm /tmp /var/tmp /run; do if mountpoint -q "$m"; then mount -o remount,bind,ro "$m"; fi; done; '
+         f'cd /mnt; shift; exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --no-new-privs "$@"')
+"""Inside the namespaces: every mount private; the program's directory bound at ``/mnt`` (so
+``nobody`` reaches it whatever its parents' modes), a mount of its own that stays writable; the
+root and the usual writable mounts (``/dev/shm``, ``/tmp``, ...) read-only; then the program as
+``nobody``, in ``/mnt``."""
 
 
 @attrs.frozen
@@ -83,11 +84,10 @@ def _limit(limits: Limits) -> None:  # in the child, before exec
 
 
 def _argv(folder: str, script: str) -> list[str]:
-    python = [sys.executable, "-I", "-B", script]
     if not isolation()[0]:
-        return python
+        return [sys.executable, "-I", "-B", script]
     return ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-            "sh", "-c", SHELL, "sh", folder, *python]
+            "sh", "-c", SHELL, "sh", folder, sys.executable, "-I", "-B", os.path.basename(script)]
 
 
 def run(program: str, limits: Limits = Limits()) -> Outcome:
