@@ -29,13 +29,25 @@ import time
 import attrs
 
 NOBODY = 65534
-SHELL = ('set -e; mount --make-rprivate /; mount --bind "$1" /mnt; '
-         'for m in / /dev/shm /tmp /var/tmp /run; do if mountpoint -q "$m"; then mount -o remount,bind,ro "$m"; fi; done; '
-         f'cd /mnt; shift; exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --no-new-privs "$@"')
-"""Inside the namespaces: every mount private; the program's directory bound at ``/mnt`` (so
-``nobody`` reaches it whatever its parents' modes), a mount of its own that stays writable; the
-root and the usual writable mounts (``/dev/shm``, ``/tmp``, ...) read-only; then the program as
-``nobody``, in ``/mnt``."""
+SHELL = ('set -e; mount --make-rprivate /; mount --bind "$1" /mnt; shift; '
+         'while [ "$1" != -- ]; do mount -o remount,bind,ro "$1"; shift; done; shift; '
+         f'cd /mnt; exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --no-new-privs "$@"')
+"""Inside the namespaces (``sh -c SHELL sh FOLDER MOUNT... -- PROGRAM...``): every mount private;
+the program's directory bound at ``/mnt`` (so ``nobody`` reaches it whatever its parents' modes),
+a mount of its own that stays writable; the root and the usual writable mounts (:data:`READ_ONLY`)
+read-only; then the program as ``nobody``, in ``/mnt``."""
+READ_ONLY = ("/", "/dev/shm", "/tmp", "/var/tmp", "/run")
+
+
+@functools.cache
+def _mounts() -> tuple[str, ...]:
+    """Those of :data:`READ_ONLY` that are mount points here (read once, not per program)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            points = {line.split()[4] for line in f if len(line.split()) > 4}
+    except OSError:
+        points = {"/"}
+    return tuple(m for m in READ_ONLY if m in points)
 
 
 @attrs.frozen
@@ -67,7 +79,7 @@ def isolation() -> tuple[bool, str]:
         return False, ("process group and resource limits only: no network, PID or mount namespace "
                        "(needs root and util-linux's unshare and setpriv); run untrusted models in a container")
     probe = subprocess.run(["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-                            "sh", "-c", SHELL, "sh", tempfile.gettempdir(), "true"],
+                            "sh", "-c", SHELL, "sh", tempfile.gettempdir(), *_mounts(), "--", "true"],
                            capture_output=True, text=True, timeout=30)
     if probe.returncode != 0:
         return False, f"process group and resource limits only: namespaces refused ({probe.stderr.strip()[:200]})"
@@ -75,7 +87,17 @@ def isolation() -> tuple[bool, str]:
                   "run as nobody, process group and resource limits")
 
 
-def _limit(limits: Limits) -> None:  # in the child, before exec
+def _limits(limits: Limits) -> list[str]:
+    """util-linux's ``prlimit`` in front of the program: the limits set without a ``preexec_fn``,
+    so the evaluator starts each program with ``vfork`` rather than copying its own address space."""
+    if not shutil.which("prlimit"):
+        return []
+    cpu = int(limits.timeout) + 2
+    return ["prlimit", f"--cpu={cpu}", f"--as={limits.memory}", f"--fsize={limits.file_size}",
+            f"--nofile={limits.open_files}", f"--nproc={limits.processes}", "--core=0", "--"]
+
+
+def _limit(limits: Limits) -> None:  # in the child, before exec, where prlimit is missing
     cpu = int(limits.timeout) + 2
     for what, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, limits.memory),
                         (resource.RLIMIT_FSIZE, limits.file_size), (resource.RLIMIT_NOFILE, limits.open_files),
@@ -87,7 +109,7 @@ def _argv(folder: str, script: str) -> list[str]:
     if not isolation()[0]:
         return [sys.executable, "-I", "-B", script]
     return ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
-            "sh", "-c", SHELL, "sh", folder, sys.executable, "-I", "-B", os.path.basename(script)]
+            "sh", "-c", SHELL, "sh", folder, *_mounts(), "--", sys.executable, "-I", "-B", os.path.basename(script)]
 
 
 def run(program: str, limits: Limits = Limits()) -> Outcome:
@@ -102,9 +124,10 @@ def run(program: str, limits: Limits = Limits()) -> Outcome:
         t0 = time.perf_counter()
         # stderr into a file the parent opened: bounded by the file-size limit, never by memory
         with open(os.path.join(folder, ".stderr"), "w+b") as err:
-            proc = subprocess.Popen(_argv(folder, script), cwd=folder, env=env, stdin=subprocess.DEVNULL,
+            prlimit = _limits(limits)
+            proc = subprocess.Popen([*prlimit, *_argv(folder, script)], cwd=folder, env=env, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                    preexec_fn=functools.partial(_limit, limits))
+                                    preexec_fn=None if prlimit else functools.partial(_limit, limits))
             try:
                 code = proc.wait(timeout=limits.timeout)
             except subprocess.TimeoutExpired:
