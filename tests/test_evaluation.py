@@ -146,12 +146,13 @@ def test_a_hostile_completion_is_a_failed_sample_and_changes_nothing_outside(nam
     assert sandbox.run("assert 1 + 1 == 2\n").passed, "the evaluator goes on"
 
 
-def test_where_namespaces_are_refused_the_report_says_so():
+def test_the_report_says_which_isolation_the_programs_get():
     isolated, how = sandbox.isolation()
-    if os.geteuid() == 0:
-        assert isolated, how
-    else:
-        assert "no network, PID or mount namespace" in how
+    if isolated:
+        assert how.startswith("own network (none), PID and mount namespaces"), how
+    else:  # not root, no unshare, or namespaces refused: said, with the reason
+        assert how.startswith("process group and resource limits only: "), how
+        assert os.geteuid() != 0 or "namespaces refused" in how or "needs root" in how, how
 
 
 # ----------------------------------------------------------------------------- wmtp evaluate
