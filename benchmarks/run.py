@@ -19,6 +19,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import evaluation  # noqa: E402
 import hf  # noqa: E402
 import preempt  # noqa: E402
 import scale  # noqa: E402
@@ -35,6 +36,7 @@ SUITES = {
     "hf": hf.bench_hf,
     "padding": hf.bench_padding,
     "preempt": preempt.bench_preempt,
+    "executor": evaluation.bench_executor,
 }
 
 
