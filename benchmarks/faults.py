@@ -920,6 +920,24 @@ def _line(t: Tally) -> str:
             + (f" ({t.notes[0]})" if t.notes else ""))
 
 
+def standalone(scenario: Callable, name: str, argv: list[str] | None, seed: int = 20261204) -> int:
+    """A hostile-input module run by itself (``python benchmarks/hostile_<name>.py [--rounds N]
+    [--seed S]``): its scenario in a temporary folder, one line a tally, exit 0 when every try
+    survived."""
+    p = argparse.ArgumentParser(description=f"the {name} scenario of the reliability campaign, alone")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--seed", type=int, default=seed)
+    a = p.parse_args(argv)
+    out = Path(tempfile.mkdtemp(prefix=f"wmtp-hostile-{name}-"))
+    try:
+        tallies = scenario(a.rounds, out, random.Random(a.seed), print)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    for t in tallies:
+        print("; ".join([_line(t), *t.notes[1:]]))  # _line names the first note
+    return 0 if all(t.survived == t.tried for t in tallies) else 1
+
+
 FULL = {"kills": 200, "s3_runs": 6, "rates": [0.02, 0.1, 0.3], "disk_runs": 4, "configs": 1000, "crafted": 2,
         "gc": 3, "models": 3, "hostile-configs": 3, "signals": 3}
 QUICK = {"kills": 4, "calibrate": False, "s3_runs": 1, "rates": [0.1], "disk_runs": 1, "configs": 30, "crafted": 0.35,

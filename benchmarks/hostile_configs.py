@@ -20,7 +20,6 @@ must pass: a refusal of one is counted as "legitimate runs refused".
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -34,7 +33,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from faults import Tally, forked  # noqa: E402
+from faults import Tally, standalone, forked  # noqa: E402
 
 RECIPE = {"run": {"name": "hostile"}, "train": {"max_steps": 4},
           "optim": {"lr": 0.003, "scheduler": "constant", "warmup_ratio": 0.0},
@@ -180,16 +179,7 @@ def scenario_hostile_configs(rounds: int, out: Path, rng: random.Random, log) ->
 
 
 def cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--seed", type=int, default=20261204)
-    a = p.parse_args(argv)
-    out = Path(tempfile.mkdtemp(prefix="wmtp-hostile-configs-"))
-    (tally,) = scenario_hostile_configs(a.rounds, out, random.Random(a.seed), print)
-    print(f"{tally.scenario}: {tally.survived}/{tally.tried} survived, tracebacks {tally.tracebacks}, "
-          f"hangs {tally.hangs}; " + "; ".join(tally.notes))
-    shutil.rmtree(out, ignore_errors=True)
-    return 0 if tally.survived == tally.tried else 1
+    return standalone(scenario_hostile_configs, "configs", argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ launch finishes (exit 0); it must then have stored its final model.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -35,7 +34,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from faults import Tally, in_child  # noqa: E402
+from faults import Tally, standalone, in_child  # noqa: E402
 
 HANG_S = 240.0
 KEEP_LAST = 2
@@ -236,16 +235,7 @@ def scenario_hostile_signals(rounds: int, out: Path, rng: random.Random, log) ->
 
 
 def cli(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--seed", type=int, default=20261204)
-    a = p.parse_args(argv)
-    out = Path(tempfile.mkdtemp(prefix="wmtp-hostile-signals-"))
-    (tally,) = scenario_hostile_signals(a.rounds, out, random.Random(a.seed), print)
-    print(f"{tally.scenario}: {tally.survived}/{tally.tried} survived, lost {tally.lost}, torn {tally.torn}, "
-          f"tracebacks {tally.tracebacks}, hangs {tally.hangs}; " + "; ".join(tally.notes))
-    shutil.rmtree(out, ignore_errors=True)
-    return 0 if tally.survived == tally.tried else 1
+    return standalone(scenario_hostile_signals, "signals", argv)
 
 
 if __name__ == "__main__":
