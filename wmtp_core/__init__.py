@@ -26,6 +26,7 @@ from wmtp_core.errors import (
 )
 from wmtp_core.events import (
     CheckpointEmitted,
+    CheckpointEvaluated,
     LoadedModel,
     Payload,
     Receipt,
@@ -58,6 +59,7 @@ __all__ = [
     "ALONE",
     "BindingError",
     "CheckpointEmitted",
+    "CheckpointEvaluated",
     "CheckpointError",
     "CheckpointStore",
     "ConfigError",

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from wmtp_core import eval_records
 from wmtp_core.conditional import ConditionalWrites
 from wmtp_core.errors import CheckpointError
 from wmtp_core.hashing import HASH, HashingWriter, digest_path, durable_digest, fsync, in_background, landed_size
@@ -322,6 +323,7 @@ class CheckpointStore(Reading, Verifying, Leftovers, ConditionalWrites):
         except FileNotFoundError:
             pass
         self.fs.rm(path, recursive=True)
+        eval_records.remove(self.fs, path)  # what an evaluation recorded of it (if anything)
 
 
 def protocol_of(fs: fsspec.AbstractFileSystem) -> str:

@@ -142,6 +142,28 @@ class Receipt:
 
 
 @attrs.frozen
+class CheckpointEvaluated:
+    """A committed checkpoint, final model or model folder was evaluated on code tasks
+    (``wmtp evaluate``, or a run's ``eval:`` section in the background)."""
+
+    uri: str
+    """What was evaluated: a checkpoint directory URI, ``models:/NAME/VERSION`` or a folder."""
+    step: int | None
+    """The step of its weights (``None``: not a WMTP checkpoint)."""
+    metrics: Mapping[str, float] = attrs.field(factory=dict, converter=_view, hash=False)
+    """``eval/<task>/pass_at_<k>`` (and ``eval/tokens_per_forward`` with speculative decoding)."""
+    role: Role | None = None
+    lineage: str | None = None
+    """The run lineage that produced it: its MLflow run receives the metrics."""
+    run: RunInfo | None = None
+    """The run in progress, when the run's own evaluation reports (``None``: ``wmtp evaluate``)."""
+    mlflow: Mapping[str, Any] = attrs.field(factory=dict, converter=_view, hash=False)
+    """The ``mlflow`` config section, for a plugin that reports outside a run."""
+    error: str = ""
+    """One line when the evaluation failed (``metrics`` is then empty)."""
+
+
+@attrs.frozen
 class RunEnded:
     run: RunInfo
     status: RunStatus = attrs.field(converter=RunStatus)

@@ -11,7 +11,9 @@ import json
 import os
 import re
 import shutil
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Mapping
+
+from wmtp_core import eval_records
 
 from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
 from wmtp_core.errors import CheckpointError, CorruptError, SaveError, first_line
@@ -262,6 +264,15 @@ class FileSink(ResumableSink):
     def quarantined(self) -> list[tuple[str, str]]:
         """This run's quarantined checkpoints as ``(uri, reason)``."""
         return [(self.checkpoints.uri(i.path), i.problem) for i in self.checkpoints.quarantined(self.run)]
+
+    def record_evaluation(self, uri: str, metrics: Mapping[str, float]) -> bool:
+        """The record beside the run's checkpoints (:mod:`wmtp_core.eval_records`)."""
+        path = self._path(uri)
+        eval_records.write(self.checkpoints.fs, path, self.checkpoints.read_manifest(path), metrics)
+        return True
+
+    def evaluations(self) -> dict[tuple[int, str], dict[str, float]]:
+        return eval_records.read(self.checkpoints.fs, self.checkpoints.run_dir(self.run))
 
     def lease_store(self) -> CheckpointStore:
         """Where the run's lease lives (:mod:`wmtp_core.lease`): beside its checkpoints."""

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from wmtp_core.catalog import PolicySpec, SinkSpec
     from wmtp_core.events import (
         CheckpointEmitted,
+        CheckpointEvaluated,
         LoadedModel,
         Receipt,
         RunEnded,
@@ -122,6 +123,18 @@ def wmtp_checkpoint_deleted(receipt: Receipt) -> None:
     """A retention policy removed a committed checkpoint.
 
     :param receipt: the receipt of the checkpoint that no longer exists.
+    """
+
+
+@hookspec
+def wmtp_checkpoint_evaluated(event: CheckpointEvaluated) -> None:
+    """A checkpoint or model was evaluated on code tasks, or its evaluation failed.
+
+    Called on the training process (rank 0) once its background evaluation reports, and by
+    ``wmtp evaluate`` with a config. The tracking plugin logs the metrics at ``event.step`` to
+    the lineage's MLflow run; the registry plugin tags a ``models:/`` version with them.
+
+    :param event: what was evaluated, at which step, and its ``eval/<task>/pass_at_<k>``.
     """
 
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import attrs
 import pluggy
 
-from wmtp_core import report
+from wmtp_core import evaluating, report
 from wmtp_core.bindings import Bindings, build_policies, validate
 from wmtp_core.catalog import Catalog
 from wmtp_core.commit import check_run_name
@@ -107,6 +107,7 @@ def preflight(pm: pluggy.PluginManager, *, config: str | None = None, recipe: st
     required = required_roles(settings)
     bindings = validate(bindings, catalog, required)
     _check_final_from(settings)
+    evaluating.check(settings)
     policies = build_policies(bindings, catalog)
     name = run_name_for(settings, run_name)
     tag_map = parse_tags(settings.recipe.run.tags, tags)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import attrs
 import pluggy
 
+from wmtp_core import eval_records
 from wmtp_core.asyncsave import AsyncStats, BackgroundSaver
 from wmtp_core.bindings import Bindings, build_policies, build_sink, validate
 from wmtp_core.catalog import Catalog
@@ -73,6 +74,10 @@ class Router:
         self._lock = threading.Lock()
         self._opened = False
         self._saver = BackgroundSaver()
+        self._pinned: set[int] = set()
+        self.ranks_by_records = False
+        """Retention ranks by evaluation records too (:mod:`wmtp_core.eval_records`): set by a
+        run whose checkpoints are evaluated in the background."""
 
     # -- life cycle ------------------------------------------------------------------------
     def open(self) -> Router:
@@ -83,6 +88,22 @@ class Router:
                                              coordinator=self.coordinator)
         self._opened = True
         return self
+
+    def pin(self, step: int) -> None:
+        """Retention spares this run's checkpoint of ``step`` until :meth:`unpin` (its
+        evaluation is pending: ``keep_best`` cannot rank it yet)."""
+        with self._lock:
+            self._pinned.add(step)
+
+    def unpin(self, step: int) -> None:
+        with self._lock:
+            self._pinned.discard(step)
+
+    def retain(self, role: Role) -> None:
+        """Apply the role's retention again (after evaluations unpinned checkpoints, or recorded
+        the metrics ``keep_best`` ranks by), in the background like the pruning after a commit."""
+        if role in self._policies:
+            self._pending.append(self._pruner.submit(self._prune, role))
 
     def sink(self, role: Role) -> Any:
         try:
@@ -234,8 +255,12 @@ class Router:
         committed = [(u, m) for u, m in sink.committed() if m.lineage == self.run.lineage]
         if not committed:
             return
+        if self.ranks_by_records:
+            committed = eval_records.merged(committed, sink.evaluations())
         newest = max(m.step for _, m in committed)
-        keep = {(self.run.name, newest)} | set(self.protected)
+        with self._lock:
+            pinned = {(self.run.name, step) for step in self._pinned}
+        keep = {(self.run.name, newest)} | set(self.protected) | pinned
         chosen = set(policy.select([m for _, m in committed]))
         name = self.bindings.sink_for(role).sink
         for uri, m in committed:

@@ -37,6 +37,7 @@ from wmtp_core.events import (
     StepEnded,
 )
 from wmtp_core.manifest import best, metric_of
+from wmtp_core import eval_records, evaluating
 from wmtp_core.plan import Plan
 from wmtp_core.exits import EXIT_NOT_REGISTERED, EXIT_OK
 from wmtp_core.preemption import Preemption
@@ -91,6 +92,7 @@ class RunSession:
         """This run's lease on its resume storage (rank 0 holds it for the job)."""
         self.world: Any = None
         self.summary: Summary | None = None
+        self.evals: Any = evaluating.NoEvaluation()
         """What the run did, once :meth:`run` returned (``None`` if it stopped before training)."""
 
     def _phase(self, name: str, t0: float) -> float:
@@ -139,6 +141,7 @@ class RunSession:
         self.last_saved = trainer.step if run.resumed_from else -1
         t = self._phase("restore", t)
         self._start(router, run, trainer, bindings)
+        self.evals = evaluating.begin(self.plan, router, self.pm, run, self.err, world)
         self._phase("start", t)
         return self._train_to_the_end(trainer, router, run)
 
@@ -190,8 +193,11 @@ class RunSession:
                 why = "preempted" if ending.status is RunStatus.PREEMPTED else "last"
                 self._checkpoint(trainer, router, trainer.step, outcome.metrics, why)
                 router.wait()  # the last step's resume state is durable before the final model
+            if ending.code == EXIT_OK:  # every pending evaluation in before the best is chosen
+                self.evals.before_final()
             if ending.code == EXIT_OK and Role.FINAL in self.plan.required:
                 ending = self._store_final(trainer, router, outcome, ending)  # never while preempted
+                self.evals.after_final(router.receipts)
             router.wait()
             t = self._phase("final", t)
         except SaveError as e:
@@ -226,6 +232,7 @@ class RunSession:
 
     def _end(self, router: Router, run: RunInfo, trainer: Any, outcome: Any, ending: Ending) -> Ending:
         try:
+            self.evals.close()
             router.close()
         except SaveError as e:
             ending = Ending.failed(str(e))
@@ -383,7 +390,8 @@ class RunSession:
         world, sink = trainer.world, router.sink(Role.RESUME)
         choice = None
         if world.is_main:
-            mine = [(u, m) for u, m in sink.committed() if m.lineage == router.run.lineage]
+            mine = eval_records.merged([(u, m) for u, m in sink.committed() if m.lineage == router.run.lineage],
+                                       sink.evaluations() if router.ranks_by_records else {})
             top = best([m for _, m in mine], keep.monitor, keep.mode)
             if top:
                 choice = (next(u for u, m in mine if m is top[0]), top[0].step, metric_of(top[0], keep.monitor),

@@ -141,6 +141,19 @@ class ResumableSink(Sink):
         """This run's quarantined checkpoints as ``(uri, reason)``. Default: ``[]``."""
         return []
 
+    def record_evaluation(self, uri: str, metrics: Mapping[str, float]) -> bool:
+        """Keep the metrics of an evaluation of the committed checkpoint ``uri`` that finished
+        after it committed (a committed manifest is never rewritten), so that ``keep_best`` and
+        ``storage.final.from: best`` can rank by them; on rank 0, off the training loop. Returns
+        whether they were kept. Default: ``False`` (the metrics still reach MLflow; retention
+        ranks by what the manifests record)."""
+        return False
+
+    def evaluations(self) -> dict[tuple[int, str], dict[str, float]]:
+        """What :meth:`record_evaluation` kept for this run, as ``{(step, lineage): metrics}``.
+        Default: ``{}``."""
+        return {}
+
     def lease_store(self) -> CheckpointStore | None:
         """The store that holds the run's lease (one writer per run, :mod:`wmtp_core.lease`).
         Default: ``None`` (no lease: the sink cannot make the conditional writes it needs)."""

@@ -122,3 +122,20 @@ class OptionalOperations:
             held = [(h.role, h.step) for h in sink.held(run.name, {run.lineage})]
         for role, step in stored:  # a step of None: the sink cannot tell it
             assert (role, step) in held or (role, None) in held, f"held() lists {held}, stored {sorted(stored)}"
+
+    def test_record_evaluation_keeps_metrics_beside_a_checkpoint_without_touching_it(self, tmp_path: Path):
+        """``record_evaluation(uri, metrics)`` and ``evaluations()``, when overridden: the metrics
+        come back under the checkpoint's step and lineage, the checkpoint still loads as stored
+        (its manifest untouched), and deleting it forgets them."""
+        self.require(Role.RESUME)
+        run = self.run_info()
+        with self.opened(tmp_path, Role.RESUME, run) as sink:
+            self.overriding(sink, "record_evaluation")
+            payload, receipt = self.store(sink, run, Role.RESUME, 6)
+            before = dict(sink.committed())[receipt.uri]
+            assert sink.record_evaluation(receipt.uri, {"eval/mbpp/pass_at_1": 0.25}) is True
+            assert sink.evaluations() == {(6, run.lineage): {"eval/mbpp/pass_at_1": 0.25}}
+            assert dict(sink.committed())[receipt.uri] == before, "recording changed the committed manifest"
+            sink.load(receipt.uri)  # still verifies
+            sink.delete(receipt.uri)
+            assert sink.evaluations() == {}, "the record outlived its checkpoint"

@@ -381,3 +381,27 @@ def wmtp_load_model(uri, mlflow_config):
     configure(mlflow_config or {})
     weights, config, folder = _safe_models.load(uri)
     return LoadedModel(weights=weights, model_config=config, source=uri, folder=folder)
+
+
+@hookimpl
+def wmtp_checkpoint_evaluated(event):
+    """A registered version that was evaluated carries its pass@k as version tags
+    (``eval/mbpp/pass@1``: the value); evaluated by ``wmtp evaluate`` (no run in progress),
+    its metrics also go to the MLflow run that registered it, at the version's step."""
+    if not event.uri.startswith("models:/") or not event.metrics:
+        return
+    import mlflow
+    from mlflow.entities import Metric
+
+    configure(event.mlflow or {})
+    name, _, version = event.uri.removeprefix("models:/").partition("/")
+    client = mlflow.MlflowClient()
+    if not version.isdigit():  # models:/NAME/latest
+        version = str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+    found = client.get_model_version(name, version)
+    for key, value in sorted(event.metrics.items()):
+        client.set_model_version_tag(name, found.version, key, f"{float(value):.6g}")
+    if event.run is None and found.run_id:
+        step = int((found.tags or {}).get("wmtp.step") or 0)
+        now = int(__import__("time").time() * 1000)
+        client.log_batch(found.run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(event.metrics.items())])

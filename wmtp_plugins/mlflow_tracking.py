@@ -160,6 +160,37 @@ class MlflowTracking:
             self._send_or_keep(receipt.step)
 
     @hookimpl
+    def wmtp_checkpoint_evaluated(self, event):
+        """The run's background evaluation (kept and sent like any metric, at the checkpoint's
+        step; the final model's as ``final_eval/...``; a failure as the tag ``wmtp.eval.failed``),
+        or ``wmtp evaluate`` with a config: logged into the MLflow run of the checkpoint's lineage."""
+        from mlflow.entities import Metric
+
+        if event.step is None:
+            return
+        prefix = "final_" if event.role is not None and event.role.value == "final" else ""
+        now = int(time.time() * 1000)
+        values = [Metric(prefix + k, float(v), now, event.step) for k, v in sorted(event.metrics.items())]
+        if self.run_id is not None and event.run is not None:
+            with self._lock:
+                self._buffer.extend(values)
+                if event.error:
+                    self._tags["wmtp.eval.failed"] = redact.text(f"step {event.step}: {event.error}")[:5000]
+            if self._outage is None:
+                self._send_or_keep(event.step)
+            return
+        if event.run is None and event.lineage and event.mlflow and values:
+            import mlflow
+
+            configure(event.mlflow)
+            found = lineage_run(event.lineage)
+            if found is None:
+                log.warning("tracking: no MLflow run of lineage %s to log the evaluation of %s into",
+                            event.lineage, redact.text(event.uri))
+                return
+            mlflow.MlflowClient().log_batch(found.info.run_id, metrics=values)
+
+    @hookimpl
     def wmtp_checkpoint_deleted(self, receipt):
         with self._lock:
             self._deleted.append((receipt, max(self._newest.get(receipt.role, receipt.step), receipt.step)))

@@ -43,6 +43,7 @@ from wmtp_core import (
     StorageError,
     hookimpl,
 )
+from wmtp_core import eval_records
 from wmtp_core.commit import CheckpointState, step_dirname, verified_copy
 from wmtp_core.errors import first_line
 from wmtp_core.hashing import fsync
@@ -192,6 +193,23 @@ class TieredSink(ResumableSink):
     def quarantined(self) -> list[tuple[str, str]]:
         """Quarantined checkpoints of this run in either tier, as ``(uri, reason)``."""
         return self.fast.quarantined() + self.durable.quarantined()
+
+    def record_evaluation(self, uri: str, metrics) -> bool:
+        """On the durable tier, beside the durable copies (the URIs :meth:`committed` lists),
+        whether or not this step's copy landed there yet."""
+        step = self._own_step(uri)
+        manifest = next((m for s, m in ((m.step, m) for _, m in self.committed()) if s == step), None)
+        if manifest is None:
+            raise CheckpointError(f"{uri} is not a committed checkpoint of run {self.run!r}")
+        store = self.durable.checkpoints
+        eval_records.write(store.fs, store.path_of(self.run, step_dirname(step)), manifest, metrics)
+        return True
+
+    def evaluations(self) -> dict:
+        """The durable tier's records of the checkpoints :meth:`committed` lists (a durable copy
+        retention deleted may be held a while longer, its record with it)."""
+        steps = {m.step for _, m in self.committed()}
+        return {key: v for key, v in self.durable.evaluations().items() if key[0] in steps}
 
     def lease_store(self):
         """The run's lease lives on the durable tier, the one every host of a job shares."""

@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from wmtp_core.config import spellings
+from wmtp_core.config.eval_schema import EvalSection
 from wmtp_core.validators import (
     MAX_REPEATS,
     MAX_ROWS,
@@ -360,15 +361,6 @@ class ModelSection:
 
 
 @attrs.frozen
-class EvalSection:
-    """The origin's post-training generation benchmarks (accepted for compatibility)."""
-
-    protocol: str = ""
-    sampling: dict[str, Any] = attrs.field(factory=dict)
-    metrics: list[str] = attrs.field(factory=list)
-
-
-@attrs.frozen
 class Recipe:
     run: Run = attrs.field(factory=Run)
     pretrain: Pretrain = attrs.field(factory=Pretrain)
@@ -379,6 +371,5 @@ class Recipe:
     critic: Critic = attrs.field(factory=Critic)
     rho1: Rho1 = attrs.field(factory=Rho1)
     model: ModelSection = attrs.field(factory=ModelSection)
-    eval: EvalSection | None = attrs.field(default=None, metadata=UNUSED)
-    """Generation benchmarks after training (the origin's ``eval:``): accepted for compatibility;
-    WMTP reports eval_loss on ``data.eval`` instead."""
+    eval: EvalSection | None = None
+    """pass@k on code tasks while the run trains and of its final model (null: none)."""

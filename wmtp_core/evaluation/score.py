@@ -88,16 +88,21 @@ def score(samples: list[tuple[str, str]], problems: Mapping[str, tasks.Problem],
                           f"{', ...' if len(unknown) > 3 else ''}); accepted: task ids of --tasks "
                           "(HumanEval/<n>, Mbpp/<task_id>)")
 
-    def one(tid: str, completion: str) -> Sample:
-        text = tasks.truncate(completion, task_of(tid)) if cut else completion
-        outcome = sandbox.run(problems[tid].program(text), limits)
-        sample = Sample(tid, text, outcome.passed, outcome.result, round(outcome.seconds, 4))
+    def run(tid: str, completion: str) -> Sample:
+        sample = one(tid, completion, problems[tid], limits, cut)
         if done is not None:
             done(sample)
         return sample
 
     with cf.ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="wmtp-eval") as pool:
-        return list(pool.map(lambda s: one(*s), samples))
+        return list(pool.map(lambda s: run(*s), samples))
+
+
+def one(tid: str, completion: str, problem: tasks.Problem, limits: sandbox.Limits, cut: bool = True) -> Sample:
+    """One completion of ``problem`` run in the sandbox (cut at its task's stops first)."""
+    text = tasks.truncate(completion, task_of(tid)) if cut else completion
+    outcome = sandbox.run(problem.program(text), limits)
+    return Sample(tid, text, outcome.passed, outcome.result, round(outcome.seconds, 4))
 
 
 def summary(results: list[Sample], ks: Iterable[int]) -> dict:
