@@ -195,7 +195,9 @@ def test_wmtp_evaluate_canonical_prints_a_table_for_the_mbpp_folder(tmp_path, ca
 @pytest.mark.parametrize("argv, words", [
     (["--canonical", "--tasks", "humaneval"], "accepted: --allow-code-execution"),
     (["--canonical", "--tasks", "mbpp", "--allow-code-execution"], "task mbpp: no MBPP data; accepted: --mbpp"),
-    (["--canonical", "--tasks", "codecontests", "--allow-code-execution"], "--tasks codecontests: not a task"),
+    (["--canonical", "--tasks", "codecontests", "--allow-code-execution"],
+     "task codecontests: no CodeContests data; accepted: --codecontests PATH"),
+    (["--canonical", "--tasks", "contests", "--allow-code-execution"], "--tasks contests: not a task"),
     (["--canonical", "--tasks", "humaneval", "--k", "0", "--allow-code-execution"], "--k 0: '0' is not"),
     (["--canonical", "--tasks", "humaneval", "--k", "2", "--allow-code-execution", "--limit", "1"],
      "--k 2: HumanEval/0 has 1 samples"),
@@ -237,3 +239,72 @@ def test_a_temporary_folder_on_dev_shm_holds_the_program_and_the_rest_of_dev_shm
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+CONTESTS = [
+    {"name": "1_sum", "description": "Read two integers a and b; print a + b.",
+     "public_tests": {"input": ["1 2\n"], "output": ["3\n"]},
+     "private_tests": {"input": ["5 7\n", "-3 3\n"], "output": ["12\n", "0\n"]},
+     "generated_tests": {"input": [], "output": []},
+     "solutions": {"language": [2, 3], "solution": ["int main(){}", "a, b = map(int, input().split())\nprint(a + b)\n"]}},
+    {"name": "2_lines", "description": "Read n, then n words; print them in reverse order, one a line.",
+     "public_tests": {"input": ["2\nx\ny\n"], "output": ["y\nx\n"]}, "private_tests": {"input": [], "output": []},
+     "generated_tests": {"input": ["3\na\nb\nc\n"], "output": ["c\nb\na\n"]},
+     "solutions": {"language": [3], "solution": [
+         "import sys\ndata = sys.stdin.buffer.read().split()\nfor w in reversed(data[1:int(data[0]) + 1]):\n"
+         "    print(w.decode())\n"]}},
+]
+
+
+def test_codecontests_programs_run_on_each_tests_standard_input_and_the_origins_placeholders_are_refused(
+        tmp_path, capsys):
+    folder = tmp_path / "contests"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CONTESTS))
+    problems = score.resolve(["codecontests"], None, str(folder))
+    assert sorted(problems) == ["CodeContests/1_sum", "CodeContests/2_lines"]
+    assert problems["CodeContests/1_sum"].prompt.startswith('"""\nRead two integers a and b; print a + b.\n"""\n')
+    flags = ["--tasks", "codecontests", "--codecontests", str(folder), "--allow-code-execution", "--json"]
+    assert wmtp(["evaluate", "--canonical", *flags]) == 0  # Python 3's solution, not the C++ one
+    assert json.loads(capsys.readouterr().out)["tasks"]["codecontests"]["pass@k"]["1"] == 1.0
+    # right on the public test only, wrong on the private ones that decide
+    samples = _write(tmp_path / "s.jsonl", [("CodeContests/1_sum", "print(3)\n"),
+                                            ("CodeContests/2_lines", 'print("y")\nprint("x")\n')])
+    assert wmtp(["evaluate", "--samples", samples, "--out", str(tmp_path / "o.jsonl"), *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"]["codecontests"]["pass@k"]["1"] == 0.0
+    assert all("wrong output" in json.loads(x)["result"] for x in (tmp_path / "o.jsonl").read_text().splitlines())
+    origin = Path(__file__).resolve().parents[2] / "shared" / "origin-files" / "tests" / "test_dataset" / "contest"
+    assert wmtp(["evaluate", "--canonical", "--tasks", "codecontests", "--codecontests", str(origin),
+                 "--allow-code-execution"]) == 2
+    err = capsys.readouterr().err
+    assert "problem 'contest_problem_0' has no tests" in err and "Traceback" not in err, err
+
+
+def _manifest(step: int, lineage: str, loss: float):
+    from wmtp_core.manifest import FileEntry, Manifest
+
+    entry = FileEntry(path="model.pt", size=1, digest="0" * 64)
+    return Manifest(run="r", step=step, role="resume", lineage=lineage, files=[entry], created_at="2026-01-01T00:00:00Z",
+                    meta={"metrics": {"eval_loss": loss}})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.integers(1, 40), st.tuples(st.floats(0, 5), st.one_of(st.none(), st.floats(0, 1)),
+                                                     st.booleans()), min_size=1, max_size=12),
+       st.integers(1, 4), st.sampled_from(["min", "max"]))
+def test_keep_best_ranks_by_evaluation_records_joined_to_manifests_only_of_their_lineage(steps, k, mode):
+    """``keep_best`` on a recorded metric chooses as if the manifests had recorded it: a record
+    of another lineage's step of the same number never counts, and the manifests stay unchanged."""
+    from wmtp_core.eval_records import merged
+    from wmtp_core.manifest import best
+
+    committed = [(f"u{s}", _manifest(s, "L", loss)) for s, (loss, _, _) in sorted(steps.items())]
+    records = {(s, "L" if ours else "other"): {"eval/mbpp/pass_at_1": p}
+               for s, (_, p, ours) in steps.items() if p is not None}
+    chosen = [m.step for m in best([m for _, m in merged(committed, records)], "eval/mbpp/pass_at_1", mode, k)]
+    scored = {s: p for s, (_, p, ours) in steps.items() if p is not None and ours}
+    expected = sorted(scored, key=lambda s: (scored[s] if mode == "min" else -scored[s], -s))[:k]
+    assert chosen == expected
+    assert all("eval/mbpp/pass_at_1" not in m.meta["metrics"] for _, m in committed)
+    assert [m.step for m in best([m for _, m in merged(committed, records)], "eval_loss", "min", 1)] == \
+        [m.step for m in best([m for _, m in committed], "eval_loss", "min", 1)]

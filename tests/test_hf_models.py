@@ -253,6 +253,22 @@ def test_sigkill_and_resume_of_a_pretrained_model_is_bit_exact(zoo, tmp_path, mo
     b = load_file(tmp_path / "ck" / "cut" / "final" / "mtp_heads.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert trainer_state(tmp_path, "full", 10)["losses"] == trainer_state(tmp_path, "cut", 10)["losses"]
+    # what was stored is evaluated alike: the resume state of step 10 (its record names the base
+    # folder, whose tokenizer it uses) and the final folder hold the same weights
+    a = evaluated_samples(tmp_path / "ck" / "full" / "step_10", tmp_path / "a.jsonl", capsys)
+    b = evaluated_samples(tmp_path / "ck" / "full" / "final", tmp_path / "b.jsonl", capsys, "--speculative")
+    assert a == b and len(a) == 3 and any(s["completion"] for s in a)
+
+
+def evaluated_samples(source: Path, out: Path, capsys, *extra: str) -> list[dict]:
+    """``wmtp evaluate SOURCE`` on three MBPP problems of the origin's test file, greedy."""
+    from wmtp_core.cli import main as wmtp
+
+    code = wmtp(["evaluate", str(source), "--tasks", "mbpp", "--mbpp", f"{MBPP}/test.jsonl", "--limit", "3",
+                 "--max-new-tokens", "16", "--out", str(out), "--allow-code-execution", *extra])
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in out.read_text().splitlines()]
 
 
 def test_two_fsdp_ranks_shard_the_pretrained_model_and_register_it_once(zoo, tmp_path):

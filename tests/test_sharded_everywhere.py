@@ -18,6 +18,7 @@ from builders import merge, recipe, write
 pytestmark = pytest.mark.slow
 
 ENV = {"OMP_NUM_THREADS": "1"}
+MBPP_TEST = str(Path(__file__).resolve().parents[2] / "shared" / "origin-files" / "datasets" / "mbpp" / "test.json")
 
 
 def recipe_of(steps: int, **over) -> dict:
@@ -93,6 +94,21 @@ def test_register_stores_the_gathered_weights_of_a_sharded_checkpoint(two, tmp_p
     loaded = wmtp_load_model(uri="models:/wmtp_baseline-mtp/1", mlflow_config={"tracking_uri": store})
     assert_same(dict(loaded.weights), gathered(two))
     assert loaded.model_config["d_model"] == 32
+
+
+def test_wmtp_evaluate_reads_a_sharded_checkpoint_as_it_reads_the_gathered_final_model(two, tmp_path, capsys):
+    """The shards of step 4, verified and rebuilt offline, complete prompts exactly as the final
+    model FSDP gathered at that step does."""
+    from wmtp_core.cli import main as evaluate_cli
+
+    samples = []
+    for name in ("step_4", "final"):
+        out = tmp_path / f"{name}.jsonl"
+        code = evaluate_cli(["evaluate", str(two / name), "--tasks", "mbpp", "--mbpp", MBPP_TEST, "--limit", "2",
+                             "--max-new-tokens", "12", "--out", str(out), "--allow-code-execution"])
+        assert code == 0, capsys.readouterr().err[-2000:]
+        samples.append([(r["task_id"], r["completion"]) for r in map(json.loads, out.read_text().splitlines())])
+    assert samples[0] == samples[1] and len(samples[0]) == 2
 
 
 def test_convert_writes_a_final_model_every_command_accepts(two, tmp_path):

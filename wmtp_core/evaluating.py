@@ -69,10 +69,12 @@ def check(settings: Any) -> None:
         if task == "mbpp" and split in ("", *tasks.SPLITS) and not datasets.get("mbpp"):
             raise ConfigError(f"{where}: eval.tasks {name}: no MBPP data; accepted: paths.datasets.mbpp in the config "
                               "(a folder of train.json, validation.json, test.json, or one file)")
-        if task == "codecontests" and not split and not datasets.get("codecontests"):
-            continue  # the origin's contest_exact: no data given, not evaluated (said when the run starts)
-    names = [n for n in section.task_list() if n != "codecontests"]
-    score.resolve(names, datasets.get("mbpp"))  # reads the problems: a bad file or name is one line now
+    # the origin's contest_exact without data: not evaluated (said when the run starts)
+    names = [n for n in section.task_list() if n != "codecontests" or datasets.get("codecontests")]
+    try:  # reads the problems: a bad file or task name is one line now, not in the background later
+        score.resolve(names, datasets.get("mbpp"), datasets.get("codecontests"))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: eval.tasks: {e}") from None
 
 
 class NoEvaluation:
@@ -98,6 +100,8 @@ def begin(plan: Any, router: Any, pm: Any, run: Any, err: Any, world: Any) -> An
         err.print("eval: not run: it executes the code the model writes; set eval.allow_code_execution: "
                   "true to run it (docs/evaluation.md)", highlight=False)
         return NoEvaluation()
+    if "codecontests" in section.task_list() and not plan.settings.config.paths.datasets.get("codecontests"):
+        err.print("eval: codecontests not evaluated: no data given (paths.datasets.codecontests)", highlight=False)
     evaluations = Evaluations(plan, router, pm, run, err)
     pm.register(evaluations, name="wmtp-evaluations")
     router.ranks_by_records = True

@@ -28,8 +28,9 @@ def evaluate(job: dict) -> dict:
     sampling = Sampling(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                         seed=s.seed, speculative=section.speculative)
     ks = passk.parse_ks(",".join(str(k) for k in section.k))
-    names = [t for t in section.task_list() if t != "codecontests" or "codecontests" in settings.config.paths.datasets]
-    problems = harness.limited(score.resolve(names, settings.config.paths.datasets.get("mbpp")), section.limit)
+    datasets = settings.config.paths.datasets
+    names = [t for t in section.task_list() if t != "codecontests" or datasets.get("codecontests")]
+    problems = harness.limited(score.resolve(names, datasets.get("mbpp"), datasets.get("codecontests")), section.limit)
     pm = make_plugin_manager()
     model = open_model(job["uri"], settings, model_loader(pm, settings.mlflow or {}))
     speed = Speed()

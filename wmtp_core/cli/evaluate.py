@@ -25,8 +25,10 @@ def add_parser(sub) -> None:
     ev.add_argument("--samples", metavar="FILE.jsonl",
                     help="score these completions instead (one JSON object a line with task_id and completion)")
     ev.add_argument("--canonical", action="store_true", help="score the benchmarks' own solutions")
-    ev.add_argument("--tasks", default="mbpp,humaneval", help="mbpp[:split] and humaneval, comma-separated")
+    ev.add_argument("--tasks", default="mbpp,humaneval",
+                    help="mbpp[:split], humaneval, codecontests[:split], comma-separated")
     ev.add_argument("--mbpp", metavar="PATH", help="MBPP: a folder of train/validation/test.json, or one file")
+    ev.add_argument("--codecontests", metavar="PATH", help="CodeContests: a folder of <split>.jsonl files, or one")
     ev.add_argument("--config", metavar="PATH",
                     help="a config: paths.datasets.mbpp, the storage options, and the MLflow run to log to")
     ev.add_argument("--k", default="1", help="pass@k for these k, comma-separated (default 1)")
@@ -109,14 +111,16 @@ def cmd_evaluate(args, out: Console, err: Console) -> int:
     if sampling is not None and max(ks) > sampling.n:
         raise ConfigError(f"--k {args.k}: pass@{max(ks)} needs at least {max(ks)} samples a problem; "
                           f"accepted: k at most --n {sampling.n}, or a larger --n")
-    mbpp = args.mbpp or settings.config.paths.datasets.get("mbpp")
-    problems = harness.limited(score.resolve(harness.task_names(args.tasks.split(",")), mbpp), args.limit)
+    datasets = settings.config.paths.datasets
+    problems = harness.limited(score.resolve(harness.task_names(args.tasks.split(",")), args.mbpp or datasets.get("mbpp"),
+                                             args.codecontests or datasets.get("codecontests")), args.limit)
     isolated, how = sandbox.isolation()
     err.print(f"sandbox: {how}", highlight=False)
     limits, speed = sandbox.Limits(timeout=args.timeout), Speed()
     if args.source:
         pm, model = _model(args, settings)
-        err.print(f"evaluating {args.source} ({len(problems)} problems, {sampling.n} samples each)", highlight=False)
+        err.print(f"evaluating {args.source} ({len(problems)} problems, {sampling.n} "
+                  f"sample{'s' if sampling.n > 1 else ''} each)", highlight=False)
         results = harness.run(model, problems, sampling, limits, args.workers, speed)
     else:
         samples = [(tid, p.canonical) for tid, p in problems.items()] if args.canonical else \

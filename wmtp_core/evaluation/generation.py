@@ -170,7 +170,8 @@ def complete(model: Model, prompt: str, sampling: Sampling, stops: Sequence[str]
             texts = [model.decode(new)] * sampling.n
             used = len(new)
         else:
-            texts, used, forwards = _sample(model, ids, sampling, stops, generator)
+            texts, used, _ = _sample(model, ids, sampling, stops, generator)
+            forwards = used  # one token of each sequence per forward pass (the n run as one batch)
     if speed is not None:
         speed.forwards += forwards
         speed.tokens += used

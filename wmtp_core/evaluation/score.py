@@ -16,7 +16,7 @@ from wmtp_core.errors import ConfigError
 from wmtp_core.evaluation import passk, sandbox, tasks
 
 MAX_SAMPLES_FILE = 1 << 30
-ACCEPTED_TASKS = "mbpp, mbpp:train, mbpp:validation, mbpp:test, mbpp:prompt, humaneval"
+ACCEPTED_TASKS = "mbpp, mbpp:train, mbpp:validation, mbpp:test, mbpp:prompt, humaneval, codecontests[:split]"
 
 
 @attrs.frozen
@@ -32,18 +32,29 @@ class Sample:
 
 
 def task_of(task_id: str) -> str:
+    if task_id.startswith("CodeContests/"):
+        return "codecontests"
     return "humaneval" if task_id.startswith("HumanEval/") else "mbpp"
 
 
-def resolve(names: Iterable[str], mbpp_path: str | None) -> dict[str, tasks.Problem]:
-    """``mbpp[:split]`` and ``humaneval`` -> ``{task id: problem}``. MBPP's split is a file
-    ``<split>.json`` of ``mbpp_path`` when that is a folder (the origin's layout), or the file
-    itself; the default split is ``test``."""
+def resolve(names: Iterable[str], mbpp_path: str | None,
+            contests_path: str | None = None) -> dict[str, tasks.Problem]:
+    """``mbpp[:split]``, ``humaneval`` and ``codecontests[:split]`` -> ``{task id: problem}``.
+    MBPP's split is a file ``<split>.json`` of ``mbpp_path`` when that is a folder (the origin's
+    layout), or the file itself; the default split is ``test``. CodeContests needs its data
+    (``contests_path``: :mod:`wmtp_core.evaluation.contests`)."""
     problems: dict[str, tasks.Problem] = {}
     for name in names:
         task, _, split = name.strip().partition(":")
         if task == "humaneval" and not split:
             found = tasks.humaneval()
+        elif task == "codecontests":
+            if not contests_path:
+                raise ConfigError(f"task {name}: no CodeContests data; accepted: --codecontests PATH, or "
+                                  "paths.datasets.codecontests in the config (a folder of <split>.jsonl files)")
+            from wmtp_core.evaluation import contests
+
+            found = contests.load(contests_path, split or "test")
         elif task == "mbpp" and split in ("", *tasks.SPLITS):
             if not mbpp_path:
                 raise ConfigError(f"task {name}: no MBPP data; accepted: --mbpp PATH (a folder of train.json, "

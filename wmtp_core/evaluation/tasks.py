@@ -29,8 +29,10 @@ from wmtp_core.errors import ConfigError
 MAX_FILE = 256 << 20
 """Bytes a benchmark file may hold (MBPP's splits: under 1 MB; HumanEval: 200 KB)."""
 STOPS = {"mbpp": ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n<|/", "\n```"),
-         "humaneval": ("\nclass", "\ndef", "\n#", "\nif", "\nprint")}
-"""Stop sequences: the bigcode harness's for MBPP, the Codex paper's for HumanEval."""
+         "humaneval": ("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
+         "codecontests": ('\n"""', "\n```")}
+"""Stop sequences: the bigcode harness's for MBPP, the Codex paper's for HumanEval; for
+CodeContests (whole programs) only the end of a docstring or of a code fence."""
 SPLITS = ("train", "validation", "test", "prompt")
 
 
@@ -47,10 +49,15 @@ class Problem:
     """The benchmark's own solution, as a completion."""
     prefix: str = ""
     """What the program starts with before the completion (HumanEval: the prompt itself)."""
+    stdio: bool = False
+    """The completion is a whole program run on each test's standard input (CodeContests):
+    ``test`` runs it, given as the string ``SOLUTION``."""
 
     def program(self, completion: str) -> str:
         """The completion, then the setup (MBPP's may use what the solution defines: ``root =
         Node(1)``), then the tests, as MBPP's authors run them."""
+        if self.stdio:
+            return f"SOLUTION = {completion!r}\n{self.test}\n"
         return "\n".join(part for part in (self.prefix + completion, self.setup, self.test) if part) + "\n"
 
 
@@ -60,7 +67,7 @@ def truncate(completion: str, task: str) -> str:
     return completion[:cut]
 
 
-def _records(data: bytes, where: str) -> list[dict]:
+def records(data: bytes, where: str, what: str = "MBPP problems") -> list[dict]:
     text = data.decode("utf-8")
     try:
         records = json.loads(text)
@@ -69,10 +76,9 @@ def _records(data: bytes, where: str) -> list[dict]:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: not JSON or JSON lines ({e.msg} at line {e.lineno}); accepted: a JSON "
-                              "array of MBPP problems, or one problem a line") from None
+                              f"array of {what}, or one problem a line") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ConfigError(f"{where}: not a list of problems; accepted: a JSON array of MBPP problems "
-                          "(task_id, text, test_list, test_setup_code, code), or one a line")
+        raise ConfigError(f"{where}: not a list of problems; accepted: a JSON array of {what}, or one a line")
     return records
 
 
@@ -92,7 +98,7 @@ def mbpp(path: str, storage_options: dict | None = None) -> list[Problem]:
     """The problems of an MBPP file (a JSON array, as the origin ships its splits, or JSON lines)."""
     fs, p = fsspec.url_to_fs(path, **(storage_options or {}))
     data = read_bounded(fs, p, MAX_FILE, "an MBPP file (JSON or JSON lines)", where=path, error=ConfigError)
-    return [mbpp_problem(r, path) for r in _records(data, path)]
+    return [mbpp_problem(r, path) for r in records(data, path)]
 
 
 def humaneval() -> list[Problem]:
