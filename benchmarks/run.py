@@ -23,6 +23,7 @@ import evaluation  # noqa: E402
 import hf  # noqa: E402
 import preempt  # noqa: E402
 import scale  # noqa: E402
+import speculative  # noqa: E402
 import storage  # noqa: E402
 
 SUITES = {
@@ -37,6 +38,7 @@ SUITES = {
     "padding": hf.bench_padding,
     "preempt": preempt.bench_preempt,
     "executor": evaluation.bench_executor,
+    "speculative": speculative.bench_speculative,
 }
 
 
