@@ -315,7 +315,8 @@ def assert_campaign_clean(proc, tallies) -> None:
 
 LONGEST_FIRST = ("test_hf_models.py", "test_distributed.py", "test_campaign.py", "test_s3_faults.py",
                  "test_mlflow_outages.py", "test_lease.py", "test_origin_files.py", "test_e2e.py",
-                 "test_fsdp_equivalence.py", "test_mlflow_ui.py", "test_evaluation.py", "test_tiered.py", "test_preemption.py",
+                 "test_fsdp_equivalence.py", "test_mlflow_ui.py", "test_eval_runs.py", "test_evaluation.py", "test_tiered.py",
+                 "test_preemption.py",
                  "test_resume.py", "test_sharded_everywhere.py", "test_registry_failure.py", "test_clean_starts.py",
                  "test_third_party_plugin.py", "test_s3.py", "test_quarantine.py", "test_report_plot.py")
 """The modules that take longest (``--durations``), started first: the two workers each take a
