@@ -152,7 +152,7 @@ def test_plugins_lists_sinks_roles_policies_and_hooks(capsys):
     assert "wmtp==" in blocks["local"]
     assert "sink local: serves final, resume; protocols file, local" in blocks["local"]
     assert "sink mlflow_registry: serves final" in blocks["mlflow_registry"]
-    assert "hooks: wmtp_load_model, wmtp_register_sinks" in blocks["mlflow_registry"]
+    assert "hooks: wmtp_checkpoint_evaluated, wmtp_load_model, wmtp_register_sinks" in blocks["mlflow_registry"]
     assert "policy keep_last: prunes resume" in blocks["retention"]
     assert "observer" in blocks["mlflow_tracking"]
     assert "wmtp_run_started" in blocks["mlflow_tracking"]
