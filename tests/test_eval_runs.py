@@ -276,3 +276,23 @@ def test_the_origins_eval_section_runs_nothing_without_the_opt_in_and_says_so(tm
     assert code == 0, err[-2000:]
     assert "eval: not run: it executes the code the model writes; set eval.allow_code_execution: true" in err
     assert not (tmp_path / "ck" / "ev" / "evaluations").exists()
+
+
+def test_wmtp_evaluate_reads_a_checkpoint_on_s3_with_the_configs_storage_options(evaluated, s3_server, bucket,
+                                                                                 monkeypatch, capsys):
+    """The S3 endpoint comes from the config's ``storage.resume.options`` only (none in the
+    environment): the checkpoint is read there, verified, and scores as it does on disk."""
+    import fsspec
+
+    tmp, _, _, _ = evaluated
+    fsspec.filesystem("s3").put(str(tmp / "ck" / "ev" / "step_16") + "/", f"{bucket}/ck/ev/step_16/", recursive=True)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    config = tmp / "s3.yaml"
+    write(config, {"mlflow": None, "paths": {"datasets": {"mbpp": str(tmp / "mbpp")}},
+                   "storage": {"resume": {"sink": "s3", "base_path": f"s3://{bucket}/ck",
+                                          "options": {"endpoint_url": s3_server}}}})
+    code = wmtp(["evaluate", f"s3://{bucket}/ck/ev/step_16", "--config", str(config), "--tasks", "mbpp", "--n", "8",
+                 "--temperature", "1", "--max-new-tokens", "1", "--allow-code-execution", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["tasks"]["mbpp"]["pass@k"]["1"] == pytest.approx(_history(_client(tmp), METRIC)[16])

@@ -19,7 +19,7 @@ def evaluate(job: dict) -> dict:
     from wmtp_core.evaluation import harness, passk, sandbox, score
     from wmtp_core.evaluation.generation import Sampling, Speed, open_model
     from wmtp_core.plugins import make_plugin_manager
-    from wmtp_core.session import model_loader
+    from wmtp_core.cli.evaluate import loader
 
     torch.set_num_threads(1)
     settings = load_settings(job.get("config"), job.get("recipe"))
@@ -32,7 +32,7 @@ def evaluate(job: dict) -> dict:
     names = [t for t in section.task_list() if t != "codecontests" or datasets.get("codecontests")]
     problems = harness.limited(score.resolve(names, datasets.get("mbpp"), datasets.get("codecontests")), section.limit)
     pm = make_plugin_manager()
-    model = open_model(job["uri"], settings, model_loader(pm, settings.mlflow or {}))
+    model = open_model(job["uri"], settings, loader(pm, settings))
     speed = Speed()
     results = harness.run(model, problems, sampling, sandbox.Limits(timeout=section.timeout), section.workers, speed)
     summary = score.summary(results, ks)

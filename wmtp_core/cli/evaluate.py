@@ -91,13 +91,29 @@ def _sampling(args, n: int):
                     seed=args.seed, speculative=args.speculative)
 
 
+def loader(pm, settings):
+    """How a source is read: through ``wmtp_load_model`` (plugins first: ``models:/``), except a
+    committed checkpoint on a protocol the config's storage binds with options (an S3 endpoint,
+    credentials), read by the core's verified reader with those options."""
+    from wmtp_core.checkpoint_models import load_model_from_checkpoint
+    from wmtp_core.engine.model_sources import options_for
+    from wmtp_core.session import model_loader
+
+    hook = model_loader(pm, settings.mlflow or {})
+
+    def load(uri: str):
+        options = {} if uri.startswith("models:/") else options_for(uri, settings)
+        return load_model_from_checkpoint(uri, options) if options else hook(uri)
+
+    return load
+
+
 def _model(args, settings):
     from wmtp_core.evaluation.generation import open_model
     from wmtp_core.plugins import make_plugin_manager
-    from wmtp_core.session import model_loader
 
     pm = make_plugin_manager()
-    return pm, open_model(args.source, settings, model_loader(pm, settings.mlflow or {}))
+    return pm, open_model(args.source, settings, loader(pm, settings))
 
 
 def cmd_evaluate(args, out: Console, err: Console) -> int:
