@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 import evaluation  # noqa: E402
 import hf  # noqa: E402
 import preempt  # noqa: E402
+import restore_s3  # noqa: E402
 import scale  # noqa: E402
 import speculative  # noqa: E402
 import storage  # noqa: E402
@@ -39,6 +40,7 @@ SUITES = {
     "preempt": preempt.bench_preempt,
     "executor": evaluation.bench_executor,
     "speculative": speculative.bench_speculative,
+    "restore-s3": restore_s3.bench_restore_s3,
 }
 
 

@@ -34,6 +34,10 @@ MEMORY_TMP = _memory_tmp() if "PYTEST_XDIST_WORKER" not in os.environ else None
 if MEMORY_TMP is not None:  # before tempfile first reads TMPDIR; the workers and their children inherit it
     (MEMORY_TMP / "tmp").mkdir(parents=True, exist_ok=True)
     os.environ["TMPDIR"] = str(MEMORY_TMP / "tmp")
+if "PYTEST_XDIST_WORKER" not in os.environ:  # restores from S3 stage under the suite's temporary folder, not ~/.cache
+    import tempfile as _tempfile
+
+    os.environ.setdefault("WMTP_CACHE_DIR", os.path.join(_tempfile.gettempdir(), "wmtp-cache"))
 
 from wmtp_core import Manifest, Receipt, ResumableSink, Role, RunInfo
 from wmtp_core.manifest import FileEntry

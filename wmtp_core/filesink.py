@@ -13,6 +13,8 @@ import re
 import shutil
 from typing import Any, BinaryIO, Mapping
 
+import concurrent.futures as cf
+
 from wmtp_core import eval_records
 
 from wmtp_core.commit import CheckpointState, CheckpointStore, step_dirname
@@ -23,6 +25,7 @@ from wmtp_core.naming import FINAL_NAME, step_of
 from wmtp_core.safe_load import load_part, safe_dcp_reader
 from wmtp_core.roles import Role
 from wmtp_core.sinks import Holding, LoadedCheckpoint, ResumableSink
+from wmtp_core.staging import Staging
 
 FINAL_DIR = FINAL_NAME
 RANK_PART = "{part}_rank{rank}.pt"
@@ -291,14 +294,16 @@ class FileSink(ResumableSink):
                 "run's step_N checkpoints")
         if manifest.meta.get("format") == "dcp":
             return self._load_sharded(path, manifest)
-        manifest, pending = self.checkpoints.verify_async(path, manifest)
-        try:
-            # each part is deserialised as soon as its own bytes verified
-            parts = {name.removesuffix(".pt"): load_part(fut.result(), self.checkpoints.uri(f"{path}/{name}"))
-                     for name, fut in pending.items() if name.endswith(".pt")}
-        finally:
-            for fut in pending.values():
-                fut.cancel()
+        with Staging() as staging:  # an object store's large files: verified staging copies, memory-mapped
+            manifest, pending = self.checkpoints.verify_async(path, manifest, staging)
+            try:
+                # each part is deserialised as soon as its own bytes verified
+                parts = {name.removesuffix(".pt"): load_part(fut.result(), self.checkpoints.uri(f"{path}/{name}"))
+                         for name, fut in pending.items() if name.endswith(".pt")}
+            finally:
+                for fut in pending.values():
+                    fut.cancel()
+                cf.wait(list(pending.values()))  # nothing still writes into the staging folder it removes
         return LoadedCheckpoint(manifest=manifest, parts=parts)
 
     def _load_sharded(self, path: str, manifest: Manifest) -> LoadedCheckpoint:

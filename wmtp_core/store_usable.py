@@ -9,6 +9,7 @@ quarantined like a corrupt one.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import posixpath
 from typing import Any
@@ -17,6 +18,7 @@ from wmtp_core.errors import CheckpointError, CorruptError, UnusableError
 from wmtp_core.manifest import Manifest
 from wmtp_core.roles import Role
 from wmtp_core.safe_load import load_part
+from wmtp_core.staging import Staging
 from wmtp_core.state_shape import check_resume_parts, check_trainer, check_weights
 
 
@@ -38,7 +40,12 @@ def verify_usable(store: Any, path: str) -> Manifest:
 
 
 def _plain(store: Any, path: str, manifest: Manifest) -> None:
-    manifest, pending = store.verify_async(path, manifest)
+    with Staging() as staging:
+        _plain_parts(store, path, manifest, staging)
+
+
+def _plain_parts(store: Any, path: str, manifest: Manifest, staging: Staging) -> None:
+    manifest, pending = store.verify_async(path, manifest, staging)
     where = store.uri(path)
     parts: dict[str, Any] = {}
     try:
@@ -54,6 +61,7 @@ def _plain(store: Any, path: str, manifest: Manifest) -> None:
     finally:
         for future in pending.values():
             future.cancel()
+        cf.wait(list(pending.values()))
     if manifest.role is Role.RESUME:
         check_resume_parts(parts, manifest.step, where)
     elif "model" in parts:

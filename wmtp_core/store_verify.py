@@ -15,6 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 from wmtp_core.errors import CorruptError
 from wmtp_core.hashing import CHUNK, digest_bytes, digest_file, digest_path, new_hasher
 from wmtp_core.manifest import FileEntry, Manifest
+from wmtp_core.staging import SMALL, Staging, fetch
 
 _READERS = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="wmtp-verify")
 
@@ -36,14 +37,19 @@ def _check(entry: FileEntry, digest: str, size: int, uri: str) -> None:
         )
 
 
-def verified_source(fs: fsspec.AbstractFileSystem, path: str, entry: FileEntry, uri: str) -> str | bytes:
+def verified_source(fs: fsspec.AbstractFileSystem, path: str, entry: FileEntry, uri: str,
+                    staging: Staging | None = None) -> str | bytes:
     """A file's verified content: on local disk its path (hashed in place, so a loader can map
-    it), elsewhere its bytes (read once, hashed, returned only if they match)."""
+    it); elsewhere, with ``staging``, a large file's verified staging copy (fetched in ranges,
+    never held whole: :mod:`wmtp_core.staging`), else its bytes (read once, hashed, returned
+    only if they match)."""
     try:
         if isinstance(fs, LocalFileSystem):
             digest, size = digest_file(path, entry.algorithm)
             _check(entry, digest, size, uri)
             return path
+        if staging is not None and entry.size > SMALL:
+            return fetch(fs, path, entry, uri, staging)
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise CorruptError(f"{uri} is missing") from None
@@ -113,16 +119,17 @@ class Verifying:
             out[name] = src
         return manifest, out
 
-    def verify_async(self, path: str, manifest: Manifest | None = None
+    def verify_async(self, path: str, manifest: Manifest | None = None, staging: Staging | None = None
                      ) -> tuple[Manifest, dict[str, cf.Future]]:
         """Verify every file in parallel, largest first. Each future yields the verified source
-        (a local path or the bytes), so a caller can deserialise one file while the others are
-        still being checked; nothing is deserialised before its own check passed. ``manifest``:
-        one the caller just read with :meth:`read_manifest` (validated)."""
+        (a local path, a staging copy with ``staging``, or the bytes), so a caller can
+        deserialise one file while the others are still being checked; nothing is deserialised
+        before its own check passed. ``manifest``: one the caller just read with
+        :meth:`read_manifest` (validated)."""
         manifest = manifest if manifest is not None else self.read_manifest(path)
         futures = {
             e.path: _READERS.submit(verified_source, self.fs, posixpath.join(path, e.path), e,
-                                    self.uri(posixpath.join(path, e.path)))
+                                    self.uri(posixpath.join(path, e.path)), staging)
             for e in sorted(manifest.files, key=lambda e: -e.size)
         }
         return manifest, {e.path: futures[e.path] for e in manifest.files}

@@ -1,0 +1,124 @@
+"""Restoring from S3 in bounded memory: a large part is downloaded into a verified node-local
+staging file and memory-mapped, never held whole; the staging folder goes once the parts are
+loaded, a corrupt or truncated object is refused naming it, a folder a killed restore left is
+removed, and a staging directory without room is one line. Against the tests' loopback S3
+server (moto), with a 24 MiB part (above :data:`wmtp_core.staging.SMALL`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+
+import fsspec
+import pytest
+import torch
+
+from wmtp_core import CheckpointEmitted, Payload, Role, RunInfo, SinkContext
+from wmtp_core.errors import CorruptError, StorageError
+from wmtp_core.staging import SMALL, cache_dir
+
+pytestmark = pytest.mark.slow
+
+
+def _sink(bucket: str, run: str = "restore"):
+    from wmtp_plugins.s3 import S3Sink
+
+    info = RunInfo(name=run, algo="baseline-mtp", lineage="L")
+    return S3Sink(SinkContext(role=Role.RESUME, run=info, base_path=f"s3://{bucket}/ck"))
+
+
+def _stored(bucket: str):
+    sink = _sink(bucket)
+    big = torch.randn(6 << 20, generator=torch.Generator().manual_seed(1))  # 24 MiB
+    parts = {"model": {"w": big}, "optimizer": {"state": {}, "param_groups": []}, "trainer": {"step": 2}}
+    receipt = sink.store(event=CheckpointEmitted(run=sink.context.run, role=Role.RESUME, step=2, parts=tuple(parts),
+                                                 nbytes=big.numel() * 4), payload=Payload(parts=parts))
+    return sink, receipt, big
+
+
+def _restore_folders() -> list[str]:
+    root = os.path.join(cache_dir(), "restore")
+    return os.listdir(root) if os.path.isdir(root) else []
+
+
+def test_a_large_part_is_staged_verified_memory_mapped_and_its_staging_removed(bucket, monkeypatch):
+    sink, receipt, big = _stored(bucket)
+    assert receipt.nbytes > SMALL
+    whole, staged = [], []  # what the restore asks of S3 (observed, nothing changed)
+    fs = sink.checkpoints.fs
+    cat_file, get_file = fs.cat_file, fs.get_file
+
+    def observed_cat(path, *a, **kw):
+        if not a and kw.get("start") is None:
+            whole.append(path)
+        return cat_file(path, *a, **kw)
+
+    def observed_get(rpath, lpath, *a, **kw):
+        staged.append((rpath, lpath))
+        return get_file(rpath, lpath, *a, **kw)
+
+    monkeypatch.setattr(fs, "cat_file", observed_cat)
+    monkeypatch.setattr(fs, "get_file", observed_get)
+    before = _restore_folders()
+    loaded = sink.load(receipt.uri)
+    assert not [p for p in whole if p.endswith("model.pt")], f"the large part was read whole: {whole}"
+    (rpath, lpath), = [(r, p) for r, p in staged if r.endswith("model.pt")]
+    assert lpath.startswith(os.path.join(cache_dir(), "restore")) and not os.path.exists(lpath)
+    assert torch.equal(loaded.parts["model"]["w"], big) and loaded.parts["trainer"]["step"] == 2
+    assert _restore_folders() == before, "the staging folder outlived the restore"
+    assert torch.equal(loaded.parts["model"]["w"], big), "the memory-mapped tensor is readable after its file went"
+
+
+@pytest.mark.parametrize("damage", ["a flipped byte", "a truncated object"])
+def test_a_damaged_large_object_is_refused_naming_it_and_nothing_stays_staged(bucket, damage):
+    sink, receipt, _ = _stored(bucket)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    key = receipt.uri.removeprefix("s3://") + "/model.pt"
+    data = bytearray(fs.cat_file(key))
+    if damage == "a flipped byte":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        del data[len(data) // 2:]
+    fs.pipe_file(key, bytes(data))
+    before = _restore_folders()
+    with pytest.raises(CorruptError, match=r"model\.pt does not match the manifest"):
+        sink.load(receipt.uri)
+    assert _restore_folders() == before
+
+
+def test_a_folder_a_killed_restore_left_is_removed_by_the_next_one_and_a_live_ones_is_kept(bucket):
+    sink, receipt, _ = _stored(bucket)
+    root = os.path.join(cache_dir(), "restore")
+    os.makedirs(root, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = os.path.join(root, f"{dead.pid}-orphan")
+    live = os.path.join(root, f"{os.getppid()}-live")
+    for folder in (orphan, live):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "1-model.pt"), "wb") as f:
+            f.write(b"x" * 100)
+    try:
+        sink.load(receipt.uri)
+        assert not os.path.exists(orphan) and os.path.exists(live)
+    finally:
+        shutil.rmtree(live, ignore_errors=True)
+
+
+def test_a_staging_directory_without_room_is_one_line_naming_wmtp_cache_dir(bucket, tmp_path, monkeypatch):
+    small = tmp_path / "small"
+    small.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", f"wmtp-{uuid.uuid4().hex[:8]}", str(small)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {(proc.stderr or proc.stdout).strip()}")
+    try:
+        monkeypatch.setenv("WMTP_CACHE_DIR", str(small))
+        sink, receipt, _ = _stored(bucket)
+        with pytest.raises(StorageError, match=r"has \d+ bytes free, and s3://.*/model\.pt needs \d+; set "
+                                               r"WMTP_CACHE_DIR to a local directory"):
+            sink.load(receipt.uri)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
