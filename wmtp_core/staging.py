@@ -1,9 +1,10 @@
 """Restoring from object storage in bounded memory: each large file of a checkpoint is
-downloaded by the filesystem's own streaming download into a node-local staging file (s3fs:
-parallel ranged GETs of bounded parts, each written at its offset as it lands, with botocore's
-retries), hashed there, and handed to the loader as a path it memory-maps, only once the whole
-file matched its manifest entry. The process never holds a whole object: what it holds while
-downloading is bounded by s3fs's part size and concurrency, whatever the checkpoint's size.
+downloaded by the filesystem's own ``get_file`` into a node-local staging file (s3fs: ranged
+GETs, :data:`PARALLEL` at a time, each an eighth of the object between 8 MiB and :data:`PART`,
+written at its offset as it lands, with botocore's retries), hashed there in pieces, and handed
+to the loader as a path it memory-maps, only once the whole file matched its manifest entry. The
+process never holds a whole object: a download holds at most ``PARALLEL * PART`` bytes at once,
+whatever the checkpoint's size.
 
 The staging directory is ``$WMTP_CACHE_DIR/restore/`` (default ``~/.cache/wmtp/restore/``), on
 the node's own disk: give it room for the largest checkpoint a node restores, or point
@@ -21,9 +22,15 @@ import tempfile
 from typing import Any
 
 from wmtp_core.errors import CorruptError, StorageError
-from wmtp_core.hashing import digest_file
+from fsspec.implementations.local import LocalFileSystem
+
+from wmtp_core.hashing import digest_of
 from wmtp_core.manifest import FileEntry
 
+PART = 64 << 20
+"""The largest range s3fs's download asks for at once."""
+PARALLEL = 2
+"""Ranged GETs s3fs holds at once per file: with :data:`PART`, what one download holds in memory."""
 SMALL = 4 << 20
 """Files at most this large are read into memory as they are (a trainer state, a manifest)."""
 
@@ -91,6 +98,15 @@ def _get(fs: Any, path: str, start: int, end: int) -> bytes:
     return fs.cat_file(path, start=start, end=end)
 
 
+def _bounded(fs: Any, size: int) -> dict[str, int]:
+    """s3fs's download keeps a batch of ranges in memory until each is written: bound it, to
+    :data:`PARALLEL` ranges of an eighth of the object each (8 to :data:`PART` MiB)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if not {"s3", "s3a"} & set(protocols):
+        return {}
+    return {"chunksize": min(PART, max(8 << 20, size // 8)), "max_concurrency": PARALLEL}
+
+
 def fetch(fs: Any, path: str, entry: FileEntry, uri: str, staging: Staging) -> str:
     """The object at ``path`` in a staging file, verified: its size first (one HEAD), then the
     object downloaded to the file by the filesystem's own ``get_file`` (s3fs: parallel ranged
@@ -101,8 +117,8 @@ def fetch(fs: Any, path: str, entry: FileEntry, uri: str, staging: Staging) -> s
     if actual != entry.size:
         raise CorruptError(f"{uri} does not match the manifest (size {actual} vs {entry.size})")
     target = staging.target(uri, entry.size)
-    fs.get_file(path, target)
-    digest, size = digest_file(target, entry.algorithm)
+    fs.get_file(path, target, **_bounded(fs, entry.size))
+    digest, size = digest_of(LocalFileSystem(), target, entry.algorithm)  # read in pieces: no mapping of the whole
     if size != entry.size or digest != entry.digest:
         raise CorruptError(f"{uri} does not match the manifest (size {size} vs {entry.size}, {entry.algorithm} "
                            f"{digest[:12]}… vs {entry.digest[:12]}…)")
