@@ -15,10 +15,9 @@ import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-from scale import _free_port, _router
+from scale import _free_port, _router, bucket_when_up
 from storage import _row, _scratch, fake_state
 
 from wmtp_core import Payload, Role
@@ -73,8 +72,6 @@ def _server(port: int) -> subprocess.Popen:
 
 
 def bench_restore_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
-    import boto3
-
     size_mb = 4096 if os.environ.get("WMTP_BENCH_LARGE") == "1" else max(size_mb, 1024)
     port = _free_port()
     server = _server(port)
@@ -82,12 +79,7 @@ def bench_restore_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     scratch = _scratch(workdir)
     try:
-        for _ in range(100):
-            try:
-                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-                break
-            except Exception:
-                time.sleep(0.1)
+        bucket_when_up(endpoint)
         r = _router("s3://bench/restore", sink="s3", options={"endpoint_url": endpoint})
         receipt = r.emit(Role.RESUME, step=1, payload=Payload(parts=fake_state(size_mb)))
         r.close()

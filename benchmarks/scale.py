@@ -97,12 +97,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def bucket_when_up(endpoint: str, name: str = "bench") -> None:
+    """Create the bucket once the S3 server at ``endpoint`` answers (within about 10 s)."""
+    import boto3
+
+    for _ in range(100):
+        try:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+            return
+        except Exception:
+            time.sleep(0.1)
+
+
 def bench_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
     """S3 sink (serialise, hash, multipart, manifest) vs s3fs pipe of the same bytes, both to one
     S3 server on loopback (moto's, in its own process so it does not share our GIL); and the
     training-loop stall of a ``tiered`` save (local fast tier, the copy to that S3 server in the
     background) vs the S3 sink's save."""
-    import boto3
     import fsspec
 
     port = _free_port()
@@ -116,12 +127,7 @@ def bench_s3(size_mb: int, repeat: int, workdir=None) -> list[dict]:
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)
     try:
-        for _ in range(100):
-            try:
-                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-                break
-            except Exception:
-                time.sleep(0.1)
+        bucket_when_up(endpoint)
         state = fake_state(size_mb)
         r = _router("s3://bench/wmtp", sink="s3", options={"endpoint_url": endpoint})
         fs = fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True)

@@ -72,7 +72,7 @@ class ConditionalWrites:
             with self._locked(posixpath.dirname(path)):
                 if os.path.exists(path):
                     return False
-                _write_local(path, data)
+                write_local(path, data)
                 return True
         if self.fs.exists(path):
             return False
@@ -90,7 +90,7 @@ class ConditionalWrites:
             with self._locked(posixpath.dirname(path)):
                 if not self._unchanged(path, tag):
                     return False
-                _write_local(path, data)
+                write_local(path, data)
                 return True
         self._unchanged(path, tag)
         self.fs.pipe_file(path, data)
@@ -174,7 +174,7 @@ def _read_local(path: str) -> bytes:
         return f.read(MAX_OBJECT_BYTES + 1)
 
 
-def _write_local(path: str, data: bytes) -> None:
+def write_local(path: str, data: bytes) -> None:
     """Write aside, fsync, rename: a reader sees the old object or the new one, never half."""
     tmp = f"{path}.{uuid.uuid4().hex}"
     with open(tmp, "wb") as f:

@@ -26,6 +26,7 @@ import attrs
 from fsspec.implementations.local import LocalFileSystem
 
 from wmtp_core.bounded import read_bounded
+from wmtp_core.conditional import write_local
 from wmtp_core.errors import CheckpointError
 from wmtp_core.manifest import Manifest
 from wmtp_core.naming import step_of
@@ -53,12 +54,7 @@ def write(fs: Any, checkpoint_path: str, manifest: Manifest, metrics: Mapping[st
                        "metrics": clean(metrics), "evaluated_at": time.time()}, indent=2, sort_keys=True).encode()
     if isinstance(fs, LocalFileSystem):
         os.makedirs(posixpath.dirname(target), exist_ok=True)
-        tmp = f"{target}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_local(target, data)
     else:
         fs.pipe_file(target, data)
     return target
