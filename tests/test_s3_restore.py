@@ -2,7 +2,7 @@
 staging file and memory-mapped, never held whole; the staging folder goes once the parts are
 loaded, a corrupt or truncated object is refused naming it, a folder a killed restore left is
 removed, and a staging directory without room is one line. Against the tests' loopback S3
-server (moto), with a 24 MiB part (above :data:`wmtp_core.staging.SMALL`)."""
+server (moto), with a 6 MiB part (above :data:`wmtp_core.staging.SMALL`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _sink(bucket: str, run: str = "restore"):
 
 def _stored(bucket: str):
     sink = _sink(bucket)
-    big = torch.randn(6 << 20, generator=torch.Generator().manual_seed(1))  # 24 MiB
+    big = torch.randn(3 << 19, generator=torch.Generator().manual_seed(1))  # 6 MiB
     parts = {"model": {"w": big}, "optimizer": {"state": {}, "param_groups": []}, "trainer": {"step": 2}}
     receipt = sink.store(event=CheckpointEmitted(run=sink.context.run, role=Role.RESUME, step=2, parts=tuple(parts),
                                                  nbytes=big.numel() * 4), payload=Payload(parts=parts))
@@ -110,7 +110,7 @@ def test_a_folder_a_killed_restore_left_is_removed_by_the_next_one_and_a_live_on
 def test_a_staging_directory_without_room_is_one_line_naming_wmtp_cache_dir(bucket, tmp_path, monkeypatch):
     small = tmp_path / "small"
     small.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", f"wmtp-{uuid.uuid4().hex[:8]}", str(small)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", f"wmtp-{uuid.uuid4().hex[:8]}", str(small)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a small filesystem here: {(proc.stderr or proc.stdout).strip()}")

@@ -11,7 +11,8 @@ problems whose solution is a whole program that reads standard input and writes 
 
       \"\"\"\\n{description}\\n\"\"\"\\n# Python 3 solution (reads standard input, writes standard output)\\n
 
-- **Program**: the completion is run once per test, in the same sandboxed process, with the
+- **Program**: the completion is written to ``solution.py`` in the program's own directory and
+  run with ``runpy`` once per test, in the same sandboxed process (never in the evaluator), with the
   test's input as ``sys.stdin`` (text and ``.buffer``) and its output captured; a sample passes
   when every test's output matches, compared token by token (whitespace-separated), as the
   dataset's own checker does for most problems. Tests are the private and generated ones when the
@@ -35,14 +36,15 @@ STOPS = ('\n"""', "\n```")
 MAX_TESTS = 50
 PYTHON3 = 3
 HARNESS = '''
-import io as _io, sys as _sys
-_source = compile(SOLUTION, "solution.py", "exec")
+import io as _io, runpy as _runpy, sys as _sys
+with open("solution.py", "w", encoding="utf-8") as _f:
+    _f.write(SOLUTION)
 for _i, (_input, _expected) in enumerate(TESTS):
     _sys.stdin = _io.TextIOWrapper(_io.BytesIO(_input.encode()), encoding="utf-8")
     _out = _io.StringIO()
     _sys.stdout = _out
     try:
-        exec(_source, {"__name__": "__main__"})
+        _runpy.run_path("solution.py", run_name="__main__")
     except SystemExit:
         pass
     finally:
