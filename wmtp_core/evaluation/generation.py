@@ -170,7 +170,7 @@ def complete(model: Model, prompt: str, sampling: Sampling, stops: Sequence[str]
             texts = [model.decode(new)] * sampling.n
             used = len(new)
         else:
-            texts, used, _ = _sample(model, ids, sampling, stops, generator)
+            texts, used = _sample(model, ids, sampling, stops, generator)
             forwards = used  # one token of each sequence per forward pass (the n run as one batch)
     if speed is not None:
         speed.forwards += forwards
@@ -197,7 +197,7 @@ def _greedy(model: Model, ids: list[int], sampling: Sampling, stops: Sequence[st
 
 
 def _sample(model: Model, ids: list[int], sampling: Sampling, stops: Sequence[str],
-            generator: torch.Generator) -> tuple[list[str], int, int]:
+            generator: torch.Generator) -> tuple[list[str], int]:
     if model.is_hf:
         return _sample_hf(model, ids, sampling, stops, generator)
     return _sample_bytes(model, ids, sampling, stops, generator)
@@ -216,7 +216,7 @@ def _warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 
 def _sample_hf(model: Model, ids: list[int], sampling: Sampling, stops: Sequence[str],
-               generator: torch.Generator) -> tuple[list[str], int, int]:
+               generator: torch.Generator) -> tuple[list[str], int]:
     """Sampled completions with the base model's KV cache, ``n`` at once."""
     base = model.module.base
     batch = torch.tensor([ids] * sampling.n)
@@ -224,7 +224,6 @@ def _sample_hf(model: Model, ids: list[int], sampling: Sampling, stops: Sequence
     cache, logits = out.past_key_values, out.logits[:, -1]
     rows: list[list[int]] = [[] for _ in range(sampling.n)]
     done = [False] * sampling.n
-    forwards = 1
     for _ in range(sampling.max_new_tokens):
         pick = torch.multinomial(_warp(logits, sampling).softmax(-1), 1, generator=generator)[:, 0]
         for r, token in enumerate(pick.tolist()):
@@ -234,21 +233,19 @@ def _sample_hf(model: Model, ids: list[int], sampling: Sampling, stops: Sequence
         if all(done):
             break
         out = base(input_ids=pick[:, None], past_key_values=cache, use_cache=True)
-        cache, logits, forwards = out.past_key_values, out.logits[:, -1], forwards + 1
-    return [model.decode(r) for r in rows], sum(len(r) for r in rows), forwards
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return [model.decode(r) for r in rows], sum(len(r) for r in rows)
 
 
 def _sample_bytes(model: Model, ids: list[int], sampling: Sampling, stops: Sequence[str],
-                  generator: torch.Generator) -> tuple[list[str], int, int]:
+                  generator: torch.Generator) -> tuple[list[str], int]:
     """Sampled completions of the byte-level model (the whole window recomputed each token)."""
     m = model.module
     batch = torch.tensor([ids] * sampling.n)
     rows: list[list[int]] = [[] for _ in range(sampling.n)]
     done = [False] * sampling.n
-    forwards = 0
     for _ in range(sampling.max_new_tokens):
         logits = m.next_token_logits(batch[:, -m.cfg.max_seq_len:])[:, -1]
-        forwards += 1
         pick = torch.multinomial(_warp(logits, sampling).softmax(-1), 1, generator=generator)
         batch = torch.cat([batch, pick], dim=1)
         for r, token in enumerate(pick[:, 0].tolist()):
@@ -257,7 +254,7 @@ def _sample_bytes(model: Model, ids: list[int], sampling: Sampling, stops: Seque
                 done[r] = _stopped(model, rows[r], stops)
         if all(done):
             break
-    return [model.decode(r) for r in rows], sum(len(r) for r in rows), forwards
+    return [model.decode(r) for r in rows], sum(len(r) for r in rows)
 
 
 def _stopped(model: Model, row: list[int], stops: Sequence[str]) -> bool:
