@@ -80,6 +80,16 @@ def json_writer(obj: Any):
     return write
 
 
+def shard_sizes(metadata: Any) -> dict[str, int]:
+    """The files a sharded save wrote, each with the least size DCP's ``metadata`` needs of it
+    (``.metadata`` itself included)."""
+    expected: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        expected[info.relative_path] = max(expected.get(info.relative_path, 0), info.offset + info.length)
+    expected[".metadata"] = 1
+    return expected
+
+
 class FileSink(ResumableSink):
     """Stores checkpoints as files under ``<base_path>/<run>/`` through fsspec: resume state in
     ``step_<N>/``, the final model in ``final/``. Implements :class:`wmtp_core.sinks.ResumableSink`
@@ -155,10 +165,6 @@ class FileSink(ResumableSink):
         """Every rank writes its shards of the payload's ``sharded`` parts through DCP's fsspec
         writer and its own copy of every other part; once all are done, rank 0 hashes what
         landed and commits the manifest. The ranks agree through the context's coordinator."""
-        import torch
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-
         world = self.context.coordinator
         name = step_dirname(event.step)
         path = self.checkpoints.path_of(self.run, name)
@@ -171,6 +177,23 @@ class FileSink(ResumableSink):
         failure = world.broadcast(failure)
         if failure:
             raise CheckpointError(failure)
+        metadata = self.write_shards(path, payload, world, step=event.step, cleanup=world.is_main)
+        nbytes = self._commit_sharded(event, name, metadata, world).nbytes if world.is_main else None
+        nbytes = world.broadcast(nbytes)  # a plain value: receipts hold read-only mappings
+        if nbytes is None:
+            raise CheckpointError(f"rank 0 could not commit {self.checkpoints.uri(path)}")
+        return Receipt(role=event.role, run=self.run, step=event.step, uri=self.checkpoints.uri(path),
+                       nbytes=nbytes, meta={"world_size": world.size})
+
+    def write_shards(self, path: str, payload: Payload, world: Any, *, step: int, cleanup: bool) -> Any:
+        """Every rank: write its shards of the payload's ``sharded`` parts into ``path`` through
+        DCP's fsspec writer, and its own copy of every other part (``<part>_rank<N>.pt``).
+        Returns DCP's metadata (every rank gets it). A failure on any rank is raised on every
+        rank as :class:`SaveError`, the staging at ``path`` removed first where ``cleanup``."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
         # Every rank reaches the check below whether its own part failed or not, so a failure on
         # one rank stops the others as soon as they finish their own writes, never after the
         # process group's timeout. (DCP itself gathers every rank's write result.)
@@ -187,36 +210,29 @@ class FileSink(ResumableSink):
             failure = f"rank {world.rank}: {type(e).__name__}: {first_line(e)}"
         failures = [f for f in world.gather(failure) if f]
         if failures:
-            if world.is_main:  # nothing of this save is committed: its staging goes at once
+            if cleanup:  # nothing of this save is committed: its staging goes at once
                 try:
                     self.checkpoints.fs.rm(path, recursive=True)
                 except Exception:
                     pass  # the next run's clean start removes it
-            raise SaveError(f"the sharded save of step {event.step} to {self.checkpoints.uri(path)} "
-                                  f"failed, nothing of it was committed: {failures[0]}")
-        nbytes = self._commit_sharded(event, name, metadata, world).nbytes if world.is_main else None
-        nbytes = world.broadcast(nbytes)  # a plain value: receipts hold read-only mappings
-        if nbytes is None:
-            raise CheckpointError(f"rank 0 could not commit {self.checkpoints.uri(path)}")
-        return Receipt(role=event.role, run=self.run, step=event.step, uri=self.checkpoints.uri(path),
-                       nbytes=nbytes, meta={"world_size": world.size})
+            raise SaveError(f"the sharded save of step {step} to {self.checkpoints.uri(path)} "
+                            f"failed, nothing of it was committed: {failures[0]}")
+        return metadata
 
-    def _commit_sharded(self, event: CheckpointEmitted, name: str, metadata: Any, world: Any) -> Manifest:
-        """Rank 0, once every rank wrote its part: hash what landed, check it against the sizes
-        DCP's metadata needs, commit the manifest."""
+    def _commit_sharded(self, event: CheckpointEmitted, name: str, metadata: Any, world: Any, *,
+                        expected: Mapping[str, int] | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+        """Once every rank wrote its part: hash what landed, check it against the sizes DCP's
+        metadata needs (``expected``: those of the files this store holds, when not all of
+        them), commit the manifest (``meta``: more to record in it)."""
         import torch
 
-        expected: dict[str, int] = {}
-        for info in metadata.storage_data.values():
-            expected[info.relative_path] = max(expected.get(info.relative_path, 0), info.offset + info.length)
-        expected[".metadata"] = 1
         return self.checkpoints.commit_existing(
             self.run, name, step=event.step, role=event.role, lineage=event.run.lineage,
-            expected=expected,
+            expected=shard_sizes(metadata) if expected is None else expected,
             meta={"algo": event.run.algo, "metrics": dict(event.metrics), "format": "dcp",
                   "world_size": world.size, "resumed_from": event.run.resumed_from,
                   "torch": torch.__version__,
-                  **({"saved_because": event.saved_because} if event.saved_because else {})})
+                  **({"saved_because": event.saved_because} if event.saved_because else {}), **(meta or {})})
 
     def stored_final(self, run) -> Receipt | None:
         """This run's committed final model (``<run>/final``), if there is one, with the step
@@ -344,9 +360,11 @@ class FileSink(ResumableSink):
         for index, info in metadata.storage_data.items():
             if index.fqn not in byte_items or getattr(info, "transform_descriptors", None):
                 continue  # transformed items are still checked as DCP reads them
-            with self.checkpoints.fs.open(f"{path}/{info.relative_path}", "rb") as f:
-                f.seek(info.offset)
-                load_part(f.read(info.length), f"{self.checkpoints.uri(path)} ({index.fqn})")
+            # the item's own bytes, one ranged read (an open file would read ahead a whole block:
+            # 256 MiB on S3, once per item)
+            data = self.checkpoints.fs.cat_file(f"{path}/{info.relative_path}", start=info.offset,
+                                                end=info.offset + info.length)
+            load_part(data, f"{self.checkpoints.uri(path)} ({index.fqn})")
 
     def _path(self, uri: str) -> str:
         prefix = f"{self.checkpoints.protocol}://"

@@ -18,7 +18,12 @@ FAST_KEEP_LAST = 1
 """Committed checkpoints kept on the fast tier when ``fast_keep_last`` is not set."""
 RETRIES = {"max_attempts": 5, "mode": "standard"}
 """botocore's retries for an S3 durable tier, unless ``config_kwargs.retries`` is given."""
-TIER_KEYS = ("fast", "durable", "fast_keep_last")
+TIER_KEYS = ("fast", "durable", "fast_keep_last", "fast_scope", "node_timeout_s")
+SCOPES = ("node", "shared")
+"""``fast_scope``: each node's fast tier is its own disk (``node``, the default), or one
+filesystem every node sees (``shared``: NFS, Lustre). Only a job that spans nodes tells them apart."""
+NODE_TIMEOUT_S = 120.0
+"""``node_timeout_s``: how long rank 0 waits for a node whose heartbeat stopped changing."""
 
 
 def tiers(options: Any, where: str = "storage.resume") -> tuple[str, str, int]:
@@ -48,6 +53,24 @@ def tiers(options: Any, where: str = "storage.resume") -> tuple[str, str, int]:
     return urls[0], urls[1], keep
 
 
+def scope(options: Any, where: str = "storage.resume") -> tuple[str, float]:
+    """``(fast_scope, node_timeout_s)`` from the sink's options, or a :class:`BindingError`."""
+    value = options.get("fast_scope")
+    if value is None:
+        value = "node"
+    if value not in SCOPES:
+        raise BindingError(f"{where}.options.fast_scope: {shown(value)} is not accepted; accepted: "
+                           f"{' or '.join(SCOPES)} (node: each node's fast tier is its own disk; shared: one "
+                           "filesystem every node sees)")
+    timeout = options.get("node_timeout_s")
+    if timeout is None:
+        timeout = NODE_TIMEOUT_S
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+        raise BindingError(f"{where}.options.node_timeout_s: {shown(timeout)} is not accepted; accepted: a "
+                           "number of seconds above 0, at most 86400")
+    return value, float(timeout)
+
+
 def _where(binding: Any) -> str:
     """``c.yaml: storage.resume`` from the binding's origin ``c.yaml: storage.resume.sink``."""
     origin = binding.origin
@@ -60,6 +83,7 @@ def check(binding) -> None:
     cannot work (an S3 key without its secret)."""
     where = _where(binding)
     _, durable, _ = tiers(binding.options, where)
+    scope(binding.options, where)
     rest = {k: v for k, v in binding.options.items() if k not in TIER_KEYS}
     problem = store_class_of(durable).options_problem(rest, lambda key: f"{where}.options.{key}")
     if problem:

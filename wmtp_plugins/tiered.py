@@ -25,7 +25,7 @@ import concurrent.futures as cf
 import logging
 import posixpath
 import threading
-import time
+import uuid
 from typing import Any
 
 import attrs
@@ -44,27 +44,25 @@ from wmtp_core import (
     hookimpl,
 )
 from wmtp_core import eval_records
-from wmtp_core.commit import CheckpointState, step_dirname, verified_copy
+from wmtp_core.commit import CheckpointState, step_dirname
 from wmtp_core.errors import first_line
-from wmtp_core.hashing import fsync
 from wmtp_core.naming import step_of
+from wmtp_plugins import _tiered_nodes as nodes
+from wmtp_plugins._tiered_copying import MAX_PENDING, Copying, fail  # noqa: F401
 from wmtp_plugins._tiered_options import (  # noqa: F401  (also importable from here, as before)
     FAST_KEEP_LAST,
     RETRIES,
     TIER_KEYS,
     check,
     durable_options,
+    scope,
     tiers,
 )
-
-MAX_PENDING = 2
-"""Copies to the durable tier waiting or in flight; a save beyond them first waits for the
-oldest, so a durable tier slower than the saves cannot fill the fast one."""
 
 log = logging.getLogger(__name__)
 
 
-class TieredSink(ResumableSink):
+class TieredSink(Copying, ResumableSink):
     """Resume state on a fast tier, copied to a durable tier in the background (the module's
     docstring). Implements :class:`wmtp_core.ResumableSink` and ``unverifiable``. URIs are the
     durable tier's (``<durable>/<run>/step_<N>``), also while only the fast copy exists."""
@@ -75,6 +73,11 @@ class TieredSink(ResumableSink):
         options = dict(context.options)
         fast, durable, self.fast_keep_last = tiers(options)
         rest = {k: v for k, v in options.items() if k not in TIER_KEYS}
+        self.node = nodes.this_node(context.coordinator)
+        fast_scope, self.node_timeout = scope(options)
+        self.spread = self.node.count > 1 and fast_scope == "node"
+        """Each node's fast tier is its own disk (:mod:`wmtp_plugins._tiered_nodes`)."""
+        fast = nodes.fast_url(fast, self.node, self.spread)
         self.fast = FileSink(attrs.evolve(context, base_path=fast, options={}))
         """The fast tier: where a save commits before it returns."""
         self.durable = FileSink(attrs.evolve(context, base_path=durable, options=durable_options(durable, rest)))
@@ -90,6 +93,7 @@ class TieredSink(ResumableSink):
         self._lock = threading.RLock()
         self._caught_up = False
         self._held: set[int] = set()
+        self._heartbeat: nodes.Heartbeat | None = None
         """Steps retention deleted whose durable copy waits for a kept one to commit (see ``delete``)."""
 
     # -- the sink interface --------------------------------------------------------------
@@ -107,6 +111,8 @@ class TieredSink(ResumableSink):
         failure = world.broadcast(self._failure() if main else None)  # every rank stops, or none
         if failure:
             raise SaveError(failure)
+        if self.spread and payload.sharded:
+            return self._store_parts(event, payload)
         if main:
             self._throttle()
         receipt = self.fast.store(event=event, payload=payload)
@@ -116,11 +122,31 @@ class TieredSink(ResumableSink):
             self._queue(event.step)
         return attrs.evolve(receipt, uri=self._uri(event.step))
 
+    def _store_parts(self, event, payload):
+        """Node-local fast tiers: every node commits its part there and copies it to the durable
+        staging rank 0 opened for the step (:mod:`wmtp_plugins._tiered_nodes`)."""
+        world, node, token = self.coordinator, self.node, None
+        if world.is_main:
+            try:
+                nodes.open_durable(self.durable.checkpoints, self.run, event.step)
+                token = uuid.uuid4().hex
+            except Exception as e:  # said at the next save, as a failed copy is
+                self._copies[event.step] = self._copier.submit(fail, e)
+        token = world.broadcast(token)
+        if node.leader:
+            self._throttle()
+            if self._heartbeat is None:
+                self._heartbeat = nodes.Heartbeat(self.durable.checkpoints, self.run, node, self.node_timeout)
+        receipt = nodes.store_part(self.fast, event, payload, world, node)
+        if node.leader and token:
+            self._queue(event.step, token)
+        return attrs.evolve(receipt, uri=self._uri(event.step))
+
     def committed(self) -> list[tuple[str, Any]]:
         """This run's checkpoints committed in either tier, oldest first, under their durable
         URIs (the durable copy's manifest where there is one); not those retention deleted whose
         durable copy is still held (see :meth:`delete`)."""
-        by_step = {m.step: m for _, m in self.fast.committed()}
+        by_step = {m.step: m for _, m in self.fast.committed() if not nodes.is_part(m)}
         try:
             by_step.update({m.step: m for _, m in self.durable.committed()})
         except Exception as e:  # unreachable, no permission: say where, in one line (exit 1)
@@ -155,7 +181,8 @@ class TieredSink(ResumableSink):
                 raise CheckpointError(f"{uri}: step {step} was deleted by the retention policy (its durable "
                                       "copy stays only until a newer one commits there)")
         errors, corrupt = [], True
-        for name, tier in (("fast", self.fast), ("durable", self.durable)):
+        # node-local fast tiers hold a part each: every rank reads the durable copy
+        for name, tier in (("fast", self.fast), ("durable", self.durable))[1 if self.spread else 0:]:
             path = tier.checkpoints.path_of(self.run, step_dirname(step))
             try:
                 return tier.load(path)
@@ -276,96 +303,8 @@ class TieredSink(ResumableSink):
             self.wait()
         finally:
             self._copier.shutdown(wait=True)
-
-    # -- copying ---------------------------------------------------------------------------
-    def _queue(self, step: int) -> None:
-        with self._lock:
-            self._copies[step] = self._copier.submit(self._copy_and_prune, step)
-
-    def _throttle(self) -> None:
-        with self._lock:
-            pending = [f for f in self._copies.values() if not f.done()]
-        if len(pending) < MAX_PENDING:
-            return
-        t0 = time.perf_counter()
-        cf.wait(pending[: len(pending) - MAX_PENDING + 1])
-        log.info("tiered: the save waited %.2f s for the durable tier", time.perf_counter() - t0)
-
-    def _catch_up(self, step: int) -> None:
-        """Once per run: queue the copies an earlier process committed on the fast tier but
-        never finished (it was killed)."""
-        self._caught_up = True
-        try:
-            durable = {m.step for _, m in self.durable.committed()}
-        except Exception as e:  # the copy of this step will fail too, and say so
-            log.warning("tiered: the durable tier cannot be listed: %s: %s", type(e).__name__, e)
-            return
-        for _, m in self.fast.committed():
-            if m.lineage == self.lineage and m.step != step and m.step not in durable:
-                self._queue(m.step)
-
-    def _failure(self) -> str | None:
-        """The failed copies so far, as one message (each reported once)."""
-        with self._lock:
-            failed = {s: f for s, f in self._copies.items() if f.done() and not f.cancelled() and f.exception()}
-            for s in [s for s, f in self._copies.items() if f.done()]:
-                del self._copies[s]
-        if not failed:
-            return None
-        return "; ".join(
-            f"the durable copy of step {s} to {self._uri(s)} failed ({type(f.exception()).__name__}: "
-            f"{f.exception()}); its fast copy {self._fast_uri(s)} is committed and kept"
-            for s, f in sorted(failed.items()))
-
-    def _copy_and_prune(self, step: int) -> None:
-        try:
-            self._copy(step)
-        except Exception as e:  # said now, raised at the next save or at the end
-            log.warning("the durable copy of step %d to %s failed: %s: %s", step, self._uri(step),
-                        type(e).__name__, e)
-            raise
-        self._release_held()
-        self._prune_fast()
-
-    def _copy(self, step: int) -> None:
-        """Stream the committed fast copy of ``step`` to the durable tier and commit it there."""
-        fast, durable = self.fast.checkpoints, self.durable.checkpoints
-        name = step_dirname(step)
-        src = fast.path_of(self.run, name)
-        manifest = fast.read_manifest(src)  # validated: names exactly the files beside it
-        # each file hashed as it streams to the durable tier: one that does not match stops the copy
-        copies = {e.path: verified_copy(fast.fs, posixpath.join(src, e.path), e, fast.uri(posixpath.join(src, e.path)),
-                                        note="; not copied to the durable tier")
-                  for e in manifest.files}
-        common = dict(step=manifest.step, role=manifest.role, lineage=manifest.lineage, meta=dict(manifest.meta))
-        if all(not n.startswith(".") and "/" not in n for n in copies):
-            durable.write(self.run, name, copies, **common)
-            return
-        # sharded (DCP's .metadata): the files into staging, then commit what landed
-        path = durable.prepare(self.run, name)
-        for n, copy in copies.items():
-            with durable.fs.open(posixpath.join(path, n), "wb") as f:
-                copy(f)
-                fsync(f)
-        committed = durable.commit_existing(self.run, name, expected={e.path: e.size for e in manifest.files},
-                                            **common)
-        if {(e.path, e.digest) for e in committed.files} != {(e.path, e.digest) for e in manifest.files}:
-            durable.delete(path)
-            raise CheckpointError(f"{durable.uri(path)}: what landed differs from the fast copy; removed")
-
-    def _prune_fast(self) -> None:
-        """Keep the newest ``fast_keep_last`` of this lineage on the fast tier; never the
-        newest, the resumed-from one, or one without a committed durable copy."""
-        with self._lock:
-            mine = [(p, m) for p, m in self.fast.checkpoints.list(self.run) if m.lineage == self.lineage]
-            doomed = mine[: max(0, len(mine) - self.fast_keep_last)]
-            if not doomed:
-                return
-            newest = mine[-1][1].step
-            durable = {m.step for _, m in self.durable.committed()}
-            for path, m in doomed:
-                if m.step not in (newest, self.resumed_from) and m.step in durable:
-                    self.fast.checkpoints.delete(path)
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
 
     # -- URIs ------------------------------------------------------------------------------
     def _uri(self, step: int) -> str:
