@@ -194,3 +194,36 @@ def test_a_node_whose_copy_fails_stops_the_durable_commit_and_is_named(s3_server
     assert steps(durable, "job") == []  # nothing committed without node b's part
     # node a's own part is committed on its fast tier and kept
     assert (tmp_path / "nodes" / "a" / "fast" / "job" / "step_2" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"fast_scope": "nodes"}, "fast_scope: 'nodes' is not accepted; accepted: node or shared"),
+    ({"node_timeout_s": 0}, "node_timeout_s: 0 is not accepted"),
+    ({"node_timeout_s": "1m"}, "node_timeout_s: '1m' is not accepted"),
+])
+def test_the_node_options_are_refused_naming_key_and_value(options, key):
+    from wmtp_core import BindingError
+    from wmtp_plugins._tiered_options import scope
+
+    with pytest.raises(BindingError, match=f"storage.resume.options.{key}"):
+        scope(options)
+
+
+def test_a_node_is_what_torchrun_started_on_it_and_its_fast_tier_its_own(monkeypatch):
+    from types import SimpleNamespace
+
+    from wmtp_plugins._tiered_nodes import fast_url, owner, part_sizes, this_node
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WMTP_NODE", "gpu-07")
+    node = this_node(SimpleNamespace(rank=5, size=8))
+    assert (node.name, node.index, node.count, node.ranks, node.leader) == ("gpu-07", 1, 2, (4, 5, 6, 7), False)
+    assert this_node(SimpleNamespace(rank=4, size=8)).leader
+    assert fast_url("file:///scratch/{node}/ck", node, spread=True) == "file:///scratch/gpu-07/ck"
+    assert fast_url("file:///nvme/ck", node, spread=True) == "file:///nvme/ck/gpu-07"
+    assert fast_url("file:///nvme/ck", node, spread=False) == "file:///nvme/ck"
+    sizes = {".metadata": 1, "__0_0.distcp": 9, "__5_0.distcp": 7, "__7_1.distcp": 3, "trainer_rank6.pt": 1}
+    assert part_sizes(sizes, node) == {"__5_0.distcp": 7, "__7_1.distcp": 3, "trainer_rank6.pt": 1}
+    assert owner(".metadata") == 0 and owner("odd.bin") is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # outside torchrun: one node
+    assert this_node(SimpleNamespace(rank=0, size=1)).count == 1
