@@ -26,6 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from wmtp_core.hashing import digest_of
 from wmtp_core.manifest import FileEntry
+from wmtp_core.model_cache import cache_dir  # the one cache directory (also the models')
 
 PART = 64 << 20
 """The largest range s3fs's download asks for at once."""
@@ -33,15 +34,6 @@ PARALLEL = 2
 """Ranged GETs s3fs holds at once per file: with :data:`PART`, what one download holds in memory."""
 SMALL = 4 << 20
 """Files at most this large are read into memory as they are (a trainer state, a manifest)."""
-
-
-def cache_dir() -> str:
-    """``$WMTP_CACHE_DIR``, else ``$XDG_CACHE_HOME/wmtp``, else ``~/.cache/wmtp``."""
-    explicit = os.environ.get("WMTP_CACHE_DIR")
-    if explicit:
-        return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "wmtp")
 
 
 class Staging:
@@ -77,12 +69,26 @@ class Staging:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
+            _give_back()
 
     def __enter__(self) -> Staging:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _give_back() -> None:
+    """The download's buffers (freed on s3fs's I/O thread, whose malloc arena keeps them) given
+    back to the system once a restore is over: without it, a restore from S3 stays up to about
+    100 MB above the same restore from local disk for the rest of the run (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        pass
 
 
 def _remove_orphans(root: str) -> None:

@@ -25,6 +25,7 @@ accepted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -140,7 +141,6 @@ def load(uri: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
     """``(weights, model_config, None)`` of the registered model at ``uri``, or for a Hugging
     Face folder ``({}, {}, local folder)``; :class:`UnsafeModelError` before any weight byte is
     read when its format could run code."""
-    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
@@ -165,24 +165,22 @@ def load(uri: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
         raise UnsafeModelError(f"{uri}: its wmtp_model_config metadata is not a mapping; refused")
     path = f"{model.flavors['pytorch'].get('model_data') or 'data'}/model.pt2" if kind == "wmtp-pt2" \
         else next(p for p in ("model.safetensors", "data/model.safetensors") if p in files)
-    with tempfile.TemporaryDirectory(prefix="wmtp-model-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=tmp)
-        except MlflowException as e:
-            raise ModelLoadError(f"{uri}: {e.message}") from None
+    folder = _downloaded(uri, {posixpath.basename(path): (path, files[path])})
+    try:
+        local = posixpath.join(folder, posixpath.basename(path))
         weights = pt2_weights(local, uri) if kind == "wmtp-pt2" else safetensors_weights(local, uri)
+    finally:
+        if posixpath.basename(folder).startswith("wmtp-model-"):  # a private download, not the cache's
+            shutil.rmtree(folder, ignore_errors=True)
     return weights, config, None
 
 
 def download_folder(uri: str, sub: str, files: dict[str, int]) -> str:
-    """The safe files of a transformers-flavor model in one local folder (``wmtp-model-*``):
-    the model's own, and the tokenizer MLflow keeps under ``components/tokenizer/`` where the
-    model folder has none. The caller removes it."""
-    import os
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+    """The safe files of a transformers-flavor model in one local folder: the model's own, and
+    the tokenizer MLflow keeps under ``components/tokenizer/`` where the model folder has none.
+    Downloaded once per node into the model cache, keyed by the version ``uri`` resolves to
+    (:mod:`wmtp_core.model_cache`: kept, never removed by the caller); where it cannot be
+    resolved, into a private folder (``wmtp-model-*``) the caller removes."""
     def safe(name: str) -> bool:
         return name in FOLDER_FILES or name.endswith(".safetensors")
 
@@ -190,20 +188,68 @@ def download_folder(uri: str, sub: str, files: dict[str, int]) -> str:
               and "/" not in p.removeprefix("components/tokenizer/") and safe(posixpath.basename(p))}
     wanted.update({posixpath.basename(p): p for p in files if p.startswith(f"{sub}/")
                    and "/" not in p.removeprefix(f"{sub}/") and safe(posixpath.basename(p))})
+    return _downloaded(uri, {name: (path, files[path]) for name, path in wanted.items()})
+
+
+def resolved(uri: str) -> str | None:
+    """What ``models:/NAME/VERSION`` (or ``@alias``, ``latest``) stands for now: the registered
+    name, the version and the artifact URI it was made from; ``None`` when MLflow cannot say."""
+    try:
+        from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+        import mlflow
+
+        name, version, underlying = ModelsArtifactRepository._get_model_uri_infos(uri)
+        registry = hashlib.sha256(str(mlflow.get_registry_uri()).encode()).hexdigest()[:16]  # it may hold a password
+    except Exception:  # noqa: BLE001 - a private MLflow helper: without it, nothing is cached
+        return None
+    return json.dumps({"registry": registry, "registered_model": name, "version": version, "artifacts": underlying},
+                      sort_keys=True)
+
+
+def _downloaded(uri: str, wanted: dict[str, tuple[str, int]]) -> str:
+    """The artifacts ``wanted`` (``{local name: (artifact path, size)}``) of the model at ``uri``
+    in one local folder: the node's cached copy of its resolved version, else a private one."""
+    import os
+
+    from wmtp_core import model_cache
+
+    def fetch(name: str, local: str) -> None:
+        _download_one(uri, wanted[name][0], local)
+
+    key = resolved(uri)
+    if key is not None:
+        listing = {name: {"size": size or None, "version": None} for name, (_, size) in wanted.items()}
+        return model_cache.cached(key, listing, fetch, uri)
     target = tempfile.mkdtemp(prefix="wmtp-model-")
     try:  # nothing is left behind in the temporary directory, whatever stops the download
-        for name, path in wanted.items():
-            try:
-                local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=target)
-            except MlflowException as e:
-                raise ModelLoadError(f"{uri}: {e.message}") from None
-            except OSError as e:
-                raise ModelLoadError(f"{uri}: {path} cannot be downloaded ({type(e).__name__}: {e.strerror or e})") from None
-            os.replace(local, os.path.join(target, name))
+        for name in wanted:
+            fetch(name, os.path.join(target, name))
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
     return target
+
+
+def _download_one(uri: str, path: str, local: str) -> None:
+    """The artifact ``path`` of the model at ``uri`` at ``local`` (through a scratch folder
+    beside it, removed after)."""
+    import os
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    scratch = tempfile.mkdtemp(prefix=".wmtp-download-", dir=os.path.dirname(local))
+    try:
+        try:
+            landed = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{path}", dst_path=scratch)
+        except MlflowException as e:
+            raise ModelLoadError(f"{uri}: {e.message}") from None
+        except OSError as e:
+            raise ModelLoadError(f"{uri}: {path} cannot be downloaded ({type(e).__name__}: {e.strerror or e})") from None
+        os.replace(landed, local)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def safetensors_weights(path: str, uri: str) -> dict[str, Any]:

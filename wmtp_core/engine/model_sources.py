@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import attrs
 
+from wmtp_core import model_cache
 from wmtp_core.engine import hf, model_size
 from wmtp_core.errors import ModelLoadError, WmtpError
 from wmtp_core.events import LoadedModel
@@ -66,7 +67,8 @@ class Source:
     folder: str | None = None
     loaded: LoadedModel | None = None
     temporary: bool = False
-    """``folder`` is a private copy (downloaded), removed by :meth:`release` once read."""
+    """``folder`` is a private copy (downloaded), removed by :meth:`release` once read; a cached
+    copy (:mod:`wmtp_core.model_cache`) is not temporary and stays."""
 
     def describe(self) -> str:
         return self.info.describe() if self.info is not None else "WMTP byte-level model"
@@ -93,7 +95,7 @@ def locate(uri: str, key: str, settings: Any, load: LoadModel) -> Source:
             raise ModelLoadError(f"{key}: {uri!r} did not resolve to a model")
         if loaded.folder is None:
             return Source(uri=uri, loaded=loaded)
-        source = Source(uri=uri, folder=loaded.folder, loaded=loaded, temporary=loaded.folder != local_path(uri))
+        source = Source(uri=uri, folder=loaded.folder, loaded=loaded, temporary=_temporary(loaded.folder, uri))
         try:  # the folder's own path in messages is a temporary one: name the URI
             info = hf.inspect(loaded.folder, key, trust)
         except BaseException as e:
@@ -105,7 +107,13 @@ def locate(uri: str, key: str, settings: Any, load: LoadModel) -> Source:
     options = options_for(uri, settings)
     info = hf.inspect(uri, key, trust, options)
     folder = hf.local_copy(info, options)
-    return Source(uri=uri, info=info, folder=folder, temporary=folder != local_path(uri))
+    return Source(uri=uri, info=info, folder=folder, temporary=_temporary(folder, uri))
+
+
+def _temporary(folder: str, uri: str) -> bool:
+    """A private download, removed once read: not the folder itself, nor the node's cached copy
+    (:mod:`wmtp_core.model_cache`: kept for the other ranks and the next run)."""
+    return folder != local_path(uri) and not model_cache.holds(folder)
 
 
 def is_committed(uri: str, settings: Any) -> bool:
