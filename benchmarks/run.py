@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import evaluation  # noqa: E402
+import final_shards  # noqa: E402
 import hf  # noqa: E402
 import preempt  # noqa: E402
 import restore_s3  # noqa: E402
@@ -41,6 +42,7 @@ SUITES = {
     "executor": evaluation.bench_executor,
     "speculative": speculative.bench_speculative,
     "restore-s3": restore_s3.bench_restore_s3,
+    "final-shards": final_shards.bench_final_shards,
 }
 
 

@@ -189,7 +189,9 @@ class Payload:
 
     parts: Mapping[str, Any] = attrs.field(converter=_view, hash=False)
     model: Any = attrs.field(default=None, hash=False, eq=False)
-    """For the final role: the trained module on CPU, for sinks that export a runnable model."""
+    """For the final role: the trained module on CPU, for sinks that export a runnable model
+    (``None`` for a Hugging Face model written shard by shard under FSDP: its ``folder`` is the
+    model, and ``parts["model"]`` its tensors, memory-mapped from the folder's files)."""
     example_input: Any = attrs.field(default=None, hash=False, eq=False)
     """For the final role: a batch of token ids the model accepts (used to trace or sign it)."""
     model_config: Mapping[str, Any] = attrs.field(factory=dict, converter=frozen_copy, hash=False)

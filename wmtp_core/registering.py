@@ -32,11 +32,12 @@ def final_router(settings: Any, run: RunInfo, pm: pluggy.PluginManager | None = 
 
 
 def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = None,
-                       meta: Mapping[str, Any] | None = None) -> Any:
+                       meta: Mapping[str, Any] | None = None, max_shard_size: int | str | None = None) -> Any:
     """What the end of a run hands the final sink (:func:`wmtp_core.engine.final.final_payload`,
     the same function), rebuilt from a committed checkpoint whose manifest, files, architecture
     and weights are all checked first. A Hugging Face model comes back as a folder too, with the
-    tokenizer of the base model its checkpoint records."""
+    tokenizer of the base model its checkpoint records, its weights split past ``max_shard_size``
+    (``storage.final.max_shard_size``) as at the end of a run."""
     from wmtp_core.checkpoint_models import load_model_from_checkpoint
     from wmtp_core.engine import hf
     from wmtp_core.engine.final import final_payload
@@ -56,7 +57,8 @@ def final_payload_from(uri: str, storage_options: Mapping[str, Any] | None = Non
                 hf.remove(folder)
         meta = {"base_model": base, **dict(meta or {})}
     try:
-        return final_payload(dict(loaded.weights), record, uri, tokenizer=tokenizer, meta=meta)
+        return final_payload(dict(loaded.weights), record, uri, tokenizer=tokenizer, meta=meta,
+                             max_shard_size=max_shard_size)
     except ModelLoadError as e:
         raise CheckpointError(str(e)) from None
 

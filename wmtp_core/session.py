@@ -367,7 +367,8 @@ class RunSession:
                                f"storing the final model of step {trainer.step}, which supersedes it",
                                highlight=False)
             # a collective under FSDP: every rank takes part
-            payload = trainer.final_payload(final.dtype if final is not None else "fp32")
+            payload = trainer.final_payload(final.dtype if final is not None else "fp32",
+                                            final.max_shard_size if final is not None else None)
             try:
                 if payload is not None:
                     router.emit(Role.FINAL, step=trainer.step, payload=payload, metrics=metrics,

@@ -203,7 +203,9 @@ def _register(args, out: Console, err: Console) -> int:
         if stored is not None:
             out.print(f"the final model stored at {stored.uri} is of step {stored.step}; storing the one of "
                       f"step {manifest.step}, which supersedes it")
-        payload = final_payload_from(args.uri, options, {"algo": algo, "step": manifest.step})
+        final = settings.config.storage.final if settings.config.storage is not None else None
+        payload = final_payload_from(args.uri, options, {"algo": algo, "step": manifest.step},
+                                     final.max_shard_size if final is not None else None)
         metrics = {k: float(v) for k, v in manifest.meta.get("metrics", {}).items()}
         try:
             receipt = router.emit(Role.FINAL, step=manifest.step, payload=payload, metrics=metrics,

@@ -17,10 +17,12 @@ from wmtp_core.validators import (
     MAX_REPEATS,
     MAX_ROWS,
     MAX_SECONDS,
+    SIZE_ACCEPTED,
     check,
     count,
     count_or_null,
     count_or_zero,
+    file_size,
     fraction,
     int_range,
     is_int,
@@ -188,6 +190,23 @@ class RoleStorage:
     dtype: str = attrs.field(default="fp32", validator=one_of("fp32", "bf16", "fp16"))
     """For the final role: the dtype its weights are stored in (the resume state keeps full
     precision)."""
+    max_shard_size: int | str | None = attrs.field(default=None, validator=check(
+        lambda v: v is None or file_size(v) is not None, SIZE_ACCEPTED))
+    """For the final role: a Hugging Face final model larger than this is stored as sharded
+    safetensors (``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``), as
+    ``save_pretrained(max_shard_size=...)`` writes it; under FSDP rank 0 gathers and writes one
+    shard at a time. ``"5GB"``, ``"500MB"``, ``"10KiB"`` or bytes; null: transformers' own default
+    (its ``save_pretrained``'s ``max_shard_size``)."""
+
+
+@attrs.frozen
+class ResumeStorage(RoleStorage):
+    """``storage.resume``: the keys of a role's storage that apply to the resume state."""
+
+    max_shard_size: int | str | None = attrs.field(default=None, validator=check(
+        lambda v: v is None, "accepted: only null here; max_shard_size splits the final model "
+        "(storage.final.max_shard_size); the resume state is written whole per rank (FSDP: DCP shards)"))
+    """Not for the resume role: set ``storage.final.max_shard_size``."""
 
 
 @attrs.frozen
@@ -202,7 +221,7 @@ class PolicyEntry:
 class Storage:
     """Explicit role bindings. Without this section they follow from ``paths`` and ``mlflow``."""
 
-    resume: RoleStorage | None = None
+    resume: ResumeStorage | None = None
     final: RoleStorage | None = None
     policies: list[PolicyEntry] | None = None
     """Retention policies; null: ``keep_last`` from ``paths.checkpoints``. ``[]``: keep everything."""

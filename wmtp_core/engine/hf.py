@@ -14,7 +14,6 @@ import json
 import os
 import posixpath
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import attrs
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from wmtp_core.engine.hf_frozen import ReferenceLM, TextReward  # noqa: F401  (also importable from here, as before)
+from wmtp_core import model_cache
 from wmtp_core.bounded import read_bounded
 from wmtp_core.engine import weights_file
 from wmtp_core.engine.weights_file import Held
@@ -180,26 +180,19 @@ def _read_weights(info: FolderInfo, fs: Any, path: str, where: str) -> FolderInf
 
 def local_copy(info: FolderInfo, storage_options: Mapping[str, Any] | None = None) -> str:
     """A local directory holding the folder's readable files: the folder itself when it is
-    local, else a private copy of only the files WMTP reads (never a pickle), removed again if
-    the copy fails."""
+    local, else the node's cached copy of only the files WMTP reads (never a pickle), downloaded
+    once per node and checked against the source's listing (:mod:`wmtp_core.model_cache`)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(info.uri, **dict(storage_options or {}))
     path = path.rstrip("/")
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return path
-    target = tempfile.mkdtemp(prefix="wmtp-model-")
     wanted = {f for f in info.files if f in FOLDER_FILES or (f.startswith("model-") and f.endswith(".safetensors"))}
     wanted |= set(info.weights())
     if info.code:
         wanted |= {f for f in info.files if f.endswith(".py")}
-    try:
-        for f in sorted(wanted):
-            fs.get(posixpath.join(path, f), os.path.join(target, f))
-    except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        raise
-    return target
+    return model_cache.from_filesystem(fs, path, sorted(wanted), info.uri)
 
 
 TOKENIZER_JSON = tuple(f for f in TOKENIZER_FILES if f.endswith(".json"))
@@ -355,26 +348,42 @@ def build_mtp(info: FolderInfo, folder: str, n_future: int, head: str, key: str,
     return model, True
 
 
-def export(model: HFMTPModel, tokenizer: Any, target: str, meta: Mapping[str, Any]) -> str:
-    """Write the final model as a Hugging Face folder at ``target``: ``model.safetensors`` and
-    ``config.json`` (head 0, loadable by ``from_pretrained`` as a plain causal LM), the tokenizer,
-    ``mtp_heads.safetensors`` (the extra heads) and ``wmtp.json`` (n_future, head kind, algorithm).
-    The config declares the heads as the origin's folders do (``mtp_config.n_future_tokens``)."""
+def export(model: HFMTPModel, tokenizer: Any, target: str, meta: Mapping[str, Any],
+           max_shard_size: int | str | None = None) -> str:
+    """Write the final model as a Hugging Face folder at ``target``: ``model.safetensors`` (or, past
+    ``max_shard_size``, shards and their index; ``None``: transformers' default) and
+    ``config.json`` (head 0, loadable by ``from_pretrained`` as a plain causal LM), the
+    tokenizer, ``mtp_heads.safetensors`` (the extra heads) and ``wmtp.json`` (n_future, head
+    kind, algorithm). The config declares the heads as the origin's folders do
+    (``mtp_config.n_future_tokens``)."""
     quiet()
+    base = model.base
+    base.config.mtp_config = mtp_config(model, meta)
+    split = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    base.save_pretrained(target, safe_serialization=True, **split)
+    heads = {f"heads.{k}": v.detach().to("cpu").contiguous() for k, v in model.heads.state_dict().items()}
+    return finish(target, tokenizer, heads, meta, model.n_future, model.head_kind)
+
+
+def mtp_config(model: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What a final model's ``config.json`` says of its heads, and the base model as the run
+    named it (what ``wmtp.json`` says too), not the folder it was read from."""
+    named = meta.get("base_model") or getattr(model.base.config, "_name_or_path", "") or ""
+    return {"n_future_tokens": model.n_future, "head": model.head_kind, "base_model": str(named)}
+
+
+def finish(target: str, tokenizer: Any, heads: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+           n_future: int, head_kind: str) -> str:
+    """The rest of a final model's folder, beside its weights and config: the tokenizer, the
+    extra heads and ``wmtp.json``."""
     from safetensors.torch import save_file
 
-    base = model.base
-    # the base model as the run named it (what wmtp.json says too), not the folder it was read from
-    named = meta.get("base_model") or getattr(base.config, "_name_or_path", "") or ""
-    base.config.mtp_config = {"n_future_tokens": model.n_future, "head": model.head_kind, "base_model": str(named)}
-    base.save_pretrained(target, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
-    heads = {f"heads.{k}": v.detach().to("cpu").contiguous() for k, v in model.heads.state_dict().items()}
     if heads:
-        save_file(heads, os.path.join(target, HEADS))
+        save_file(dict(heads), os.path.join(target, HEADS))
     with open(os.path.join(target, METADATA), "w") as f:
-        json.dump({"n_future": model.n_future, "head": model.head_kind, **dict(meta)}, f, indent=2, sort_keys=True)
+        json.dump({"n_future": n_future, "head": head_kind, **dict(meta)}, f, indent=2, sort_keys=True)
     return target
 
 

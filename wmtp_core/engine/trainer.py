@@ -13,7 +13,7 @@ import torch
 from wmtp_core.config import Settings
 from wmtp_core.config.schema import duration_seconds
 from wmtp_core.engine import data as data_mod
-from wmtp_core.engine import distributed, models
+from wmtp_core.engine import distributed, final_shards, models
 from wmtp_core.engine.algorithms import CriticWMTP, head_ce, weighted_loss
 from wmtp_core.engine.final import final_payload
 from wmtp_core.engine.optim import build_optimizer, build_scheduler
@@ -386,20 +386,28 @@ class Trainer:
         """This step's resume state, as the router hands it to the resume sink."""
         return Payload(parts=self.state(), sharded=("model", "optimizer") if self.fsdp else ())
 
-    def final_payload(self, dtype: str = "fp32") -> Payload | None:
+    def final_payload(self, dtype: str = "fp32", max_shard_size: int | str | None = None) -> Payload | None:
         """The full weights for the final role, in ``dtype`` (``fp32``, ``bf16``, ``fp16``); under
         FSDP a collective whose result only rank 0 keeps (``None`` elsewhere). A Hugging Face
-        model also comes as a folder (see :func:`wmtp_core.engine.hf.export`), which the caller
-        removes once it is stored."""
-        weights = distributed.full_weights(self.model) if self.fsdp else cpu_copy(self.model.state_dict())
-        if not self.world.is_main:
-            return None
+        model also comes as a folder (see :func:`wmtp_core.engine.hf.export`), its weights split
+        past ``max_shard_size``, which the caller removes once it is stored; under FSDP it is
+        gathered and written one shard at a time (:mod:`wmtp_core.engine.final_shards`)."""
         cast = DTYPES[dtype]
-        weights = {k: v.to(cast) if v.is_floating_point() else v for k, v in weights.items()
-                   if not k.startswith("value_head.")}
         example = self.eval_set[0][0][:2].cpu() if self.eval_set else torch.zeros(2, 8, dtype=torch.long)
         meta = {"algo": self.settings.recipe.train.algo, "step": self.step, "dtype": dtype}
         if self.base.is_hf:
             meta["base_model"] = self.base.record["base"]
+        if self.fsdp and self.base.is_hf:
+            written = final_shards.write(self.model, self.world, cast, max_shard_size, self.base.tokenizer, meta)
+            if written is not False:  # False: not written this way; gathered whole below
+                return None if written is True else Payload(
+                    parts={"model": final_shards.folder_weights(*written)}, example_input=example,
+                    model_config=dict(self.base.record), folder=written[0])
+        weights = distributed.full_weights(self.model) if self.fsdp else cpu_copy(self.model.state_dict())
+        if not self.world.is_main:
+            return None
+        weights = {k: v.to(cast) if v.is_floating_point() else v for k, v in weights.items()
+                   if not k.startswith("value_head.")}
         return final_payload(weights, self.base.record, "the trained model", dtype=cast, example=example,
-                             tokenizer=self.base.tokenizer if self.base.is_hf else None, meta=meta)
+                             tokenizer=self.base.tokenizer if self.base.is_hf else None, meta=meta,
+                             max_shard_size=max_shard_size)
