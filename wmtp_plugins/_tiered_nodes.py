@@ -301,5 +301,11 @@ class Heartbeat:
             self._stop.wait(self.every)
 
     def stop(self) -> None:
+        """Stop renewing, and remove the heartbeat (a node that was killed leaves its own: a few
+        bytes, replaced by the next heartbeat of its node index)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        try:
+            self.durable.fs.rm_file(self.path)
+        except Exception:
+            pass

@@ -8,6 +8,7 @@ rank 0 alone talks to observers, the registry and retention.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from typing import Any
 
@@ -131,12 +132,42 @@ def setup(devices: Any, device: torch.device) -> World:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    dist.init_process_group(backend=backend, timeout=dt.timedelta(seconds=devices.distributed.timeout))
+    timeout = dt.timedelta(seconds=devices.distributed.timeout)
+    store = _attempt_store(timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local)
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, initialised=True,
                  group=_checkpoint_group())
+
+
+def _attempt_store(timeout: dt.timedelta) -> Any:
+    """The store this attempt's process groups meet in, when torchrun shares its agent's store
+    with the workers (``TORCHELASTIC_USE_AGENT_STORE=True``: the default of its c10d rendezvous,
+    ``--standalone`` included); ``None`` otherwise (``env://`` as usual).
+
+    That store outlives the workers: after a restart (``--max-restarts``), the new workers would
+    find the keys the previous attempt's process groups wrote (peers' addresses), connect to
+    dead ports and fail again (pytorch/pytorch#135712). Each attempt gets keys of its own,
+    under ``TORCHELASTIC_RESTART_COUNT``. That count is each node's agent's own: for several
+    nodes, ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (docs/distributed.md, "Elastic restarts")."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE")) != os.environ.get("WORLD_SIZE"):
+        if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":  # several nodes: counts differ
+            logging.getLogger("wmtp").warning(
+                "torchrun shares its store with the workers of this multi-node job: a restart will "
+                "find the previous attempt's keys there; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                "(docs/distributed.md, \"Elastic restarts\")")
+        return None
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                           timeout=timeout)
+    return dist.PrefixStore(f"wmtp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", shared)
 
 
 _GROUP: Any = None
