@@ -288,12 +288,13 @@ class TieredSink(Copying, ResumableSink):
 
     def wait(self) -> None:
         """Block until every copy queued so far is done; raise :class:`SaveError` for one that
-        failed."""
+        failed (rank 0: another node's copy that failed is in its failure, and a rank that
+        raised alone at the end would leave the others waiting in a collective)."""
         with self._lock:
             pending = list(self._copies.values())
         cf.wait(pending)
         failure = self._failure()
-        if failure:
+        if failure and self.coordinator.is_main:
             raise SaveError(failure)
 
     def close(self) -> None:
