@@ -317,8 +317,8 @@ def assert_campaign_clean(proc, tallies) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-LONGEST_FIRST = ("test_hf_models.py", "test_distributed.py", "test_campaign.py", "test_s3_faults.py",
-                 "test_mlflow_outages.py", "test_lease.py", "test_origin_files.py", "test_e2e.py",
+LONGEST_FIRST = ("test_peers.py", "test_hf_models.py", "test_multinode.py", "test_distributed.py", "test_elastic.py", "test_campaign.py",
+                 "test_s3_faults.py", "test_mlflow_outages.py", "test_lease.py", "test_origin_files.py", "test_e2e.py",
                  "test_fsdp_equivalence.py", "test_mlflow_ui.py", "test_eval_runs.py", "test_evaluation.py", "test_tiered.py",
                  "test_preemption.py",
                  "test_resume.py", "test_sharded_everywhere.py", "test_registry_failure.py", "test_clean_starts.py",
