@@ -103,12 +103,31 @@ class Agent:
         return code, self.log.read_text()
 
     def kill(self) -> None:
-        """SIGKILL the agent and every worker it started: the node is gone."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL the agent and every process under it (torchrun's workers are not all in its
+        process group): the node is gone."""
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(30)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process whose chain of parents leads to ``pid``."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier}
+        out += sorted(frontier)
+    return out
 
 
 def steps(store: CheckpointStore, run: str) -> list[int]:
