@@ -43,8 +43,9 @@ KEEP_DAYS = 30
 """An entry no run read for this many days is removed (``WMTP_MODEL_CACHE_DAYS`` overrides)."""
 CHUNK = 8 << 20
 PART = 64 << 20
-"""The largest range s3fs's download asks for at once (as :mod:`wmtp_core.staging`'s)."""
+"""The largest range s3fs's download asks for at once."""
 PARALLEL = 2
+"""Ranged GETs s3fs holds at once per file: with :data:`PART`, what one download holds in memory."""
 STAMPS = ("ETag", "etag", "VersionId", "md5Hash", "generation", "mtime", "LastModified", "last_modified")
 """What names an object's version in an fsspec listing, in order of preference."""
 

@@ -26,12 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from wmtp_core.hashing import digest_of
 from wmtp_core.manifest import FileEntry
-from wmtp_core.model_cache import cache_dir  # the one cache directory (also the models')
-
-PART = 64 << 20
-"""The largest range s3fs's download asks for at once."""
-PARALLEL = 2
-"""Ranged GETs s3fs holds at once per file: with :data:`PART`, what one download holds in memory."""
+# the one cache directory (also the models'), and s3fs's download bounded as the models' are
+from wmtp_core.model_cache import PARALLEL, PART, cache_dir, download_options  # noqa: F401
 SMALL = 4 << 20
 """Files at most this large are read into memory as they are (a trainer state, a manifest)."""
 
@@ -104,15 +100,6 @@ def _get(fs: Any, path: str, start: int, end: int) -> bytes:
     return fs.cat_file(path, start=start, end=end)
 
 
-def _bounded(fs: Any, size: int) -> dict[str, int]:
-    """s3fs's download keeps a batch of ranges in memory until each is written: bound it, to
-    :data:`PARALLEL` ranges of an eighth of the object each (8 to :data:`PART` MiB)."""
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    if not {"s3", "s3a"} & set(protocols):
-        return {}
-    return {"chunksize": min(PART, max(8 << 20, size // 8)), "max_concurrency": PARALLEL}
-
-
 def fetch(fs: Any, path: str, entry: FileEntry, uri: str, staging: Staging) -> str:
     """The object at ``path`` in a staging file, verified: its size first (one HEAD), then the
     object downloaded to the file by the filesystem's own ``get_file`` (s3fs: parallel ranged
@@ -123,7 +110,7 @@ def fetch(fs: Any, path: str, entry: FileEntry, uri: str, staging: Staging) -> s
     if actual != entry.size:
         raise CorruptError(f"{uri} does not match the manifest (size {actual} vs {entry.size})")
     target = staging.target(uri, entry.size)
-    fs.get_file(path, target, **_bounded(fs, entry.size))
+    fs.get_file(path, target, **download_options(fs, entry.size))
     digest, size = digest_of(LocalFileSystem(), target, entry.algorithm)  # read in pieces: no mapping of the whole
     if size != entry.size or digest != entry.digest:
         raise CorruptError(f"{uri} does not match the manifest (size {size} vs {entry.size}, {entry.algorithm} "
