@@ -14,9 +14,11 @@ next) runs the side's runner (``benchmarks/peers_<side>.py SPEC.json``, a proces
 2. SIGKILLed at a random moment of a save in the middle, then resumed the tool's own way: did it
    resume, from which step, are the final weights equal tensor for tensor to the uninterrupted
    run's?
-3. (first repeat) trained to the midpoint, its newest checkpoint corrupted (a flipped byte, the
-   largest file truncated, a file deleted), then resumed: crash, silently wrong, started over or
-   fallback?
+3. (first repeat) trained to the midpoint once, then for each corruption of its newest
+   checkpoint (a flipped byte, the largest file truncated, a file deleted; the midpoint's folder
+   and bucket put back between them), resumed: crash, silently wrong, started over or fallback?
+
+Then on local disk, one uninterrupted run of each side with its keep-best retention.
 
 Writes ``peers.md`` and ``peers.json`` to ``--out`` (``benchmarks/results/peers/``); exits 1
 when a WMTP target is missed. ``--quick``: one setup per peer, local disk only, few steps.
@@ -51,19 +53,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one setup per peer, local disk, few steps, one repeat")
     p.add_argument("--out", default=str(HERE / "results" / "peers"))
-    p.add_argument("--repeat", type=int, default=None, help="repeats (default 3; --quick: 1)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 30; --quick: 6)")
+    p.add_argument("--repeat", type=int, default=None, help="repeats on local disk (default 3; --quick: 1)")
+    p.add_argument("--s3-repeat", type=int, default=1, help="repeats on S3 (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 20; --quick: 4)")
     p.add_argument("--save-every", type=int, default=None, help="save interval (default 2; --quick: 1)")
     p.add_argument("--keep-last", type=int, default=None, help="checkpoints kept (default 5; --quick: 2)")
     p.add_argument("--stores", default=None, help="comma-separated: local,s3 (--quick: local)")
     p.add_argument("--seed", type=int, default=0, help="seeds the random moments of the kills")
     p.add_argument("--variants", default=None, help="corruptions: flip,truncate,delete (--quick: flip)")
+    p.add_argument("--no-keep-best", dest="keep_best", action="store_false",
+                   help="skip the keep-best runs (one uninterrupted run per side on local disk; --quick: skipped)")
     p.add_argument("--only", default=None, help="comma-separated sides to run (lightning, hf, wmtp)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds one runner may take")
     args = p.parse_args(argv)
     quick = args.quick
     args.repeat = args.repeat or (1 if quick else 3)
-    args.steps = args.steps or (6 if quick else 30)
+    args.keep_best = args.keep_best and not quick
+    args.steps = args.steps or (4 if quick else 20)
     args.save_every = args.save_every or (1 if quick else 2)
     args.keep_last = args.keep_last or (2 if quick else 5)
     args.stores = (args.stores or ("local" if quick else "local,s3")).split(",")
@@ -79,7 +85,8 @@ def plan_of(args: argparse.Namespace) -> dict:
     """The counts every side runs with: the save the kill hits, the corruption's midpoint."""
     saves = args.steps // args.save_every
     mid = args.save_every * max(2, saves // 2)
-    return {"steps": args.steps, "save_every": args.save_every, "keep_last": args.keep_last, "repeat": args.repeat,
+    return {"steps": args.steps, "save_every": args.save_every, "keep_last": args.keep_last,
+            "repeat": {"local": args.repeat, "s3": args.s3_repeat},
             "kill_save": max(2, (saves + 1) // 2), "midpoint": min(mid, args.steps), "variants": list(args.variants),
             "stores": args.stores, "sides": [f"{a}/{b}" for a, b in args.sides], "seed": args.seed}
 
@@ -185,6 +192,8 @@ def run(spec: dict, store: Store, timeout: int, tag: str = "run") -> dict:
             rc = "timeout"
     result = json.loads(Path(spec["result"]).read_text()) if Path(spec["result"]).exists() else {}
     result.update(rc=rc, put_bytes=store.put_bytes() - put0, log=str(log), elapsed_s=time.perf_counter() - t0)
+    print(f"    {spec['side']}/{spec['setup']} {tag}: exit {rc}, {result['elapsed_s']:.1f} s"
+          f" (runner wall {result.get('wall_s') or 0:.1f} s)", flush=True)
     if rc not in (0, -9) and not result.get("error"):
         result["error"] = f"exit status {rc}; " + tail(log)
     return result
@@ -205,9 +214,9 @@ def same(a: str | None, b: str | None) -> bool | None:
     return peers_workload.same_weights(a, b)[0]
 
 
-def uninterrupted(side: str, setup: str, store: Store, work: str, plan: dict, timeout: int) -> dict:
+def uninterrupted(side: str, setup: str, store: Store, work: str, plan: dict, timeout: int, **over) -> dict:
     """One uninterrupted run: what it held, wrote, how long its saves stalled it, its final model."""
-    spec = make_spec(side, setup, store, f"{work}/full", plan)
+    spec = make_spec(side, setup, store, f"{work}/full", plan, **over)
     result = run(spec, store, timeout)
     held = measure.held(spec, spec["bucket"], store.upstream)
     final = measure.final_model_apart(result, spec, f"{work}/full-check", store.check_env()) \
@@ -239,22 +248,61 @@ def killed(side: str, setup: str, store: Store, work: str, plan: dict, timeout: 
             "final_step": again.get("final_step"), "equal": same(reference, again.get("final_weights"))}
 
 
-def corrupted(side: str, setup: str, store: Store, work: str, plan: dict, timeout: int, variant: str,
-              reference: str | None) -> dict:
-    """Trained to the midpoint, the newest checkpoint corrupted, then resumed to the end."""
-    spec = make_spec(side, setup, store, f"{work}/corrupt-{variant}", plan, steps=plan["midpoint"])
+def corrupted(side: str, setup: str, store: Store, work: str, plan: dict, timeout: int,
+              reference: str | None) -> list[dict]:
+    """Trained to the midpoint once; then for each variant, from that same state (a snapshot of
+    the run's folder and bucket put back before each), the newest checkpoint corrupted and the
+    tool resumed to the end."""
+    spec = make_spec(side, setup, store, f"{work}/corrupt", plan, steps=plan["midpoint"])
     first = run(spec, store, timeout, "mid")
     newest = measure.newest_checkpoint(first.get("checkpoint_files") or [])
     if first.get("error") or newest is None:
-        return {"variant": variant, "outcome": "no checkpoint at the midpoint", "error": first.get("error")}
-    what = measure.corrupt(newest[1], variant, store.upstream)
-    again = run({**spec, "steps": plan["steps"], "resume": True}, store, timeout, "resume")
-    equal = same(reference, again.get("final_weights"))
-    out = {"variant": variant, "corrupted": what, "corrupted_step": newest[0], "rc": again["rc"],
-           "error": again.get("error"), "resumed_from_step": again.get("resumed_from_step"),
-           "final_step": again.get("final_step"), "equal": equal}
-    out["outcome"] = outcome(out)
+        return [{"variant": v, "outcome": "no checkpoint at the midpoint", "error": first.get("error")}
+                for v in plan["variants"]]
+    snapshot = Snapshot(spec, store)
+    out = []
+    for i, variant in enumerate(plan["variants"]):
+        if i:
+            snapshot.restore()
+        what = measure.corrupt(newest[1], variant, store.upstream)
+        again = run({**spec, "steps": plan["steps"], "resume": True}, store, timeout, f"resume-{variant}")
+        r = {"variant": variant, "corrupted": what, "corrupted_step": newest[0], "rc": again["rc"],
+             "error": again.get("error"), "resumed_from_step": again.get("resumed_from_step"),
+             "final_step": again.get("final_step"), "equal": same(reference, again.get("final_weights"))}
+        r["outcome"] = outcome(r)
+        out.append(r)
     return out
+
+
+class Snapshot:
+    """A run's state as it is now (its folder, and its bucket's objects copied server-side to a
+    bucket of their own), put back by :meth:`restore` exactly: so that each corruption starts
+    from the same midpoint without training to it again."""
+
+    def __init__(self, spec: dict, store: Store) -> None:
+        self.work, self.copy = spec["workdir"], spec["workdir"].rstrip("/") + ".snapshot"
+        self.bucket, self.store = spec["bucket"], store
+        shutil.rmtree(self.copy, ignore_errors=True)
+        shutil.copytree(self.work, self.copy, symlinks=True)
+        if self.bucket:
+            self.saved = f"{self.bucket}-snapshot"
+            measure.s3_client(store.upstream).create_bucket(Bucket=self.saved)
+            store.buckets.append(self.saved)
+            self._mirror(self.bucket, self.saved)
+
+    def restore(self) -> None:
+        shutil.rmtree(self.work)
+        shutil.copytree(self.copy, self.work, symlinks=True)
+        if self.bucket:
+            self._mirror(self.saved, self.bucket)
+
+    def _mirror(self, source: str, target: str) -> None:
+        """``target`` made to hold exactly ``source``'s objects."""
+        client = measure.s3_client(self.store.upstream)
+        for _, key, _ in measure.s3_objects(self.store.upstream, target):
+            client.delete_object(Bucket=target, Key=key)
+        for _, key, _ in measure.s3_objects(self.store.upstream, source):
+            client.copy_object(Bucket=target, Key=key, CopySource={"Bucket": source, "Key": key})
 
 
 def outcome(r: dict) -> str:
@@ -281,11 +329,27 @@ def one_repeat(side: str, setup: str, store: Store, work: str, plan: dict, args,
         reference = None
     seed = random.Random(f"{args.seed}/{r}/{side}/{setup}/{store.kind}").randrange(2**31)
     full["kill"] = killed(side, setup, store, work, plan, args.timeout, seed, reference)
-    full["corruption"] = [corrupted(side, setup, store, work, plan, args.timeout, v, reference)
-                          for v in (plan["variants"] if r == 0 else ())]
+    full["corruption"] = corrupted(side, setup, store, work, plan, args.timeout, reference) if r == 0 else []
     store.forget()
     shutil.rmtree(work, ignore_errors=True)
     return full
+
+
+KEEP_BEST = "local, keep-best"
+
+
+def keep_best(args, store: Store, work: Path, plan: dict, t0: float) -> dict[str, list[dict]]:
+    """One uninterrupted run of each side with its keep-best retention (the best checkpoint by
+    the side's own monitor kept besides the newest): what it held, wrote and stalled."""
+    runs = {}
+    for side, setup in args.sides:
+        label = f"{side}/{setup}"
+        print(f"[{time.perf_counter() - t0:7.1f} s] local keep-best: {label}", flush=True)
+        folder = str(work / "keep-best" / f"{side}-{setup}")
+        full = uninterrupted(side, setup, store, folder, plan, args.timeout, keep_best=True)
+        runs[label] = [{**full, "kill": None, "corruption": []}]
+        shutil.rmtree(folder, ignore_errors=True)
+    return runs
 
 
 def order(sides: tuple, r: int) -> list:
@@ -306,15 +370,18 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, list[dict]]] = {}
     for kind in args.stores:
         with Store(kind) as store:
-            for r in range(args.repeat):
+            repeats = plan["repeat"][kind]
+            for r in range(repeats):
                 for side, setup in order(args.sides, r):
                     label = f"{side}/{setup}"
-                    print(f"[{time.perf_counter() - t0:7.1f} s] {kind} repeat {r + 1}/{args.repeat}: {label}",
+                    print(f"[{time.perf_counter() - t0:7.1f} s] {kind} repeat {r + 1}/{repeats}: {label}",
                           flush=True)
                     work = str(out / "work" / kind / f"{side}-{setup}")
                     shutil.rmtree(work, ignore_errors=True)
                     runs.setdefault(kind, {}).setdefault(label, []).append(
                         one_repeat(side, setup, store, work, plan, args, r))
+            if kind == "local" and args.keep_best:
+                runs[KEEP_BEST] = keep_best(args, store, out / "work", plan, t0)
     shutil.rmtree(out / "work", ignore_errors=True)
     plan.pop("model_folder")
     command = "python benchmarks/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -18,8 +18,9 @@ the way the Trainer does. What each setup is, and why, from transformers' source
 - **best_effort:** the same checkpoints with ``report_to=["mlflow"]`` for metrics only
   (``HF_MLFLOW_LOG_ARTIFACTS`` unset), no evaluation (keep-best: the same
   ``load_best_model_at_end`` mechanism), and after ``train`` the few lines a user writes to
-  register the final model with ``mlflow.transformers.log_model`` (head 0 as a plain causal
-  LM; the extra heads are not part of a Hugging Face model).
+  register the final model with ``mlflow.transformers.log_model``
+  (:func:`peers_workload.register`: the folder WMTP registers, head 0 as a Hugging Face causal
+  LM with the extra heads beside it).
 - **optimiser:** ``optim="adamw_torch"`` (``torch.optim.AdamW``) with torch's default
   ``weight_decay=0.01``, which the Trainer applies to every weight but biases and LayerNorms
   (``get_decay_parameter_names``); ``max_grad_norm=0`` turns clipping off (``if
@@ -49,37 +50,17 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import traceback
 
-T0 = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peers_workload as W  # noqa: E402
 
 
-def main(argv: list[str]) -> int:
-    spec = W.read_spec(argv[1])
-    folder = W.model_folder(spec)  # built before the byte count starts (the same for every side)
-    io0 = W.io_write_bytes()
-    fields: dict = {"notes": []}
-    out = output_dir(spec, fields["notes"])
-    try:
-        train(spec, folder, out, fields)
-    except Exception as e:  # noqa: BLE001 - the harness reads the error from the result
-        traceback.print_exc()
-        fields["error"] = W.one_line(e)
-    fields["checkpoint_files"] = checkpoint_files(out)
-    fields.update(wall_s=time.perf_counter() - T0, io_write_bytes=W.io_write_bytes() - io0)
-    W.write_result(spec["result"], **fields)
-    return 0
-
-
-def output_dir(spec: dict, notes: list[str]) -> str:
+def output_dir(spec: dict) -> str:
+    """The Trainer's ``output_dir``: the checkpoint location, or on S3 (which the Trainer cannot
+    write) a local folder under the run's ``workdir``."""
     uri = spec["checkpoint_uri"]
     if "://" in uri and not uri.startswith("file://"):
-        notes.append("the HF Trainer writes checkpoints to a local output_dir only: they stay under workdir; "
-                     "only MLflow artifacts go to S3")
         return os.path.join(spec["workdir"], "checkpoints")
     return uri.removeprefix("file://")
 
@@ -171,11 +152,15 @@ def start_step_callback(seen: dict):
     return StartStep()
 
 
-def train(spec: dict, folder: str, out: str, fields: dict) -> None:
+def train(spec: dict, folder: str, fields: dict) -> None:
     """Train, then fill ``fields`` (the result) as each part is done."""
     from transformers.trainer_utils import get_last_checkpoint
 
     notes = fields["notes"]
+    out = output_dir(spec)
+    if out != spec["checkpoint_uri"].removeprefix("file://"):
+        notes.append("the HF Trainer writes checkpoints to a local output_dir only: they stay under workdir; "
+                     "only MLflow artifacts go to S3")
     mlflow_env(spec)
     tokenizer = W.load_tokenizer(folder)
     model = for_trainer(W.build_mtp_model(folder))
@@ -199,32 +184,25 @@ def train(spec: dict, folder: str, out: str, fields: dict) -> None:
                   final_step=trainer.state.global_step,
                   final_weights=W.save_weights(trainer.model, os.path.join(spec["workdir"], "final.safetensors")))
     if spec["setup"] == "best_effort":
-        fields["registered_model_uri"] = register(spec, model, tokenizer, notes)
+        fields["registered_model_uri"] = W.register(spec, model, tokenizer, mlflow_run_id(), notes)
     else:
         notes.append("the HF Trainer registers no model")
 
 
-def register(spec: dict, model, tokenizer, notes: list[str]) -> str:
+def mlflow_run_id() -> str:
+    """The MLflow run the Trainer's MLflow callback logged to (it has ended it)."""
     import mlflow
 
-    # --- user code: register the final model ---
-    with mlflow.start_run(run_id=mlflow.last_active_run().info.run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model.base, "tokenizer": tokenizer},
-            name="model", task="text-generation", registered_model_name=spec["register_name"],
-            pip_requirements=W.pip_requirements())
-    # --- end of user code ---
-    notes.append("registered: head 0 as a Hugging Face causal LM; the 3 extra MTP heads are not in it")
-    return f"models:/{spec['register_name']}/{info.registered_model_version}"
+    return mlflow.last_active_run().info.run_id
 
 
-def checkpoint_files(out: str) -> list[str]:
+def checkpoint_files(spec: dict) -> list[str]:
     """Every file under ``output_dir`` (the ``checkpoint-N`` folders)."""
     found = []
-    for root, _, files in os.walk(out):
+    for root, _, files in os.walk(output_dir(spec)):
         found += [os.path.join(root, f) for f in files]
     return sorted(found)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(W.run_peer(sys.argv, train, checkpoint_files))

@@ -19,8 +19,9 @@ each setup is, and why, from Lightning's source (``lightning/pytorch/callbacks/m
   ``dirpath`` Lightning cannot link, and with keep-best the link would name the last *kept*
   file, not the newest step), ``MLFlowLogger(log_model=False)`` (metrics only), and after
   ``fit`` the few lines a user writes to register the final model with
-  ``mlflow.transformers.log_model`` (head 0 as a plain causal LM: the extra heads are not part
-  of a Hugging Face model). Lightning has no model registry of its own.
+  ``mlflow.transformers.log_model`` (:func:`peers_workload.register`: the folder WMTP
+  registers, head 0 as a Hugging Face causal LM with the extra heads beside it). Lightning has
+  no model registry of its own.
 - **keep_best:** ``monitor="train_loss", mode="min"`` (logged every step) instead of the step.
 - **resume:** ``trainer.fit(module, ckpt_path="last")``, Lightning's own mechanism. Lightning
   saves no RNG state and a plain ``DataLoader`` is "not resumable" (it warns), and with an
@@ -39,29 +40,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import traceback
 
-T0 = time.perf_counter()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peers_workload as W  # noqa: E402
-
-
-def main(argv: list[str]) -> int:
-    spec = W.read_spec(argv[1])
-    folder = W.model_folder(spec)  # built before the byte count starts (the same for every side)
-    io0 = W.io_write_bytes()
-    fields: dict = {"notes": []}
-    try:
-        train(spec, folder, fields)
-    except Exception as e:  # noqa: BLE001 - the harness reads the error from the result
-        traceback.print_exc()
-        fields["error"] = W.one_line(e)
-    fields["checkpoint_files"] = checkpoint_files(spec["checkpoint_uri"])
-    fields.update(wall_s=time.perf_counter() - T0, io_write_bytes=W.io_write_bytes() - io0)
-    W.write_result(spec["result"], **fields)
-    return 0
 
 
 def module_class():
@@ -164,29 +146,16 @@ def train(spec: dict, folder: str, fields: dict) -> None:
     fields.update(stalls=saves.durations, resumed_from_step=seen.get("step"), final_step=trainer.global_step,
                   final_weights=W.save_weights(module.model, os.path.join(spec["workdir"], "final.safetensors")))
     if spec["setup"] == "best_effort":
-        fields["registered_model_uri"] = register(spec, module, tokenizer, logger, notes)
+        fields["registered_model_uri"] = W.register(spec, module.model, tokenizer, logger.run_id, notes)
     else:
         notes.append("Lightning registers no model")
 
 
-def register(spec: dict, module, tokenizer, logger, notes: list[str]) -> str:
-    import mlflow
-
-    # --- user code: register the final model ---
-    with mlflow.start_run(run_id=logger.run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": module.model.base, "tokenizer": tokenizer},
-            name="model", task="text-generation", registered_model_name=spec["register_name"],
-            pip_requirements=W.pip_requirements())
-    # --- end of user code ---
-    notes.append("registered: head 0 as a Hugging Face causal LM; the 3 extra MTP heads are not in it")
-    return f"models:/{spec['register_name']}/{info.registered_model_version}"
-
-
-def checkpoint_files(uri: str) -> list[str]:
+def checkpoint_files(spec: dict) -> list[str]:
     """Every file under the checkpoint location (``s3://`` URIs for S3)."""
     import fsspec
 
+    uri = spec["checkpoint_uri"]
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         if not fs.exists(path):
@@ -198,4 +167,4 @@ def checkpoint_files(uri: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(W.run_peer(sys.argv, train, checkpoint_files))

@@ -50,7 +50,7 @@ def row_of(repeats: list[dict]) -> dict:
     """One side and setup's medians over repeats, its kill and corruption outcomes."""
     held = lambda k: median([r["held"].get(k, 0) / MB for r in repeats])  # noqa: E731
     final = [r.get("final") or {} for r in repeats]
-    kills = [r["kill"] for r in repeats]
+    kills = [r["kill"] for r in repeats if r["kill"]]
     return {
         "held_mb": held("total"), "resume_mb": median([(r["held"]["resume"] + r["held"]["resume-mlflow"]) / MB
                                                         for r in repeats]),
@@ -63,10 +63,11 @@ def row_of(repeats: list[dict]) -> dict:
         "registered": median([f.get("registered", 0) for f in final]),
         "loadable": known_all([f.get("loadable") for f in final if f.get("uri")]),
         "optimizer_free": known_all([f.get("optimizer_free") for f in final if f.get("uri")]),
-        "kill": f"{sum(1 for k in kills if k['equal'])}/{len(kills)}",
+        "kill": f"{sum(1 for k in kills if k['equal'])}/{len(kills)}" if kills else None,
         "kills": kills, "corruption": {c["variant"]: c for r in repeats for c in r["corruption"]},
         "trained": all(not r["error"] and r["checkpoint_files"] > 0 for r in repeats),
         "errors": [r["error"] for r in repeats if r["error"]],
+        "notes": sorted({n for r in repeats for n in r["notes"]}),
     }
 
 
@@ -98,7 +99,8 @@ def targets(summary: dict) -> list[dict]:
             add(f"save stall p50 <= {label}", w["stall_p50_s"], row["stall_p50_s"],
                 None not in (w["stall_p50_s"], row["stall_p50_s"]) and w["stall_p50_s"] <= row["stall_p50_s"], "s")
         kills = w["kills"]
-        add("resumes bit-exact (100%)", w["kill"], None, kills and all(k["equal"] for k in kills))
+        if kills:
+            add("resumes bit-exact (100%)", w["kill"], None, all(k["equal"] for k in kills))
         for variant, c in w["corruption"].items():
             add(f"corruption ({variant}) falls back and finishes", c["outcome"], None, c["outcome"] == "fallback")
         add("final model registered once (loadable, no optimizer state)", w["registered"], None,
@@ -134,8 +136,9 @@ def table(store: str, rows: dict) -> list[str]:
         cells = [fmt(rows[label].get(key), unit) for label in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {beats(rows, key, lower)} |")
     lines += ["", "| outcome | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    lines.append("| kill: resumed from step (bit-exact) | " + " | ".join(
-        ", ".join(killed(k) for k in rows[label]["kills"]) for label in labels) + " |")
+    if any(rows[label]["kills"] for label in labels):
+        lines.append("| kill: resumed from step (bit-exact) | " + " | ".join(
+            ", ".join(killed(k) for k in rows[label]["kills"]) for label in labels) + " |")
     variants = sorted({v for label in labels for v in rows[label]["corruption"]})
     for v in variants:
         lines.append(f"| corruption: {v} | " + " | ".join(
@@ -170,7 +173,8 @@ def header(plan: dict, command: str, seconds: float) -> list[str]:
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
             f"- command: `{command}` ({seconds:.0f} s)",
             f"- {plan['steps']} steps, a save every {plan['save_every']}, keep_last {plan['keep_last']}, "
-            f"{plan['repeat']} repeat(s) (medians), the kill in save {plan['kill_save']}, corruption at step "
+            f"{plan['repeat']['local']} repeat(s) on local disk and {plan['repeat']['s3']} on S3 (medians), "
+            f"the kill in save {plan['kill_save']}, corruption at step "
             f"{plan['midpoint']} ({', '.join(plan['variants'])}, first repeat), stores: {', '.join(plan['stores'])}",
             ""]
 
@@ -184,6 +188,10 @@ def write(out: Path, summary: dict, runs: dict, plan: dict, command: str, second
     lines += ["### WMTP's targets", "", "| store | target | WMTP | peer | |", "|---|---|---|---|---|"]
     lines += [f"| {g['store']} | {g['target']} | {fmt(g['wmtp'], g['unit'])} | {fmt(g['peer'], g['unit'])} | "
               f"{'pass' if g['pass'] else '**FAIL**'} |" for g in goals]
+    notes = [f"- {store} {label}: {n}" for store, rows in summary.items() for label, r in rows.items()
+             for n in r["notes"]]
+    if notes:
+        lines += ["", "What each runner noted (uninterrupted runs):", *notes]
     errors = [f"- {store} {label}: {e}" for store, rows in summary.items() for label, r in rows.items()
               for e in r["errors"]]
     if errors:

@@ -19,7 +19,9 @@ Face causal LM with WMTP's multi-token heads, the same loss, data, seed and opti
 
 Also here: what the harness and the runners share — the final weights as one safetensors file
 (:func:`save_weights`), a SIGKILL at a random moment of the k-th save (:class:`KillDuringSave`),
-the result JSON (:func:`write_result`) and this process's written bytes (:func:`io_write_bytes`).
+the result JSON (:func:`write_result`), this process's written bytes (:func:`io_write_bytes`),
+a peer runner's frame (:func:`run_peer`) and the user code both peers' best-effort setups add to
+register the final model (:func:`register`).
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ ORIGIN = Path(__file__).resolve().parents[2] / "shared" / "origin-files"
 ORIGIN_MODEL = ORIGIN / "tests" / "test_models" / "distilgpt2-mtp"
 MBPP = ORIGIN / "datasets" / "mbpp"
 
-MODEL = dict(n_layer=2, n_embd=128, n_head=4, n_positions=256)
+MODEL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=256)
 N_FUTURE = 4
 HEAD = "linear"
 SEED = 1234
 LR = 3e-4
 BATCH = 4
-MAX_LENGTH = 128
+MAX_LENGTH = 64
 EVAL_ROWS = 32
 """Rows of MBPP validation the HF Trainer's documented setup evaluates on (``load_best_model_at_end``)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -319,3 +321,52 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{p}=={version(p)}" for p in ("torch", "transformers", "safetensors", "tokenizers")]
+
+
+def run_peer(argv: list[str], train: Callable[[dict, str, dict], None], files: Callable[[dict], list[str]]) -> int:
+    """A peer runner's ``main``: the spec from ``argv[1]``, the model folder built before the
+    byte count starts (the same for every side), ``train(spec, folder, fields)`` filling the
+    result's fields (an exception becomes its ``error``, in one line), then ``files(spec)``, the
+    checkpoint files, the wall time since ``T0`` of the runner and the bytes written."""
+    import traceback
+
+    spec = read_spec(argv[1])
+    folder = model_folder(spec)
+    io0 = io_write_bytes()
+    fields: dict = {"notes": []}
+    try:
+        train(spec, folder, fields)
+    except Exception as e:  # noqa: BLE001 - the harness reads the error from the result
+        traceback.print_exc()
+        fields["error"] = one_line(e)
+    fields["checkpoint_files"] = files(spec)
+    fields.update(wall_s=time.perf_counter() - START, io_write_bytes=io_write_bytes() - io0)
+    write_result(spec["result"], **fields)
+    return 0
+
+
+START = time.perf_counter()
+"""When this module was first imported: a runner imports it first, so its wall time counts from here."""
+
+
+def register(spec: dict[str, Any], model, tokenizer, run_id: str, notes: list[str]) -> str:
+    """The lines a Lightning or HF Trainer user adds to register the final model: the same
+    folder WMTP registers (head 0 as a Hugging Face causal LM, its tokenizer, the extra heads in
+    ``mtp_heads.safetensors`` beside it) logged with MLflow's transformers flavor into the
+    training run and registered as ``spec["register_name"]``; its ``models:/`` URI."""
+    import tempfile
+
+    import mlflow
+    from safetensors.torch import save_file
+
+    # --- user code: register the final model, its extra heads beside it ---
+    with tempfile.TemporaryDirectory() as folder, mlflow.start_run(run_id=run_id):
+        model.base.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in model.heads.state_dict().items()}, f"{folder}/mtp_heads.safetensors")
+        info = mlflow.transformers.log_model(
+            transformers_model=folder, name="model", task="text-generation",
+            registered_model_name=spec["register_name"], pip_requirements=pip_requirements())
+    # --- end of user code ---
+    notes.append("registered: head 0 as a Hugging Face causal LM, the extra heads in mtp_heads.safetensors beside it")
+    return f"models:/{spec['register_name']}/{info.registered_model_version}"
