@@ -55,7 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "results" / "peers"))
     p.add_argument("--repeat", type=int, default=None, help="repeats on local disk (default 3; --quick: 1)")
     p.add_argument("--s3-repeat", type=int, default=1, help="repeats on S3 (default 1)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 20; --quick: 4)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 20; --quick: 6)")
     p.add_argument("--save-every", type=int, default=None, help="save interval (default 2; --quick: 1)")
     p.add_argument("--keep-last", type=int, default=None, help="checkpoints kept (default 5; --quick: 2)")
     p.add_argument("--stores", default=None, help="comma-separated: local,s3 (--quick: local)")
@@ -69,7 +69,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.repeat = args.repeat or (1 if quick else 3)
     args.keep_best = args.keep_best and not quick
-    args.steps = args.steps or (4 if quick else 20)
+    args.steps = args.steps or (6 if quick else 20)
     args.save_every = args.save_every or (1 if quick else 2)
     args.keep_last = args.keep_last or (2 if quick else 5)
     args.stores = (args.stores or ("local" if quick else "local,s3")).split(",")
