@@ -42,8 +42,6 @@ class CountingProxy(FaultProxy):
         self._count_lock = threading.Lock()
 
     def start(self) -> CountingProxy:
-        import http.server  # noqa: F401
-
         from faultproxy import _Server
 
         proxy = self
